@@ -1,0 +1,248 @@
+"""The `ws3d` command line: every stage and loop as a subcommand.
+
+The CLI parses, resolves configs (defaults < --config YAML < key=value overrides), and calls the
+stage runners through `pipeline.executor`. Heavy imports happen inside commands so that
+`ws3d --help` is instant and a missing optional dependency is reported by the command needing it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(help="ws3d: raw 3D scans -> a 3D vision-language model (WS3D++).", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+views_app = typer.Typer(help="Look at rendered views.", no_args_is_help=True)
+teacher_app = typer.Typer(help="The offline CLIP teacher.", no_args_is_help=True)
+manifests_app = typer.Typer(help="Scene lists, splits and class lists.", no_args_is_help=True)
+app.add_typer(views_app, name="views")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(manifests_app, name="manifests")
+
+# stage name -> (module, config class) ; every module has run_scene(store, scene, cfg, force)
+STAGES = {
+    "overseg": ("pipeline.overseg", "OversegConfig"),
+    "render": ("pipeline.render", "RenderConfig"),
+    "embed": ("pipeline.embed", "EmbedConfig"),
+}
+
+STORE = typer.Option(..., "--store", "-s", help="Path of the ws3d store (a Zarr v3 folder).")
+SCENES = typer.Option(None, "--scenes", help="Text file of scene ids (one a line); default: all.")
+SHARD = typer.Option(None, "--shard", help="Run shard i/n of the sorted scene list (array jobs).")
+EXECUTOR = typer.Option(None, "--executor", "-x", help="sync | local | address | slurm | pbs (default local; sync with --shard).")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML file with the stage's config (and an `executor:` section).")
+FORCE = typer.Option(False, "--force", help="Recompute scenes even when complete with the same config.")
+OVERRIDES = typer.Argument(None, help="key=value overrides of the config (executor.KEY=VALUE for the executor).")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    stage, executor = [], []
+    for item in overrides or []:
+        (executor if item.startswith("executor.") else stage).append(item.removeprefix("executor."))
+    return stage, executor
+
+
+def _resolve(cls: type, config: Path | None, overrides: list[str], section: str | None = None) -> Any:
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(cls, config, overrides, section=section)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _executor_config(kind: str | None, shard: str | None, config: Path | None, overrides: list[str]) -> Any:
+    from pipeline.executor import ExecutorConfig
+
+    if kind is None and shard:
+        kind = "sync"  # an array-job shard runs in its own process: no Dask cluster needed
+    if kind is not None:
+        overrides = [f"kind={kind}", *overrides]
+    return _resolve(ExecutorConfig, config, overrides, section="executor")
+
+
+def _scene_ids(store_scenes: list[str], scenes: Path | None, shard: str | None) -> list[str]:
+    from pipeline.executor import read_scene_list, select_shard
+
+    try:
+        ids = read_scene_list(scenes) if scenes else store_scenes
+        return select_shard(ids, shard)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    return []
+
+
+def _report(report: Any, log: Path | None = None) -> None:
+    typer.echo(report.summary())
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as handle:
+            for r in report.results:
+                handle.write(json.dumps({"stage": report.stage, "scene": r.scene_id, "status": r.status,
+                                         "seconds": round(r.seconds, 3), "error": r.error, "file": r.file}) + "\n")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _open_store(path: Path) -> Any:
+    from pipeline.store import Store, StoreError
+
+    try:
+        return Store.open(path)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def run_store_stage(stage: str, store: Path, scenes: Path | None, shard: str | None, executor: str | None,
+                    config: Path | None, force: bool, overrides: list[str] | None, **extra: Any) -> None:
+    """Resolve the stage's config and run its `run_scene` over the store's scenes."""
+    import importlib
+
+    from pipeline.executor import run_scenes
+
+    module_name, config_name = STAGES[stage]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        fail(f"stage {stage} is unavailable: {exc}")
+    stage_overrides, exec_overrides = _split_overrides(overrides)
+    stage_overrides = [f"{k}={v}" for k, v in extra.items() if v is not None] + stage_overrides
+    cfg = _resolve(getattr(module, config_name), config, stage_overrides, section=stage if config else None)
+    st = _open_store(store)
+    ids = _scene_ids(st.scene_ids(), scenes, shard)
+    exec_cfg = _executor_config(executor, shard, config, exec_overrides)
+    fn = functools.partial(module.run_scene, str(store), cfg=cfg, force=force)
+    _report(run_scenes(stage, fn, ids, exec_cfg), store / "logs" / f"{stage}.jsonl")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the ScanNet-layout rooms into."),
+    scenes: int = typer.Option(8, "--scenes", "-n", help="Number of rooms."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (rooms are deterministic per seed and index)."),
+    start: int = typer.Option(0, "--start", help="Index of the first room (scene ids follow it)."),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Generate synthetic rooms in the ScanNet raw layout."""
+    from pipeline.synth import SynthConfig, synthesise
+
+    cfg = _resolve(SynthConfig, None, overrides or [])
+    ids = synthesise(out, scenes, seed=seed, start=start, cfg=cfg)
+    typer.echo(f"wrote {len(ids)} rooms to {out}/scans ({ids[0]} .. {ids[-1]})")
+
+
+@app.command()
+def ingest(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="scannet | synthetic | s3dis | semantickitti"),
+    raw: Path = typer.Option(..., "--raw", "-r", help="The dataset's raw release folder."),
+    store: Path = STORE,
+    scenes: Optional[Path] = SCENES,
+    shard: Optional[str] = SHARD,
+    executor: Optional[str] = EXECUTOR,
+    config: Optional[Path] = CONFIG,
+    force: bool = FORCE,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Read raw scans into the store (one atomic scene group per scan)."""
+    from pipeline import ingest as ingest_mod
+    from pipeline.executor import run_scenes
+    from pipeline.store import Store, StoreError
+
+    stage_overrides, exec_overrides = _split_overrides(overrides)
+    cfg = _resolve(ingest_mod.IngestConfig, config, [f"dataset={dataset}", *stage_overrides],
+                   section="ingest" if config else None)
+    if not raw.is_dir():
+        fail(f"{raw}: raw folder not found")
+    try:
+        cfg.reader_config()
+        ids = _scene_ids(ingest_mod.list_raw_scenes(raw, cfg), scenes, shard)
+        Store.create(store, dataset=dataset, class_names=ingest_mod.class_names(dataset))
+    except (StoreError, OSError, ValueError) as exc:
+        fail(str(exc))
+    exec_cfg = _executor_config(executor, shard, config, exec_overrides)
+    fn = functools.partial(ingest_mod.run_scene, str(store), str(raw), cfg=cfg, force=force)
+    _report(run_scenes("ingest", fn, ids, exec_cfg), store / "logs" / "ingest.jsonl")
+
+
+@app.command()
+def validate(store: Path = STORE, scenes: Optional[Path] = SCENES) -> None:
+    """Check every scene against the schema; exit 1 with a list of problems."""
+    from pipeline.validate import validate_store
+
+    st = _open_store(store)
+    ids = _scene_ids(st.scene_ids(), scenes, None) if scenes else None
+    report = validate_store(st, ids)
+    for problem in report.problems:
+        typer.echo(f"  {problem}")
+    typer.echo(f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(store: Path = STORE, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """A table of the store: scenes, points, classes present, instances, stages done."""
+    from pipeline.summary import summarise_store
+
+    summary = summarise_store(_open_store(store))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from pipeline.summary import format_summary
+
+    typer.echo(format_summary(summary))
+
+
+@app.command()
+def overseg(store: Path = STORE, scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
+            executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
+            overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Over-segment scenes: normals, PFH, region growing, boundaries, segment graph."""
+    run_store_stage("overseg", store, scenes, shard, executor, config, force, overrides)
+
+
+@app.command()
+def render(store: Path = STORE, scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
+           executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
+           overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Render views with exact pixel -> point correspondence (ray casting / splatting)."""
+    run_store_stage("render", store, scenes, shard, executor, config, force, overrides)
+
+
+@app.command()
+def embed(store: Path = STORE,
+          model: str = typer.Option(..., "--model", "-m", help="CLIP folder (offline) or hub id."),
+          scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
+          executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
+          overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """CLIP embeddings of views, segments and the class vocabulary."""
+    from pipeline import embed as embed_mod
+
+    run_store_stage("embed", store, scenes, shard, executor, config, force, overrides, model=model)
+    if shard is None or shard.startswith("0/"):
+        st = _open_store(store)
+        embed_mod.run_vocabulary(str(store), model, st.class_names, vocab_name="classes")
+        typer.echo(f"vocabulary 'classes' ({len(st.class_names)} names) embedded")
+
+
+@views_app.command("export")
+def views_export(store: Path = STORE, scene: str = typer.Option(..., "--scene"),
+                 out: Path = typer.Option(..., "--out", "-o")) -> None:
+    """Write PNGs of a scene's views and a contact sheet."""
+    from pipeline.views_export import export_views
+
+    paths = export_views(str(store), scene, out)
+    typer.echo(f"wrote {len(paths)} files to {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,189 @@
+"""ScanNet v2 raw release reader (`scans/<scene>/`), also used for the synthetic rooms.
+
+Reads, per scene: `<scene>_vh_clean_2.ply` (vertices with colour, faces), the over-segmentation
+`<scene>_vh_clean_2.0.010000.segs.json`, the aggregation (`<scene>.aggregation.json` or the v1-era
+`<scene>_vh_clean.aggregation.json`), `<scene>.txt` (`axisAlignment`, applied when present) and
+the label table `scannetv2-labels.combined.tsv` (`raw_category` -> `nyu40id`), which maps
+labels onto the 20 benchmark classes. Labels missing from the table are ignored and counted in
+a warning.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from plyfile import PlyData
+
+from pipeline.readers.base import RawScene, SceneError
+from pipeline.schema import IGNORE_INDEX, check_scene_id
+
+CLASS_NAMES: tuple[str, ...] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
+    "bathtub", "otherfurniture",
+)
+"""The 20 ScanNet benchmark classes, in training-id order."""
+NYU40_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
+"""NYU40 id of each benchmark class (same order)."""
+LABEL_TABLE = "scannetv2-labels.combined.tsv"
+
+
+@dataclass(frozen=True)
+class ScanNetReaderConfig:
+    """How ScanNet scans are read."""
+
+    label_table: str = ""
+    """Path of scannetv2-labels.combined.tsv; empty = `<raw>/scannetv2-labels.combined.tsv`."""
+    apply_axis_alignment: bool = True
+    """Apply `axisAlignment` from `<scene>.txt` when the file has one."""
+    scans_subdir: str = "scans"
+    """Folder of the raw dir holding one folder per scene (`scans` or `scans_test`)."""
+
+
+def list_scenes(raw_dir: str | Path, cfg: ScanNetReaderConfig = ScanNetReaderConfig()) -> list[str]:
+    """Scene ids found under `raw_dir/scans/` (folders holding a `_vh_clean_2.ply`)."""
+    base = Path(raw_dir) / cfg.scans_subdir
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: no such folder; expected the ScanNet layout <raw>/scans/<scene>/")
+    return sorted(p.name for p in base.iterdir() if (p / f"{p.name}_vh_clean_2.ply").exists())
+
+
+@functools.lru_cache(maxsize=8)
+def load_label_table(path: str) -> dict[str, int]:
+    """raw_category -> benchmark training id (IGNORE_INDEX for NYU40 classes outside the 20)."""
+    nyu_to_train = {nyu: i for i, nyu in enumerate(NYU40_IDS)}
+    table: dict[str, int] = {}
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                nyu = int(row["nyu40id"]) if row.get("nyu40id", "").strip() else 0
+                table[row["raw_category"].strip()] = nyu_to_train.get(nyu, IGNORE_INDEX)
+    except (OSError, KeyError, ValueError) as exc:
+        raise SceneError("-", path, f"cannot read the ScanNet label table (raw_category, nyu40id): {exc}") from exc
+    return table
+
+
+def _read_json(scene_id: str, path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SceneError(scene_id, path, "file is missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SceneError(scene_id, path, f"not valid JSON: {exc}") from None
+
+
+def read_axis_alignment(scene_id: str, path: Path) -> np.ndarray | None:
+    """The 4x4 `axisAlignment` of `<scene>.txt`, or None when the file or the line is absent."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("axisAlignment"):
+            values = line.split("=", 1)[1].split()
+            try:
+                matrix = np.array([float(v) for v in values], dtype=np.float64)
+            except ValueError:
+                raise SceneError(scene_id, path, "axisAlignment holds non-numeric values") from None
+            if matrix.size != 16:
+                raise SceneError(scene_id, path, f"axisAlignment has {matrix.size} values, expected 16")
+            return matrix.reshape(4, 4)
+    return None
+
+
+def read_ply_mesh(scene_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(xyz f32 [N,3], rgb u8 [N,3], faces i32 [F,3]) from a ScanNet PLY (plyfile reads it)."""
+    if not path.exists():
+        raise SceneError(scene_id, path, "file is missing")
+    try:
+        try:  # fast path: triangles declared as fixed-length lists (what ScanNet ships)
+            ply = PlyData.read(str(path), known_list_len={"face": {"vertex_indices": 3}})
+        except Exception:  # a mesh with non-triangle faces: read generically, checked below
+            ply = PlyData.read(str(path))
+        vertex = ply["vertex"].data
+        xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1).astype(np.float32)
+        rgb = np.stack([vertex["red"], vertex["green"], vertex["blue"]], axis=1).astype(np.uint8)
+        if "face" in ply and len(ply["face"].data):
+            indices = ply["face"].data["vertex_indices"]
+            faces = np.asarray(indices if indices.dtype != object else np.vstack(indices), dtype=np.int32)
+        else:
+            faces = np.zeros((0, 3), np.int32)
+    except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
+        raise SceneError(scene_id, path, f"unreadable PLY (truncated or garbled?): {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # plyfile raises its own PlyParseError and struct errors on garbage
+        raise SceneError(scene_id, path, f"unreadable PLY: {type(exc).__name__}: {exc}") from None
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise SceneError(scene_id, path, f"faces must be triangles, got shape {faces.shape}")
+    return xyz, rgb, faces
+
+
+def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig = ScanNetReaderConfig()) -> RawScene:
+    """Read one ScanNet scan into a RawScene (semantics on the 20 classes, instances, faces)."""
+    check_scene_id(scene_id)
+    raw_dir = Path(raw_dir)
+    folder = raw_dir / cfg.scans_subdir / scene_id
+    ply_path = folder / f"{scene_id}_vh_clean_2.ply"
+    xyz, rgb, faces = read_ply_mesh(scene_id, ply_path)
+    n = len(xyz)
+    files = [str(ply_path)]
+    warnings: list[str] = []
+
+    semantic = np.full(n, IGNORE_INDEX, dtype=np.int16)
+    instance = np.full(n, -1, dtype=np.int32)
+    segs_path = folder / f"{scene_id}_vh_clean_2.0.010000.segs.json"
+    agg_candidates = [folder / f"{scene_id}.aggregation.json", folder / f"{scene_id}_vh_clean.aggregation.json"]
+    agg_path = next((p for p in agg_candidates if p.exists()), None)
+    if agg_path is None:
+        if cfg.scans_subdir == "scans":
+            raise SceneError(scene_id, agg_candidates[0], "aggregation file is missing (also looked for the v1 name)")
+        warnings.append("no annotations (test scan): all points ignored")
+    else:
+        table_path = cfg.label_table or str(raw_dir / LABEL_TABLE)
+        table = load_label_table(table_path)
+        segs = _read_json(scene_id, segs_path)
+        agg = _read_json(scene_id, agg_path)
+        files += [str(segs_path), str(agg_path)]
+        seg_indices = np.asarray(segs.get("segIndices", []), dtype=np.int64)
+        if len(seg_indices) != n:
+            raise SceneError(scene_id, segs_path, f"segIndices has {len(seg_indices)} entries for {n} vertices (count mismatch)")
+        ref = str(agg.get("sceneId", scene_id)).removeprefix("scannet.")
+        if ref != scene_id:
+            raise SceneError(scene_id, agg_path, f"aggregation is for scene {ref!r}")
+        # segment id -> (instance, class) lookup, vectorised through a dense table over segment ids
+        max_seg = int(seg_indices.max()) + 1 if n else 0
+        seg_instance = np.full(max_seg, -1, dtype=np.int32)
+        seg_class = np.full(max_seg, IGNORE_INDEX, dtype=np.int16)
+        missing: dict[str, int] = {}
+        groups = agg.get("segGroups")
+        if not isinstance(groups, list):
+            raise SceneError(scene_id, agg_path, "no segGroups list")
+        for k, group in enumerate(groups):  # a loop over objects (tens), not points
+            label = str(group.get("label", "")).strip()
+            segments = np.asarray(group.get("segments", []), dtype=np.int64)
+            segments = segments[(segments >= 0) & (segments < max_seg)]
+            if label not in table:
+                missing[label] = missing.get(label, 0) + 1
+                cls = IGNORE_INDEX
+            else:
+                cls = table[label]
+            seg_instance[segments] = int(group.get("objectId", group.get("id", k)))
+            seg_class[segments] = cls
+        semantic = seg_class[seg_indices]
+        instance = seg_instance[seg_indices]
+        if missing:
+            warnings.append(
+                f"{sum(missing.values())} object label(s) not in the label table were ignored: "
+                + ", ".join(f"{name!r} x{count}" for name, count in sorted(missing.items()))
+            )
+
+    if cfg.apply_axis_alignment:
+        txt_path = folder / f"{scene_id}.txt"
+        alignment = read_axis_alignment(scene_id, txt_path)
+        if alignment is not None:
+            xyz = (xyz.astype(np.float64) @ alignment[:3, :3].T + alignment[:3, 3]).astype(np.float32)
+            files.append(str(txt_path))
+    scene = RawScene(scene_id, xyz, rgb, semantic, instance, "mesh", faces=faces, source_files=files, warnings=warnings)
+    scene.validate()
+    return scene

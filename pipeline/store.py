@@ -1,0 +1,295 @@
+"""The scene store: a Zarr v3 hierarchy on a local or shared POSIX file system.
+
+Reads and writes the arrays declared in `pipeline.schema`; nothing else in the project opens
+array paths. Writes are atomic per stage and scene: a stage's groups are written into a private
+temporary directory under `<store>/.tmp/` and renamed into place when whole. A rename is atomic
+on POSIX file systems, so a reader (or a second run on the same store) sees either nothing or
+the whole group; two runs racing on one scene both compute it, the first rename wins and the
+loser discards its copy. No lock files, so nothing is left locked when a worker is killed (locks
+on NFS/Lustre are unreliable anyway); the price is occasionally duplicated work.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.storage import LocalStore
+
+from pipeline import schema
+from pipeline.schema import ArraySpec
+
+STORE_FORMAT = "ws3d-store"
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, foreign, or from an incompatible schema version."""
+
+
+def _compressors(spec: ArraySpec) -> list[Any]:
+    # zstd through blosc with byte shuffle: good ratios on float/int point data, fast to decode.
+    shuffle = BloscShuffle.shuffle if np.dtype(spec.dtype).itemsize > 1 else BloscShuffle.noshuffle
+    return [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
+
+
+def _write_arrays(group: zarr.Group, arrays: Mapping[ArraySpec, np.ndarray]) -> None:
+    for spec, data in arrays.items():
+        data = schema.coerce(spec, data)
+        sub = group.require_group(spec.group)
+        sub.create_array(
+            spec.name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=tuple(max(1, c) for c in spec.chunks(data.shape)),
+            compressors=_compressors(spec),
+            fill_value=0,
+            dimension_names=[str(d) for d in spec.dims],
+        )[...] = data
+
+
+class Store:
+    """A ws3d store. Open with `Store.open` (existing) or `Store.create` (new or existing)."""
+
+    def __init__(self, path: str | Path, attrs: dict[str, Any]):
+        self.path = Path(path)
+        self.attrs = attrs
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, path: str | Path, *, dataset: str, class_names: list[str], extra: dict[str, Any] | None = None
+    ) -> "Store":
+        """Create a store (or open it if it already exists for the same dataset and classes)."""
+        path = Path(path)
+        if (path / "zarr.json").exists():
+            store = cls.open(path)
+            if store.dataset != dataset or list(store.class_names) != list(class_names):
+                raise StoreError(
+                    f"{path}: holds dataset {store.dataset!r} with classes {store.class_names}; "
+                    f"refusing to mix in {dataset!r}. Use another --store."
+                )
+            return store
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists, is not empty and is not a ws3d store")
+        attrs = {
+            "format": STORE_FORMAT,
+            "schema_version": schema.SCHEMA_VERSION,
+            "dataset": dataset,
+            "class_names": list(class_names),
+            "ignore_index": schema.IGNORE_INDEX,
+            "created": _now(),
+            **(extra or {}),
+        }
+        root = zarr.open_group(LocalStore(path), mode="w", attributes=attrs)
+        root.require_group("scenes")
+        root.require_group("vocab")
+        return cls(path, attrs)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing store; raise StoreError if it is missing, foreign or too new/old."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a ws3d store (no zarr.json); run `ws3d ingest` first")
+        try:
+            root = zarr.open_group(LocalStore(path, read_only=True), mode="r")
+            attrs = dict(root.attrs)
+        except Exception as exc:  # zarr raises several types for unreadable metadata
+            raise StoreError(f"{path}: unreadable Zarr metadata: {exc}") from exc
+        if attrs.get("format") != STORE_FORMAT:
+            raise StoreError(f"{path}: a Zarr store but not a ws3d store (format={attrs.get('format')!r})")
+        if attrs.get("schema_version") != schema.SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {attrs.get('schema_version')} but this ws3d reads "
+                f"{schema.SCHEMA_VERSION}; re-run the stages or use a matching ws3d"
+            )
+        return cls(path, attrs)
+
+    @property
+    def dataset(self) -> str:
+        return self.attrs["dataset"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    def set_attrs(self, **values: Any) -> None:
+        """Update root attributes (small metadata only, e.g. resolved configs)."""
+        root = zarr.open_group(LocalStore(self.path), mode="r+")
+        root.attrs.update(values)
+        self.attrs.update(values)
+
+    # -- scenes -----------------------------------------------------------------------------
+    def scene_dir(self, scene_id: str) -> Path:
+        return self.path / "scenes" / schema.check_scene_id(scene_id)
+
+    def scene_ids(self) -> list[str]:
+        """Sorted ids of the scenes whose ingest is complete."""
+        base = self.path / "scenes"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").is_file() and (p / "points").is_dir())
+
+    def has_scene(self, scene_id: str) -> bool:
+        return (self.scene_dir(scene_id) / "zarr.json").is_file()
+
+    def has_group(self, scene_id: str, group: str) -> bool:
+        return (self.scene_dir(scene_id) / group / "zarr.json").is_file()
+
+    def stage_record(self, scene_id: str, stage: str) -> dict[str, Any] | None:
+        """The record (config, hash, stats) of a stage's output for a scene, or None if absent."""
+        group = "" if stage == "ingest" else schema.STAGE_GROUPS[stage][0]
+        target = self.scene_dir(scene_id) / group
+        if not (target / "zarr.json").is_file():
+            return None
+        node = zarr.open_group(LocalStore(target, read_only=True), mode="r")
+        attrs = dict(node.attrs)
+        return attrs.get("ws3d_stage")
+
+    def is_complete(self, scene_id: str, stage: str, config_hash: str) -> bool:
+        """True when the stage's output for the scene exists and was made with `config_hash`."""
+        record = self.stage_record(scene_id, stage)
+        return record is not None and record.get("config_hash") == config_hash
+
+    def read(self, scene_id: str, spec: ArraySpec) -> np.ndarray:
+        """Read one whole array of a scene as NumPy (KeyError naming the path if absent)."""
+        array_dir = self.scene_dir(scene_id) / spec.group / spec.name
+        if not (array_dir / "zarr.json").is_file():
+            raise KeyError(f"{self.path}: scene {scene_id} has no {spec.group}/{spec.name}")
+        return zarr.open_array(LocalStore(array_dir, read_only=True), mode="r")[...]
+
+    def read_rows(self, scene_id: str, spec: ArraySpec, index: slice | int) -> np.ndarray:
+        """Read part of an array along its first axis (e.g. one view)."""
+        array_dir = self.scene_dir(scene_id) / spec.group / spec.name
+        return zarr.open_array(LocalStore(array_dir, read_only=True), mode="r")[index]
+
+    def shape(self, scene_id: str, spec: ArraySpec) -> tuple[int, ...]:
+        array_dir = self.scene_dir(scene_id) / spec.group / spec.name
+        return tuple(zarr.open_array(LocalStore(array_dir, read_only=True), mode="r").shape)
+
+    def has(self, scene_id: str, spec: ArraySpec) -> bool:
+        return (self.scene_dir(scene_id) / spec.group / spec.name / "zarr.json").is_file()
+
+    # -- writing ----------------------------------------------------------------------------
+    def _tmp_dir(self) -> Path:
+        tmp = self.path / ".tmp" / f"{uuid.uuid4().hex}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        return tmp
+
+    def write_stage(
+        self,
+        scene_id: str,
+        stage: str,
+        arrays: Mapping[ArraySpec, np.ndarray],
+        record: dict[str, Any],
+    ) -> bool:
+        """Write a stage's arrays for one scene atomically; return False if another run won.
+
+        `record` (config, config_hash, stats) is stored in the attrs of the stage's group.
+        Arrays must belong to the stage's groups; required ones must all be given.
+        """
+        schema.check_scene_id(scene_id)
+        groups = schema.STAGE_GROUPS[stage]
+        for spec in arrays:
+            if spec.group not in groups:
+                raise ValueError(f"stage {stage} may not write {spec.group}/{spec.name}")
+        missing = [f"{s.group}/{s.name}" for s in schema.arrays_of_stage(stage) if not s.optional and s not in arrays]
+        if missing:
+            raise ValueError(f"stage {stage} for scene {scene_id}: missing arrays {missing}")
+        if stage != "ingest" and not self.has_scene(scene_id):
+            raise StoreError(f"{self.path}: scene {scene_id} is not ingested; cannot write {stage}")
+        full_record = {"stage": stage, "schema_version": schema.SCHEMA_VERSION, "written": _now(), **record}
+        tmp = self._tmp_dir()
+        try:
+            root = zarr.open_group(LocalStore(tmp), mode="w", attributes={"ws3d_stage": full_record})
+            _write_arrays(root, arrays)
+            if stage == "ingest":
+                source = tmp
+                target = self.scene_dir(scene_id)
+            else:
+                # the temporary root holds one group (the stage's); that group is what moves
+                (group,) = groups
+                sub = root.require_group(group)
+                sub.attrs.update({"ws3d_stage": full_record})
+                source = tmp / group
+                target = self.scene_dir(scene_id) / group
+            return _install(source, target, full_record.get("config_hash"))
+        finally:
+            _drop_tmp(tmp)
+
+    def write_vocab(self, name: str, text: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Store a vocabulary's text embeddings [C, D] and its names/prompts/model in attrs."""
+        schema.check_scene_id(name)
+        tmp = self._tmp_dir()
+        try:
+            root = zarr.open_group(LocalStore(tmp), mode="w", attributes={"ws3d_vocab": attrs})
+            data = schema.coerce(schema.VOCAB_TEXT, text)
+            root.create_array(
+                "text", shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                compressors=_compressors(schema.VOCAB_TEXT), fill_value=0,
+            )[...] = data
+            _install(tmp, self.path / "vocab" / name, None, replace=True)
+        finally:
+            _drop_tmp(tmp)
+
+    def vocab_names(self) -> list[str]:
+        base = self.path / "vocab"
+        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").is_file()) if base.is_dir() else []
+
+    def read_vocab(self, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """(text embeddings [C, D], attrs with `names`, `prompts`, `model`)."""
+        target = self.path / "vocab" / name
+        if not (target / "zarr.json").is_file():
+            raise KeyError(f"{self.path}: no vocabulary {name!r}; run `ws3d embed` (known: {self.vocab_names()})")
+        root = zarr.open_group(LocalStore(target, read_only=True), mode="r")
+        return root["text"][...], dict(root.attrs)["ws3d_vocab"]
+
+    def clean_tmp(self) -> None:
+        """Remove temporary directories left by killed runs (safe only when no run is active)."""
+        shutil.rmtree(self.path / ".tmp", ignore_errors=True)
+
+
+def _install(source: Path, target: Path, config_hash: str | None, *, replace: bool = False) -> bool:
+    """Move a finished directory into place atomically.
+
+    If `target` exists: same config hash -> keep it (another run finished first, return False);
+    otherwise move the old one aside, rename the new one in, delete the old one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+        return True
+    except OSError:
+        if not target.exists():
+            raise
+    if not replace and config_hash is not None:
+        existing = zarr.open_group(LocalStore(target, read_only=True), mode="r")
+        if dict(existing.attrs).get("ws3d_stage", {}).get("config_hash") == config_hash:
+            return False
+    trash = target.parent / f".trash-{target.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(target, trash)
+    try:
+        os.rename(source, target)
+    except OSError:
+        os.rename(trash, target) if not target.exists() else None
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def _drop_tmp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # leave no empty .tmp behind (another writer may still use it: then it is not empty)
+        tmp.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

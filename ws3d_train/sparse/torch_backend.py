@@ -1,0 +1,347 @@
+"""Pure-PyTorch sparse convolution: coordinate hashing, cached kernel maps, gather-matmul-scatter.
+
+Runs on any device torch runs on (CI included). Reads and writes nothing on disk.
+
+- A coordinate hash is the sorted int64 keys of a coordinate set (:func:`coordinate_keys`) plus the
+  sorting permutation; lookups are one ``torch.searchsorted`` over all (offset, voxel) queries.
+- A kernel map lists, per kernel offset k, the pairs (input row, output row) with
+  ``out_coord + offset_k * stride == in_coord``. It is built once per
+  (input stride, kernel size, conv stride, transposed) and kept in the tensor's :class:`SparseCache`.
+- The convolution loops over the K kernel offsets only: gather the input rows of offset k, multiply
+  by ``W[k]`` ([C_in, C_out]), ``index_add`` into the output rows; the backward pass does the same
+  with the roles swapped. The submanifold centre offset is the identity and costs one plain matmul.
+
+Semantics (those of MinkowskiEngine and torchsparse; the oracle tests pin them to dense ``nn.Conv3d``):
+- submanifold (stride 1): output coordinates = input coordinates; for an odd kernel this equals a
+  dense ``Conv3d(padding=(k-1)//2)`` read at the active sites.
+- strided (stride t): output coordinates = ``unique(floor(c / (s*t)) * (s*t))``; output voxel q sums
+  input voxels ``q + offset * s``. Kernel 2 equals dense ``Conv3d(k=2, stride=2, padding=0)`` and
+  kernel 3 dense ``Conv3d(k=3, stride=2, padding=1)``, read at the output sites.
+- transposed (stride t): output coordinates = the cached coordinate set of the finer stride ``s/t``
+  (the matching encoder level); the kernel map is the strided one with rows and columns swapped, so
+  it equals dense ``ConvTranspose3d`` with the same kernel, stride and padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ws3d_train.sparse.tensor import (
+    SparseCache,
+    SparseTensor,
+    check_coordinate_range,
+    coordinate_keys,
+    kernel_offsets,
+    keys_to_coordinates,
+    offset_keys,
+)
+
+__all__ = ["NAME", "CoordinateHash", "KernelMap", "conv3d", "get_kernel_map", "is_available"]
+
+NAME = "torch"
+
+
+def is_available() -> bool:
+    """The pure-PyTorch backend is always available."""
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class CoordinateHash:
+    """A coordinate set prepared for lookups."""
+
+    sorted_keys: torch.Tensor
+    """int64 [N] coordinate keys in increasing order."""
+    order: torch.Tensor
+    """int64 [N] row of each sorted key: ``keys[order] == sorted_keys``."""
+
+    @classmethod
+    def build(cls, coords: torch.Tensor) -> CoordinateHash:
+        """Hash ``coords`` int32 [N, 4]."""
+        check_coordinate_range(coords)
+        keys = coordinate_keys(coords)
+        sorted_keys, order = torch.sort(keys)
+        if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            raise ValueError("sparse tensor has duplicate (batch, x, y, z) rows; voxelise with unique()")
+        return cls(sorted_keys=sorted_keys, order=order)
+
+    def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Find query keys (any shape) in the set.
+
+        Returns:
+            found: bool, shape of ``queries``.
+            row: int64, shape of ``queries``: the row holding the key (meaningless where not found).
+        """
+        n = self.sorted_keys.numel()
+        if n == 0:
+            return torch.zeros_like(queries, dtype=torch.bool), torch.zeros_like(queries)
+        pos = torch.searchsorted(self.sorted_keys, queries).clamp_(max=n - 1)
+        found = self.sorted_keys[pos] == queries
+        return found, self.order[pos]
+
+
+@dataclass(frozen=True, eq=False)
+class KernelMap:
+    """Input/output row pairs of every kernel offset of one convolution.
+
+    Pairs of offset k are ``in_idx[bounds[k]:bounds[k+1]]`` -> ``out_idx[bounds[k]:bounds[k+1]]``.
+    ``identity_offset`` (submanifold centre) holds no pairs: it maps row i to row i.
+    """
+
+    in_idx: torch.Tensor
+    """int64 [P] input rows."""
+    out_idx: torch.Tensor
+    """int64 [P] output rows."""
+    bounds: tuple[int, ...]
+    """K + 1 pair offsets, as Python ints so that slicing needs no device sync."""
+    n_in: int
+    n_out: int
+    identity_offset: int | None
+    out_coords: torch.Tensor
+    """int32 [n_out, 4] output coordinates."""
+    out_stride: int
+
+    @property
+    def kernel_volume(self) -> int:
+        return len(self.bounds) - 1
+
+    def pairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input rows, output rows) of offset ``k``."""
+        a, b = self.bounds[k], self.bounds[k + 1]
+        return self.in_idx[a:b], self.out_idx[a:b]
+
+    def transposed(self, *, out_coords: torch.Tensor, out_stride: int) -> KernelMap:
+        """The same pairs with inputs and outputs swapped (a transposed convolution)."""
+        return KernelMap(
+            in_idx=self.out_idx,
+            out_idx=self.in_idx,
+            bounds=self.bounds,
+            n_in=self.n_out,
+            n_out=self.n_in,
+            identity_offset=self.identity_offset,
+            out_coords=out_coords,
+            out_stride=out_stride,
+        )
+
+
+def _hash(cache: SparseCache, stride: int) -> CoordinateHash:
+    h = cache.hashes.get(stride)
+    if not isinstance(h, CoordinateHash):
+        h = CoordinateHash.build(cache.coords[stride])
+        cache.hashes[stride] = h
+    return h
+
+
+def _submanifold_map(cache: SparseCache, stride: int, kernel_size: int) -> KernelMap:
+    coords = cache.coords[stride]
+    h = _hash(cache, stride)
+    n = coords.shape[0]
+    offsets = kernel_offsets(kernel_size, device=coords.device) * stride
+    n_offsets = offsets.shape[0]
+    if kernel_size % 2 == 1:
+        # Offsets k and K-1-k are opposite: the pairs of one are the swapped pairs of the other,
+        # so only the first half is looked up; the centre is the identity.
+        n_query, centre = n_offsets // 2, n_offsets // 2
+    else:
+        n_query, centre = n_offsets, None
+    # Queries built from the sorted keys are sorted within each offset: cache-friendly lookups.
+    queries = h.sorted_keys[None, :] + offset_keys(offsets[:n_query])[:, None]
+    found, in_rows = h.lookup(queries)
+    k_idx, j = torch.nonzero(found, as_tuple=True)
+    in_half = in_rows[k_idx, j]
+    out_half = h.order[j]
+    counts = found.sum(dim=1).tolist()
+    in_parts = list(torch.split(in_half, counts))
+    out_parts = list(torch.split(out_half, counts))
+    empty = in_half.new_zeros(0)
+    if centre is not None:
+        # offsets 0..c-1 as looked up, the identity centre, then c+1..K-1 mirrored (swapped pairs)
+        ins = in_parts + [empty] + out_parts[::-1]
+        outs = out_parts + [empty] + in_parts[::-1]
+        counts = counts + [0] + counts[::-1]
+    else:
+        ins, outs = in_parts, out_parts
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return KernelMap(
+        in_idx=torch.cat(ins),
+        out_idx=torch.cat(outs),
+        bounds=tuple(bounds),
+        n_in=n,
+        n_out=n,
+        identity_offset=centre,
+        out_coords=coords,
+        out_stride=stride,
+    )
+
+
+def _downsampled_coordinates(coords: torch.Tensor, out_stride: int) -> torch.Tensor:
+    """``unique(floor(c / out_stride) * out_stride)`` over x, y, z, sorted by key: int32 [M, 4]."""
+    c = coords.to(torch.int64).clone()
+    c[:, 1:] = torch.div(c[:, 1:], out_stride, rounding_mode="floor") * out_stride
+    return keys_to_coordinates(torch.unique(coordinate_keys(c)))
+
+
+def _strided_map(cache: SparseCache, stride: int, kernel_size: int, conv_stride: int) -> KernelMap:
+    out_stride = stride * conv_stride
+    in_hash = _hash(cache, stride)
+    if out_stride not in cache.coords:
+        cache.coords[out_stride] = _downsampled_coordinates(cache.coords[stride], out_stride)
+    out_coords = cache.coords[out_stride]
+    out_hash = _hash(cache, out_stride)
+    offsets = kernel_offsets(kernel_size, device=out_coords.device) * stride
+    queries = out_hash.sorted_keys[None, :] + offset_keys(offsets)[:, None]
+    found, in_rows = in_hash.lookup(queries)
+    k_idx, j = torch.nonzero(found, as_tuple=True)
+    counts = found.sum(dim=1).tolist()
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return KernelMap(
+        in_idx=in_rows[k_idx, j],
+        out_idx=out_hash.order[j],
+        bounds=tuple(bounds),
+        n_in=cache.coords[stride].shape[0],
+        n_out=out_coords.shape[0],
+        identity_offset=None,
+        out_coords=out_coords,
+        out_stride=out_stride,
+    )
+
+
+def get_kernel_map(
+    x: SparseTensor, *, kernel_size: int, stride: int = 1, transposed: bool = False
+) -> KernelMap:
+    """The kernel map of a convolution applied to ``x``, from ``x.cache`` or built and cached.
+
+    Key: (x.stride, kernel_size, stride, transposed). A transposed map is the strided map of the
+    finer level (x.stride // stride) with rows and columns swapped; that finer coordinate set must
+    be in the cache (the encoder made it).
+    """
+    cache = x.cache
+    key = (x.stride, kernel_size, stride, transposed)
+    kmap = cache.kmaps.get(key)
+    if kmap is not None:
+        return kmap
+    if cache.coords.get(x.stride) is not x.coords:
+        raise ValueError(
+            f"sparse tensor at stride {x.stride} does not hold its cache's coordinate set for that "
+            "stride; build tensors with replace_feats() or give them a fresh SparseCache"
+        )
+    if transposed:
+        if x.stride % stride != 0:
+            raise ValueError(f"transposed conv stride {stride} does not divide tensor stride {x.stride}")
+        fine = x.stride // stride
+        if fine not in cache.coords:
+            raise ValueError(
+                f"transposed conv from stride {x.stride} to {fine}: no coordinate set at stride {fine} "
+                "in the cache (upsampling needs the matching encoder level)"
+            )
+        forward_map = cache.kmaps.get((fine, kernel_size, stride, False))
+        if forward_map is None:
+            forward_map = _build(cache, fine, kernel_size, stride)
+            cache.kmaps[(fine, kernel_size, stride, False)] = forward_map
+        kmap = forward_map.transposed(out_coords=cache.coords[fine], out_stride=fine)
+    else:
+        kmap = _build(cache, x.stride, kernel_size, stride)
+    cache.kmaps[key] = kmap
+    return kmap
+
+
+def _build(cache: SparseCache, stride: int, kernel_size: int, conv_stride: int) -> KernelMap:
+    cache.n_kmap_builds += 1
+    if conv_stride == 1:
+        return _submanifold_map(cache, stride, kernel_size)
+    return _strided_map(cache, stride, kernel_size, conv_stride)
+
+
+class _GatherMatmulScatter(torch.autograd.Function):
+    """out[o] = sum_k sum_{(i, o) in pairs_k} feats[i] @ W[k]. Saves only feats and W."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+        ctx.kmap = kmap
+        ctx.save_for_backward(feats, weight)
+        c = kmap.identity_offset
+        if c is not None:
+            out = feats @ weight[c]
+        else:
+            out = feats.new_zeros(kmap.n_out, weight.shape[2])
+        for k in range(kmap.kernel_volume):
+            in_k, out_k = kmap.pairs(k)
+            if in_k.numel() == 0:
+                continue
+            out.index_add_(0, out_k, feats.index_select(0, in_k) @ weight[k])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        feats, weight = ctx.saved_tensors
+        kmap: KernelMap = ctx.kmap
+        need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_out = grad_out.contiguous()
+        grad_feats = grad_weight = None
+        c = kmap.identity_offset
+        if need_feats:
+            grad_feats = grad_out @ weight[c].T if c is not None else torch.zeros_like(feats)
+        if need_weight:
+            grad_weight = torch.zeros_like(weight)
+            if c is not None:
+                grad_weight[c] = feats.T @ grad_out
+        for k in range(kmap.kernel_volume):
+            in_k, out_k = kmap.pairs(k)
+            if in_k.numel() == 0:
+                continue
+            g = grad_out.index_select(0, out_k)
+            if need_weight:
+                torch.mm(feats.index_select(0, in_k).T, g, out=grad_weight[k])
+            if need_feats:
+                grad_feats.index_add_(0, in_k, g @ weight[k].T)
+        return grad_feats, grad_weight, None
+
+
+def conv3d(
+    x: SparseTensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: int,
+    stride: int = 1,
+    transposed: bool = False,
+) -> SparseTensor:
+    """Sparse 3D convolution (submanifold, strided or transposed; see the module docstring).
+
+    Args:
+        x: input, feats [N, C_in] at tensor stride ``x.stride``.
+        weight: [kernel_size^3, C_in, C_out] in :func:`kernel_offsets` order.
+        bias: optional [C_out].
+        kernel_size: cube kernel edge (voxels of the input stride).
+        stride: convolution stride (1: submanifold; t: output stride x.stride * t, or x.stride / t
+            when ``transposed``).
+        transposed: upsample onto the cached coordinate set of stride ``x.stride // stride``.
+    Returns:
+        SparseTensor with feats [M, C_out], sharing ``x.cache``.
+    """
+    k3 = kernel_size**3
+    if weight.dim() != 3 or weight.shape[0] != k3 or weight.shape[1] != x.num_channels:
+        raise ValueError(
+            f"conv3d: weight must be [{k3}, {x.num_channels}, C_out] for kernel {kernel_size} on "
+            f"{x.num_channels} channels, got {tuple(weight.shape)}"
+        )
+    kmap = get_kernel_map(x, kernel_size=kernel_size, stride=stride, transposed=transposed)
+    feats = x.feats
+    device_type = feats.device.type
+    if torch.is_autocast_enabled(device_type):
+        # index_add_ needs one dtype throughout: run the whole op in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            out = _GatherMatmulScatter.apply(feats.to(dtype), weight.to(dtype), kmap)
+    else:
+        out = _GatherMatmulScatter.apply(feats, weight.to(feats.dtype), kmap)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return SparseTensor(feats=out, coords=kmap.out_coords, stride=kmap.out_stride, cache=x.cache)
