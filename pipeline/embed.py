@@ -334,12 +334,18 @@ class _SceneWork:
     view_pixels: torch.Tensor  # [V, 3, S, S] model input of the whole views
     crops: SegmentCrops
     num_segments: int
-    payload: Any = None  # what the writer needs (hash, timing)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    config_hash: str = ""
+    start: float = 0.0
+    produced: bool = False  # all of its images have been handed to the encoder
 
     @property
     def total(self) -> int:
         return len(self.view_pixels) + len(self.crops.segment)
+
+    @property
+    def received(self) -> int:
+        return sum(len(o) for o in self.outputs)
 
     def pixel_chunks(self, encoder: ClipEncoder, chunk: int, max_supersample: int) -> Iterator[torch.Tensor]:
         """Model inputs in order: whole views, then crops; crops are cut lazily (memory)."""
@@ -517,44 +523,47 @@ def embed_scenes(
         nonlocal images
         if buffer:
             pixels = torch.cat([p for _, p in buffer])
-            emb = encoder.encode_pixels(pixels, batch_size=len(pixels))
+            emb = encoder.encode_pixels(pixels, batch_size=batch)
             images += len(pixels)
             offset = 0
             for work, p in buffer:
                 work.outputs.append(emb[offset:offset + len(p)])
                 offset += len(p)
             buffer.clear()
-        while open_works and sum(len(o) for o in open_works[0].outputs) == open_works[0].total \
-                and open_works[0].payload.get("produced"):
+        # scenes whose images have all been cut and encoded are written, in order
+        while open_works and open_works[0].produced and open_works[0].received == open_works[0].total:
             work = open_works.popleft()
             results[work.scene_id] = _write(
-                store, work.scene_id, cfg, work.payload["hash"], work.finish(), encoder.identity,
-                time.perf_counter() - work.payload["start"],
+                store, work.scene_id, cfg, work.config_hash, work.finish(), encoder.identity,
+                time.perf_counter() - work.start,
             )
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque[tuple[str, str, Future]] = deque()
-        for scene_id, h in todo:
-            pending.append((scene_id, h, pool.submit(_read_scene, store, scene_id)))
-            if len(pending) < 2 and scene_id != todo[-1][0]:
-                continue  # keep one scene reading while this one is encoded
-            while pending and (len(pending) >= 2 or scene_id == todo[-1][0]):
-                sid, sh, future = pending.popleft()
-                t0 = time.perf_counter()
-                try:
-                    work = _prepare(sid, *future.result(), encoder, cfg, None)
-                except (KeyError, ValueError) as exc:
-                    results[sid] = SceneResult(sid, "failed", error=f"scene {sid}: embed: {exc}")
-                    continue
-                work.payload = {"hash": sh, "start": t0, "produced": False}
-                open_works.append(work)
-                for pixels in work.pixel_chunks(encoder, batch, cfg.max_supersample):
-                    buffer.append((work, pixels))
-                    if sum(len(p) for _, p in buffer) >= batch:
-                        flush()
-                work.payload["produced"] = True
-                if len(pending) < 2 and scene_id != todo[-1][0]:
-                    break
+        queue = iter(todo)
+        reading: deque[tuple[str, str, Future]] = deque()
+
+        def read_next() -> None:
+            item = next(queue, None)
+            if item is not None:
+                reading.append((item[0], item[1], pool.submit(_read_scene, store, item[0])))
+
+        read_next()
+        while reading:
+            scene_id, h, future = reading.popleft()
+            read_next()  # the next scene decompresses while this one is encoded
+            t0 = time.perf_counter()
+            try:
+                work = _prepare(scene_id, *future.result(), encoder, cfg, None)
+            except (KeyError, ValueError) as exc:
+                results[scene_id] = SceneResult(scene_id, "failed", error=f"scene {scene_id}: embed: {exc}")
+                continue
+            work.config_hash, work.start = h, t0
+            open_works.append(work)
+            for pixels in work.pixel_chunks(encoder, batch, cfg.max_supersample):
+                buffer.append((work, pixels))
+                if sum(len(p) for _, p in buffer) >= batch:
+                    flush()
+            work.produced = True
         flush()
     seconds = time.perf_counter() - start
     if verbose and todo:

@@ -388,6 +388,7 @@ def write_scannet_layout(room: SynthRoom, out_dir: str | Path, *, variant: str =
 def write_label_table(out_dir: str | Path) -> Path:
     """A minimal `scannetv2-labels.combined.tsv` (raw_category -> nyu40id) for the synthetic labels."""
     path = Path(out_dir) / "scannetv2-labels.combined.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = ["id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class"]
     for k, (name, nyu) in enumerate(zip(CLASS_NAMES, NYU40_IDS), 1):
         rows.append(f"{k}\t{name}\t{name}\t1\t{nyu}\t0\t{name}\t{name}")

@@ -308,3 +308,47 @@ def test_all_losses_have_finite_gradients() -> None:
     for t in (logits, embed, b_logit):
         assert t.grad is not None and torch.isfinite(t.grad).all()
     assert embed.grad.abs().sum() > 0
+
+
+def _all_losses(device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    n, c, d = 60, 4, 8
+    logits = torch.randn(n, c, generator=gen).to(device).requires_grad_()
+    embed = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+    seg = (torch.arange(n) % 7 - 1).to(device)
+    labels = torch.where(torch.arange(n) % 3 == 0, torch.arange(n) % c, torch.full((n,), IGNORE_INDEX)).to(device)
+    coords = torch.stack([torch.zeros(n), torch.arange(n) % 10, torch.arange(n) // 10, torch.zeros(n)], 1).long()
+    edges = voxel_neighbour_edges(coords.to(device))
+    prob = torch.softmax(logits, 1)
+    seg_embed, _ = segment_mean(embed, seg, 6)
+    seen = torch.ones(6, dtype=torch.bool, device=device)
+    targets = torch.randn(6, d, generator=gen).to(device)
+    return (
+        supervised_ce(logits, labels)
+        + boundary_bce(logits[:, 0], (torch.arange(n, device=device) % 3) - 1, torch.arange(n, device=device) % 2)
+        + energy_loss(prob, torch.sigmoid(logits[:, 1]), edges, 0.1)
+        + region_contrast(embed, seg, segment_pseudo_labels(prob, seg, labels, num_segments=6), torch.arange(6, device=device) % 3, 0.1)
+        + view_infonce(embed, torch.tensor([0, 20, 60], device=device), torch.arange(n, device=device), targets[:2], 0.07)
+        + segment_cosine(seg_embed, targets, seen)
+        + distill_kl(seg_embed, targets, targets[:4], seen, 0.07)
+    )
+
+
+def test_losses_under_bf16_autocast_stay_close_to_float32() -> None:
+    full = _all_losses("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _all_losses("cpu")
+    assert torch.isfinite(mixed)
+    assert mixed.item() == pytest.approx(full.item(), rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_losses_on_cuda_match_cpu() -> None:
+    cpu = _all_losses("cpu")
+    gpu = _all_losses("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = _all_losses("cuda")
+    mixed.backward()
+    assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+    assert mixed.item() == pytest.approx(cpu.item(), rel=2e-2)

@@ -112,8 +112,8 @@ def view_infonce(
     similarities between the V pooled embeddings and the V normalised targets divided by
     ``temperature``; the loss is the symmetric InfoNCE
     ``(CE(logits, arange) + CE(logits.T, arange)) / 2``: every other view of the batch is a
-    negative. Views that show no row are left out (and return a graph-attached zero if fewer
-    than one view remains).
+    negative. Views that show no row are left out; with none left the loss is a graph-attached
+    zero (a single view gives exactly 0 as well: it has no negative).
 
     Args:
         point_clip: [N, D] CLIP-space head output per row.

@@ -1,0 +1,828 @@
+"""Over-segmentation: normals, curvature, Point Feature Histograms, region growing, segment graph.
+
+Reads `points/xyz`, `points/rgb`, `points/semantic` and `mesh/faces` (when the scene is a mesh);
+writes the `overseg` group: `schema.NORMAL, CURVATURE, SEGMENT, BOUNDARY, SEMANTIC_BOUNDARY,
+ADJACENCY, ADJACENCY_BORDER`.
+
+The pure core `overseg_points` runs, on arrays:
+1. k nearest neighbours (`pipeline.neighbours.knn`, optionally radius-bounded);
+2. normals (area-weighted mesh vertex normals, or PCA oriented towards a viewpoint) and the
+   surface variation l0 / (l0 + l1 + l2) as curvature;
+3. Rusu's Point Feature Histograms: the Darboux-frame angles (alpha, phi, theta) of every point
+   pair of a small neighbourhood, binned bins**3 and normalised;
+4. region growing in order of increasing curvature: a neighbour joins when the normal angle, its
+   offset from the current point's tangent plane, the PFH affinity (histogram intersection) and
+   the colour distance (to the neighbour and to the segment's mean) pass; points above the seed
+   curvature join but do not spread; an optional radius cap keeps segments region-sized;
+5. small segments merged into their most similar adjacent segment (normal and colour);
+6. boundary flags, semantic-boundary flags and the segment adjacency graph with border sizes.
+
+Every kernel is numba (`cache=True`, no fastmath: fastmath changes floor() at PFH bin edges).
+Parallel kernels write one row per point; the growing and merging are sequential; so results do
+not depend on the thread count.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from pipeline import schema
+from pipeline.config import config_hash, to_dict
+from pipeline.executor import SceneResult
+from pipeline.neighbours import knn
+from pipeline.readers.base import SceneError
+from pipeline.store import Store
+
+
+@dataclass(frozen=True)
+class OversegConfig:
+    """Thresholds of the over-segmentation (defaults tuned on synthetic ScanNet-like rooms)."""
+
+    k_neighbours: int = 16
+    """Neighbours per point for PCA, growing, merging and boundaries."""
+    radius_m: float = 0.0
+    """Drop neighbours farther than this (metres); 0 = plain kNN. Useful for sparse LiDAR far field."""
+    k_pfh: int = 8
+    """Neighbours (besides the point) whose pairs make a point's PFH: (k+1)k/2 pairs."""
+    pfh_bins: int = 5
+    """Bins per PFH angle; the histogram has pfh_bins**3 entries."""
+    max_normal_angle_deg: float = 15.0
+    """A neighbour joins only if its normal is within this angle of the current point's (unsigned)."""
+    max_plane_offset_m: float = 0.01
+    """...and it lies within this distance of the current point's tangent plane (keeps pictures,
+    doors and objects standing a little in front of a wall out of the wall)."""
+    min_pfh_affinity: float = 0.25
+    """...and the histogram intersection of their PFHs is at least this (0..1)."""
+    max_colour_dist: float = 40.0
+    """...and their (neighbourhood-smoothed) RGB colours differ by at most this (0..255 units)..."""
+    max_colour_dist_segment: float = 20.0
+    """...and its smoothed colour is within this of the segment's running mean colour."""
+    max_seed_curvature: float = 0.05
+    """Points with higher curvature do not seed nor spread a segment (they may still join one)."""
+    max_segment_radius_m: float = 0.4
+    """A point joins only within this distance of the segment's seed; 0 = unbounded. Keeps large
+    planes (floors, walls) in region-sized pieces like ScanNet's shipped segments."""
+    min_segment_points: int = 30
+    """Segments with fewer points are merged into their most similar adjacent segment."""
+    merge_colour_scale: float = 100.0
+    """Merging score = |cos(normal angle)| - colour distance / this (RGB units)."""
+    colour_smoothing: bool = True
+    """Average colours over each point's neighbours before the colour tests (scan colour noise)."""
+
+    def __post_init__(self) -> None:
+        if self.k_neighbours < 3 or self.k_pfh < 2 or self.k_pfh > self.k_neighbours:
+            raise ValueError(f"overseg: need 3 <= k_neighbours and 2 <= k_pfh <= k_neighbours, got "
+                             f"k_neighbours={self.k_neighbours} k_pfh={self.k_pfh}")
+        if not 2 <= self.pfh_bins <= 12:
+            raise ValueError(f"overseg: pfh_bins must be in 2..12, got {self.pfh_bins}")
+        if not 0.0 < self.max_normal_angle_deg <= 180.0:
+            raise ValueError(f"overseg: max_normal_angle_deg must be in (0, 180], got {self.max_normal_angle_deg}")
+        for name in ("radius_m", "max_plane_offset_m", "max_colour_dist", "max_colour_dist_segment",
+                     "max_seed_curvature", "max_segment_radius_m", "min_pfh_affinity", "merge_colour_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"overseg: {name} must be >= 0, got {getattr(self, name)}")
+        if self.merge_colour_scale == 0:
+            raise ValueError("overseg: merge_colour_scale must be > 0")
+        if self.min_segment_points < 1:
+            raise ValueError(f"overseg: min_segment_points must be >= 1, got {self.min_segment_points}")
+
+
+@dataclass
+class OversegResult:
+    """The over-segmentation of one scene (all arrays per point unless said otherwise)."""
+
+    normal: np.ndarray
+    """float32 [N, 3] unit normals."""
+    curvature: np.ndarray
+    """float32 [N] surface variation l0 / (l0 + l1 + l2), 0 (plane) .. 1/3 (isotropic)."""
+    segment: np.ndarray
+    """int32 [N] segment id in 0..S-1."""
+    boundary: np.ndarray
+    """uint8 [N] 1 where a neighbour is in another segment."""
+    semantic_boundary: np.ndarray
+    """uint8 [N] 1 where a labelled neighbour has another label, 0 where not, 255 where unknown."""
+    adjacency: np.ndarray
+    """int32 [P, 2] adjacent segment pairs, a < b, sorted."""
+    adjacency_border: np.ndarray
+    """int32 [P] points (of either segment) that have a neighbour in the other segment."""
+    timings: dict[str, float]
+    """Seconds per step."""
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.segment.max()) + 1 if len(self.segment) else 0
+
+
+# --------------------------------------------------------------------------------------------
+# normals and curvature
+# --------------------------------------------------------------------------------------------
+def mesh_vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals of a triangle mesh (the faces' winding gives the side).
+
+    Args:
+        xyz: float [N, 3] vertices. faces: int [F, 3] vertex ids.
+
+    Returns:
+        float64 [N, 3], unit where the vertex touches a non-degenerate face, else zero.
+    """
+    v = np.asarray(xyz, np.float64)
+    f = np.asarray(faces, np.int64)
+    n = len(v)
+    # the cross product's length is twice the face area: summing it weights faces by area
+    face_n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    ids = f.ravel()
+    out = np.empty((n, 3), np.float64)
+    for c in range(3):  # 3 bincounts over all corners, no loop over points
+        out[:, c] = np.bincount(ids, weights=np.repeat(face_n[:, c], 3), minlength=n)
+    length = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, length, out=np.zeros_like(out), where=length > 1e-20)
+
+
+@njit(parallel=True, cache=True)
+def _pca_kernel(xyz, nbr):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    normal = np.zeros((n, 3), np.float64)
+    curvature = np.ones(n, np.float64)
+    for i in prange(n):
+        m = 1
+        mx, my, mz = xyz[i, 0], xyz[i, 1], xyz[i, 2]
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            m += 1
+            mx += xyz[j, 0]
+            my += xyz[j, 1]
+            mz += xyz[j, 2]
+        if m < 3:
+            normal[i, 2] = 1.0
+            continue
+        mx /= m
+        my /= m
+        mz /= m
+        cov = np.zeros((3, 3), np.float64)
+        for t in range(-1, m - 1):
+            j = i if t < 0 else nbr[i, t]
+            dx, dy, dz = xyz[j, 0] - mx, xyz[j, 1] - my, xyz[j, 2] - mz
+            cov[0, 0] += dx * dx
+            cov[0, 1] += dx * dy
+            cov[0, 2] += dx * dz
+            cov[1, 1] += dy * dy
+            cov[1, 2] += dy * dz
+            cov[2, 2] += dz * dz
+        cov[1, 0] = cov[0, 1]
+        cov[2, 0] = cov[0, 2]
+        cov[2, 1] = cov[1, 2]
+        w, vec = np.linalg.eigh(cov)
+        total = w[0] + w[1] + w[2]
+        curvature[i] = max(w[0], 0.0) / total if total > 0 else 1.0
+        normal[i, 0] = vec[0, 0]
+        normal[i, 1] = vec[1, 0]
+        normal[i, 2] = vec[2, 0]
+    return normal, curvature
+
+
+def pca_normals_curvature(xyz: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PCA over each point and its neighbours: normal (smallest eigenvector) and surface variation.
+
+    Args:
+        xyz: float [N, 3]. nbr: int32 [N, k] neighbour ids, -1 padded last.
+
+    Returns:
+        normal: float64 [N, 3] unit, unoriented (see `orient_normals`); +z where < 2 neighbours.
+        curvature: float64 [N] l0 / (l0 + l1 + l2); 1 where < 2 neighbours (never a seed).
+    """
+    return _pca_kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(nbr, np.int32))
+
+
+def orient_normals(normal: np.ndarray, xyz: np.ndarray, viewpoint: np.ndarray) -> np.ndarray:
+    """Flip normals to face `viewpoint` (float [3]); float64 [N, 3]."""
+    normal = np.asarray(normal, np.float64)
+    towards = np.asarray(viewpoint, np.float64)[None, :] - np.asarray(xyz, np.float64)
+    flip = np.einsum("ij,ij->i", normal, towards) < 0
+    return np.where(flip[:, None], -normal, normal)
+
+
+# --------------------------------------------------------------------------------------------
+# Point Feature Histograms
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def pfh_pair_bin(p1, n1, p2, n2, bins):  # pragma: no cover - compiled
+    """Bin (0..bins**3-1) of the Rusu/PCL pair feature of (p1, n1), (p2, n2); -1 if undefined.
+
+    The source of the Darboux frame is the point whose normal makes the smaller angle with the
+    line joining them (PCL's `computePairFeatures`); u = n_s, v = d x u / |d x u|, w = u x v,
+    alpha = v . n_t, phi = u . d / |d|, theta = atan2(w . n_t, u . n_t).
+    """
+    dx, dy, dz = p2[0] - p1[0], p2[1] - p1[1], p2[2] - p1[2]
+    dist = np.sqrt(dx * dx + dy * dy + dz * dz)
+    if dist == 0.0:
+        return -1
+    a1 = (n1[0] * dx + n1[1] * dy + n1[2] * dz) / dist
+    a2 = (n2[0] * dx + n2[1] * dy + n2[2] * dz) / dist
+    if abs(a1) < abs(a2):  # acos(|a1|) > acos(|a2|): p2 is the source
+        ux, uy, uz = n2[0], n2[1], n2[2]
+        tx, ty, tz = n1[0], n1[1], n1[2]
+        dx, dy, dz = -dx, -dy, -dz
+        phi = -a2
+    else:
+        ux, uy, uz = n1[0], n1[1], n1[2]
+        tx, ty, tz = n2[0], n2[1], n2[2]
+        phi = a1
+    vx, vy, vz = dy * uz - dz * uy, dz * ux - dx * uz, dx * uy - dy * ux
+    vn = np.sqrt(vx * vx + vy * vy + vz * vz)
+    if vn == 0.0:
+        return -1
+    vx, vy, vz = vx / vn, vy / vn, vz / vn
+    wx, wy, wz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
+    alpha = vx * tx + vy * ty + vz * tz
+    theta = np.arctan2(wx * tx + wy * ty + wz * tz, ux * tx + uy * ty + uz * tz)
+    b0 = int(np.floor(bins * ((theta + np.pi) / (2.0 * np.pi))))
+    b1 = int(np.floor(bins * ((alpha + 1.0) * 0.5)))
+    b2 = int(np.floor(bins * ((phi + 1.0) * 0.5)))
+    b0 = min(max(b0, 0), bins - 1)
+    b1 = min(max(b1, 0), bins - 1)
+    b2 = min(max(b2, 0), bins - 1)
+    return b0 + b1 * bins + b2 * bins * bins
+
+
+@njit(parallel=True, cache=True)
+def _pfh_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    nb = bins * bins * bins
+    hist = np.zeros((n, nb), np.float32)
+    for i in prange(n):
+        ids = np.empty(k_pfh + 1, np.int64)
+        ids[0] = i
+        m = 1
+        for t in range(k_pfh):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            ids[m] = j
+            m += 1
+        counts = np.zeros(nb, np.int64)
+        total = 0
+        for a in range(m):
+            for b in range(a + 1, m):
+                h = pfh_pair_bin(xyz[ids[a]], normal[ids[a]], xyz[ids[b]], normal[ids[b]], bins)
+                if h >= 0:
+                    counts[h] += 1
+                    total += 1
+        if total > 0:
+            for h in range(nb):
+                hist[i, h] = counts[h] / total
+    return hist
+
+
+def pfh_histograms(xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pfh: int, bins: int = 5) -> np.ndarray:
+    """Point Feature Histogram of every point over itself and its first `k_pfh` neighbours.
+
+    All pairs (a < b) of the list [i, nbr[i, 0], ..., nbr[i, k_pfh-1]] (valid entries) are
+    binned by `pfh_pair_bin`; pairs with coincident points or a degenerate frame are skipped.
+
+    Args:
+        xyz: float [N, 3]. normal: float [N, 3] unit. nbr: int32 [N, k >= k_pfh], -1 padded last.
+
+    Returns:
+        float32 [N, bins**3], each row sums to 1 (all zero where no pair is defined).
+    """
+    return _pfh_kernel(
+        np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
+        np.ascontiguousarray(nbr, np.int32), int(k_pfh), int(bins),
+    )
+
+
+@njit(parallel=True, cache=True)
+def _edge_affinity_kernel(hist, nbr):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    nb = hist.shape[1]
+    aff = np.zeros((n, k), np.float32)
+    for i in prange(n):
+        # min(h_i, h_j) is zero wherever h_i is: only i's non-empty bins matter (few on surfaces)
+        nz = np.empty(nb, np.int64)
+        m = 0
+        for h in range(nb):
+            if hist[i, h] > 0:
+                nz[m] = h
+                m += 1
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            s = 0.0
+            for q in range(m):
+                h = nz[q]
+                s += min(hist[i, h], hist[j, h])
+            aff[i, t] = s
+    return aff
+
+
+def edge_affinity(hist: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    """Histogram intersection sum_b min(h_i[b], h_j[b]) for every neighbour edge; float32 [N, k] (0 at -1)."""
+    return _edge_affinity_kernel(np.ascontiguousarray(hist, np.float32), np.ascontiguousarray(nbr, np.int32))
+
+
+@njit(parallel=True, cache=True)
+def _smooth_kernel(values, nbr):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    d = values.shape[1]
+    out = np.empty((n, d), np.float32)
+    for i in prange(n):
+        m = 1
+        acc = np.empty(d, np.float64)
+        for c in range(d):
+            acc[c] = values[i, c]
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            m += 1
+            for c in range(d):
+                acc[c] += values[j, c]
+        for c in range(d):
+            out[i, c] = acc[c] / m
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# region growing and merging
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane_off, min_aff,
+                 col2, colseg2, max_seed_curv, radius2):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    seg = np.full(n, -1, np.int32)
+    queue = np.empty(n, np.int64)
+    nseg = 0
+    for s_pos in range(n):
+        s = order[s_pos]
+        if seg[s] >= 0:
+            continue
+        seg[s] = nseg
+        head, tail = 0, 1
+        queue[0] = s
+        count = 1.0
+        c0, c1, c2 = colour[s, 0], colour[s, 1], colour[s, 2]
+        sx, sy, sz = xyz[s, 0], xyz[s, 1], xyz[s, 2]
+        while head < tail:
+            i = queue[head]
+            head += 1
+            for t in range(k):
+                j = nbr[i, t]
+                if j < 0:
+                    break
+                if seg[j] >= 0:
+                    continue
+                dot = normal[i, 0] * normal[j, 0] + normal[i, 1] * normal[j, 1] + normal[i, 2] * normal[j, 2]
+                if abs(dot) < cos_max:
+                    continue
+                dx, dy, dz = xyz[j, 0] - xyz[i, 0], xyz[j, 1] - xyz[i, 1], xyz[j, 2] - xyz[i, 2]
+                if abs(normal[i, 0] * dx + normal[i, 1] * dy + normal[i, 2] * dz) > plane_off:
+                    continue
+                if aff[i, t] < min_aff:
+                    continue
+                e0, e1, e2 = colour[j, 0] - colour[i, 0], colour[j, 1] - colour[i, 1], colour[j, 2] - colour[i, 2]
+                if e0 * e0 + e1 * e1 + e2 * e2 > col2:
+                    continue
+                e0, e1, e2 = colour[j, 0] - c0 / count, colour[j, 1] - c1 / count, colour[j, 2] - c2 / count
+                if e0 * e0 + e1 * e1 + e2 * e2 > colseg2:
+                    continue
+                if radius2 > 0:
+                    dx, dy, dz = xyz[j, 0] - sx, xyz[j, 1] - sy, xyz[j, 2] - sz
+                    if dx * dx + dy * dy + dz * dz > radius2:
+                        continue
+                seg[j] = nseg
+                count += 1.0
+                c0 += colour[j, 0]
+                c1 += colour[j, 1]
+                c2 += colour[j, 2]
+                # a high-curvature point (an edge, a corner) joins but does not carry the segment on
+                if curvature[j] <= max_seed_curv:
+                    queue[tail] = j
+                    tail += 1
+        nseg += 1
+    return seg, nseg
+
+
+def grow_regions(
+    nbr: np.ndarray, xyz: np.ndarray, normal: np.ndarray, colour: np.ndarray, curvature: np.ndarray,
+    affinity: np.ndarray, *, cfg: OversegConfig,
+) -> np.ndarray:
+    """Region growing (a BFS per seed, seeds by increasing curvature, ties by point id).
+
+    Args:
+        nbr: int32 [N, k] neighbours (-1 padded last). xyz: [N, 3]. normal: [N, 3] unit.
+        colour: [N, 3] RGB 0..255 (already smoothed if wanted). curvature: [N].
+        affinity: float32 [N, k] PFH histogram intersection per edge (`edge_affinity`).
+
+    Returns:
+        int32 [N] segment ids 0..S-1 in seed order (every point gets one: leftover points seed
+        their own segments after all low-curvature seeds).
+    """
+    order = np.argsort(np.asarray(curvature, np.float64), kind="stable").astype(np.int64)
+    seg, _ = _grow_kernel(
+        order, np.ascontiguousarray(nbr, np.int32), np.ascontiguousarray(xyz, np.float64),
+        np.ascontiguousarray(normal, np.float64), np.ascontiguousarray(colour, np.float64),
+        np.ascontiguousarray(curvature, np.float64), np.ascontiguousarray(affinity, np.float32),
+        float(np.cos(np.deg2rad(cfg.max_normal_angle_deg))), float(cfg.max_plane_offset_m),
+        float(cfg.min_pfh_affinity), float(cfg.max_colour_dist) ** 2, float(cfg.max_colour_dist_segment) ** 2,
+        float(cfg.max_seed_curvature), float(cfg.max_segment_radius_m) ** 2,
+    )
+    return seg
+
+
+@njit(cache=True)
+def _find(parent, a):  # pragma: no cover - compiled
+    root = a
+    while parent[root] != root:
+        root = parent[root]
+    while parent[a] != root:  # path compression
+        nxt = parent[a]
+        parent[a] = root
+        a = nxt
+    return root
+
+
+@njit(cache=True)
+def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    count = np.zeros(nseg, np.int64)
+    nsum = np.zeros((nseg, 3), np.float64)
+    csum = np.zeros((nseg, 3), np.float64)
+    ref = np.zeros((nseg, 3), np.float64)
+    seen = np.zeros(nseg, np.bool_)
+    for p in range(n):
+        s = seg[p]
+        if not seen[s]:
+            seen[s] = True
+            ref[s, 0], ref[s, 1], ref[s, 2] = normal[p, 0], normal[p, 1], normal[p, 2]
+        # normals may come with either sign: align each with the segment's first before summing
+        sign = 1.0 if normal[p, 0] * ref[s, 0] + normal[p, 1] * ref[s, 1] + normal[p, 2] * ref[s, 2] >= 0 else -1.0
+        for c in range(3):
+            nsum[s, c] += sign * normal[p, c]
+            csum[s, c] += colour[p, c]
+        count[s] += 1
+    # points of each segment (CSR) and member lists of the union-find roots
+    ptr = np.zeros(nseg + 1, np.int64)
+    for p in range(n):
+        ptr[seg[p] + 1] += 1
+    for s in range(nseg):
+        ptr[s + 1] += ptr[s]
+    fill = ptr[:-1].copy()
+    pts = np.empty(n, np.int64)
+    for p in range(n):
+        pts[fill[seg[p]]] = p
+        fill[seg[p]] += 1
+    parent = np.arange(nseg)
+    nxt = np.full(nseg, -1, np.int64)
+    last = np.arange(nseg)
+    order = np.argsort(count, kind="mergesort")  # smallest first, ties by id
+    for q in range(nseg):
+        s = order[q]
+        if count[s] >= min_points:
+            break
+        r = _find(parent, s)
+        if count[r] >= min_points:
+            continue
+        nr = np.sqrt(nsum[r, 0] ** 2 + nsum[r, 1] ** 2 + nsum[r, 2] ** 2)
+        best = -1
+        best_score = -np.inf
+        m = r
+        while m >= 0:
+            for e in range(ptr[m], ptr[m + 1]):
+                p = pts[e]
+                for t in range(k):
+                    j = nbr[p, t]
+                    if j < 0:
+                        break
+                    o = _find(parent, seg[j])
+                    if o == r or o == best:
+                        continue
+                    no = np.sqrt(nsum[o, 0] ** 2 + nsum[o, 1] ** 2 + nsum[o, 2] ** 2)
+                    cos = 0.0
+                    if nr > 0 and no > 0:
+                        cos = abs(nsum[r, 0] * nsum[o, 0] + nsum[r, 1] * nsum[o, 1] + nsum[r, 2] * nsum[o, 2]) / (nr * no)
+                    d0 = csum[r, 0] / count[r] - csum[o, 0] / count[o]
+                    d1 = csum[r, 1] / count[r] - csum[o, 1] / count[o]
+                    d2 = csum[r, 2] / count[r] - csum[o, 2] / count[o]
+                    score = cos - np.sqrt(d0 * d0 + d1 * d1 + d2 * d2) / colour_scale
+                    if score > best_score or (score == best_score and o < best):
+                        best_score = score
+                        best = o
+            m = nxt[m]
+        if best < 0:
+            continue  # an isolated segment: nothing to merge into
+        sign = 1.0 if nsum[r, 0] * nsum[best, 0] + nsum[r, 1] * nsum[best, 1] + nsum[r, 2] * nsum[best, 2] >= 0 else -1.0
+        for c in range(3):
+            nsum[best, c] += sign * nsum[r, c]
+            csum[best, c] += csum[r, c]
+        count[best] += count[r]
+        parent[r] = best
+        nxt[last[best]] = r
+        last[best] = last[r]
+    root = np.empty(nseg, np.int64)
+    for s in range(nseg):
+        root[s] = _find(parent, s)
+    return root
+
+
+def merge_small_segments(
+    segment: np.ndarray, nbr: np.ndarray, normal: np.ndarray, colour: np.ndarray, *,
+    min_points: int, colour_scale: float,
+) -> np.ndarray:
+    """Merge segments smaller than `min_points` into their most similar adjacent segment.
+
+    Small segments are taken smallest first (ties by id); each joins the adjacent segment (over
+    kNN edges) with the highest |cos(mean normals)| - |mean colour difference| / colour_scale,
+    and a merged segment that is still small is merged again when its turn comes.
+
+    Args:
+        segment: int [N] ids 0..S-1. nbr: int32 [N, k]. normal: [N, 3]. colour: [N, 3] RGB.
+
+    Returns:
+        int32 [N] ids 0..S'-1, numbered by each segment's first point.
+    """
+    segment = np.asarray(segment)
+    nseg = int(segment.max()) + 1 if len(segment) else 0
+    if nseg == 0:
+        return segment.astype(np.int32)
+    root = _merge_kernel(
+        segment.astype(np.int64), nseg, np.ascontiguousarray(nbr, np.int32),
+        np.ascontiguousarray(normal, np.float64), np.ascontiguousarray(colour, np.float64),
+        int(min_points), float(colour_scale),
+    )
+    return relabel_by_first_point(root[segment])
+
+
+def relabel_by_first_point(labels: np.ndarray) -> np.ndarray:
+    """Map arbitrary labels to 0..S-1 in the order of each label's first point; int32 [N]."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse].astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# boundaries and the segment graph
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _boundary_kernel(seg, nbr, nseg):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    boundary = np.zeros(n, np.uint8)
+    keys = np.full((n, k), -1, np.int64)
+    for i in prange(n):
+        a = seg[i]
+        m = 0
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            b = seg[j]
+            if b == a:
+                continue
+            boundary[i] = 1
+            key = min(a, b) * nseg + max(a, b)
+            dup = False
+            for q in range(m):  # count each point once per pair
+                if keys[i, q] == key:
+                    dup = True
+                    break
+            if not dup:
+                keys[i, m] = key
+                m += 1
+    return boundary, keys
+
+
+def segment_graph(segment: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boundary flags and the segment adjacency graph over kNN edges.
+
+    Args:
+        segment: int [N] ids 0..S-1. nbr: int32 [N, k], -1 padded.
+
+    Returns:
+        boundary: uint8 [N], 1 where a neighbour is in another segment.
+        pairs: int32 [P, 2] adjacent pairs (a < b), sorted.
+        border: int32 [P] points of a or b with a neighbour in the other one.
+    """
+    nseg = int(segment.max()) + 1 if len(segment) else 1
+    boundary, keys = _boundary_kernel(np.ascontiguousarray(segment, np.int64), np.ascontiguousarray(nbr, np.int32), nseg)
+    keys = keys[keys >= 0]
+    uniq, border = np.unique(keys, return_counts=True)
+    pairs = np.stack([uniq // nseg, uniq % nseg], axis=1).astype(np.int32).reshape(-1, 2)
+    return boundary, pairs, border.astype(np.int32)
+
+
+@njit(parallel=True, cache=True)
+def _semantic_boundary_kernel(sem, nbr, ignore):  # pragma: no cover - compiled
+    n, k = nbr.shape
+    out = np.zeros(n, np.uint8)
+    for i in prange(n):
+        a = sem[i]
+        if a == ignore:
+            out[i] = 255
+            continue
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            b = sem[j]
+            if b != ignore and b != a:
+                out[i] = 1
+                break
+    return out
+
+
+def semantic_boundary(semantic: np.ndarray | None, nbr: np.ndarray) -> np.ndarray:
+    """1 where a labelled neighbour has another label, 0 where none has, 255 where unknown.
+
+    Unknown: the point is unlabelled (`schema.IGNORE_INDEX`) or the scene has no labels at all.
+    Returns uint8 [N].
+    """
+    n = len(nbr)
+    if semantic is None or not np.any(np.asarray(semantic) != schema.IGNORE_INDEX):
+        return np.full(n, 255, np.uint8)
+    return _semantic_boundary_kernel(
+        np.ascontiguousarray(semantic, np.int64), np.ascontiguousarray(nbr, np.int32), schema.IGNORE_INDEX
+    )
+
+
+def purity(segment: np.ndarray, instance: np.ndarray) -> float:
+    """Point-weighted purity: the fraction of points whose segment's majority instance is theirs.
+
+    Points without an instance (id < 0) count neither way and take no part in the majority.
+    Returns NaN when no point has an instance.
+    """
+    segment = np.asarray(segment, np.int64)
+    instance = np.asarray(instance, np.int64)
+    keep = instance >= 0
+    if not keep.any():
+        return float("nan")
+    seg, inst = segment[keep], instance[keep]
+    key = seg * (int(inst.max()) + 1) + inst
+    uniq, counts = np.unique(key, return_counts=True)
+    seg_of = uniq // (int(inst.max()) + 1)
+    majority = np.zeros(int(seg.max()) + 1, np.int64)
+    np.maximum.at(majority, seg_of, counts)
+    return float(majority.sum() / len(seg))
+
+
+# --------------------------------------------------------------------------------------------
+# the pure core
+# --------------------------------------------------------------------------------------------
+def overseg_points(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    *,
+    faces: np.ndarray | None = None,
+    semantic: np.ndarray | None = None,
+    viewpoint: np.ndarray | None = None,
+    cfg: OversegConfig = OversegConfig(),
+) -> OversegResult:
+    """Over-segment one scene (pure: arrays in, arrays out).
+
+    Args:
+        xyz: float [N, 3] metres. rgb: uint8 [N, 3].
+        faces: int [F, 3] triangles (meshes): normals from the mesh; PCA normals otherwise (and
+            for vertices on no non-degenerate face).
+        semantic: int [N] labels with `schema.IGNORE_INDEX`, for the semantic boundary (None: 255).
+        viewpoint: float [3] that PCA normals are turned towards; None = the centre of the bounds
+            (inside a room). LiDAR: the sensor.
+        cfg: thresholds.
+
+    Returns:
+        An `OversegResult`.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    xyz = np.ascontiguousarray(xyz, np.float64)
+    n = len(xyz)
+    if n == 0:
+        raise ValueError("overseg: the scene has no points")
+    nbr, _ = knn(xyz, cfg.k_neighbours, radius=cfg.radius_m if cfg.radius_m > 0 else None)
+    lap("neighbours")
+    normal_pca, curvature = pca_normals_curvature(xyz, nbr)
+    if viewpoint is None:
+        viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
+    normal = orient_normals(normal_pca, xyz, viewpoint)
+    if faces is not None and len(faces):
+        mesh_n = mesh_vertex_normals(xyz, faces)
+        has = np.any(mesh_n != 0, axis=1)
+        normal = np.where(has[:, None], mesh_n, normal)
+    lap("normals")
+    hist = pfh_histograms(xyz, normal, nbr, k_pfh=cfg.k_pfh, bins=cfg.pfh_bins)
+    affinity = edge_affinity(hist, nbr)
+    del hist
+    lap("pfh")
+    colour = np.asarray(rgb, np.float32)
+    if cfg.colour_smoothing:
+        colour = _smooth_kernel(np.ascontiguousarray(colour), np.ascontiguousarray(nbr, np.int32))
+    segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg)
+    lap("grow")
+    segment = merge_small_segments(segment, nbr, normal, colour, min_points=cfg.min_segment_points,
+                                   colour_scale=cfg.merge_colour_scale)
+    lap("merge")
+    boundary, pairs, border = segment_graph(segment, nbr)
+    sem_boundary = semantic_boundary(semantic, nbr)
+    lap("graph")
+    return OversegResult(
+        normal=normal.astype(np.float32), curvature=curvature.astype(np.float32), segment=segment,
+        boundary=boundary, semantic_boundary=sem_boundary, adjacency=pairs, adjacency_border=border,
+        timings=timings,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+def run_scene(store_path: str, scene_id: str, cfg: OversegConfig, force: bool = False) -> SceneResult:
+    """Over-segment one ingested scene of the store; skipped when complete with this config."""
+    store = Store.open(store_path)
+    ingest = store.stage_record(scene_id, "ingest")
+    if ingest is None:
+        raise SceneError(scene_id, None, f"not ingested in {store_path}; run `ws3d ingest` first")
+    h = config_hash(cfg, str(ingest.get("config_hash", "")))
+    if not force and store.is_complete(scene_id, "overseg", h):
+        return SceneResult(scene_id, "skipped")
+    start = time.perf_counter()
+    xyz = store.read(scene_id, schema.XYZ)
+    rgb = store.read(scene_id, schema.RGB)
+    n = len(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or n == 0:
+        raise SceneError(scene_id, None, f"points/xyz must be a non-empty [N, 3] array, got {xyz.shape}")
+    if not np.isfinite(xyz).all():
+        raise SceneError(scene_id, None, "points/xyz holds NaN or infinite coordinates")
+    if rgb.shape != (n, 3):
+        raise SceneError(scene_id, None, f"points/rgb must be [{n}, 3] like xyz, got {rgb.shape}")
+    semantic = store.read(scene_id, schema.SEMANTIC) if store.has(scene_id, schema.SEMANTIC) else None
+    if semantic is not None and semantic.shape != (n,):
+        raise SceneError(scene_id, None, f"points/semantic must be [{n}], got {semantic.shape}")
+    faces = store.read(scene_id, schema.FACES) if store.has(scene_id, schema.FACES) else None
+    if faces is not None and len(faces) and (faces.min() < 0 or faces.max() >= n):
+        raise SceneError(scene_id, None, f"mesh/faces index vertices outside 0..{n - 1}")
+    stats_in = ingest.get("stats", {}) or {}
+    viewpoint = None
+    if stats_in.get("kind") == "lidar":
+        origin = stats_in.get("sensor_origin")
+        viewpoint = np.asarray(origin if origin is not None else (0.0, 0.0, 0.0), np.float64)
+    result = overseg_points(xyz, rgb, faces=faces, semantic=semantic, viewpoint=viewpoint, cfg=cfg)
+    stats: dict[str, Any] = {
+        "points": int(n),
+        "segments": result.n_segments,
+        "points_per_segment": float(n / max(1, result.n_segments)),
+        "boundary_fraction": float(result.boundary.mean()),
+        "adjacent_pairs": int(len(result.adjacency)),
+        "normals": "mesh" if faces is not None and len(faces) else "pca",
+        "seconds": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+    if store.has(scene_id, schema.INSTANCE):
+        p = purity(result.segment, store.read(scene_id, schema.INSTANCE))
+        stats["purity"] = None if np.isnan(p) else p
+    arrays = {
+        schema.NORMAL: result.normal, schema.CURVATURE: result.curvature, schema.SEGMENT: result.segment,
+        schema.BOUNDARY: result.boundary, schema.SEMANTIC_BOUNDARY: result.semantic_boundary,
+        schema.ADJACENCY: result.adjacency, schema.ADJACENCY_BORDER: result.adjacency_border,
+    }
+    store.write_stage(scene_id, "overseg", arrays, {"config": to_dict(cfg), "config_hash": h, "stats": stats})
+    return SceneResult(scene_id, "done", seconds=time.perf_counter() - start, stats=stats)
+
+
+def summarise(store: Store) -> dict[str, Any]:
+    """Segment counts and purity over the store's over-segmented scenes (for `ws3d info`)."""
+    counts, purities, pps = [], [], []
+    for scene_id in store.scene_ids():
+        record = store.stage_record(scene_id, "overseg")
+        if record is None:
+            continue
+        stats = record.get("stats", {})
+        counts.append(int(stats.get("segments", 0)))
+        pps.append(float(stats.get("points_per_segment", 0.0)))
+        if stats.get("purity") is not None:
+            purities.append(float(stats["purity"]))
+    return {
+        "scenes": len(counts),
+        "segments_total": int(sum(counts)),
+        "segments_mean": float(np.mean(counts)) if counts else 0.0,
+        "segments_min": int(min(counts)) if counts else 0,
+        "segments_max": int(max(counts)) if counts else 0,
+        "points_per_segment_mean": float(np.mean(pps)) if pps else 0.0,
+        "purity_mean": float(np.mean(purities)) if purities else None,
+        "purity_min": float(min(purities)) if purities else None,
+    }
+
+
+def set_threads(n: int) -> None:
+    """Use `n` numba threads in this process (the executor runs one scene per worker process)."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))

@@ -1,0 +1,172 @@
+"""Foundation: configs, scene ids, the store round trip, validation, the ScanNet reader, ingest."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import schema
+from pipeline.config import ConfigError, config_hash, load_config
+from pipeline.ingest import IngestConfig, run_scene as ingest_scene
+from pipeline.readers import scannet
+from pipeline.readers.base import SceneError
+from pipeline.store import Store, StoreError
+from pipeline.synth import make_room, write_label_table, write_scannet_layout
+from pipeline.validate import validate_store
+from tests.synthdata import SHARED_DATA, SMALL, small_raw
+
+
+@dataclass(frozen=True)
+class _Inner:
+    k: int = 3
+    """an int"""
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    lr: float = 0.1
+    """a float"""
+    name: str = "a"
+    """a string"""
+    sizes: tuple[int, ...] = (1, 2)
+    """ints"""
+    inner: _Inner = _Inner()
+    """nested"""
+
+
+def test_config_strict_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\nsizes: [4, 5]\ninner: {k: 7}\n")
+    cfg = load_config(_Cfg, path, ["name=b", "inner.k=9"])
+    assert cfg == _Cfg(lr=1.0, name="b", sizes=(4, 5), inner=_Inner(k=9))
+    assert isinstance(cfg.lr, float)
+    path.write_text("lr: 1\nbogus: 2\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(_Cfg, path)
+    with pytest.raises(ConfigError, match="lr"):
+        load_config(_Cfg, None, ["lr=fast"])
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(_Cfg, None, ["inner.k=1.5"])
+    assert config_hash(_Cfg()) == config_hash(_Cfg()) != config_hash(_Cfg(lr=0.2))
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", ".hidden", "", "x" * 200, "a\\b"])
+def test_scene_ids_reject_paths(bad):
+    with pytest.raises(ValueError):
+        schema.check_scene_id(bad)
+
+
+def _ingested(tmp_path, n=2):
+    raw = small_raw(tmp_path / "raw", n)
+    store = Store.create(tmp_path / "s.zarr", dataset="synthetic", class_names=list(scannet.CLASS_NAMES))
+    cfg = IngestConfig(dataset="synthetic")
+    for scene_id in scannet.list_scenes(raw):
+        assert ingest_scene(str(store.path), str(raw), scene_id, cfg).status == "done"
+    return raw, store, cfg
+
+
+def test_store_round_trip_and_reader_truth(tmp_path):
+    raw, store, _ = _ingested(tmp_path, 2)
+    for index, scene_id in enumerate(store.scene_ids()):
+        truth = make_room(0, index, SMALL)
+        assert np.allclose(store.read(scene_id, schema.XYZ), truth.xyz, atol=1e-4)  # alignment undone
+        assert np.array_equal(store.read(scene_id, schema.RGB), truth.rgb)
+        assert np.array_equal(store.read(scene_id, schema.SEMANTIC), truth.semantic)
+        assert np.array_equal(store.read(scene_id, schema.INSTANCE), truth.instance)
+        assert np.array_equal(store.read(scene_id, schema.FACES), truth.faces)
+        record = store.stage_record(scene_id, "ingest")
+        assert record["stats"]["points"] == len(truth.xyz)
+        assert record["stats"]["instances"] == len(truth.instance_labels)
+        assert record["config"]["dataset"] == "synthetic"
+    assert validate_store(Store.open(store.path)).ok
+    assert not (store.path / ".tmp").exists()  # no temporary debris after complete writes
+
+
+def test_annotation_release_variants(tmp_path):
+    write_label_table(tmp_path)
+    room = make_room(3, 1, SMALL)
+    for variant in ("v1", "v2"):
+        out = tmp_path / variant
+        write_label_table(out)
+        folder = write_scannet_layout(room, out, variant=variant)
+        agg = next(folder.glob("*aggregation.json"))
+        assert agg.name.endswith("_vh_clean.aggregation.json") == (variant == "v1")
+        assert json.loads(agg.read_text())["appId"] == f"Aggregator.{variant}"
+        scene = scannet.read_scene(out, room.scene_id)
+        assert np.allclose(scene.xyz, room.xyz, atol=1e-4)
+        assert np.array_equal(scene.semantic, room.semantic)
+        assert np.array_equal(scene.instance, room.instance)
+
+
+def test_labels_missing_from_table_are_counted(tmp_path):
+    raw = small_raw(tmp_path, 1)
+    scene_id = "scene0000_00"
+    agg_path = raw / "scans" / scene_id / f"{scene_id}.aggregation.json"
+    agg = json.loads(agg_path.read_text())
+    agg["segGroups"][-1]["label"] = "flux capacitor"
+    agg_path.write_text(json.dumps(agg))
+    scene = scannet.read_scene(raw, scene_id)
+    assert any("flux capacitor" in w and "x1" in w for w in scene.warnings)
+    last = agg["segGroups"][-1]["objectId"]
+    assert (scene.semantic[scene.instance == last] == schema.IGNORE_INDEX).all()
+
+
+def test_validator_catches_broken_scene(tmp_path):
+    _, store, _ = _ingested(tmp_path, 2)
+    broken = store.scene_ids()[1]
+    # write semantic labels out of range and drop an array behind the store's back
+    sem = zarr.open_array(str(store.scene_dir(broken) / "points" / "semantic"), mode="r+")
+    sem[:5] = 99
+    shutil.rmtree(store.scene_dir(broken) / "points" / "rgb")
+    report = validate_store(store)
+    wheres = {(p.scene_id, p.where) for p in report.problems}
+    assert (broken, "points/rgb") in wheres and (broken, "points/semantic") in wheres
+    assert all(p.scene_id == broken for p in report.problems)
+
+
+def test_foreign_and_missing_stores_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="not a ws3d store"):
+        Store.open(tmp_path / "nothing")
+    zarr.open_group(str(tmp_path / "foreign"), mode="w", attributes={"hello": 1})
+    with pytest.raises(StoreError, match="not a ws3d store"):
+        Store.open(tmp_path / "foreign")
+    Store.create(tmp_path / "s", dataset="synthetic", class_names=["a"])
+    with pytest.raises(StoreError, match="refusing to mix"):
+        Store.create(tmp_path / "s", dataset="s3dis", class_names=["a"])
+
+
+def test_rerun_skips_and_changed_config_recomputes(tmp_path):
+    raw, store, cfg = _ingested(tmp_path, 1)
+    scene_id = store.scene_ids()[0]
+    before = store.stage_record(scene_id, "ingest")["written"]
+    assert ingest_scene(str(store.path), str(raw), scene_id, cfg).status == "skipped"
+    changed = IngestConfig(dataset="synthetic", reader={"apply_axis_alignment": False})
+    assert ingest_scene(str(store.path), str(raw), scene_id, changed).status == "done"
+    record = store.stage_record(scene_id, "ingest")
+    assert record["config_hash"] == config_hash(changed, str(raw.resolve()))
+    assert before <= record["written"]
+
+
+def test_truncated_ply_names_the_file(tmp_path):
+    raw = small_raw(tmp_path, 1)
+    ply = raw / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.ply"
+    ply.write_bytes(ply.read_bytes()[: ply.stat().st_size // 2])
+    with pytest.raises(SceneError) as info:
+        scannet.read_scene(raw, "scene0000_00")
+    assert info.value.file == str(ply)
+
+
+def test_real_label_table_maps_nyu40(tmp_path):
+    table_path = SHARED_DATA / "scannet" / "scannetv2-labels.combined.tsv"
+    if not table_path.exists():
+        pytest.skip(f"real ScanNet label table not found at {table_path}")
+    table = scannet.load_label_table(str(table_path))
+    assert len(table) > 500
+    assert table["chair"] == scannet.CLASS_NAMES.index("chair")
+    assert table["wall"] == 0 and table["floor"] == 1
+    assert table["kitchen cabinets"] == scannet.CLASS_NAMES.index("cabinet")
+    assert table["ceiling"] == schema.IGNORE_INDEX  # NYU40 class outside the benchmark 20
