@@ -244,5 +244,51 @@ def views_export(store: Path = STORE, scene: str = typer.Option(..., "--scene"),
     typer.echo(f"wrote {len(paths)} files to {out}")
 
 
+@teacher_app.command("fit")
+def teacher_fit(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Folder for the teacher."),
+                scenes: Optional[Path] = SCENES, config: Optional[Path] = CONFIG,
+                overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Train a small CLIP-architecture teacher on rendered crops (offline stand-in for CLIP)."""
+    from pipeline.teacher import TeacherConfig, run_fit
+
+    cfg = _resolve(TeacherConfig, config, overrides or [], section="teacher" if config else None)
+    st = _open_store(store)
+    result = run_fit(str(store), _scene_ids(st.scene_ids(), scenes, None), out, cfg)
+    typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2))
+
+
+@app.command()
+def preprocess(workflow: Path = typer.Option(..., "--workflow", "-w", help="workflows/<dataset>.yaml"),
+               force: bool = FORCE, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Run a workflow's stages in order (resumable: complete scenes are skipped)."""
+    from pipeline.config import ConfigError
+    from pipeline.workflow import load_workflow, run_workflow
+
+    try:
+        cfg = load_workflow(workflow, list(overrides or []))
+    except ConfigError as exc:
+        fail(str(exc))
+    reports = run_workflow(cfg, echo=typer.echo, force=force)
+    if any(not r.ok for r in reports):
+        typer.echo("some scenes failed (see above); rerun after fixing them: finished scenes are skipped")
+        raise typer.Exit(1)
+
+
+@manifests_app.command("check")
+def manifests_check(dataset: str = typer.Option(..., "--dataset", "-d"), raw: Path = typer.Option(..., "--raw", "-r"),
+                    split: str = typer.Option("all", "--split", help="Which list to compare (all, train, val, ...).")) -> None:
+    """Scenes listed in the manifests but missing on disk, and the reverse."""
+    from pipeline.manifests import check_raw
+
+    missing, extra = check_raw(dataset, raw, split)
+    typer.echo(f"{len(missing)} listed but missing on disk, {len(extra)} on disk but not listed")
+    for name in missing[:50]:
+        typer.echo(f"  missing: {name}")
+    for name in extra[:50]:
+        typer.echo(f"  unlisted: {name}")
+    if missing or extra:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -72,7 +72,8 @@ class OversegConfig:
     merge_colour_scale: float = 100.0
     """Merging score = |cos(normal angle)| - colour distance / this (RGB units)."""
     colour_smoothing: bool = True
-    """Average colours over each point's neighbours before the colour tests (scan colour noise)."""
+    """Denoise colours before the colour tests: average with the neighbours within the tangent
+    band (2 x max_plane_offset_m) whose colour is within max_colour_dist (see `smooth_colours`)."""
 
     def __post_init__(self) -> None:
         if self.k_neighbours < 3 or self.k_pfh < 2 or self.k_pfh > self.k_neighbours:
@@ -144,31 +145,44 @@ def mesh_vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True)
-def _pca_kernel(xyz, nbr):  # pragma: no cover - compiled
+def _pca_kernel(xyz, nbr, ref_normal, band):  # pragma: no cover - compiled
     n, k = nbr.shape
     normal = np.zeros((n, 3), np.float64)
     curvature = np.ones(n, np.float64)
     for i in prange(n):
+        ids = np.empty(k + 1, np.int64)
+        ids[0] = i
         m = 1
-        mx, my, mz = xyz[i, 0], xyz[i, 1], xyz[i, 2]
+        r0, r1, r2 = ref_normal[i, 0], ref_normal[i, 1], ref_normal[i, 2]
+        filtered = band > 0 and (r0 != 0.0 or r1 != 0.0 or r2 != 0.0)
         for t in range(k):
             j = nbr[i, t]
             if j < 0:
                 break
+            if filtered:
+                off = r0 * (xyz[j, 0] - xyz[i, 0]) + r1 * (xyz[j, 1] - xyz[i, 1]) + r2 * (xyz[j, 2] - xyz[i, 2])
+                if abs(off) > band:
+                    continue
+            ids[m] = j
             m += 1
-            mx += xyz[j, 0]
-            my += xyz[j, 1]
-            mz += xyz[j, 2]
         if m < 3:
-            normal[i, 2] = 1.0
+            if filtered:
+                normal[i, 0], normal[i, 1], normal[i, 2] = r0, r1, r2
+            else:
+                normal[i, 2] = 1.0
             continue
+        mx, my, mz = 0.0, 0.0, 0.0
+        for q in range(m):
+            mx += xyz[ids[q], 0]
+            my += xyz[ids[q], 1]
+            mz += xyz[ids[q], 2]
         mx /= m
         my /= m
         mz /= m
         cov = np.zeros((3, 3), np.float64)
-        for t in range(-1, m - 1):
-            j = i if t < 0 else nbr[i, t]
-            dx, dy, dz = xyz[j, 0] - mx, xyz[j, 1] - my, xyz[j, 2] - mz
+        for q in range(m):
+            p = ids[q]
+            dx, dy, dz = xyz[p, 0] - mx, xyz[p, 1] - my, xyz[p, 2] - mz
             cov[0, 0] += dx * dx
             cov[0, 1] += dx * dy
             cov[0, 2] += dx * dz
@@ -187,17 +201,28 @@ def _pca_kernel(xyz, nbr):  # pragma: no cover - compiled
     return normal, curvature
 
 
-def pca_normals_curvature(xyz: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pca_normals_curvature(
+    xyz: np.ndarray, nbr: np.ndarray, *, ref_normal: np.ndarray | None = None, band_m: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """PCA over each point and its neighbours: normal (smallest eigenvector) and surface variation.
+
+    With `ref_normal` and `band_m` > 0, only neighbours within `band_m` of the point's tangent
+    plane (through the point, normal `ref_normal`) take part: the far side of a thin slab (a table
+    top, a door, a curtain) and surfaces standing just in front of a wall then no longer make a
+    flat point look curved. Rows of `ref_normal` that are zero are not filtered.
 
     Args:
         xyz: float [N, 3]. nbr: int32 [N, k] neighbour ids, -1 padded last.
+        ref_normal: float [N, 3] or None. band_m: metres.
 
     Returns:
-        normal: float64 [N, 3] unit, unoriented (see `orient_normals`); +z where < 2 neighbours.
-        curvature: float64 [N] l0 / (l0 + l1 + l2); 1 where < 2 neighbours (never a seed).
+        normal: float64 [N, 3] unit, unoriented (see `orient_normals`); where fewer than 2
+            neighbours are left: `ref_normal`, else +z.
+        curvature: float64 [N] l0 / (l0 + l1 + l2); 1 where fewer than 2 neighbours are left.
     """
-    return _pca_kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(nbr, np.int32))
+    xyz = np.ascontiguousarray(xyz, np.float64)
+    ref = np.zeros_like(xyz) if ref_normal is None else np.ascontiguousarray(ref_normal, np.float64)
+    return _pca_kernel(xyz, np.ascontiguousarray(nbr, np.int32), ref, float(band_m))
 
 
 def orient_normals(normal: np.ndarray, xyz: np.ndarray, viewpoint: np.ndarray) -> np.ndarray:
@@ -329,25 +354,48 @@ def edge_affinity(hist: np.ndarray, nbr: np.ndarray) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True)
-def _smooth_kernel(values, nbr):  # pragma: no cover - compiled
+def _smooth_colour_kernel(xyz, normal, rgb, nbr, band, cutoff2):  # pragma: no cover - compiled
     n, k = nbr.shape
-    d = values.shape[1]
-    out = np.empty((n, d), np.float32)
+    out = np.empty((n, 3), np.float32)
     for i in prange(n):
-        m = 1
-        acc = np.empty(d, np.float64)
-        for c in range(d):
-            acc[c] = values[i, c]
+        m = 1.0
+        a0, a1, a2 = float(rgb[i, 0]), float(rgb[i, 1]), float(rgb[i, 2])
         for t in range(k):
             j = nbr[i, t]
             if j < 0:
                 break
-            m += 1
-            for c in range(d):
-                acc[c] += values[j, c]
-        for c in range(d):
-            out[i, c] = acc[c] / m
+            off = (normal[i, 0] * (xyz[j, 0] - xyz[i, 0]) + normal[i, 1] * (xyz[j, 1] - xyz[i, 1])
+                   + normal[i, 2] * (xyz[j, 2] - xyz[i, 2]))
+            if abs(off) > band:
+                continue
+            e0, e1, e2 = float(rgb[j, 0]) - rgb[i, 0], float(rgb[j, 1]) - rgb[i, 1], float(rgb[j, 2]) - rgb[i, 2]
+            if e0 * e0 + e1 * e1 + e2 * e2 > cutoff2:
+                continue
+            m += 1.0
+            a0 += rgb[j, 0]
+            a1 += rgb[j, 1]
+            a2 += rgb[j, 2]
+        out[i, 0], out[i, 1], out[i, 2] = a0 / m, a1 / m, a2 / m
     return out
+
+
+def smooth_colours(
+    xyz: np.ndarray, normal: np.ndarray, rgb: np.ndarray, nbr: np.ndarray, *, band_m: float, cutoff: float,
+) -> np.ndarray:
+    """Edge-preserving colour denoising: each point's mean with the neighbours that lie within
+    `band_m` of its tangent plane and whose colour is within `cutoff` (RGB units) of its own, so
+    that colours are not blended across object borders or between a wall and what hangs on it.
+
+    Args:
+        xyz: [N, 3]. normal: [N, 3] unit. rgb: [N, 3] 0..255. nbr: int32 [N, k].
+
+    Returns:
+        float32 [N, 3].
+    """
+    return _smooth_colour_kernel(
+        np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
+        np.ascontiguousarray(rgb, np.float32), np.ascontiguousarray(nbr, np.int32), float(band_m), float(cutoff) ** 2,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,10 +530,11 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
     parent = np.arange(nseg)
     nxt = np.full(nseg, -1, np.int64)
     last = np.arange(nseg)
-    order = np.argsort(count, kind="mergesort")  # smallest first, ties by id
+    initial = count.copy()
+    order = np.argsort(initial, kind="mergesort")  # smallest first, ties by id
     for q in range(nseg):
         s = order[q]
-        if count[s] >= min_points:
+        if initial[s] >= min_points:
             break
         r = _find(parent, s)
         if count[r] >= min_points:
@@ -713,14 +762,19 @@ def overseg_points(
         raise ValueError("overseg: the scene has no points")
     nbr, _ = knn(xyz, cfg.k_neighbours, radius=cfg.radius_m if cfg.radius_m > 0 else None)
     lap("neighbours")
-    normal_pca, curvature = pca_normals_curvature(xyz, nbr)
     if viewpoint is None:
         viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
-    normal = orient_normals(normal_pca, xyz, viewpoint)
+    band = 2.0 * cfg.max_plane_offset_m
     if faces is not None and len(faces):
         mesh_n = mesh_vertex_normals(xyz, faces)
-        has = np.any(mesh_n != 0, axis=1)
-        normal = np.where(has[:, None], mesh_n, normal)
+        has_mesh = np.any(mesh_n != 0, axis=1)
+        pca_n, curvature = pca_normals_curvature(xyz, nbr, ref_normal=mesh_n, band_m=band)
+        normal = np.where(has_mesh[:, None], mesh_n, orient_normals(pca_n, xyz, viewpoint))
+    else:
+        pca_n, _ = pca_normals_curvature(xyz, nbr)
+        # a second pass inside the tangent band: better normals and curvature at thin slabs
+        pca_n, curvature = pca_normals_curvature(xyz, nbr, ref_normal=pca_n, band_m=band)
+        normal = orient_normals(pca_n, xyz, viewpoint)
     lap("normals")
     hist = pfh_histograms(xyz, normal, nbr, k_pfh=cfg.k_pfh, bins=cfg.pfh_bins)
     affinity = edge_affinity(hist, nbr)
@@ -728,7 +782,7 @@ def overseg_points(
     lap("pfh")
     colour = np.asarray(rgb, np.float32)
     if cfg.colour_smoothing:
-        colour = _smooth_kernel(np.ascontiguousarray(colour), np.ascontiguousarray(nbr, np.int32))
+        colour = smooth_colours(xyz, normal, colour, nbr, band_m=band, cutoff=cfg.max_colour_dist)
     segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg)
     lap("grow")
     segment = merge_small_segments(segment, nbr, normal, colour, min_points=cfg.min_segment_points,

@@ -127,6 +127,9 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
     ply_path = folder / f"{scene_id}_vh_clean_2.ply"
     xyz, rgb, faces = read_ply_mesh(scene_id, ply_path)
     n = len(xyz)
+    finite = np.isfinite(xyz).all(axis=1)
+    if not finite.all():
+        raise SceneError(scene_id, ply_path, f"{int((~finite).sum())} vertices have NaN or infinite coordinates")
     files = [str(ply_path)]
     warnings: list[str] = []
 

@@ -1,0 +1,309 @@
+"""SemanticKITTI reader: one LiDAR scan (optionally with the scans before it) -> `RawScene`.
+
+Reads, under `raw_dir` (the folder holding `sequences/`):
+
+    sequences/<XX>/velodyne/<NNNNNN>.bin   float32 x y z intensity per point (sensor frame)
+    sequences/<XX>/labels/<NNNNNN>.label   uint32 per point: lower 16 bits semantic id, upper 16 instance id
+    sequences/<XX>/poses.txt, calib.txt    only when merging scans (`merge_scans > 1`)
+    semantic-kitti.yaml                    the official label config (`learning_map`), see `label_yaml`
+
+Writes nothing. Scene ids are `<XX>_<NNNNNN>` (e.g. `08_000000`): one scene per scan.
+
+Labels: the raw semantic id goes through the yaml's `learning_map` onto 0..19 (moving classes onto
+their static class, as the official map says); 0 (unlabelled, outlier, ...) becomes `IGNORE_INDEX`
+and 1..19 the training ids 0..18 (`CLASS_NAMES`). Without a yaml the same map, copied into
+`data_manifests/semantickitti/label_map.csv`, is used. The instance of a point is its full 32-bit
+label (instance id with its semantic id, since ids repeat across classes) renumbered 0..K-1;
+points with instance id 0 get -1. Scans without a label file (the test sequences) are read with
+every point ignored, and a warning says so. Intensity becomes a grey colour.
+
+Merging: with `merge_scans = n`, scene `XX_k` holds scans k-n+1..k (fewer at the start of a
+sequence), moved into scan k's sensor frame with the KITTI poses (`poses.txt`, left camera) and
+the velodyne-to-camera transform `Tr` of `calib.txt`: T_velo = Tr^-1 · P · Tr.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.manifests import load_classes, load_label_map
+from pipeline.readers.base import RawScene, SceneError
+from pipeline.schema import IGNORE_INDEX, check_scene_id
+
+CLASS_NAMES: tuple[str, ...] = load_classes("semantickitti")
+"""car bicycle motorcycle truck other-vehicle person bicyclist motorcyclist road parking sidewalk
+other-ground building fence vegetation trunk terrain pole traffic-sign (training ids 0..18)."""
+
+_SCENE_ID = re.compile(r"^(\d{2})_(\d{6})$")
+_UNMAPPED = np.int16(-1)
+"""Marks raw ids the label map does not know (a lookup-table value no training id uses)."""
+
+
+@dataclass(frozen=True)
+class SemanticKITTIReaderConfig:
+    """How SemanticKITTI scans are read."""
+
+    merge_scans: int = 1
+    """Scans per scene: scan k and the `merge_scans - 1` scans before it, in scan k's frame.
+    More than 1 needs `poses.txt` and `calib.txt` in the sequence folder."""
+    label_yaml: str | None = None
+    """The label config (`learning_map`, `labels`). None: `<raw_dir>/semantic-kitti.yaml` if it
+    exists, else the official map kept in `data_manifests/semantickitti/label_map.csv`."""
+    intensity_scale: float = 255.0
+    """Grey value = clip(intensity * scale, 0, 255); KITTI intensities lie in 0..1."""
+
+
+def scene_id_of(sequence: int | str, frame: int) -> str:
+    """`(8, 0) -> "08_000000"`."""
+    return check_scene_id(f"{int(sequence):02d}_{int(frame):06d}")
+
+
+def split_scene_id(scene_id: str) -> tuple[str, int]:
+    """`"08_000000" -> ("08", 0)`; raises SceneError for another form."""
+    match = _SCENE_ID.match(scene_id)
+    if not match:
+        raise SceneError(scene_id, None, "expected a SemanticKITTI scene id '<sequence>_<frame>', e.g. 08_000000")
+    return match.group(1), int(match.group(2))
+
+
+def list_scenes(raw_dir: Path) -> list[str]:
+    """Scene ids of every `sequences/XX/velodyne/NNNNNN.bin` under `raw_dir`, sorted."""
+    scenes = []
+    for path in sorted(Path(raw_dir).glob("sequences/*/velodyne/*.bin")):
+        seq = path.parent.parent.name
+        if re.fullmatch(r"\d{2}", seq) and re.fullmatch(r"\d{6}", path.stem):
+            scenes.append(f"{seq}_{path.stem}")
+    return scenes
+
+
+# --- label map ------------------------------------------------------------------------------
+
+
+def lookup_table(raw_to_train: dict[int, int]) -> np.ndarray:
+    """int16 [65536]: raw semantic id -> training id, `IGNORE_INDEX`, or -1 where unknown."""
+    lut = np.full(1 << 16, _UNMAPPED, dtype=np.int16)
+    for raw, train in raw_to_train.items():
+        lut[int(raw)] = train
+    return lut
+
+
+@functools.lru_cache(maxsize=4)
+def _yaml_map(path: str, mtime_ns: int) -> tuple[tuple[int, int], ...]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.load(f, Loader=loader)
+    except (OSError, yaml.YAMLError) as exc:
+        raise SceneError("-", path, f"cannot read the label config: {exc}") from None
+    try:
+        learning_map = {int(k): int(v) for k, v in config["learning_map"].items()}
+        inverse = {int(k): int(v) for k, v in config["learning_map_inv"].items()}
+        labels = {int(k): str(v) for k, v in config["labels"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SceneError("-", path, f"expected learning_map, learning_map_inv and labels mappings: {exc!r}") from None
+    # Training ids are stored with CLASS_NAMES: a config whose classes differ would mislabel silently.
+    names = tuple(labels.get(inverse.get(i, -1), "?") for i in range(1, len(CLASS_NAMES) + 1))
+    if names != CLASS_NAMES or max(learning_map.values()) != len(CLASS_NAMES):
+        raise SceneError(
+            "-", path, f"learning_map classes 1..{len(CLASS_NAMES)} are {names}; expected {CLASS_NAMES}"
+        )
+    return tuple((raw, learn - 1 if learn > 0 else IGNORE_INDEX) for raw, learn in learning_map.items())
+
+
+def load_learning_map(label_yaml: str | Path) -> dict[int, int]:
+    """Raw semantic id -> training id (0..18) or `IGNORE_INDEX`, from a `semantic-kitti.yaml`.
+
+    Raises SceneError (scene "-") when the file is unreadable or its 19 classes are not `CLASS_NAMES`.
+    """
+    path = Path(label_yaml).resolve()
+    mtime = path.stat().st_mtime_ns if path.exists() else 0
+    return dict(_yaml_map(str(path), mtime))
+
+
+def _resolve_label_map(raw_dir: Path, cfg: SemanticKITTIReaderConfig) -> tuple[dict[int, int], str | None]:
+    if cfg.label_yaml is not None:
+        path = Path(cfg.label_yaml)
+        if not path.exists():
+            raise SceneError("-", path, "label_yaml not found")
+        return load_learning_map(path), str(path)
+    default = raw_dir / "semantic-kitti.yaml"
+    if default.exists():
+        return load_learning_map(default), str(default)
+    return load_label_map("semantickitti"), None
+
+
+def decode_labels(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split raw uint32 labels into training semantics and instances.
+
+    Args:
+        labels: uint32 [N] (lower 16 bits semantic id, upper 16 instance id).
+        lut: int16 [65536] from `lookup_table`.
+    Returns:
+        semantic int16 [N] (training id or IGNORE_INDEX; raw ids unknown to the map are ignored),
+        instance int32 [N] (0..K-1 over distinct full labels with instance id > 0, else -1),
+        unknown raw ids uint16 [U] (sorted, those the map lacks).
+    """
+    labels = np.asarray(labels, dtype=np.uint32)
+    raw = (labels & 0xFFFF).astype(np.uint16)
+    semantic = lut[raw]
+    unknown_mask = semantic == _UNMAPPED
+    unknown = np.unique(raw[unknown_mask])
+    semantic = np.where(unknown_mask, np.int16(IGNORE_INDEX), semantic).astype(np.int16)
+    has_instance = (labels >> 16) > 0
+    instance = np.full(len(labels), -1, dtype=np.int32)
+    if has_instance.any():
+        _, inverse = np.unique(labels[has_instance], return_inverse=True)
+        instance[has_instance] = inverse.astype(np.int32)
+    return semantic, instance, unknown
+
+
+# --- poses ----------------------------------------------------------------------------------
+
+
+def _read_calib_tr(path: Path, scene_id: str) -> np.ndarray:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SceneError(scene_id, path, f"cannot read calib.txt (needed to merge scans): {exc}") from None
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "Tr":
+            values = np.array(rest.split(), dtype=np.float64)
+            if values.size != 12:
+                raise SceneError(scene_id, path, f"Tr has {values.size} numbers, expected 12 (3x4)")
+            return np.vstack([values.reshape(3, 4), [0.0, 0.0, 0.0, 1.0]])
+    raise SceneError(scene_id, path, "no 'Tr:' line (velodyne-to-camera transform)")
+
+
+def _read_poses(path: Path, scene_id: str) -> np.ndarray:
+    try:
+        values = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise SceneError(scene_id, path, f"cannot read poses.txt (needed to merge scans): {exc}") from None
+    if values.shape[1] != 12:
+        raise SceneError(scene_id, path, f"poses have {values.shape[1]} numbers a line, expected 12 (3x4)")
+    poses = np.tile(np.eye(4), (len(values), 1, 1))
+    poses[:, :3, :4] = values.reshape(-1, 3, 4)
+    return poses
+
+
+def velodyne_poses(camera_poses: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    """Sensor poses in the world frame: T_velo_i = Tr^-1 · P_i · Tr.
+
+    Args:
+        camera_poses: float64 [T, 4, 4], KITTI `poses.txt` (left camera i -> camera 0).
+        tr: float64 [4, 4], velodyne -> left camera (`calib.txt` Tr).
+    Returns:
+        float64 [T, 4, 4], velodyne i -> world (velodyne 0).
+    """
+    return np.linalg.inv(tr) @ camera_poses @ tr
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np.ndarray | None, Path, Path]:
+    bin_path = seq_dir / "velodyne" / f"{frame:06d}.bin"
+    label_path = seq_dir / "labels" / f"{frame:06d}.label"
+    try:
+        raw = np.fromfile(bin_path, dtype=np.float32)
+    except OSError as exc:
+        raise SceneError(scene_id, bin_path, f"cannot read scan: {exc}") from None
+    if raw.size % 4:
+        raise SceneError(scene_id, bin_path, f"{raw.size * 4} bytes is not a whole number of points (16 bytes each)")
+    points = raw.reshape(-1, 4)
+    labels = None
+    if label_path.exists():
+        labels = np.fromfile(label_path, dtype=np.uint32)
+        if len(labels) != len(points):
+            raise SceneError(
+                scene_id, label_path, f"{len(labels)} labels for {len(points)} points in {bin_path.name} (count mismatch)"
+            )
+    return points, labels, bin_path, label_path
+
+
+def read_scene(
+    raw_dir: Path, scene_id: str, *, cfg: SemanticKITTIReaderConfig = SemanticKITTIReaderConfig()
+) -> RawScene:
+    """Read one scan (with `cfg.merge_scans - 1` earlier scans merged in).
+
+    Returns:
+        RawScene with xyz float32 [N,3] in the sensor frame of scan k, rgb uint8 [N,3] (grey
+        intensity), semantic int16 [N] (0..18 or IGNORE_INDEX), instance int32 [N] (-1 none),
+        kind "lidar", sensor_origin [0, 0, 0].
+    Raises:
+        SceneError: missing or malformed files, a label config with other classes.
+    """
+    raw_dir = Path(raw_dir)
+    check_scene_id(scene_id)
+    seq, frame = split_scene_id(scene_id)
+    if cfg.merge_scans < 1:
+        raise SceneError(scene_id, None, f"merge_scans must be >= 1, got {cfg.merge_scans}")
+    seq_dir = raw_dir / "sequences" / seq
+    if not (seq_dir / "velodyne" / f"{frame:06d}.bin").exists():
+        raise SceneError(scene_id, seq_dir / "velodyne" / f"{frame:06d}.bin", "scan not found")
+    try:
+        raw_to_train, yaml_path = _resolve_label_map(raw_dir, cfg)
+    except SceneError as exc:
+        raise SceneError(scene_id, exc.file, exc.message) from None
+    lut = lookup_table(raw_to_train)
+
+    first = max(0, frame - cfg.merge_scans + 1)
+    frames = [f for f in range(first, frame + 1) if (seq_dir / "velodyne" / f"{f:06d}.bin").exists()]
+    scene_warnings: list[str] = []
+    if len(frames) < cfg.merge_scans:
+        scene_warnings.append(f"merged {len(frames)} scan(s), not {cfg.merge_scans}: earlier scans absent")
+    source_files = [yaml_path] if yaml_path else []
+    to_current = None
+    if len(frames) > 1:
+        poses_path, calib_path = seq_dir / "poses.txt", seq_dir / "calib.txt"
+        velo = velodyne_poses(_read_poses(poses_path, scene_id), _read_calib_tr(calib_path, scene_id))
+        if len(velo) <= frame:
+            raise SceneError(scene_id, poses_path, f"{len(velo)} poses, none for scan {frame}")
+        to_current = np.linalg.inv(velo[frame]) @ velo  # [T, 4, 4]: velodyne j -> velodyne k
+        source_files += [str(poses_path), str(calib_path)]
+
+    xyz_parts, intensity_parts, label_parts = [], [], []
+    missing_labels = 0
+    for f in frames:
+        points, labels, bin_path, label_path = _read_scan(seq_dir, f, scene_id)
+        xyz = points[:, :3].astype(np.float64)
+        if to_current is not None and f != frame:
+            xyz = xyz @ to_current[f, :3, :3].T + to_current[f, :3, 3]
+        xyz_parts.append(xyz)
+        intensity_parts.append(points[:, 3])
+        source_files.append(str(bin_path))
+        if labels is None:
+            missing_labels += len(points)
+            # Label 0 is "unlabeled" in every SemanticKITTI config: ignored, no instance.
+            labels = np.zeros(len(points), dtype=np.uint32)
+        else:
+            source_files.append(str(label_path))
+        label_parts.append(labels)
+    labels = np.concatenate(label_parts)
+    semantic, instance, unknown = decode_labels(labels, lut)
+    if missing_labels:
+        scene_warnings.append(f"no label file: {missing_labels} points ignored (test sequence?)")
+    if len(unknown):
+        n_unknown = int(np.isin(labels & 0xFFFF, unknown).sum())
+        scene_warnings.append(
+            f"{n_unknown} points have raw semantic ids {unknown.tolist()} unknown to the label map (ignored)"
+        )
+    intensity = np.concatenate(intensity_parts).astype(np.float64)
+    rgb_grey = np.clip(np.rint(intensity * cfg.intensity_scale), 0, 255).astype(np.uint8)
+    return RawScene(
+        scene_id=scene_id,
+        xyz=np.concatenate(xyz_parts).astype(np.float32),
+        rgb=np.repeat(rgb_grey[:, None], 3, axis=1),
+        semantic=semantic,
+        instance=instance,
+        kind="lidar",
+        sensor_origin=np.zeros(3, dtype=np.float32),
+        source_files=source_files,
+        warnings=scene_warnings,
+    )

@@ -1,0 +1,811 @@
+"""The render stage: 2D views of each scan with the exact point shown by every pixel.
+
+Reads (ingest): `points/xyz`, `points/rgb`, `mesh/faces` (meshes only) and the ingest record's
+stats (`kind`: "mesh" | "points" | "lidar", optional `sensor_origin`).
+Writes (`views/`): rgb u8 [V,H,W,3], depth f16 [V,H,W] (z-depth in metres, 0 = nothing),
+point_index i32 [V,H,W] (-1 = nothing), K [V,3,3], pose [V,4,4] (world->camera, OpenCV),
+the visible point ids of each view as CSR (visible_ptr, visible_ids), per-point view counts,
+and coverage statistics in the stage record.
+
+How:
+- Meshes are ray cast with Open3D's `RaycastingScene` (Embree on the CPU; no display, no
+  OffscreenRenderer). Colour is the barycentric interpolation of the hit triangle's vertex
+  colours; the point a pixel shows is the hit triangle's vertex with the largest barycentric
+  weight (the next ones if that vertex is itself hidden or outside the image).
+- Point clouds (S3DIS, LiDAR) are splatted by a numba z-buffer: each point a disc whose pixel
+  radius is its world radius over its depth; the nearest depth wins each pixel.
+- Either way a pixel records a point only if that point, projected, lands in the image and is
+  not hidden behind the depth stored at its own pixel (within `occlusion_*_tol`): the
+  correspondence is exact and occlusion-aware, which the tests check from the stored arrays.
+- Cameras indoors: positions on a grid at eye height (1.2-1.6 m above the floor) in free space
+  (>= `clearance_m` from every surface), `headings` headings each with a slight downward pitch;
+  every candidate is rendered at a low resolution, a sample of points is depth-tested against
+  it, and views are chosen greedily by newly seen sample points until `coverage_target` or
+  `max_views`. LiDAR: `lidar_headings` cameras at the sensor origin looking around.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+from numba import njit, prange
+
+from pipeline import cameras, schema
+from pipeline.config import config_hash, to_dict
+from pipeline.executor import SceneResult
+from pipeline.readers.base import SceneError
+
+STAGE = "render"
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How views are chosen and rendered."""
+
+    width: int = 320
+    """Image width in pixels."""
+    height: int = 240
+    """Image height in pixels."""
+    hfov_deg: float = 90.0
+    """Horizontal field of view of indoor cameras (degrees)."""
+    max_views: int = 24
+    """Most views per indoor scene."""
+    coverage_target: float = 0.95
+    """Stop adding indoor views once this fraction of the points is seen."""
+    eye_height_m: tuple[float, float] = (1.2, 1.6)
+    """Range of camera heights above the floor (each candidate position draws one)."""
+    clearance_m: float = 0.3
+    """Candidate positions keep at least this distance from every surface."""
+    headings: int = 8
+    """Headings per candidate position, evenly spaced around the vertical."""
+    pitch_deg: float = -15.0
+    """Pitch of indoor cameras (negative = looking down)."""
+    grid_step_m: float = 0.5
+    """Finest spacing of the candidate position grid (coarser in big scenes, see max_positions)."""
+    max_positions: int = 32
+    """Most candidate positions per scene (spread out by farthest-point sampling)."""
+    candidate_width: int = 32
+    """Width of the low-resolution renders that score candidates (height keeps the aspect)."""
+    min_hit_fraction: float = 0.6
+    """A position whose candidates' pixels hit a surface less often than this is outside the
+    scan (e.g. beyond a wall) and is dropped."""
+    coverage_samples: int = 4096
+    """Points sampled to score candidates and estimate coverage during the greedy choice."""
+    refine_rounds: int = 1
+    """After rendering, rounds of extra views chosen against what the full-size views missed."""
+    floor_percentile: float = 1.0
+    """The floor height is this percentile of the points' z."""
+    lidar_headings: int = 6
+    """Cameras at a LiDAR sensor, evenly spaced in heading."""
+    lidar_hfov_deg: float = 90.0
+    """Horizontal field of view of LiDAR cameras (degrees)."""
+    lidar_pitch_deg: float = -10.0
+    """Pitch of LiDAR cameras: a scanner sees about +2..-25 degrees, so look slightly down."""
+    point_radius_m: float = 0.0
+    """World radius of an indoor point's splat; 0 = the median point spacing of the scene."""
+    lidar_angular_radius_deg: float = 0.35
+    """A LiDAR point's splat radius as an angle seen from the sensor (beams are ~0.2-0.4 deg apart)."""
+    max_splat_radius_px: float = 8.0
+    """Largest splat radius in pixels (points very close to a camera)."""
+    occlusion_rel_tol: float = 0.02
+    """A recorded point may lie behind the depth at its own pixel by this fraction of that depth..."""
+    occlusion_abs_tol_m: float = 0.02
+    """...plus this many metres (covers grazing surfaces and float16 depth)."""
+    near_m: float = 0.05
+    """Nothing nearer than this to a camera is drawn."""
+    views_per_batch: int = 8
+    """Views cast in one `cast_rays` call (bounds memory: ~56 bytes a pixel in flight)."""
+    threads: int = 0
+    """Threads for ray casting; 0 = all cores."""
+    seed: int = 0
+    """Seed of the candidate heights and the coverage sample."""
+
+
+@dataclass
+class RenderResult:
+    """The rendered views of one scene (all arrays in the store's dtypes)."""
+
+    rgb: np.ndarray
+    """uint8 [V, H, W, 3]."""
+    depth: np.ndarray
+    """float16 [V, H, W], z-depth in metres, 0 = nothing."""
+    point_index: np.ndarray
+    """int32 [V, H, W], -1 = nothing."""
+    K: np.ndarray
+    """float32 [V, 3, 3]."""
+    pose: np.ndarray
+    """float32 [V, 4, 4], world->camera, OpenCV."""
+    visible_ptr: np.ndarray
+    """int64 [V + 1] CSR offsets."""
+    visible_ids: np.ndarray
+    """int32 [M] sorted point ids per view."""
+    view_count: np.ndarray
+    """uint16 [N] views showing each point."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Coverage, counts and timings (JSON-safe)."""
+
+    def arrays(self) -> dict[schema.ArraySpec, np.ndarray]:
+        """The store arrays of the `views` group."""
+        return {
+            schema.VIEW_RGB: self.rgb,
+            schema.VIEW_DEPTH: self.depth,
+            schema.VIEW_POINT_INDEX: self.point_index,
+            schema.VIEW_K: self.K,
+            schema.VIEW_POSE: self.pose,
+            schema.VISIBLE_PTR: self.visible_ptr,
+            schema.VISIBLE_IDS: self.visible_ids,
+            schema.VIEW_COUNT: self.view_count,
+        }
+
+
+# --- numba kernels ------------------------------------------------------------------------------
+# No fastmath: the splatting kernel must agree bit for bit with its numpy oracle.
+
+
+@njit(parallel=True, cache=True)
+def _shade_hits(t_hit, prim, uvs, faces, rgb, out_rgb, out_depth):  # pragma: no cover - numba
+    """Per ray: z-depth (t, since directions have camera z = 1) and interpolated colour."""
+    for p in prange(t_hit.shape[0]):
+        t = t_hit[p]
+        if not np.isfinite(t):
+            out_depth[p] = 0.0
+            out_rgb[p, 0] = 0
+            out_rgb[p, 1] = 0
+            out_rgb[p, 2] = 0
+            continue
+        f = prim[p]
+        a = faces[f, 0]
+        b = faces[f, 1]
+        c = faces[f, 2]
+        u = uvs[p, 0]
+        v = uvs[p, 1]
+        w = 1.0 - u - v
+        for ch in range(3):
+            val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
+            out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
+        out_depth[p] = t
+
+
+@njit(inline="always")
+def _visible_at_own_pixel(x, y, z, pose, K, depth_q, base, height, width, rel, abs_tol, near):
+    """True if world point (x, y, z) projects into the image and is not behind the depth there."""
+    cx = pose[0, 0] * x + pose[0, 1] * y + pose[0, 2] * z + pose[0, 3]
+    cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
+    cz = pose[2, 0] * x + pose[2, 1] * y + pose[2, 2] * z + pose[2, 3]
+    if cz <= near:
+        return False
+    col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
+    row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
+    if col < 0 or col >= width or row < 0 or row >= height:
+        return False
+    d = depth_q[base + row * width + col]
+    return d <= 0.0 or cz <= d * (1.0 + rel) + abs_tol
+
+
+@njit(parallel=True, cache=True)
+def _assign_vertices(prim, uvs, depth_q, faces, xyz, poses, K, height, width, rel, abs_tol, near, out_index):  # pragma: no cover
+    """Per hit pixel: the triangle's vertex with the largest barycentric weight that is visible."""
+    hw = height * width
+    for p in prange(depth_q.shape[0]):
+        out_index[p] = -1
+        if depth_q[p] <= 0.0:
+            continue
+        b = p // hw
+        f = prim[p]
+        u = np.float64(uvs[p, 0])
+        v = np.float64(uvs[p, 1])
+        # order the three corners by barycentric weight, descending (ties keep the face's order)
+        i0, i1, i2 = 0, 1, 2
+        wa, wb, wc = 1.0 - u - v, u, v
+        if wb > wa:
+            i0, i1 = i1, i0
+            wa, wb = wb, wa
+        if wc > wb:
+            i1, i2 = i2, i1
+            wb, wc = wc, wb
+            if wb > wa:
+                i0, i1 = i1, i0
+                wa, wb = wb, wa
+        for k in range(3):
+            corner = i0 if k == 0 else (i1 if k == 1 else i2)
+            vid = faces[f, corner]
+            if _visible_at_own_pixel(np.float64(xyz[vid, 0]), np.float64(xyz[vid, 1]), np.float64(xyz[vid, 2]),
+                                     poses[b], K, depth_q, b * hw, height, width, rel, abs_tol, near):
+                out_index[p] = vid
+                break
+
+
+@njit(parallel=True, cache=True)
+def _splat_kernel(xyz, radius_m, poses, K, height, width, max_radius_px, near, zbuf, index):  # pragma: no cover
+    """Z-buffer splatting, one view per thread (no races): nearest float32 depth wins, ties to the
+    lower point id. Points whose centre falls outside the image are skipped (their recorded pixel
+    would not project into the image)."""
+    f = K[0, 0]
+    for v in prange(poses.shape[0]):
+        pose = poses[v]
+        for r in range(height):
+            for c in range(width):
+                zbuf[v, r, c] = np.inf
+                index[v, r, c] = -1
+        for i in range(xyz.shape[0]):
+            x = np.float64(xyz[i, 0])
+            y = np.float64(xyz[i, 1])
+            z = np.float64(xyz[i, 2])
+            cx = pose[0, 0] * x + pose[0, 1] * y + pose[0, 2] * z + pose[0, 3]
+            cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
+            cz = pose[2, 0] * x + pose[2, 1] * y + pose[2, 2] * z + pose[2, 3]
+            if cz <= near:
+                continue
+            u = K[0, 0] * cx / cz + K[0, 2]
+            w = K[1, 1] * cy / cz + K[1, 2]
+            cu = math.floor(u + 0.5)
+            cv = math.floor(w + 0.5)
+            if cu < 0 or cu >= width or cv < 0 or cv >= height:
+                continue
+            z32 = np.float32(cz)
+            rp = f * np.float64(radius_m[i]) / cz
+            if rp > max_radius_px:
+                rp = max_radius_px
+            if z32 < zbuf[v, cv, cu]:
+                zbuf[v, cv, cu] = z32
+                index[v, cv, cu] = i
+            r0 = max(0, math.ceil(w - rp))
+            r1 = min(height - 1, math.floor(w + rp))
+            c0 = max(0, math.ceil(u - rp))
+            c1 = min(width - 1, math.floor(u + rp))
+            rr = rp * rp
+            for row in range(r0, r1 + 1):
+                dy = row - w
+                for col in range(c0, c1 + 1):
+                    dx = col - u
+                    if dx * dx + dy * dy <= rr and z32 < zbuf[v, row, col]:
+                        zbuf[v, row, col] = z32
+                        index[v, row, col] = i
+
+
+@njit(parallel=True, cache=True)
+def _validate_points(index, depth_q, xyz, poses, K, height, width, rel, abs_tol, near):  # pragma: no cover
+    """Drop (set to -1) pixels whose recorded point is hidden at its own pixel."""
+    hw = height * width
+    for p in prange(index.shape[0]):
+        i = index[p]
+        if i < 0:
+            continue
+        b = p // hw
+        if not _visible_at_own_pixel(np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2]),
+                                     poses[b], K, depth_q, b * hw, height, width, rel, abs_tol, near):
+            index[p] = -1
+
+
+@njit(parallel=True, cache=True)
+def _sample_visibility(xyz, poses, K, depth, rel, abs_tol, near):  # pragma: no cover
+    """seen[c, s]: sample s is visible from candidate c (the `_visible_at_own_pixel` rule on the
+    candidate's low-resolution depth [C, h, w])."""
+    n_cam, height, width = depth.shape
+    flat = depth.reshape(-1)
+    seen = np.zeros((n_cam, xyz.shape[0]), dtype=np.bool_)
+    for c in prange(n_cam):
+        for s in range(xyz.shape[0]):
+            seen[c, s] = _visible_at_own_pixel(np.float64(xyz[s, 0]), np.float64(xyz[s, 1]), np.float64(xyz[s, 2]),
+                                               poses[c], K, flat, c * height * width, height, width, rel, abs_tol, near)
+    return seen
+
+
+@njit(parallel=True, cache=True)
+def _visible_pass(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, ptr, ids, fill):  # pragma: no cover
+    """Per view: count (fill=False) or list in id order (fill=True) the points that project into
+    the image and are not hidden behind the depth at their pixel."""
+    hw = height * width
+    for v in prange(poses.shape[0]):
+        k = ptr[v] if fill else 0
+        for i in range(xyz.shape[0]):
+            if _visible_at_own_pixel(np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2]),
+                                     poses[v], K, depth_q, v * hw, height, width, rel, abs_tol, near):
+                if fill:
+                    ids[k] = i
+                k += 1
+        if not fill:
+            ptr[v + 1] = k
+
+
+@njit(parallel=True, cache=True)
+def _make_rays(dirs_cam, poses, rays):  # pragma: no cover
+    """rays[v, p] = (camera centre, R^T d_p) for camera-frame directions d [P, 3]."""
+    n_pix = dirs_cam.shape[0]
+    for v in range(poses.shape[0]):
+        R = poses[v, :3, :3]
+        t = poses[v, :3, 3]
+        ox = -(R[0, 0] * t[0] + R[1, 0] * t[1] + R[2, 0] * t[2])
+        oy = -(R[0, 1] * t[0] + R[1, 1] * t[1] + R[2, 1] * t[2])
+        oz = -(R[0, 2] * t[0] + R[1, 2] * t[1] + R[2, 2] * t[2])
+        for p in prange(n_pix):
+            x = dirs_cam[p, 0]
+            y = dirs_cam[p, 1]
+            z = dirs_cam[p, 2]
+            rays[v, p, 0] = ox
+            rays[v, p, 1] = oy
+            rays[v, p, 2] = oz
+            rays[v, p, 3] = R[0, 0] * x + R[1, 0] * y + R[2, 0] * z
+            rays[v, p, 4] = R[0, 1] * x + R[1, 1] * y + R[2, 1] * z
+            rays[v, p, 5] = R[0, 2] * x + R[1, 2] * y + R[2, 2] * z
+
+
+# --- pure cores ---------------------------------------------------------------------------------
+
+
+def build_raycaster(xyz: np.ndarray, faces: np.ndarray) -> Any:
+    """An Open3D `RaycastingScene` holding one triangle mesh (build once per scene).
+
+    Args:
+        xyz: float [N, 3] vertices; faces: int [F, 3] vertex ids.
+    """
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(
+        o3d.core.Tensor(np.ascontiguousarray(xyz, dtype=np.float32)),
+        o3d.core.Tensor(np.ascontiguousarray(faces, dtype=np.uint32)),
+    )
+    return scene
+
+
+def cast(raycaster: Any, rays: np.ndarray, *, threads: int = 0) -> dict[str, np.ndarray]:
+    """Cast float32 rays [R, 6]; returns NumPy t_hit [R] (inf = miss), primitive_ids [R],
+    primitive_uvs [R, 2] (hit = (1-u-v) v0 + u v1 + v v2)."""
+    import open3d as o3d
+
+    out = raycaster.cast_rays(o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays)), nthreads=threads)
+    return {k: out[k].numpy() for k in ("t_hit", "primitive_ids", "primitive_uvs")}
+
+
+def cast_depth(raycaster: Any, K: np.ndarray, poses: np.ndarray, height: int, width: int, *, threads: int = 0) -> np.ndarray:
+    """z-depth images float32 [V, H, W] (0 = miss) of all `poses` [V, 4, 4] in one cast."""
+    rays = cameras.pixel_rays(K, poses, height, width).reshape(-1, 6)
+    t = cast(raycaster, rays, threads=threads)["t_hit"]
+    return np.where(np.isfinite(t), t, 0.0).astype(np.float32).reshape(len(poses), height, width)
+
+
+def render_mesh_views(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    faces: np.ndarray,
+    poses: np.ndarray,
+    K: np.ndarray,
+    H: int,
+    W: int,
+    *,
+    raycaster: Any = None,
+    views_per_batch: int = 8,
+    occlusion_rel_tol: float = 0.02,
+    occlusion_abs_tol_m: float = 0.02,
+    near_m: float = 0.05,
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray cast a vertex-coloured mesh from several cameras.
+
+    Args:
+        xyz: float32 [N, 3] vertices; rgb: uint8 [N, 3]; faces: int [F, 3].
+        poses: [V, 4, 4] world->camera (OpenCV); K: [3, 3] intrinsics shared by the views.
+        H, W: image size.
+        raycaster: a `build_raycaster(xyz, faces)` to reuse (built here when None).
+        views_per_batch: views cast per `cast_rays` call.
+
+    Returns:
+        rgb: uint8 [V, H, W, 3] barycentric colours (black where nothing is hit);
+        depth: float16 [V, H, W] z-depth in metres (0 = nothing);
+        point_index: int32 [V, H, W] the hit triangle's vertex with the largest barycentric
+        weight that projects into the image unhidden (else the next; -1 if none or no hit).
+    """
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    faces = np.ascontiguousarray(faces, dtype=np.int32)
+    poses = np.ascontiguousarray(poses, dtype=np.float64)
+    K = np.ascontiguousarray(K, dtype=np.float64)
+    if raycaster is None:
+        raycaster = build_raycaster(xyz, faces)
+    n_views = len(poses)
+    out_rgb = np.empty((n_views, H, W, 3), np.uint8)
+    out_depth = np.empty((n_views, H, W), np.float16)
+    out_index = np.empty((n_views, H, W), np.int32)
+    dirs_cam = cameras.camera_directions(K, H, W)
+    batch = max(1, views_per_batch)
+    rays = np.empty((min(batch, n_views), H * W, 6), np.float32)
+    depth32 = np.empty(min(batch, n_views) * H * W, np.float32)
+    for start in range(0, n_views, batch):
+        stop = min(n_views, start + batch)
+        nb = stop - start
+        centres = cameras.camera_centres(poses[start:stop])
+        for j in range(nb):
+            rays[j, :, :3] = centres[j]
+            rays[j, :, 3:] = dirs_cam @ poses[start + j, :3, :3]
+        hits = cast(raycaster, rays[:nb].reshape(-1, 6), threads=threads)
+        d32 = depth32[: nb * H * W]
+        _shade_hits(hits["t_hit"], hits["primitive_ids"], hits["primitive_uvs"], faces, rgb,
+                    out_rgb[start:stop].reshape(-1, 3), d32)
+        # the check against hidden vertices uses the depth as stored (float16), so the stored
+        # arrays alone reproduce it
+        d16 = d32.astype(np.float16)
+        out_depth[start:stop] = d16.reshape(nb, H, W)
+        _assign_vertices(hits["primitive_ids"], hits["primitive_uvs"], d16.astype(np.float32), faces, xyz,
+                         poses[start:stop], K, H, W, occlusion_rel_tol, occlusion_abs_tol_m, near_m,
+                         out_index[start:stop].reshape(-1))
+    return out_rgb, out_depth, out_index
+
+
+def splat_points(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    poses: np.ndarray,
+    K: np.ndarray,
+    H: int,
+    W: int,
+    *,
+    radius_m: float | np.ndarray,
+    max_radius_px: float = 8.0,
+    occlusion_rel_tol: float = 0.02,
+    occlusion_abs_tol_m: float = 0.02,
+    near_m: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render a point cloud by z-buffer splatting (numba, one view per thread).
+
+    A point is a disc facing the camera at its depth z, radius ``f * radius_m / z`` pixels (at
+    most `max_radius_px`); it covers the pixels whose centres lie in the disc, and always the
+    pixel its centre falls in. Points whose centre falls outside the image are not drawn. The
+    nearest depth (float32) wins a pixel; equal depths go to the lower point id. A pixel then keeps
+    its point only if that point is not hidden at its own pixel (see `RenderConfig`).
+
+    Args:
+        xyz: float [N, 3]; rgb: uint8 [N, 3]; poses: [V, 4, 4]; K: [3, 3]; H, W: image size.
+        radius_m: splat radius in metres, a scalar or float [N].
+
+    Returns:
+        rgb uint8 [V, H, W, 3], depth float16 [V, H, W] (0 = nothing),
+        point_index int32 [V, H, W] (-1 = nothing or hidden at its own pixel).
+    """
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    poses = np.ascontiguousarray(poses, dtype=np.float64)
+    K = np.ascontiguousarray(K, dtype=np.float64)
+    radius = np.ascontiguousarray(np.broadcast_to(np.asarray(radius_m, dtype=np.float32), (len(xyz),)))
+    n_views = len(poses)
+    zbuf = np.empty((n_views, H, W), np.float32)
+    index = np.empty((n_views, H, W), np.int32)
+    _splat_kernel(xyz, radius, poses, K, H, W, float(max_radius_px), float(near_m), zbuf, index)
+    hit = index >= 0
+    depth16 = np.where(hit, zbuf, 0.0).astype(np.float16)
+    out_rgb = np.zeros((n_views, H, W, 3), np.uint8)
+    out_rgb[hit] = rgb[index[hit]]
+    flat = index.reshape(-1)
+    _validate_points(flat, depth16.astype(np.float32).reshape(-1), xyz, poses, K, H, W,
+                     occlusion_rel_tol, occlusion_abs_tol_m, near_m)
+    return out_rgb, depth16, index
+
+
+def splat_depth(xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, H: int, W: int, *, radius_m: float | np.ndarray,
+                max_radius_px: float = 8.0, near_m: float = 0.05) -> np.ndarray:
+    """Only the z-buffer of `splat_points`: float32 [V, H, W], 0 = nothing."""
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    radius = np.ascontiguousarray(np.broadcast_to(np.asarray(radius_m, dtype=np.float32), (len(xyz),)))
+    zbuf = np.empty((len(poses), H, W), np.float32)
+    index = np.empty((len(poses), H, W), np.int32)
+    _splat_kernel(xyz, radius, np.ascontiguousarray(poses, dtype=np.float64), np.ascontiguousarray(K, dtype=np.float64),
+                  H, W, float(max_radius_px), float(near_m), zbuf, index)
+    return np.where(index >= 0, zbuf, 0.0).astype(np.float32)
+
+
+def visibility_csr(point_index: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visible point ids per view from point-index images.
+
+    Args:
+        point_index: int32 [V, H, W] (-1 = nothing).
+        n_points: N.
+
+    Returns:
+        ptr int64 [V + 1]; ids int32 [M] (each view's unique ids, sorted); view_count uint16 [N]
+        (views showing each point, saturating at 65535).
+    """
+    flat = np.ascontiguousarray(point_index.reshape(len(point_index), -1), dtype=np.int32)
+    ptr, ids, counts = _visible_csr(flat, int(n_points))
+    return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth: np.ndarray, *,
+                      rel_tol: float, abs_tol_m: float, near_m: float, max_depth_m: float) -> np.ndarray:
+    """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees, by depth test
+    against its (low-resolution) depth image [C, h, w] with intrinsics K [3, 3]."""
+    return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
+                              np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32),
+                              float(rel_tol), float(abs_tol_m), float(near_m), float(max_depth_m))
+
+
+def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
+                 allowed: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+    """Choose candidates greedily by how many not-yet-covered samples each adds.
+
+    Args:
+        seen: bool [C, S] candidate c sees sample s.
+        max_views: most candidates to choose.
+        target: stop once this fraction of the S samples is covered.
+        covered: bool [S] samples already covered (default none).
+        allowed: bool [C] candidates that may be chosen (default all).
+
+    Returns:
+        chosen candidate ids in order, and the covered mask [S] afterwards.
+    """
+    n_cand, n_samples = seen.shape
+    covered = np.zeros(n_samples, bool) if covered is None else covered.copy()
+    allowed = np.ones(n_cand, bool) if allowed is None else allowed.copy()
+    chosen: list[int] = []
+    while len(chosen) < max_views and n_samples and covered.mean() < target and allowed.any():
+        gain = np.count_nonzero(seen[:, ~covered], axis=1)
+        gain[~allowed] = -1
+        best = int(np.argmax(gain))
+        if gain[best] <= 0:
+            break
+        chosen.append(best)
+        allowed[best] = False
+        covered |= seen[best]
+    return chosen, covered
+
+
+def _farthest_points(xy: np.ndarray, k: int) -> np.ndarray:
+    """Indices of k points spread by farthest-point sampling (deterministic, starts at the first)."""
+    if len(xy) <= k:
+        return np.arange(len(xy))
+    picked = [0]
+    dist = np.linalg.norm(xy - xy[0], axis=1)
+    for _ in range(k - 1):  # k iterations (tens), each vectorised over the candidates
+        nxt = int(np.argmax(dist))
+        picked.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(xy - xy[nxt], axis=1))
+    return np.sort(np.asarray(picked))
+
+
+def candidate_positions(xyz: np.ndarray, cfg: RenderConfig, clearance: Callable[[np.ndarray], np.ndarray],
+                        rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Eye positions [P, 3] on a grid over the scan's footprint, at 1.2-1.6 m (config) above the
+    floor, at least `clearance_m` from every surface (`clearance(points [Q, 3]) -> dist [Q]`).
+    Returns the positions and the floor height."""
+    lo = xyz[:, :2].min(0).astype(np.float64)
+    hi = xyz[:, :2].max(0).astype(np.float64)
+    floor_z = float(np.percentile(xyz[:, 2], cfg.floor_percentile))
+    extent = np.maximum(hi - lo, 1e-3)
+    # a grid of ~4x max_positions cells: enough survive the clearance test to spread out
+    step = max(cfg.grid_step_m, math.sqrt(float(np.prod(extent)) / (4 * cfg.max_positions)))
+    nx, ny = (np.maximum(1, np.floor(extent / step)).astype(int) + 1)
+    gx = lo[0] + (extent[0] - (nx - 1) * step) / 2 + step * np.arange(nx)
+    gy = lo[1] + (extent[1] - (ny - 1) * step) / 2 + step * np.arange(ny)
+    xx, yy = np.meshgrid(gx, gy, indexing="ij")
+    h0, h1 = cfg.eye_height_m
+    zz = floor_z + rng.uniform(h0, h1, size=xx.size)
+    pos = np.stack([xx.ravel(), yy.ravel(), zz], -1)
+    pos = pos[clearance(pos) >= cfg.clearance_m]
+    return pos[_farthest_points(pos[:, :2], cfg.max_positions)], floor_z
+
+
+def _spacing_of_mesh(xyz: np.ndarray, faces: np.ndarray, rng: np.random.Generator) -> float:
+    sample = faces[rng.choice(len(faces), size=min(len(faces), 20000), replace=False)]
+    edges = np.linalg.norm(xyz[sample[:, 0]] - xyz[sample[:, 1]], axis=1)
+    return float(np.median(edges)) if len(edges) else 0.05
+
+
+def _spacing_of_points(tree: Any, xyz: np.ndarray, rng: np.random.Generator) -> float:
+    sample = xyz[rng.choice(len(xyz), size=min(len(xyz), 4000), replace=False)]
+    dist, _ = tree.query(sample, k=2)
+    d = dist[:, 1][np.isfinite(dist[:, 1])]
+    return float(np.median(d)) if len(d) else 0.05
+
+
+def render_scene(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    faces: np.ndarray | None,
+    *,
+    kind: Literal["mesh", "points", "lidar"],
+    cfg: RenderConfig = RenderConfig(),
+    sensor_origin: np.ndarray | None = None,
+) -> RenderResult:
+    """The whole stage for one scene, without I/O: choose cameras, render, visibility lists.
+
+    Args:
+        xyz: float32 [N, 3] points (mesh vertices), metres, z up; rgb: uint8 [N, 3].
+        faces: int [F, 3] for kind="mesh", else None.
+        kind: "mesh" (ray cast), "points" (indoor cloud, splatted), "lidar" (splatted from the sensor).
+        sensor_origin: [3] LiDAR sensor position (default the origin).
+
+    Returns:
+        A `RenderResult` with the views, the visibility CSR and stats.
+    """
+    t_start = time.perf_counter()
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    n_points = len(xyz)
+    rng = np.random.default_rng(cfg.seed)
+    H, W = cfg.height, cfg.width
+    stats: dict[str, Any] = {"kind": kind, "points": n_points}
+    tol = dict(occlusion_rel_tol=cfg.occlusion_rel_tol, occlusion_abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m)
+    raycaster = None
+    rays_cast = 0
+
+    if kind == "lidar":
+        origin = np.zeros(3) if sensor_origin is None else np.asarray(sensor_origin, dtype=np.float64)
+        K = cameras.intrinsics(W, H, cfg.lidar_hfov_deg)
+        yaw = 2 * np.pi * np.arange(cfg.lidar_headings) / cfg.lidar_headings
+        poses = cameras.heading_poses(origin, yaw, np.deg2rad(cfg.lidar_pitch_deg))
+        ranges = np.linalg.norm(xyz - origin.astype(np.float32), axis=1)
+        radius = (ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))).astype(np.float32)
+        t_choose = time.perf_counter()
+        img_rgb, depth, index = splat_points(xyz, rgb, poses, K, H, W, radius_m=radius,
+                                             max_radius_px=cfg.max_splat_radius_px, **tol)
+        stats.update(candidates=len(poses), positions=1, coverage_estimate=None, fallback_camera=False)
+    else:
+        K = cameras.intrinsics(W, H, cfg.hfov_deg)
+        h_low = max(1, round(cfg.candidate_width * H / W))
+        K_low = cameras.intrinsics(cfg.candidate_width, h_low, cfg.hfov_deg)
+        if kind == "mesh":
+            if faces is None or len(faces) == 0:
+                raise ValueError("kind='mesh' needs faces")
+            faces = np.ascontiguousarray(faces, dtype=np.int32)
+            raycaster = build_raycaster(xyz, faces)
+            spacing = _spacing_of_mesh(xyz, faces, rng)
+            radius: float | np.ndarray = 0.0
+
+            def clearance(q: np.ndarray) -> np.ndarray:
+                import open3d as o3d
+                return raycaster.compute_distance(o3d.core.Tensor(q.astype(np.float32))).numpy()
+
+            def low_depth(p: np.ndarray) -> np.ndarray:
+                return cast_depth(raycaster, K_low, p, h_low, cfg.candidate_width, threads=cfg.threads)
+        else:
+            from scipy.spatial import cKDTree
+
+            tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
+            spacing = _spacing_of_points(tree, xyz, rng)
+            radius = cfg.point_radius_m or spacing
+
+            def clearance(q: np.ndarray) -> np.ndarray:
+                return tree.query(q, k=1, workers=-1)[0]
+
+            def low_depth(p: np.ndarray) -> np.ndarray:
+                # at low resolution every point is about one pixel: the centre-pixel rule fills it
+                return splat_depth(xyz, p, K_low, h_low, cfg.candidate_width, radius_m=radius,
+                                   max_radius_px=1.0, near_m=cfg.near_m)
+
+        positions, floor_z = candidate_positions(xyz, cfg, clearance, rng)
+        fallback = len(positions) == 0
+        if fallback:  # nothing is clear of surfaces: the centre of the footprint at eye height
+            centre = (xyz[:, :2].min(0) + xyz[:, :2].max(0)) / 2
+            positions = np.array([[centre[0], centre[1], floor_z + np.mean(cfg.eye_height_m)]])
+        yaw = 2 * np.pi * np.arange(cfg.headings) / cfg.headings
+        cand = np.concatenate([cameras.heading_poses(p, yaw, np.deg2rad(cfg.pitch_deg)) for p in positions])
+        depth_low = low_depth(cand)
+        rays_cast += depth_low.size
+        # positions looking mostly at nothing are outside the scan (behind a wall)
+        hit_fraction = (depth_low > 0).reshape(len(positions), -1).mean(1)
+        inside = hit_fraction >= cfg.min_hit_fraction
+        if not inside.any():
+            inside[int(np.argmax(hit_fraction))] = True
+            fallback = True
+        allowed = np.repeat(inside, cfg.headings)
+        sample_ids = np.sort(rng.choice(n_points, size=min(n_points, cfg.coverage_samples), replace=False))
+        max_depth = cfg.footprint_factor * spacing * K[0, 0]
+        seen = sample_visibility(xyz[sample_ids], cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
+                                 abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m, max_depth_m=max_depth)
+        chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=cfg.coverage_target, allowed=allowed)
+        if not chosen:  # nothing seen by the estimate: still give one view from the best position
+            chosen = [int(np.argmax(np.where(allowed, (depth_low > 0).reshape(len(cand), -1).mean(1), -1)))]
+        estimate = float(covered.mean()) if len(covered) else 0.0
+        t_choose = time.perf_counter()
+
+        def render(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            if kind == "mesh":
+                return render_mesh_views(xyz, rgb, faces, p, K, H, W, raycaster=raycaster,
+                                         views_per_batch=cfg.views_per_batch, threads=cfg.threads, **tol)
+            return splat_points(xyz, rgb, p, K, H, W, radius_m=radius, max_radius_px=cfg.max_splat_radius_px, **tol)
+
+        poses = cand[chosen]
+        img_rgb, depth, index = render(poses)
+        for _ in range(cfg.refine_rounds):
+            n_seen = np.count_nonzero(visibility_csr(index, n_points)[2])
+            if n_seen >= cfg.coverage_target * n_points or len(chosen) >= cfg.max_views:
+                break
+            # what the full-size views really recorded replaces the estimate; choose more views
+            seen_now = visibility_csr(index, n_points)[2][sample_ids] > 0
+            mask = allowed.copy()
+            mask[chosen] = False
+            extra, _ = greedy_cover(seen, max_views=cfg.max_views - len(chosen), target=cfg.coverage_target,
+                                    covered=seen_now, allowed=mask)
+            if not extra:
+                break
+            more = render(cand[extra])
+            img_rgb, depth, index = (np.concatenate([a, b]) for a, b in zip((img_rgb, depth, index), more))
+            chosen = chosen + extra
+            poses = cand[chosen]
+        stats.update(candidates=len(cand), positions=int(len(positions)), positions_inside=int(inside.sum()),
+                     coverage_estimate=round(estimate, 4), fallback_camera=bool(fallback),
+                     point_spacing_m=round(spacing, 4), floor_z=round(floor_z, 3))
+    t_render = time.perf_counter()
+    ptr, ids, view_count = visibility_csr(index, n_points)
+    t_vis = time.perf_counter()
+    n_views = len(poses)
+    seen_points = view_count > 0
+    rays_cast += index.size if kind == "mesh" else 0
+    stats.update(
+        views=n_views,
+        coverage=round(float(seen_points.mean()) if n_points else 0.0, 4),
+        views_per_seen_point=round(float(view_count[seen_points].mean()) if seen_points.any() else 0.0, 3),
+        pixels_hit=round(float((depth > 0).mean()), 4),
+        pixels_with_point=round(float((index >= 0).mean()), 4),
+        visible_entries=int(ptr[-1]),
+        rays_cast=int(rays_cast),
+        seconds_choose=round(t_choose - t_start, 4),
+        seconds_render=round(t_render - t_choose, 4),
+        seconds_visibility=round(t_vis - t_render, 4),
+    )
+    return RenderResult(
+        rgb=img_rgb, depth=depth, point_index=index,
+        K=np.repeat(K[None].astype(np.float32), n_views, axis=0), pose=poses.astype(np.float32),
+        visible_ptr=ptr, visible_ids=ids, view_count=view_count, stats=stats,
+    )
+
+
+# --- runner -------------------------------------------------------------------------------------
+
+
+def run_scene(store_path: str, scene_id: str, cfg: RenderConfig = RenderConfig(), force: bool = False) -> SceneResult:
+    """Render one scene of a store (skipped when a complete render with the same config exists)."""
+    from pipeline.store import Store
+
+    store = Store.open(store_path)
+    ingest = store.stage_record(scene_id, "ingest")
+    if ingest is None:
+        raise SceneError(scene_id, None, "not ingested (no ingest record); run `ws3d ingest` first")
+    h = config_hash(cfg, str(ingest.get("config_hash")))
+    if not force and store.is_complete(scene_id, STAGE, h):
+        return SceneResult(scene_id, "skipped")
+    ingest_stats = ingest.get("stats") or {}
+    kind = ingest_stats.get("kind")
+    if kind not in ("mesh", "points", "lidar"):
+        raise SceneError(scene_id, None, f"ingest stats 'kind' must be mesh, points or lidar, got {kind!r}")
+    xyz = store.read(scene_id, schema.XYZ)
+    rgb = store.read(scene_id, schema.RGB)
+    faces = None
+    if kind == "mesh":
+        if not store.has(scene_id, schema.FACES):
+            raise SceneError(scene_id, None, "kind is 'mesh' but the scene has no mesh/faces")
+        faces = store.read(scene_id, schema.FACES)
+        if len(faces) == 0:
+            raise SceneError(scene_id, None, "kind is 'mesh' but mesh/faces is empty")
+    if len(xyz) == 0:
+        raise SceneError(scene_id, None, "scene has no points")
+    origin = ingest_stats.get("sensor_origin")
+    result = render_scene(xyz, rgb, faces, kind=kind, cfg=cfg,
+                          sensor_origin=None if origin is None else np.asarray(origin, dtype=np.float64))
+    t0 = time.perf_counter()
+    store.write_stage(scene_id, STAGE, result.arrays(),
+                      record={"config": to_dict(cfg), "config_hash": h, "stats": result.stats})
+    stats = dict(result.stats, seconds_write=round(time.perf_counter() - t0, 4))
+    return SceneResult(scene_id, "done", stats=stats)
+
+
+def summarise(store: Any) -> dict[str, Any]:
+    """Render stats over a store's scenes for `ws3d info`: scenes rendered, views, mean coverage."""
+    records = [r for s in store.scene_ids() if (r := store.stage_record(s, STAGE)) is not None]
+    cover = [r["stats"]["coverage"] for r in records if "coverage" in r.get("stats", {})]
+    views = [r["stats"]["views"] for r in records if "views" in r.get("stats", {})]
+    return {
+        "scenes_rendered": len(records),
+        "views": int(sum(views)),
+        "mean_coverage": round(float(np.mean(cover)), 4) if cover else None,
+        "min_coverage": round(float(np.min(cover)), 4) if cover else None,
+    }
+
+
+__all__ = [
+    "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "render_mesh_views", "splat_points",
+    "splat_depth", "visibility_csr", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
+    "run_scene", "summarise",
+]

@@ -1,0 +1,523 @@
+"""The offline teacher: a small CLIP trained on rendered crops, for machines that cannot download one.
+
+No pretrained CLIP can be fetched here, yet the pipeline needs a model whose image and text
+embeddings live in one space. The teacher is a transformers `CLIPModel` sized for a CPU
+(`TeacherConfig`), trained contrastively on crops of rendered objects and segments captioned
+from their ground-truth class with prompt templates ("a photo of a chair.", ...), with a
+byte-level BPE tokenizer trained on those captions by `tokenizers`. It is saved as a folder that
+`CLIPModel.from_pretrained` + `AutoTokenizer.from_pretrained` load offline, so the embed stage
+uses it exactly like a real CLIP (and a real CLIP folder or hub id replaces it unchanged).
+
+The teacher only knows the class names it was trained with; open-vocabulary results for other
+names need a real CLIP.
+
+Reads:  views/rgb, views/point_index (render), points/semantic, points/instance (ingest),
+        overseg/segment (overseg, when `sources` has "segment").
+Writes: a model folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+        vocab.json, merges.txt, preprocessor_config.json, teacher_config.json, teacher_report.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import schema
+from pipeline.clip_model import DEFAULT_TEMPLATES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_encoder
+from pipeline.config import to_dict
+from pipeline.embed import embed_vocabulary, extract_crops, segment_crops
+from pipeline.readers.base import SceneError
+from pipeline.store import Store
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+# CLIP's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The offline teacher: architecture, training and crop collection."""
+
+    image_size: int = 64
+    """Input side of the vision tower (pixels)."""
+    patch_size: int = 8
+    """ViT patch side; (image_size / patch_size)^2 patches."""
+    vision_width: int = 128
+    """Vision transformer hidden size."""
+    vision_layers: int = 4
+    """Vision transformer layers."""
+    vision_heads: int = 4
+    """Vision attention heads."""
+    text_width: int = 128
+    """Text transformer hidden size."""
+    text_layers: int = 3
+    """Text transformer layers."""
+    text_heads: int = 4
+    """Text attention heads."""
+    max_text_length: int = 32
+    """Longest caption in tokens (the text model's max_position_embeddings)."""
+    projection_dim: int = 64
+    """Width D of the joint embedding space."""
+    vocab_size: int = 2000
+    """Target BPE vocabulary (training stops earlier when the captions have no more merges)."""
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    """Caption templates; the embed stage's vocabulary uses the same by default."""
+    steps: int = 3000
+    """Optimiser steps at most (fewer when `max_seconds` runs out first)."""
+    max_seconds: float = 300.0
+    """Wall-clock budget for training; the cosine schedule is fitted to it after a few steps."""
+    batch_size: int = 128
+    """Crops per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    crop_area: tuple[float, float] = (0.5, 1.0)
+    """Random resized crop: range of the kept fraction of the crop's area."""
+    flip: bool = True
+    """Random horizontal flips."""
+    colour_jitter: float = 0.2
+    """Random brightness, contrast and saturation factors in [1 - j, 1 + j]."""
+    val_fraction: float = 0.2
+    """Held out for the zero-shot accuracy: this fraction of scenes (`run_fit`), or of crops
+    when `fit_teacher` gets no validation set."""
+    seed: int = 0
+    """Seed for the split, the initialisation, sampling and augmentation."""
+    crop_size: int = 80
+    """Side of the collected crops (a bit larger than image_size so random crops have room)."""
+    sources: tuple[str, ...] = ("instance", "segment")
+    """What is cropped: ground-truth instances (whole objects) and over-segments (parts, with
+    context from the larger scales); stuff classes without instances come from segments."""
+    views_per_object: int = 3
+    """Crops of each object/segment from its best views."""
+    min_pixels: int = 100
+    """Smallest object/segment pixel count in a view to be cropped from it."""
+    scales: tuple[float, ...] = (1.0, 1.5, 2.0)
+    """Context scales of the crops (as in the embed stage)."""
+    min_purity: float = 0.6
+    """An object/segment is captioned only if this fraction of its points has its majority class."""
+    max_crops_per_scene: int = 800
+    """Random subsample per scene above this (memory: 80x80x3 bytes per crop)."""
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+def train_tokenizer(texts: Sequence[str], out_dir: str | Path, *, vocab_size: int = 2000, max_length: int = 32):
+    """Train a byte-level BPE tokenizer with CLIP's conventions and save it into `out_dir`.
+
+    Same normaliser (NFC, collapse whitespace, lower case), pre-tokeniser and `</w>` word-end
+    suffix as CLIP, `<|startoftext|>`/`<|endoftext|>` as bos/eos (eos doubles as pad and unk).
+    Every byte and byte+`</w>` is in the vocabulary, so any string encodes without unknowns.
+    Saved as tokenizer.json + tokenizer_config.json (CLIPTokenizer) + vocab.json + merges.txt;
+    `AutoTokenizer.from_pretrained(out_dir)` reloads it offline.
+
+    Returns:
+        the transformers CLIPTokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import CLIPTokenizer
+
+    tok = Tokenizer(BPE(unk_token=EOS_TOKEN, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    # word-final bytes the captions never showed: without them such words would map to unk
+    for ch in sorted(alphabet):
+        for piece in (ch, ch + "</w>"):
+            vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    # the classic slow-tokenizer files too, for older transformers and other CLIP readers
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    return tokenizer
+
+
+# --- augmentation ---------------------------------------------------------------------------
+def augment(images: torch.Tensor, cfg: TeacherConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop + flip + colour jitter, vectorised over the batch.
+
+    Args:
+        images: float [B, 3, h, w] in 0..1.
+    Returns:
+        float [B, 3, image_size, image_size] in 0..1.
+    """
+    B = len(images)
+    lo, hi = cfg.crop_area
+    area = lo + (hi - lo) * torch.rand(B, generator=generator)
+    aspect = torch.exp((torch.rand(B, generator=generator) - 0.5) * math.log(4 / 3) * 2)
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)  # half-extent in normalised coordinates
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(B, generator=generator) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(B)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = sx * flip
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    size = cfg.image_size
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    j = cfg.colour_jitter
+    if j > 0:
+        def factor() -> torch.Tensor:
+            return (1 + (torch.rand(B, 1, 1, 1, generator=generator) * 2 - 1) * j)
+        out = out * factor()
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * factor() + mean
+        grey = out.mean(dim=1, keepdim=True)
+        out = (out - grey) * factor() + grey
+    return out.clamp(0, 1)
+
+
+# --- training -------------------------------------------------------------------------------
+@dataclass
+class TeacherResult:
+    """A trained teacher and how well it does."""
+
+    model: Any
+    """The trained CLIPModel (eval mode, CPU)."""
+    tokenizer: Any
+    """Its CLIPTokenizer."""
+    train_accuracy: float
+    """Zero-shot accuracy on (un-augmented) training crops."""
+    val_accuracy: float
+    """Zero-shot accuracy on held-out crops (NaN when there are none)."""
+    chance: float
+    """Accuracy of always guessing the most frequent held-out class."""
+    steps: int
+    seconds: float
+    n_train: int
+    n_val: int
+    final_loss: float
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy, "chance": self.chance,
+            "steps": self.steps, "seconds": round(self.seconds, 1), "n_train": self.n_train,
+            "n_val": self.n_val, "final_loss": self.final_loss,
+        }
+
+
+def _clip_config(cfg: TeacherConfig, tokenizer: Any):
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": cfg.text_width, "intermediate_size": 4 * cfg.text_width,
+            "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+            "max_position_embeddings": cfg.max_text_length, "bos_token_id": tokenizer.bos_token_id,
+            # the text tower pools at the first eos: it must be the tokenizer's eos (not CLIP's legacy 2)
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "image_size": cfg.image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.vision_width,
+            "intermediate_size": 4 * cfg.vision_width, "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_heads,
+        },
+        projection_dim=cfg.projection_dim,
+    )
+
+
+def _lr_at(step: int, total: int, cfg: TeacherConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _to_float(crops: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, h, w, 3] -> float [B, 3, h, w] in 0..1."""
+    return crops.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric loss with one caption per class: images -> their class caption, and each
+    class caption -> all images of its class (uniform target), so same-class pairs in a batch are
+    positives rather than negatives."""
+    logits = scale * image @ text.T  # [B, C]
+    image_loss = F.cross_entropy(logits, labels)
+    present = torch.unique(labels)
+    targets = (labels[None, :] == present[:, None]).float()
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    text_logits = logits.T[present]  # [P, B]
+    text_loss = -(targets * F.log_softmax(text_logits, dim=1)).sum(dim=1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def _zero_shot_accuracy(encoder: Any, crops: np.ndarray, class_ids: np.ndarray, class_names: Sequence[str],
+                        templates: Sequence[str]) -> float:
+    if len(crops) == 0:
+        return float("nan")
+    text = embed_vocabulary(class_names, templates, encoder)
+    image = encoder.encode_images(crops, batch_size=256, fit="crop")
+    return float(((image @ text.T).argmax(axis=1) == class_ids).mean())
+
+
+def fit_teacher(
+    crops: np.ndarray,
+    class_ids: np.ndarray,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    cfg: TeacherConfig,
+    *,
+    val_crops: np.ndarray | None = None,
+    val_class_ids: np.ndarray | None = None,
+    verbose: bool = True,
+) -> TeacherResult:
+    """Train the teacher on captioned crops and save it as a loadable CLIP folder.
+
+    Args:
+        crops: uint8 [M, h, w, 3] square crops (any h = w; resized to image_size).
+        class_ids: int [M] index into `class_names`.
+        class_names: caption names, e.g. the store's class names.
+        out_dir: folder to write (created; existing model files are replaced).
+        val_crops / val_class_ids: held-out crops (e.g. from other scenes); without them a
+            random `val_fraction` of the crops is held out.
+    Returns:
+        TeacherResult (accuracies measured by reloading the saved folder, as the embed stage would).
+    """
+    crops = np.asarray(crops)
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8 or len(crops) != len(class_ids):
+        raise ValueError(f"crops must be uint8 [M, h, w, 3] with M class ids; got {crops.shape} {crops.dtype}, "
+                         f"{class_ids.shape}")
+    if len(crops) == 0:
+        raise ValueError("no crops to train the teacher on (are the views rendered and the scenes labelled?)")
+    if class_ids.min() < 0 or class_ids.max() >= len(class_names):
+        raise ValueError(f"class ids must be in 0..{len(class_names) - 1}, got {class_ids.min()}..{class_ids.max()}")
+    rng = np.random.default_rng(cfg.seed)
+    if val_crops is None:
+        order = rng.permutation(len(crops))
+        n_val = int(round(len(crops) * cfg.val_fraction))
+        val_crops, val_class_ids = crops[order[:n_val]], class_ids[order[:n_val]]
+        crops, class_ids = crops[order[n_val:]], class_ids[order[n_val:]]
+    val_class_ids = np.asarray(val_class_ids, dtype=np.int64)
+
+    from transformers import CLIPModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    captions = [t.format(name) for name in class_names for t in cfg.templates]
+    tokenizer = train_tokenizer(captions, out_dir, vocab_size=cfg.vocab_size, max_length=cfg.max_text_length)
+    model = CLIPModel(_clip_config(cfg, tokenizer)).train()
+    tokens = tokenizer(captions, padding=True, truncation=True, max_length=cfg.max_text_length, return_tensors="pt")
+    ids = tokens["input_ids"].view(len(class_names), len(cfg.templates), -1)
+    mask = tokens["attention_mask"].view(len(class_names), len(cfg.templates), -1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    classes = torch.arange(len(class_names))
+    train_images = torch.from_numpy(np.ascontiguousarray(crops))  # uint8; floats per batch only (memory)
+    train_labels = torch.from_numpy(class_ids)
+    total_steps, start, loss_value, step = cfg.steps, time.perf_counter(), float("nan"), 0
+    while step < total_steps:
+        if step == 10:  # fit the schedule to the time budget once the step time is known
+            per_step = (time.perf_counter() - start) / 10
+            total_steps = max(11, min(cfg.steps, int(cfg.max_seconds / per_step)))
+        for group in optimiser.param_groups:
+            group["lr"] = _lr_at(step, total_steps, cfg)
+        batch = torch.randint(len(train_images), (min(cfg.batch_size, len(train_images)),), generator=generator)
+        pixels = (augment(_to_float(train_images[batch]), cfg, generator) - mean) / std
+        template = torch.randint(len(cfg.templates), (len(class_names),), generator=generator)
+        text = model.get_text_features(input_ids=ids[classes, template], attention_mask=mask[classes, template]).pooler_output
+        image = model.get_image_features(pixel_values=pixels).pooler_output
+        scale = model.logit_scale.clamp(max=math.log(100)).exp()
+        loss = _contrastive_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), train_labels[batch], scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        loss_value = float(loss)
+        if verbose and (step % 100 == 0 or step == total_steps - 1):
+            print(f"teacher step {step}/{total_steps} loss {loss_value:.3f} ({time.perf_counter() - start:.0f} s)")
+        step += 1
+    seconds = time.perf_counter() - start
+    model.eval()
+    _save(model, out_dir, cfg, class_names)
+    encoder = load_encoder(str(out_dir), device="cpu", dtype="fp32")
+    result = TeacherResult(
+        model=model, tokenizer=tokenizer,
+        train_accuracy=_zero_shot_accuracy(encoder, crops[:2000], class_ids[:2000], class_names, cfg.templates),
+        val_accuracy=_zero_shot_accuracy(encoder, val_crops, val_class_ids, class_names, cfg.templates),
+        chance=float(np.bincount(val_class_ids).max() / len(val_class_ids)) if len(val_class_ids) else float("nan"),
+        steps=step, seconds=seconds, n_train=len(crops), n_val=len(val_crops), final_loss=loss_value,
+    )
+    (out_dir / "teacher_report.json").write_text(json.dumps(result.report(), indent=2))
+    if verbose:
+        print(f"teacher: zero-shot accuracy train {result.train_accuracy:.3f}, held-out {result.val_accuracy:.3f} "
+              f"(chance {result.chance:.3f}) after {step} steps, {seconds:.0f} s")
+    return result
+
+
+def _save(model: Any, out_dir: Path, cfg: TeacherConfig, class_names: Sequence[str]) -> None:
+    model.save_pretrained(out_dir)
+    # what pipeline.clip_model reads (and what CLIPImageProcessor would, where it is installed)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": cfg.image_size},
+        "do_center_crop": True, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3,
+    }, indent=2))
+    (out_dir / "teacher_config.json").write_text(
+        json.dumps({"config": to_dict(cfg), "class_names": list(class_names)}, indent=2)
+    )
+
+
+# --- crops from a store -----------------------------------------------------------------------
+def unit_classes(unit: np.ndarray, semantic: np.ndarray, num_classes: int, min_purity: float) -> np.ndarray:
+    """Majority class of each unit (object or segment), -1 where impure or unlabelled.
+
+    Args:
+        unit: int [N] unit id per point, -1 = none.
+        semantic: int [N] class id per point, IGNORE_INDEX = unlabelled.
+    Returns:
+        int64 [U] (U = max unit id + 1): the class holding >= min_purity of the unit's points.
+    """
+    U = int(unit.max()) + 1 if len(unit) and unit.max() >= 0 else 0
+    has_unit = unit >= 0
+    labelled = has_unit & (semantic >= 0) & (semantic < num_classes)
+    votes = np.bincount(unit[labelled].astype(np.int64) * num_classes + semantic[labelled],
+                        minlength=U * num_classes).reshape(U, num_classes)
+    sizes = np.bincount(unit[has_unit], minlength=U)
+    best = votes.argmax(axis=1)
+    ok = votes[np.arange(U), best] >= min_purity * np.maximum(sizes, 1)
+    return np.where(ok & (sizes > 0), best, -1).astype(np.int64)
+
+
+def scene_crops(
+    view_rgb: np.ndarray, point_index: np.ndarray, units: Sequence[np.ndarray], semantic: np.ndarray,
+    num_classes: int, cfg: TeacherConfig, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Captioned crops of one scene's units (pure core of `collect_crops`).
+
+    Args:
+        view_rgb: uint8 [V, H, W, 3]; point_index: int32 [V, H, W] (-1 = nothing).
+        units: per-point unit ids (e.g. instance, segment), each int [N], -1 = none.
+        semantic: int [N] classes (IGNORE_INDEX = unlabelled).
+    Returns:
+        crops uint8 [M, crop_size, crop_size, 3], class ids int64 [M].
+    """
+    images = torch.from_numpy(np.ascontiguousarray(view_rgb)).permute(0, 3, 1, 2).float().div_(255.0)
+    all_crops, all_ids = [], []
+    for unit in units:
+        classes = unit_classes(unit, semantic, num_classes, cfg.min_purity)
+        if not (classes >= 0).any():
+            continue
+        chosen = segment_crops(
+            point_index, unit, num_segments=len(classes), k=cfg.views_per_object, min_pixels=cfg.min_pixels,
+            scales=cfg.scales, min_side=16.0,
+        )
+        keep = np.flatnonzero(classes[chosen.segment] >= 0)
+        if len(keep) == 0:
+            continue
+        cut = extract_crops(images, chosen.view[keep], chosen.box[keep], size=cfg.crop_size, fill=OPENAI_CLIP_MEAN)
+        all_crops.append((cut.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        all_ids.append(classes[chosen.segment[keep]])
+    if not all_crops:
+        return np.zeros((0, cfg.crop_size, cfg.crop_size, 3), np.uint8), np.zeros(0, np.int64)
+    crops, ids = np.concatenate(all_crops), np.concatenate(all_ids)
+    if cfg.max_crops_per_scene and len(crops) > cfg.max_crops_per_scene:
+        pick = np.sort(rng.choice(len(crops), cfg.max_crops_per_scene, replace=False))
+        crops, ids = crops[pick], ids[pick]
+    return crops, ids
+
+
+def collect_crops(store_path: str, scene_ids: Sequence[str], cfg: TeacherConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of objects and segments from the rendered views of a store, with their class ids.
+
+    Needs ingest (semantic, instance) and render; overseg too when `sources` has "segment".
+    Returns:
+        crops uint8 [M, crop_size, crop_size, 3], class ids int64 [M] (store class indices).
+    """
+    store = Store.open(store_path)
+    num_classes = len(store.class_names)
+    rng = np.random.default_rng(cfg.seed)
+    unknown = set(cfg.sources) - {"instance", "segment"}
+    if unknown:
+        raise ValueError(f"TeacherConfig.sources: unknown {sorted(unknown)}; use 'instance' and/or 'segment'")
+    crops, ids = [], []
+    for scene_id in scene_ids:
+        try:
+            view_rgb = store.read(scene_id, schema.VIEW_RGB)
+            point_index = store.read(scene_id, schema.VIEW_POINT_INDEX)
+            semantic = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
+            units = []
+            if "instance" in cfg.sources:
+                units.append(store.read(scene_id, schema.INSTANCE).astype(np.int64))
+            if "segment" in cfg.sources:
+                units.append(store.read(scene_id, schema.SEGMENT).astype(np.int64))
+        except KeyError as exc:
+            raise SceneError(scene_id, None, f"teacher crops need ingest, render and overseg: {exc}") from exc
+        c, i = scene_crops(view_rgb, point_index, units, semantic, num_classes, cfg, rng)
+        crops.append(c)
+        ids.append(i)
+    if not crops:
+        return np.zeros((0, cfg.crop_size, cfg.crop_size, 3), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(crops), np.concatenate(ids)
+
+
+def split_scenes(scene_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) scene lists; at least one held-out scene when there are two or more."""
+    ids = sorted(scene_ids)
+    if len(ids) < 2 or fraction <= 0:
+        return ids, []
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = min(len(ids) - 1, max(1, int(round(len(ids) * fraction))))
+    val = sorted(ids[i] for i in order[:n_val])
+    return [s for s in ids if s not in set(val)], val
+
+
+def run_fit(store_path: str, scene_ids: Sequence[str], out_dir: str | Path, cfg: TeacherConfig) -> dict[str, Any]:
+    """`ws3d teacher fit`: collect crops, hold out whole scenes, train, save, report.
+
+    Returns:
+        the report (also written to out_dir/teacher_report.json): accuracies, chance, steps,
+        seconds, crop counts, held-out scene ids.
+    """
+    store = Store.open(store_path)
+    train_ids, val_ids = split_scenes(scene_ids, cfg.val_fraction, cfg.seed)
+    crops, class_ids = collect_crops(store_path, train_ids, cfg)
+    val = collect_crops(store_path, val_ids, cfg) if val_ids else (None, None)
+    print(f"teacher: {len(crops)} training crops from {len(train_ids)} scenes, "
+          f"{0 if val[0] is None else len(val[0])} held-out crops from {len(val_ids)} scenes")
+    result = fit_teacher(crops, class_ids, store.class_names, out_dir, cfg, val_crops=val[0], val_class_ids=val[1])
+    report = {**result.report(), "held_out_scenes": val_ids, "train_scenes": len(train_ids)}
+    (Path(out_dir) / "teacher_report.json").write_text(json.dumps(report, indent=2))
+    return report
