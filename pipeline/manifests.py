@@ -177,7 +177,9 @@ def _classes(root: str, dataset: str) -> tuple[str, ...]:
     names: list[str] = []
     for line, row in _read_csv(path, ("train_index", "name")):
         if row["train_index"] != str(len(names)):
-            raise ManifestError(path, f"train_index must count 0,1,2,...; expected {len(names)}, got {row['train_index']!r}", line)
+            raise ManifestError(
+                path, f"train_index must count 0,1,2,...; expected {len(names)}, got {row['train_index']!r}", line
+            )
         name = row["name"]
         if not name:
             raise ManifestError(path, "empty class name", line)
@@ -224,7 +226,9 @@ def _label_map(root: str, dataset: str) -> tuple[tuple[Any, int], ...]:
                 raise ManifestError(path, f"raw_id must be an integer, got {row['raw_id']!r}", line)
             cls = row["class"]
             if cls and cls not in index:
-                raise ManifestError(path, f"unknown class {cls!r}; expected one of {list(classes)} or empty (ignored)", line)
+                raise ManifestError(
+                    path, f"unknown class {cls!r}; expected one of {list(classes)} or empty (ignored)", line
+                )
             pairs.append((int(row["raw_id"]), index[cls] if cls else IGNORE_INDEX))
     keys = [k for k, _ in pairs]
     dupes = sorted({k for k in keys if keys.count(k) > 1}, key=str)
@@ -328,7 +332,9 @@ def _s3dis_lists(folder: Path) -> dict[str, tuple[str, ...]]:
         if name == "all":
             raise ManifestError(splits_path, "'all' is reserved (every room)", lines.get(name))
         if not isinstance(areas, list) or not all(isinstance(a, int) and 1 <= a <= 6 for a in areas):
-            raise ManifestError(splits_path, f"split {name!r}: expected a list of areas 1..6, got {areas!r}", lines.get(name))
+            raise ManifestError(
+                splits_path, f"split {name!r}: expected a list of areas 1..6, got {areas!r}", lines.get(name)
+            )
         if len(set(areas)) != len(areas):
             raise ManifestError(splits_path, f"split {name!r}: duplicate area in {areas}", lines.get(name))
         areas_of[name] = areas
@@ -355,7 +361,9 @@ def _kitti_lists(folder: Path) -> dict[str, tuple[str, ...]]:
         if not re.fullmatch(r"\d{2}", seq):
             raise ManifestError(path, f"unknown sequence {seq!r}; expected two digits, e.g. 08", line)
         if seq in seen:
-            raise ManifestError(path, f"duplicate sequence {seq!r} (first at line {seen[seq]}): overlapping splits", line)
+            raise ManifestError(
+                path, f"duplicate sequence {seq!r} (first at line {seen[seq]}): overlapping splits", line
+            )
         if split not in out:
             raise ManifestError(path, f"unknown split {split!r}; expected one of {_OFFICIAL_SPLITS}", line)
         if not scans.isdigit() or int(scans) < 1:
@@ -424,7 +432,9 @@ def _ov_splits(root: str, dataset: str) -> dict[str, OVSplit]:
             raise ManifestError(path, f"split {name!r}: expected a mapping with base/novel/ignored", line)
         unknown_keys = sorted(set(spec) - {"base", "novel", "ignored", "note"})
         if unknown_keys:
-            raise ManifestError(path, f"split {name!r}: unknown key(s) {unknown_keys}; expected base, novel, ignored", line)
+            raise ManifestError(
+                path, f"split {name!r}: unknown key(s) {unknown_keys}; expected base, novel, ignored", line
+            )
         parts: dict[str, list[int]] = {}
         for part in ("base", "novel", "ignored"):
             names = spec.get(part, [])
@@ -439,7 +449,9 @@ def _ov_splits(root: str, dataset: str) -> dict[str, OVSplit]:
         flat = parts["base"] + parts["novel"] + parts["ignored"]
         repeated = sorted({classes[i] for i in flat if flat.count(i) > 1})
         if repeated:
-            raise ManifestError(path, f"split {name!r}: class(es) {repeated} listed twice (base/novel/ignored overlap)", line)
+            raise ManifestError(
+                path, f"split {name!r}: class(es) {repeated} listed twice (base/novel/ignored overlap)", line
+            )
         missing = [c for i, c in enumerate(classes) if i not in flat]
         if missing:
             raise ManifestError(path, f"split {name!r}: class(es) {missing} in none of base/novel/ignored", line)
@@ -478,8 +490,10 @@ def limited_annotation_count(name_or_count: str | int) -> int:
     """Points per scene of a limited-annotation setting: "la20", "20" or 20 -> 20."""
     if isinstance(name_or_count, (int, np.integer)) and not isinstance(name_or_count, bool):
         count = int(name_or_count)
-    elif isinstance(name_or_count, str) and (m := _LA_NAME.match(name_or_count) or re.fullmatch(r"(\d+)", name_or_count)):
-        count = int(m.group(1))
+    elif isinstance(name_or_count, str) and (
+        match := _LA_NAME.match(name_or_count) or re.fullmatch(r"(\d+)", name_or_count)
+    ):
+        count = int(match.group(1))
     else:
         raise ValueError(f"limited annotation {name_or_count!r}: expected a name like 'la20' or a count")
     if count < 1:

@@ -73,7 +73,7 @@ class OversegConfig:
     """Merging score = |cos(normal angle)| - colour distance / this (RGB units)."""
     colour_smoothing: bool = True
     """Denoise colours before the colour tests: average with the neighbours within the tangent
-    band (2 x max_plane_offset_m) whose colour is within max_colour_dist (see `smooth_colours`)."""
+    band (max_plane_offset_m) whose colour is within max_colour_dist (see `smooth_colours`)."""
 
     def __post_init__(self) -> None:
         if self.k_neighbours < 3 or self.k_pfh < 2 or self.k_pfh > self.k_neighbours:
@@ -144,6 +144,54 @@ def mesh_vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.divide(out, length, out=np.zeros_like(out), where=length > 1e-20)
 
 
+@njit(cache=True)
+def _smallest_eigen(cov):  # pragma: no cover - compiled
+    """Smallest eigenvalue, trace and a unit eigenvector of the smallest eigenvalue of a symmetric
+    3x3 matrix, in closed form (trigonometric eigenvalues, eigenvector from the largest cross
+    product of two rows of A - l0 I): ~20x faster than a LAPACK call per point."""
+    scale = 0.0
+    for a in range(3):
+        for b in range(3):
+            scale = max(scale, abs(cov[a, b]))
+    if scale == 0.0:
+        return 0.0, 0.0, 0.0, 0.0, 1.0
+    a00, a01, a02 = cov[0, 0] / scale, cov[0, 1] / scale, cov[0, 2] / scale
+    a11, a12, a22 = cov[1, 1] / scale, cov[1, 2] / scale, cov[2, 2] / scale
+    q = (a00 + a11 + a22) / 3.0
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p2 = b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * p1
+    if p2 <= 1e-30:  # isotropic: every direction is an eigenvector
+        return q * scale, 3.0 * q * scale, 0.0, 0.0, 1.0
+    p = np.sqrt(p2 / 6.0)
+    det = (b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02))
+    r = det / (2.0 * p * p * p)
+    r = min(max(r, -1.0), 1.0)
+    phi = np.arccos(r) / 3.0
+    l0 = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)  # the smallest of the three
+    l0 = max(l0, 0.0)
+    # rows of A - l0 I; the eigenvector is orthogonal to all of them
+    r0x, r0y, r0z = a00 - l0, a01, a02
+    r1x, r1y, r1z = a01, a11 - l0, a12
+    r2x, r2y, r2z = a02, a12, a22 - l0
+    c0x, c0y, c0z = r0y * r1z - r0z * r1y, r0z * r1x - r0x * r1z, r0x * r1y - r0y * r1x
+    c1x, c1y, c1z = r0y * r2z - r0z * r2y, r0z * r2x - r0x * r2z, r0x * r2y - r0y * r2x
+    c2x, c2y, c2z = r1y * r2z - r1z * r2y, r1z * r2x - r1x * r2z, r1x * r2y - r1y * r2x
+    n0 = c0x * c0x + c0y * c0y + c0z * c0z
+    n1 = c1x * c1x + c1y * c1y + c1z * c1z
+    n2 = c2x * c2x + c2y * c2y + c2z * c2z
+    if n0 >= n1 and n0 >= n2:
+        ex, ey, ez, nn = c0x, c0y, c0z, n0
+    elif n1 >= n2:
+        ex, ey, ez, nn = c1x, c1y, c1z, n1
+    else:
+        ex, ey, ez, nn = c2x, c2y, c2z, n2
+    if nn <= 0.0:
+        return l0 * scale, 3.0 * q * scale, 0.0, 0.0, 1.0
+    nn = np.sqrt(nn)
+    return l0 * scale, 3.0 * q * scale, ex / nn, ey / nn, ez / nn
+
+
 @njit(parallel=True, cache=True)
 def _pca_kernel(xyz, nbr, ref_normal, band):  # pragma: no cover - compiled
     n, k = nbr.shape
@@ -192,12 +240,9 @@ def _pca_kernel(xyz, nbr, ref_normal, band):  # pragma: no cover - compiled
         cov[1, 0] = cov[0, 1]
         cov[2, 0] = cov[0, 2]
         cov[2, 1] = cov[1, 2]
-        w, vec = np.linalg.eigh(cov)
-        total = w[0] + w[1] + w[2]
-        curvature[i] = max(w[0], 0.0) / total if total > 0 else 1.0
-        normal[i, 0] = vec[0, 0]
-        normal[i, 1] = vec[1, 0]
-        normal[i, 2] = vec[2, 0]
+        l0, total, e0, e1, e2 = _smallest_eigen(cov)
+        curvature[i] = l0 / total if total > 0 else 1.0
+        normal[i, 0], normal[i, 1], normal[i, 2] = e0, e1, e2
     return normal, curvature
 
 
@@ -764,7 +809,7 @@ def overseg_points(
     lap("neighbours")
     if viewpoint is None:
         viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
-    band = 2.0 * cfg.max_plane_offset_m
+    band = cfg.max_plane_offset_m
     if faces is not None and len(faces):
         mesh_n = mesh_vertex_normals(xyz, faces)
         has_mesh = np.any(mesh_n != 0, axis=1)

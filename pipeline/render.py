@@ -54,7 +54,8 @@ class RenderConfig:
     max_views: int = 24
     """Most views per indoor scene."""
     coverage_target: float = 0.95
-    """Stop adding indoor views once this fraction of the points is seen."""
+    """Stop adding indoor views once this fraction of the observable points is seen (observable:
+    seen by some candidate; points under furniture or against walls no eye-height camera sees)."""
     eye_height_m: tuple[float, float] = (1.2, 1.6)
     """Range of camera heights above the floor (each candidate position draws one)."""
     clearance_m: float = 0.3
@@ -68,7 +69,9 @@ class RenderConfig:
     max_positions: int = 32
     """Most candidate positions per scene (spread out by farthest-point sampling)."""
     candidate_width: int = 32
-    """Width of the low-resolution renders that score candidates (height keeps the aspect)."""
+    """Width of the low-resolution candidate renders (height keeps the aspect): they find positions
+    outside the scan and, for point clouds, score candidates by a depth test of sampled points.
+    (Meshes score candidates exactly, by casting a ray from each position to each sample.)"""
     min_hit_fraction: float = 0.6
     """A position whose candidates' pixels hit a surface less often than this is outside the
     scan (e.g. beyond a wall) and is dropped."""
@@ -85,7 +88,10 @@ class RenderConfig:
     lidar_pitch_deg: float = -10.0
     """Pitch of LiDAR cameras: a scanner sees about +2..-25 degrees, so look slightly down."""
     point_radius_m: float = 0.0
-    """World radius of an indoor point's splat; 0 = the median point spacing of the scene."""
+    """World radius of an indoor point's splat; 0 = `point_radius_factor` x the median spacing."""
+    point_radius_factor: float = 2.0
+    """Automatic splat radius in median nearest-neighbour spacings: irregular (scanned, sampled)
+    clouds leave holes at 1x, through which hidden surfaces would show."""
     lidar_angular_radius_deg: float = 0.35
     """A LiDAR point's splat radius as an angle seen from the sensor (beams are ~0.2-0.4 deg apart)."""
     max_splat_radius_px: float = 8.0
@@ -295,6 +301,27 @@ def _sample_visibility(xyz, poses, K, depth, rel, abs_tol, near):  # pragma: no 
 
 
 @njit(parallel=True, cache=True)
+def _in_frustum(xyz, poses, K, height, width, near):  # pragma: no cover
+    """inside[c, s]: sample s projects into candidate c's image, in front of the near plane."""
+    inside = np.zeros((poses.shape[0], xyz.shape[0]), dtype=np.bool_)
+    for c in prange(poses.shape[0]):
+        pose = poses[c]
+        for s in range(xyz.shape[0]):
+            x = np.float64(xyz[s, 0])
+            y = np.float64(xyz[s, 1])
+            z = np.float64(xyz[s, 2])
+            cz = pose[2, 0] * x + pose[2, 1] * y + pose[2, 2] * z + pose[2, 3]
+            if cz <= near:
+                continue
+            cx = pose[0, 0] * x + pose[0, 1] * y + pose[0, 2] * z + pose[0, 3]
+            cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
+            col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
+            row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
+            inside[c, s] = col >= 0 and col < width and row >= 0 and row < height
+    return inside
+
+
+@njit(parallel=True, cache=True)
 def _visible_pass(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, ptr, ids, fill):  # pragma: no cover
     """Per view: count (fill=False) or list in id order (fill=True) the points that project into
     the image and are not hidden behind the depth at their pixel."""
@@ -312,25 +339,22 @@ def _visible_pass(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, ptr
 
 
 @njit(parallel=True, cache=True)
-def _make_rays(dirs_cam, poses, rays):  # pragma: no cover
-    """rays[v, p] = (camera centre, R^T d_p) for camera-frame directions d [P, 3]."""
-    n_pix = dirs_cam.shape[0]
-    for v in range(poses.shape[0]):
-        R = poses[v, :3, :3]
-        t = poses[v, :3, 3]
-        ox = -(R[0, 0] * t[0] + R[1, 0] * t[1] + R[2, 0] * t[2])
-        oy = -(R[0, 1] * t[0] + R[1, 1] * t[1] + R[2, 1] * t[2])
-        oz = -(R[0, 2] * t[0] + R[1, 2] * t[1] + R[2, 2] * t[2])
-        for p in prange(n_pix):
-            x = dirs_cam[p, 0]
-            y = dirs_cam[p, 1]
-            z = dirs_cam[p, 2]
-            rays[v, p, 0] = ox
-            rays[v, p, 1] = oy
-            rays[v, p, 2] = oz
-            rays[v, p, 3] = R[0, 0] * x + R[1, 0] * y + R[2, 0] * z
-            rays[v, p, 4] = R[0, 1] * x + R[1, 1] * y + R[2, 1] * z
-            rays[v, p, 5] = R[0, 2] * x + R[1, 2] * y + R[2, 2] * z
+def _make_rays(K, poses, height, width, rays):  # pragma: no cover
+    """rays[v, p] = (camera centre, R^T K^-1 (col, row, 1)) for every pixel p = row * W + col."""
+    n_pix = height * width
+    for q in prange(poses.shape[0] * n_pix):  # one parallel loop: few thread launches
+        v = q // n_pix
+        p = q - v * n_pix
+        row = p // width
+        R = poses[v]
+        x = (np.float64(p - row * width) - K[0, 2]) / K[0, 0]
+        y = (np.float64(row) - K[1, 2]) / K[1, 1]
+        rays[v, p, 0] = -(R[0, 0] * R[0, 3] + R[1, 0] * R[1, 3] + R[2, 0] * R[2, 3])
+        rays[v, p, 1] = -(R[0, 1] * R[0, 3] + R[1, 1] * R[1, 3] + R[2, 1] * R[2, 3])
+        rays[v, p, 2] = -(R[0, 2] * R[0, 3] + R[1, 2] * R[1, 3] + R[2, 2] * R[2, 3])
+        rays[v, p, 3] = R[0, 0] * x + R[1, 0] * y + R[2, 0]
+        rays[v, p, 4] = R[0, 1] * x + R[1, 1] * y + R[2, 1]
+        rays[v, p, 5] = R[0, 2] * x + R[1, 2] * y + R[2, 2]
 
 
 # --- pure cores ---------------------------------------------------------------------------------
@@ -361,10 +385,17 @@ def cast(raycaster: Any, rays: np.ndarray, *, threads: int = 0) -> dict[str, np.
     return {k: out[k].numpy() for k in ("t_hit", "primitive_ids", "primitive_uvs")}
 
 
+def make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`cameras.pixel_rays` computed by a parallel kernel: float32 [V, H * W, 6]."""
+    poses = np.ascontiguousarray(poses, dtype=np.float64)
+    rays = np.empty((len(poses), height * width, 6), np.float32)
+    _make_rays(np.ascontiguousarray(K, dtype=np.float64), poses, height, width, rays)
+    return rays
+
+
 def cast_depth(raycaster: Any, K: np.ndarray, poses: np.ndarray, height: int, width: int, *, threads: int = 0) -> np.ndarray:
     """z-depth images float32 [V, H, W] (0 = miss) of all `poses` [V, 4, 4] in one cast."""
-    rays = cameras.pixel_rays(K, poses, height, width).reshape(-1, 6)
-    t = cast(raycaster, rays, threads=threads)["t_hit"]
+    t = cast(raycaster, make_rays(K, poses, height, width).reshape(-1, 6), threads=threads)["t_hit"]
     return np.where(np.isfinite(t), t, 0.0).astype(np.float32).reshape(len(poses), height, width)
 
 
@@ -410,17 +441,13 @@ def render_mesh_views(
     out_rgb = np.empty((n_views, H, W, 3), np.uint8)
     out_depth = np.empty((n_views, H, W), np.float16)
     out_index = np.empty((n_views, H, W), np.int32)
-    dirs_cam = cameras.camera_directions(K, H, W)
     batch = max(1, views_per_batch)
     rays = np.empty((min(batch, n_views), H * W, 6), np.float32)
     depth32 = np.empty(min(batch, n_views) * H * W, np.float32)
     for start in range(0, n_views, batch):
         stop = min(n_views, start + batch)
         nb = stop - start
-        centres = cameras.camera_centres(poses[start:stop])
-        for j in range(nb):
-            rays[j, :, :3] = centres[j]
-            rays[j, :, 3:] = dirs_cam @ poses[start + j, :3, :3]
+        _make_rays(K, poses[start:stop], H, W, rays[:nb])
         hits = cast(raycaster, rays[:nb].reshape(-1, 6), threads=threads)
         d32 = depth32[: nb * H * W]
         _shade_hits(hits["t_hit"], hits["primitive_ids"], hits["primitive_uvs"], faces, rgb,
@@ -496,29 +523,74 @@ def splat_depth(xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, H: int, W: in
     return np.where(index >= 0, zbuf, 0.0).astype(np.float32)
 
 
-def visibility_csr(point_index: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Visible point ids per view from point-index images.
+def visible_points(
+    xyz: np.ndarray,
+    poses: np.ndarray,
+    K: np.ndarray,
+    depth: np.ndarray,
+    *,
+    occlusion_rel_tol: float = 0.02,
+    occlusion_abs_tol_m: float = 0.02,
+    near_m: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points each view shows, as CSR, and per-point view counts.
+
+    A point is visible in a view when it projects into the image and is not hidden behind the
+    view's depth at its own pixel by more than the tolerance (nothing drawn there also counts as
+    not hidden). Every point a pixel records passes this test, so these lists contain the
+    point-index images' ids and also the points too small to win a pixel of their own.
 
     Args:
-        point_index: int32 [V, H, W] (-1 = nothing).
-        n_points: N.
+        xyz: float [N, 3]; poses: [V, 4, 4]; K: [3, 3].
+        depth: [V, H, W] z-depth as stored (float16 is fine), 0 = nothing.
 
     Returns:
-        ptr int64 [V + 1]; ids int32 [M] (each view's unique ids, sorted); view_count uint16 [N]
-        (views showing each point, saturating at 65535).
+        ptr int64 [V + 1]; ids int32 [M] (each view's ids, sorted); view_count uint16 [N]
+        (saturating at 65535).
     """
-    flat = np.ascontiguousarray(point_index.reshape(len(point_index), -1), dtype=np.int32)
-    ptr, ids, counts = _visible_csr(flat, int(n_points))
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    poses = np.ascontiguousarray(poses, dtype=np.float64)
+    K = np.ascontiguousarray(K, dtype=np.float64)
+    n_views, height, width = depth.shape
+    flat = np.ascontiguousarray(depth, dtype=np.float32).reshape(-1)
+    args = (xyz, poses, K, flat, height, width, float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
+    ptr = np.zeros(n_views + 1, np.int64)
+    _visible_pass(*args, ptr, np.empty(0, np.int32), False)
+    ptr = np.cumsum(ptr)
+    ids = np.empty(int(ptr[-1]), np.int32)
+    _visible_pass(*args, ptr, ids, True)
+    counts = np.bincount(ids, minlength=len(xyz))
     return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
 def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth: np.ndarray, *,
-                      rel_tol: float, abs_tol_m: float, near_m: float, max_depth_m: float) -> np.ndarray:
-    """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees, by depth test
-    against its (low-resolution) depth image [C, h, w] with intrinsics K [3, 3]."""
+                      rel_tol: float, abs_tol_m: float, near_m: float) -> np.ndarray:
+    """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees (the rule of
+    `visible_points`) against its low-resolution depth image [C, h, w] with intrinsics K [3, 3]."""
     return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
                               np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32),
-                              float(rel_tol), float(abs_tol_m), float(near_m), float(max_depth_m))
+                              float(rel_tol), float(abs_tol_m), float(near_m))
+
+
+def in_frustum(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, height: int, width: int, *, near_m: float) -> np.ndarray:
+    """bool [C, S]: sample [S, 3] projects into candidate c's image [H, W] in front of it."""
+    return _in_frustum(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
+                       np.ascontiguousarray(K, dtype=np.float64), int(height), int(width), float(near_m))
+
+
+def unoccluded_from(raycaster: Any, eyes: np.ndarray, sample_xyz: np.ndarray, *, rel_tol: float, abs_tol_m: float,
+                    threads: int = 0) -> np.ndarray:
+    """bool [P, S]: nothing on the mesh lies between eye p [P, 3] and sample s [S, 3] (beyond the
+    tolerance), by one ray per pair cast in one call."""
+    eyes = np.asarray(eyes, dtype=np.float32)
+    samples = np.asarray(sample_xyz, dtype=np.float32)
+    rays = np.empty((len(eyes), len(samples), 6), np.float32)
+    rays[:, :, :3] = eyes[:, None, :]
+    rays[:, :, 3:] = samples[None, :, :] - eyes[:, None, :]
+    dist = np.linalg.norm(rays[:, :, 3:], axis=-1)
+    t = cast(raycaster, rays.reshape(-1, 6), threads=threads)["t_hit"].reshape(len(eyes), len(samples))
+    # the sample sits at t = 1 on its ray: visible unless a surface is hit clearly before it
+    return dist <= t * dist * (1.0 + rel_tol) + abs_tol_m
 
 
 def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
@@ -599,6 +671,12 @@ def _spacing_of_points(tree: Any, xyz: np.ndarray, rng: np.random.Generator) -> 
     return float(np.median(d)) if len(d) else 0.05
 
 
+def _as_stored(a: np.ndarray) -> np.ndarray:
+    """Round cameras to the stored float32 before rendering, so the stored K and pose reproduce
+    every projection the renderer made (the oracle tests rely on it)."""
+    return np.asarray(a, dtype=np.float32).astype(np.float64)
+
+
 def render_scene(
     xyz: np.ndarray,
     rgb: np.ndarray,
@@ -634,7 +712,8 @@ def render_scene(
         origin = np.zeros(3) if sensor_origin is None else np.asarray(sensor_origin, dtype=np.float64)
         K = cameras.intrinsics(W, H, cfg.lidar_hfov_deg)
         yaw = 2 * np.pi * np.arange(cfg.lidar_headings) / cfg.lidar_headings
-        poses = cameras.heading_poses(origin, yaw, np.deg2rad(cfg.lidar_pitch_deg))
+        poses = _as_stored(cameras.heading_poses(origin, yaw, np.deg2rad(cfg.lidar_pitch_deg)))
+        K = _as_stored(K)
         ranges = np.linalg.norm(xyz - origin.astype(np.float32), axis=1)
         radius = (ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))).astype(np.float32)
         t_choose = time.perf_counter()
@@ -642,7 +721,7 @@ def render_scene(
                                              max_radius_px=cfg.max_splat_radius_px, **tol)
         stats.update(candidates=len(poses), positions=1, coverage_estimate=None, fallback_camera=False)
     else:
-        K = cameras.intrinsics(W, H, cfg.hfov_deg)
+        K = _as_stored(cameras.intrinsics(W, H, cfg.hfov_deg))
         h_low = max(1, round(cfg.candidate_width * H / W))
         K_low = cameras.intrinsics(cfg.candidate_width, h_low, cfg.hfov_deg)
         if kind == "mesh":
@@ -664,7 +743,7 @@ def render_scene(
 
             tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
             spacing = _spacing_of_points(tree, xyz, rng)
-            radius = cfg.point_radius_m or spacing
+            radius = cfg.point_radius_m or cfg.point_radius_factor * spacing
 
             def clearance(q: np.ndarray) -> np.ndarray:
                 return tree.query(q, k=1, workers=-1)[0]
@@ -680,7 +759,7 @@ def render_scene(
             centre = (xyz[:, :2].min(0) + xyz[:, :2].max(0)) / 2
             positions = np.array([[centre[0], centre[1], floor_z + np.mean(cfg.eye_height_m)]])
         yaw = 2 * np.pi * np.arange(cfg.headings) / cfg.headings
-        cand = np.concatenate([cameras.heading_poses(p, yaw, np.deg2rad(cfg.pitch_deg)) for p in positions])
+        cand = _as_stored(np.concatenate([cameras.heading_poses(p, yaw, np.deg2rad(cfg.pitch_deg)) for p in positions]))
         depth_low = low_depth(cand)
         rays_cast += depth_low.size
         # positions looking mostly at nothing are outside the scan (behind a wall)
@@ -691,10 +770,23 @@ def render_scene(
             fallback = True
         allowed = np.repeat(inside, cfg.headings)
         sample_ids = np.sort(rng.choice(n_points, size=min(n_points, cfg.coverage_samples), replace=False))
-        max_depth = cfg.footprint_factor * spacing * K[0, 0]
-        seen = sample_visibility(xyz[sample_ids], cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
-                                 abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m, max_depth_m=max_depth)
-        chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=cfg.coverage_target, allowed=allowed)
+        samples = xyz[sample_ids]
+        if kind == "mesh":
+            # exact occlusion: one ray from each position to each sample, then each heading's frustum
+            # (a low-resolution depth image misses thin occluders and overestimates coverage)
+            clear = unoccluded_from(raycaster, positions, samples, rel_tol=cfg.occlusion_rel_tol,
+                                    abs_tol_m=cfg.occlusion_abs_tol_m, threads=cfg.threads)
+            rays_cast += clear.size
+            seen = np.repeat(clear, cfg.headings, axis=0) & in_frustum(samples, cand, K, H, W, near_m=cfg.near_m)
+        else:
+            seen = sample_visibility(samples, cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
+                                     abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m)
+        # some points no eye-height camera can see (floor under furniture, backs against walls):
+        # the target is a fraction of the points some allowed candidate sees
+        observable = seen[allowed].any(0)
+        observable_fraction = float(observable.mean()) if len(observable) else 0.0
+        target = cfg.coverage_target * observable_fraction
+        chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=target, allowed=allowed)
         if not chosen:  # nothing seen by the estimate: still give one view from the best position
             chosen = [int(np.argmax(np.where(allowed, (depth_low > 0).reshape(len(cand), -1).mean(1), -1)))]
         estimate = float(covered.mean()) if len(covered) else 0.0
@@ -708,27 +800,32 @@ def render_scene(
 
         poses = cand[chosen]
         img_rgb, depth, index = render(poses)
+        visible = visible_points(xyz, poses, K, depth, **tol)
         for _ in range(cfg.refine_rounds):
-            n_seen = np.count_nonzero(visibility_csr(index, n_points)[2])
-            if n_seen >= cfg.coverage_target * n_points or len(chosen) >= cfg.max_views:
+            if np.count_nonzero(visible[2]) >= target * n_points or len(chosen) >= cfg.max_views:
                 break
-            # what the full-size views really recorded replaces the estimate; choose more views
-            seen_now = visibility_csr(index, n_points)[2][sample_ids] > 0
+            # what the full-size views really show replaces the estimate; choose more views
             mask = allowed.copy()
             mask[chosen] = False
-            extra, _ = greedy_cover(seen, max_views=cfg.max_views - len(chosen), target=cfg.coverage_target,
-                                    covered=seen_now, allowed=mask)
+            extra, _ = greedy_cover(seen, max_views=cfg.max_views - len(chosen), target=target,
+                                    covered=visible[2][sample_ids] > 0, allowed=mask)
             if not extra:
                 break
             more = render(cand[extra])
             img_rgb, depth, index = (np.concatenate([a, b]) for a, b in zip((img_rgb, depth, index), more))
             chosen = chosen + extra
             poses = cand[chosen]
+            visible = visible_points(xyz, poses, K, depth, **tol)
         stats.update(candidates=len(cand), positions=int(len(positions)), positions_inside=int(inside.sum()),
-                     coverage_estimate=round(estimate, 4), fallback_camera=bool(fallback),
+                     coverage_estimate=round(estimate, 4), observable_estimate=round(observable_fraction, 4),
+                     fallback_camera=bool(fallback),
                      point_spacing_m=round(spacing, 4), floor_z=round(floor_z, 3))
     t_render = time.perf_counter()
-    ptr, ids, view_count = visibility_csr(index, n_points)
+    if kind == "lidar":
+        visible = visible_points(xyz, poses, K, depth, **tol)
+    ptr, ids, view_count = visible
+    recorded = np.zeros(n_points, bool)
+    recorded[index[index >= 0]] = True
     t_vis = time.perf_counter()
     n_views = len(poses)
     seen_points = view_count > 0
@@ -736,11 +833,14 @@ def render_scene(
     stats.update(
         views=n_views,
         coverage=round(float(seen_points.mean()) if n_points else 0.0, 4),
+        coverage_pixels=round(float(recorded.mean()) if n_points else 0.0, 4),
         views_per_seen_point=round(float(view_count[seen_points].mean()) if seen_points.any() else 0.0, 3),
         pixels_hit=round(float((depth > 0).mean()), 4),
         pixels_with_point=round(float((index >= 0).mean()), 4),
         visible_entries=int(ptr[-1]),
         rays_cast=int(rays_cast),
+        coverage_of_observable=(round(min(1.0, float(seen_points.mean()) / stats["observable_estimate"]), 4)
+                                if stats.get("observable_estimate") else None),
         seconds_choose=round(t_choose - t_start, 4),
         seconds_render=round(t_render - t_choose, 4),
         seconds_visibility=round(t_vis - t_render, 4),
@@ -806,6 +906,6 @@ def summarise(store: Any) -> dict[str, Any]:
 
 __all__ = [
     "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "render_mesh_views", "splat_points",
-    "splat_depth", "visibility_csr", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
+    "splat_depth", "visible_points", "make_rays", "in_frustum", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
     "run_scene", "summarise",
 ]

@@ -55,6 +55,10 @@ class SynthConfig:
     """Range of the room's side lengths."""
     wall_height_m: float = 2.4
     """Wall height."""
+    scan_heights_m: tuple[float, ...] = (1.2, 1.6)
+    """Heights of the simulated scanner; surfaces it never sees are dropped, as in a real scan."""
+    scan_grid: int = 3
+    """Scanner positions per room axis (a grid over the free floor)."""
     colour_noise: float = 8.0
     """Standard deviation of per-vertex colour noise (0..255 units), like a scan's."""
     seg_cell_m: float = 0.5
@@ -330,11 +334,56 @@ def make_room(seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> SynthR
             break
 
     xyz, rgb, faces, seg, instance = mb.build()
+    xyz, rgb, faces, seg, instance, labels = _keep_scanned(
+        xyz, rgb, faces, seg, instance, labels, _scanner_positions(sx, sy, occupied, cfg))
     # the raw scan is not axis aligned: rotate about z and translate; axisAlignment undoes it
     angle = rng.uniform(-np.pi, np.pi)
     c, s = np.cos(angle), np.sin(angle)
     raw_from_aligned = np.array([[c, -s, 0, rng.uniform(-2, 2)], [s, c, 0, rng.uniform(-2, 2)], [0, 0, 1, 0], [0, 0, 0, 1]])
     return SynthRoom(scene_id, xyz, rgb, faces, seg, instance, labels, alignment=np.linalg.inv(raw_from_aligned))
+
+
+def _scanner_positions(sx: float, sy: float, occupied, cfg: SynthConfig) -> np.ndarray:
+    """Grid positions over the free floor (outside furniture footprints) at the scan heights."""
+    g = cfg.scan_grid
+    xs, ys = np.linspace(0.5, sx - 0.5, g), np.linspace(0.5, sy - 0.5, g)
+    positions = []
+    for x in xs:
+        for y in ys:
+            if all(not (o[0] - 0.2 < x < o[2] + 0.2 and o[1] - 0.2 < y < o[3] + 0.2) for o in occupied):
+                positions += [(x, y, h) for h in cfg.scan_heights_m]
+    if not positions:
+        positions = [(sx / 2, sy / 2, h) for h in cfg.scan_heights_m]
+    return np.asarray(positions, dtype=np.float32)
+
+
+def _keep_scanned(xyz, rgb, faces, seg, instance, labels, positions):
+    """Drop the surfaces that no scanner position sees (backs of furniture against walls, tops
+    above eye height, faces hidden by other objects): a real scan has no such surfaces.
+    A vertex is seen when the ray from a scanner position towards it is not blocked before it;
+    a triangle is kept when any of its vertices is seen."""
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(xyz), o3d.core.Tensor(faces.astype(np.uint32)))
+    vertex_seen = np.zeros(len(xyz), dtype=bool)
+    for origin in positions:
+        delta = xyz - origin
+        dist = np.linalg.norm(delta, axis=1)
+        rays = np.concatenate([np.broadcast_to(origin, xyz.shape), delta / np.maximum(dist, 1e-9)[:, None]], 1)
+        t_hit = scene.cast_rays(o3d.core.Tensor(rays.astype(np.float32)))["t_hit"].numpy()
+        vertex_seen |= t_hit >= dist - 0.01
+    seen = vertex_seen[faces].any(axis=1)
+    faces = faces[seen]
+    used = np.zeros(len(xyz), dtype=bool)
+    used[faces.ravel()] = True
+    new_index = np.cumsum(used) - 1
+    faces = new_index[faces].astype(np.int32)
+    instance = instance[used]
+    kept_instances, instance = np.unique(instance, return_inverse=True)
+    labels = [labels[i] for i in kept_instances]
+    _, seg = np.unique(seg[used], return_inverse=True)
+    return (xyz[used], rgb[used], faces, seg.astype(np.int32), instance.astype(np.int32), labels)
 
 
 def write_scannet_layout(room: SynthRoom, out_dir: str | Path, *, variant: str = "v2") -> Path:

@@ -16,15 +16,16 @@ needs_sample = pytest.mark.skipif(
     not (S3DIS_SAMPLE / "Area_1" / "office_2").is_dir(),
     reason=f"real S3DIS sample not found at {S3DIS_SAMPLE} (../shared/data is absent on this machine)",
 )
+_FMT = "%.3f %.3f %.3f %d %d %d"
 
 
 def _write_room(raw: Path, area: str, room: str, files: dict[str, np.ndarray], room_file: bool = True) -> Path:
     ann = raw / area / room / "Annotations"
     ann.mkdir(parents=True)
     for name, values in files.items():
-        np.savetxt(ann / name, values, fmt="%.3f %.3f %.3f %d %d %d")
+        np.savetxt(ann / name, values, fmt=_FMT)
     if room_file:
-        np.savetxt(raw / area / room / f"{room}.txt", np.concatenate(list(files.values())), fmt="%.3f %.3f %.3f %d %d %d")
+        np.savetxt(raw / area / room / f"{room}.txt", np.concatenate(list(files.values())), fmt=_FMT)
     return ann
 
 
@@ -124,7 +125,7 @@ def test_missing_annotations_and_bad_file_names(tmp_path):
 
 def test_room_file_count_mismatch_warns(tmp_path):
     _write_room(tmp_path, "Area_3", "lounge_1", {"sofa_1.txt": _points(4, 0)}, room_file=False)
-    np.savetxt(tmp_path / "Area_3" / "lounge_1" / "lounge_1.txt", _points(7, 0), fmt="%.3f %.3f %.3f %d %d %d")
+    np.savetxt(tmp_path / "Area_3" / "lounge_1" / "lounge_1.txt", _points(7, 0), fmt=_FMT)
     scene = s3dis.read_scene(tmp_path, "Area_3_lounge_1")
     assert len(scene.xyz) == 4
     assert any("7 lines" in w and "4 points" in w for w in scene.warnings)
@@ -185,3 +186,8 @@ def test_parser_clean_fast_path_and_empty():
     assert values.shape == (0, 6) and skipped.size == 0
     with pytest.raises(ValueError):
         s3dis.parse_numeric_lines(b"1.2.3 2 3 4 5 6\n")
+
+
+def test_unsafe_scene_id_is_a_scene_error(tmp_path):
+    with pytest.raises(SceneError, match="invalid scene id"):
+        s3dis.read_scene(tmp_path, "Area_1_../../etc")

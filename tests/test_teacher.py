@@ -49,7 +49,7 @@ def shape_crops(n: int, size: int = 40, seed: int = 0) -> tuple[np.ndarray, np.n
 TINY = TeacherConfig(
     image_size=32, patch_size=8, vision_width=48, vision_layers=2, vision_heads=2,
     text_width=48, text_layers=2, text_heads=2, projection_dim=32, max_text_length=24,
-    steps=220, max_seconds=45.0, batch_size=64, lr=2e-3, warmup_steps=20, val_fraction=0.25,
+    steps=100, max_seconds=600.0, batch_size=64, lr=2e-3, warmup_steps=20, val_fraction=0.25, threads=1,
 )
 
 

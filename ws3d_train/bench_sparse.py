@@ -67,19 +67,23 @@ def room_voxels(
     return voxels[keep].to(torch.int32)
 
 
-def _time(fn: Callable[[], None], *, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
+def _time(fn: Callable[[], None], *, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median process CPU seconds (all threads) of ``fn`` after a warm-up.
+
+    The CPU time stays meaningful on a machine shared with other jobs, where wall time is not.
+    """
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _dense_weight(w: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -98,6 +102,7 @@ def bench_sparse(
     backend: str = "torch",
     dense_grid: int = 48,
     repeats: int = 3,
+    threads: int | None = None,
 ) -> dict[str, float | int | str]:
     """Time the sparse convolution and the tiny U-Net, forward + backward.
 
@@ -108,11 +113,25 @@ def bench_sparse(
         backend: sparse backend name (``torch`` by default: the number the issue asks for).
         dense_grid: edge of the dense comparison grid (voxels).
         repeats: timed repetitions (median reported) after one warm-up.
+        threads: CPU threads for the run (restored afterwards); None keeps torch's setting. On a
+            machine shared with other jobs, 1 thread avoids OpenMP oversubscription stalls.
     Returns:
-        Plain numbers: seconds, voxels/s, the dense/sparse time ratio and the largest difference
-        between the sparse and dense outputs.
+        Plain numbers: wall seconds (``*_s``), process CPU seconds over all threads (``*_cpu_s``),
+        voxels/s (wall), the dense/sparse wall-time ratio and the largest difference between the
+        sparse and dense outputs.
     """
-    dev = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(n_voxels, channels, torch.device(device), backend, dense_grid, repeats)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench(
+    n_voxels: int, channels: int, dev: torch.device, backend: str, dense_grid: int, repeats: int
+) -> dict[str, float | int | str]:
     be = get_backend(backend, device=dev)
     g = torch.Generator().manual_seed(0)
 
@@ -175,19 +194,26 @@ def bench_sparse(
         "threads": torch.get_num_threads(),
         "n_voxels": n,
         "channels": channels,
-        "kmap_build_s": t_map,
-        "subm_conv_fwd_bwd_s": t_conv,
-        "subm_conv_voxels_per_s": n / t_conv,
-        "tiny_net_fwd_bwd_s": t_net,
-        "tiny_net_voxels_per_s": n / t_net,
+        "kmap_build_s": t_map[0],
+        "kmap_build_cpu_s": t_map[1],
+        "subm_conv_fwd_bwd_s": t_conv[0],
+        "subm_conv_fwd_bwd_cpu_s": t_conv[1],
+        "subm_conv_voxels_per_s": n / t_conv[0],
+        "tiny_net_fwd_bwd_s": t_net[0],
+        "tiny_net_fwd_bwd_cpu_s": t_net[1],
+        "tiny_net_voxels_per_s": n / t_net[0],
         "dense_grid": dense_grid,
         "dense_n_active": int(small.shape[0]),
-        "dense_conv_fwd_bwd_s": t_dense,
-        "sparse_conv_small_fwd_bwd_s": t_sparse_small,
-        "dense_over_sparse_time": t_dense / t_sparse_small,
+        "dense_conv_fwd_bwd_s": t_dense[0],
+        "dense_conv_fwd_bwd_cpu_s": t_dense[1],
+        "sparse_conv_small_fwd_bwd_s": t_sparse_small[0],
+        "sparse_conv_small_fwd_bwd_cpu_s": t_sparse_small[1],
+        "dense_over_sparse_time": t_dense[0] / t_sparse_small[0],
         "sparse_dense_max_abs_diff": max_diff,
     }
 
 
 if __name__ == "__main__":
-    print(json.dumps(bench_sparse()))
+    import sys
+
+    print(json.dumps(bench_sparse(threads=int(sys.argv[1]) if len(sys.argv) > 1 else None)))

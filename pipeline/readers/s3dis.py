@@ -173,12 +173,17 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
         SceneError: missing folders, an unknown class name, unparseable or too damaged files.
     """
     raw_dir = Path(raw_dir)
-    check_scene_id(scene_id)
+    try:
+        check_scene_id(scene_id)
+    except ValueError as exc:
+        raise SceneError(str(scene_id), None, str(exc)) from None
     area, room = split_scene_id(scene_id)
     room_dir = raw_dir / area / room
     ann_dir = room_dir / "Annotations"
     if not ann_dir.is_dir():
-        raise SceneError(scene_id, ann_dir, "no Annotations folder (expected Area_<k>/<room>/Annotations/<class>_<i>.txt)")
+        raise SceneError(
+            scene_id, ann_dir, "no Annotations folder (expected Area_<k>/<room>/Annotations/<class>_<i>.txt)"
+        )
     files = sorted(ann_dir.glob("*.txt"), key=_natural_key)
     if not files:
         raise SceneError(scene_id, ann_dir, "no <class>_<i>.txt files in Annotations")

@@ -222,7 +222,9 @@ def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np
         labels = np.fromfile(label_path, dtype=np.uint32)
         if len(labels) != len(points):
             raise SceneError(
-                scene_id, label_path, f"{len(labels)} labels for {len(points)} points in {bin_path.name} (count mismatch)"
+                scene_id,
+                label_path,
+                f"{len(labels)} labels for {len(points)} points in {bin_path.name} (count mismatch)",
             )
     return points, labels, bin_path, label_path
 
@@ -240,7 +242,10 @@ def read_scene(
         SceneError: missing or malformed files, a label config with other classes.
     """
     raw_dir = Path(raw_dir)
-    check_scene_id(scene_id)
+    try:
+        check_scene_id(scene_id)
+    except ValueError as exc:
+        raise SceneError(str(scene_id), None, str(exc)) from None
     seq, frame = split_scene_id(scene_id)
     if cfg.merge_scans < 1:
         raise SceneError(scene_id, None, f"merge_scans must be >= 1, got {cfg.merge_scans}")

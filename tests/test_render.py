@@ -1,0 +1,538 @@
+"""The render stage (pipeline.render, pipeline.cameras, pipeline.views_export).
+
+Oracles from the stored arrays alone: every recorded pixel's back-projected surface point lies on
+a triangle incident to the recorded vertex (meshes) or inside the recorded point's splat (point
+clouds), and every recorded or listed point projects into its view unhidden. Plus: occlusion by a
+wall, coverage of synthetic rooms, the numba splatting against a brute-force numpy version, the
+store round trip (skip on rerun, the executor), and the exported pictures.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import cameras, schema
+from pipeline.executor import ExecutorConfig, run_scenes
+from pipeline.render import (
+    RenderConfig,
+    greedy_cover,
+    render_mesh_views,
+    render_scene,
+    run_scene,
+    splat_points,
+    visible_points,
+)
+from pipeline.store import Store
+
+KITTI_SCAN = Path(__file__).resolve().parents[1].parent / "shared/data/semantickitti/sequences/08/velodyne/000000.bin"
+SMALL = dict(width=64, height=48)
+"""Small images keep the default run fast."""
+
+
+# --- synthetic scenes ---------------------------------------------------------------------------
+
+
+class _Mesh:
+    """Quads as grids of triangles (vertices not shared between quads), with a colour each."""
+
+    def __init__(self) -> None:
+        self.xyz: list[np.ndarray] = []
+        self.rgb: list[np.ndarray] = []
+        self.faces: list[np.ndarray] = []
+        self.n = 0
+
+    def quad(self, origin, u, v, colour, edge: float) -> range:
+        origin, u, v = (np.asarray(a, float) for a in (origin, u, v))
+        nu = max(1, math.ceil(np.linalg.norm(u) / edge))
+        nv = max(1, math.ceil(np.linalg.norm(v) / edge))
+        s, t = np.meshgrid(np.linspace(0, 1, nu + 1), np.linspace(0, 1, nv + 1), indexing="ij")
+        pts = origin + s.reshape(-1, 1) * u + t.reshape(-1, 1) * v
+        idx = np.arange(len(pts)).reshape(nu + 1, nv + 1)
+        a, b, c, d = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel(), idx[:-1, 1:].ravel()
+        self.faces.append(np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)]) + self.n)
+        # a colour gradient across the quad, so interpolation is visible and testable
+        ramp = (40 * s.reshape(-1, 1)).astype(int)
+        self.rgb.append(np.clip(np.asarray(colour) + ramp, 0, 255).astype(np.uint8))
+        self.xyz.append(pts)
+        ids = range(self.n, self.n + len(pts))
+        self.n += len(pts)
+        return ids
+
+    def box(self, lo, hi, colour, edge: float) -> range:
+        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        dx, dy, dz = hi - lo
+        x, y, z = np.eye(3)
+        first = self.n
+        self.quad(lo + z * dz, x * dx, y * dy, colour, edge)
+        self.quad(lo, x * dx, z * dz, colour, edge)
+        self.quad(lo + y * dy, x * dx, z * dz, colour, edge)
+        self.quad(lo, y * dy, z * dz, colour, edge)
+        self.quad(lo + x * dx, y * dy, z * dz, colour, edge)
+        return range(first, self.n)
+
+    def build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (np.concatenate(self.xyz).astype(np.float32), np.concatenate(self.rgb),
+                np.concatenate(self.faces).astype(np.int32))
+
+
+def small_room(edge: float = 0.1, size=(4.0, 3.5), height: float = 2.4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A room without a ceiling (like a ScanNet scan): floor, four walls, a table-like box."""
+    m = _Mesh()
+    sx, sy = size
+    m.quad((0, 0, 0), (sx, 0, 0), (0, sy, 0), (150, 120, 90), edge)
+    for origin, u, colour in (((0, 0, 0), (sx, 0, 0), (200, 200, 190)), ((sx, 0, 0), (0, sy, 0), (190, 200, 210)),
+                              ((sx, sy, 0), (-sx, 0, 0), (210, 190, 190)), ((0, sy, 0), (0, -sy, 0), (190, 210, 190))):
+        m.quad(origin, u, (0, 0, height), colour, edge)
+    m.box((1.2, 1.0, 0.0), (2.0, 1.6, 0.75), (120, 60, 40), edge)
+    return m.build()
+
+
+def point_cloud_of(xyz: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Points sampled uniformly on a mesh's surface [n, 3]."""
+    rng = np.random.default_rng(seed)
+    tri = xyz[faces].astype(np.float64)
+    area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1) / 2
+    pick = rng.choice(len(faces), size=n, p=area / area.sum())
+    r1, r2 = rng.random(n), rng.random(n)
+    flip = r1 + r2 > 1
+    r1[flip], r2[flip] = 1 - r1[flip], 1 - r2[flip]
+    t = tri[pick]
+    return (t[:, 0] + r1[:, None] * (t[:, 1] - t[:, 0]) + r2[:, None] * (t[:, 2] - t[:, 0])).astype(np.float32)
+
+
+# --- oracle helpers -----------------------------------------------------------------------------
+
+
+def point_triangle_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Distance [M] from points p [M, 3] to triangles (a, b, c) [M, 3] (Ericson's closest point)."""
+    ab, ac, ap = b - a, c - a, p - a
+    d1, d2 = (ab * ap).sum(1), (ac * ap).sum(1)
+    bp = p - b
+    d3, d4 = (ab * bp).sum(1), (ac * bp).sum(1)
+    cp = p - c
+    d5, d6 = (ab * cp).sum(1), (ac * cp).sum(1)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = va + vb + vc
+        v_in, w_in = vb / denom, vc / denom
+        closest = a + ab * v_in[:, None] + ac * w_in[:, None]
+        # the six outside regions, in the order Ericson tests them
+        t_ab = np.clip(d1 / (d1 - d3), 0, 1)
+        t_ac = np.clip(d2 / (d2 - d6), 0, 1)
+        t_bc = np.clip((d4 - d3) / ((d4 - d3) + (d5 - d6)), 0, 1)
+    regions = [
+        ((d1 <= 0) & (d2 <= 0), a),
+        ((d3 >= 0) & (d4 <= d3), b),
+        ((vc <= 0) & (d1 >= 0) & (d3 <= 0), a + ab * t_ab[:, None]),
+        ((d6 >= 0) & (d5 <= d6), c),
+        ((vb <= 0) & (d2 >= 0) & (d6 <= 0), a + ac * t_ac[:, None]),
+        ((va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0), b + (c - b) * t_bc[:, None]),
+    ]
+    for mask, point in reversed(regions):  # reversed + overwrite: the first matching region wins
+        closest = np.where(mask[:, None], point, closest)
+    return np.linalg.norm(p - closest, axis=1)
+
+
+def check_recorded_points_unhidden(xyz, depth, index, K, poses, tol_rel=0.025, tol_abs=0.021) -> None:
+    """Every recorded point, projected with the stored camera, lands in the image and is not behind
+    the stored depth at its pixel (beyond the renderer's tolerance plus float16 slack)."""
+    for v in range(len(index)):
+        ids = np.unique(index[v][index[v] >= 0])
+        check_listed_points_unhidden(xyz[ids], depth[v], K[v], poses[v])
+
+
+def check_listed_points_unhidden(pts, depth_v, K, pose, tol_rel=0.025, tol_abs=0.021) -> None:
+    uv, z = cameras.project(pts, K, pose)
+    assert np.isfinite(uv).all(), "a recorded point is behind the camera"
+    px = cameras.pixel_of(uv)
+    H, W = depth_v.shape
+    inside = (px[:, 0] >= 0) & (px[:, 0] < W) & (px[:, 1] >= 0) & (px[:, 1] < H)
+    assert inside.all(), f"{(~inside).sum()} recorded points project outside the image"
+    d = depth_v[px[:, 1], px[:, 0]].astype(np.float64)
+    hidden = (d > 0) & (z > d * (1 + tol_rel) + tol_abs)
+    assert not hidden.any(), f"{hidden.sum()} recorded points are hidden: z={z[hidden][:5]} depth={d[hidden][:5]}"
+
+
+def check_mesh_oracle(xyz, faces, depth, index, K, poses) -> int:
+    """Back-projected pixels lie on a triangle incident to their recorded vertex; returns pixels checked."""
+    order = np.argsort(faces.ravel(), kind="stable")
+    sorted_v = faces.ravel()[order]
+    starts = np.searchsorted(sorted_v, np.arange(len(xyz) + 1))
+    checked = 0
+    for v in range(len(index)):
+        world = cameras.backproject(depth[v].astype(np.float32), K[v], poses[v])
+        rows, cols = np.nonzero(index[v] >= 0)
+        pid = index[v][rows, cols]
+        p = world[rows, cols]
+        zd = depth[v][rows, cols].astype(np.float64)
+        best = np.full(len(pid), np.inf)
+        # up to 8 incident triangles per vertex in these meshes: check them all, keep the nearest
+        counts = starts[pid + 1] - starts[pid]
+        for k in range(int(counts.max())):
+            has = counts > k
+            f = order[starts[pid[has]] + k] // 3
+            tri = xyz[faces[f]].astype(np.float64)
+            dist = point_triangle_distance(p[has], tri[:, 0], tri[:, 1], tri[:, 2])
+            best[has] = np.minimum(best[has], dist)
+        bad = best > 2e-3 * zd + 1e-4
+        assert not bad.any(), f"view {v}: {bad.sum()} pixels off their vertex's triangles by {best[bad][:5]}"
+        checked += len(pid)
+    return checked
+
+
+def check_splat_oracle(xyz, radius_m, depth, index, K, poses, max_radius_px) -> int:
+    """Back-projected pixels lie inside the recorded point's splat; returns pixels checked."""
+    checked = 0
+    f = float(K[0][0, 0])
+    for v in range(len(index)):
+        world = cameras.backproject(depth[v].astype(np.float32), K[v], poses[v])
+        rows, cols = np.nonzero(index[v] >= 0)
+        pid = index[v][rows, cols]
+        _, z = cameras.project(xyz[pid], K[v], poses[v])
+        r_px = np.maximum(np.minimum(f * np.broadcast_to(radius_m, (len(xyz),))[pid] / z, max_radius_px), math.sqrt(0.5))
+        allowed = r_px * z / f * (1 + 1e-3) + 3e-3 * z + 1e-4
+        dist = np.linalg.norm(world[rows, cols] - xyz[pid], axis=1)
+        bad = dist > allowed
+        assert not bad.any(), f"view {v}: {bad.sum()} pixels outside their point's splat: {dist[bad][:5]} > {allowed[bad][:5]}"
+        checked += len(pid)
+    return checked
+
+
+def check_visibility_lists(xyz, depth, index, K, poses, ptr, ids, view_count) -> None:
+    """The CSR lists contain every recorded point, are sorted and unique, pass the unhidden test,
+    and the view counts are their histogram."""
+    assert ptr[0] == 0 and ptr[-1] == len(ids) and (np.diff(ptr) >= 0).all()
+    for v in range(len(index)):
+        listed = ids[ptr[v]:ptr[v + 1]]
+        assert (np.diff(listed) > 0).all(), "visible ids must be sorted and unique"
+        recorded = np.unique(index[v][index[v] >= 0])
+        assert np.isin(recorded, listed).all(), "a recorded point is missing from the view's visible list"
+        check_listed_points_unhidden(xyz[listed], depth[v], K[v], poses[v])
+    np.testing.assert_array_equal(view_count, np.bincount(ids, minlength=len(xyz)))
+
+
+# --- cameras ------------------------------------------------------------------------------------
+
+
+def test_look_at_follows_opencv_axes_and_projection_round_trips() -> None:
+    K = cameras.intrinsics(64, 48, 90.0)
+    assert K[0, 0] == pytest.approx(32.0) and K[0, 2] == pytest.approx(31.5)
+    pose = cameras.look_at(np.array([0.0, 0.0, 1.5]), np.array([5.0, 0.0, 1.5]))  # looking along +x
+    pts = np.array([[5.0, 0.0, 1.5], [5.0, -1.0, 1.5], [5.0, 0.0, 2.5]])  # ahead, to the right, above
+    uv, z = cameras.project(pts, K, pose)
+    np.testing.assert_allclose(z, 5.0)
+    np.testing.assert_allclose(uv[0], [31.5, 23.5])
+    assert uv[1, 0] > 31.5, "a point to the right (-y when looking along +x) must have larger u"
+    assert uv[2, 1] < 23.5, "a point above must have smaller v (y down)"
+    np.testing.assert_allclose(cameras.camera_centres(pose[None])[0], [0, 0, 1.5], atol=1e-12)
+    depth = np.full((48, 64), 3.0)
+    world = cameras.backproject(depth, K, pose)
+    uv2, z2 = cameras.project(world.reshape(-1, 3), K, pose)
+    np.testing.assert_allclose(z2, 3.0)
+    cols, rows = np.meshgrid(np.arange(64), np.arange(48))
+    np.testing.assert_allclose(uv2, np.stack([cols.ravel(), rows.ravel()], 1), atol=1e-9)
+    down = cameras.heading_poses(np.zeros(3), np.array([0.0]), np.deg2rad(-20))[0]
+    assert (down[2, :3] @ [0, 0, 1]) == pytest.approx(-math.sin(np.deg2rad(20))), "negative pitch looks down"
+
+
+def test_rays_hit_parameter_is_z_depth() -> None:
+    xyz, rgb, faces = small_room(edge=0.25)
+    K = cameras.intrinsics(32, 24, 90.0)
+    poses = cameras.heading_poses(np.array([2.0, 1.75, 1.4]), np.array([0.3]), -0.2)
+    _, depth, _ = render_mesh_views(xyz, rgb, faces, poses, K, 24, 32)
+    world = cameras.backproject(depth[0].astype(np.float32), K, poses[0])
+    hit = depth[0] > 0
+    # every surface of the room is a plane x, y = 0/4/3.5 or z = 0/0.75...: back-projections land on one
+    p = world[hit]
+    on_plane = np.min(np.abs(np.stack([p[:, 0], p[:, 0] - 4, p[:, 1], p[:, 1] - 3.5, p[:, 2], p[:, 2] - 0.75,
+                                       p[:, 0] - 1.2, p[:, 0] - 2.0, p[:, 1] - 1.0, p[:, 1] - 1.6], 1)), axis=1)
+    assert np.all(on_plane < 5e-3 * depth[0][hit].astype(float) + 1e-4)
+
+
+# --- oracles from the stored arrays --------------------------------------------------------------
+
+
+def _ingest(store_path: Path, scene_id: str, xyz, rgb, faces, kind: str, stats_extra: dict | None = None) -> Store:
+    store = Store.create(store_path, dataset="synthetic", class_names=["thing"])
+    n = len(xyz)
+    arrays = {schema.XYZ: xyz, schema.RGB: rgb, schema.SEMANTIC: np.zeros(n, np.int16),
+              schema.INSTANCE: np.full(n, -1, np.int32)}
+    if faces is not None:
+        arrays[schema.FACES] = faces
+    store.write_stage(scene_id, "ingest", arrays, {"config_hash": "x", "stats": {"kind": kind, **(stats_extra or {})}})
+    return store
+
+
+def _stored(store: Store, scene_id: str) -> dict[str, np.ndarray]:
+    specs = {"rgb": schema.VIEW_RGB, "depth": schema.VIEW_DEPTH, "index": schema.VIEW_POINT_INDEX, "K": schema.VIEW_K,
+             "pose": schema.VIEW_POSE, "ptr": schema.VISIBLE_PTR, "ids": schema.VISIBLE_IDS, "count": schema.VIEW_COUNT}
+    return {k: store.read(scene_id, spec) for k, spec in specs.items()}
+
+
+def test_mesh_round_trip_oracle_and_skip(tmp_path: Path) -> None:
+    xyz, rgb, faces = small_room(edge=0.2)
+    store = _ingest(tmp_path / "store", "room0", xyz, rgb, faces, "mesh")
+    cfg = RenderConfig(max_views=6, **SMALL)
+    result = run_scene(str(store.path), "room0", cfg)
+    assert result.status == "done" and result.stats["views"] >= 1
+    s = _stored(store, "room0")
+    V = len(s["pose"])
+    assert s["rgb"].shape == (V, 48, 64, 3) and s["rgb"].dtype == np.uint8
+    assert s["depth"].dtype == np.float16 and s["index"].dtype == np.int32 and s["count"].dtype == np.uint16
+    assert s["K"].shape == (V, 3, 3) and s["ptr"].shape == (V + 1,)
+    record = store.stage_record("room0", "render")
+    assert record["stats"]["coverage"] == result.stats["coverage"]
+    checked = check_mesh_oracle(xyz, faces, s["depth"], s["index"], s["K"], s["pose"])
+    assert checked > 0.5 * s["index"].size
+    check_recorded_points_unhidden(xyz, s["depth"], s["index"], s["K"], s["pose"])
+    check_visibility_lists(xyz, s["depth"], s["index"], s["K"], s["pose"], s["ptr"], s["ids"], s["count"])
+    # colours are the barycentric blend of the hit triangle's corners: within the corners' range
+    v, r, c = np.argwhere(s["index"] >= 0)[0]
+    assert (s["rgb"][v, r, c] > 0).any()
+    # cameras stand inside the room, clear of the walls, at eye height
+    centres = cameras.camera_centres(s["pose"].astype(np.float64))
+    assert (centres[:, 0] > 0.29).all() and (centres[:, 0] < 3.71).all() and (centres[:, 1] > 0.29).all()
+    assert (centres[:, 2] >= 1.2 - 1e-4).all() and (centres[:, 2] <= 1.6 + 1e-4).all()
+    assert run_scene(str(store.path), "room0", cfg).status == "skipped"
+    assert run_scene(str(store.path), "room0", cfg, force=True).status == "done"
+    assert run_scene(str(store.path), "room0", RenderConfig(max_views=5, **SMALL)).status == "done"  # new config
+
+
+def test_points_round_trip_splat_oracle(tmp_path: Path) -> None:
+    xyz_m, _, faces = small_room(edge=0.25)
+    xyz = point_cloud_of(xyz_m, faces, 6000)
+    rgb = np.random.default_rng(0).integers(0, 255, (len(xyz), 3)).astype(np.uint8)
+    store = _ingest(tmp_path / "store", "cloud0", xyz, rgb, None, "points")
+    cfg = RenderConfig(max_views=6, point_radius_m=0.04, **SMALL)
+    result = run_scene(str(store.path), "cloud0", cfg)
+    assert result.status == "done"
+    s = _stored(store, "cloud0")
+    assert check_splat_oracle(xyz, cfg.point_radius_m, s["depth"], s["index"], s["K"], s["pose"], cfg.max_splat_radius_px) > 0
+    check_recorded_points_unhidden(xyz, s["depth"], s["index"], s["K"], s["pose"])
+    check_visibility_lists(xyz, s["depth"], s["index"], s["K"], s["pose"], s["ptr"], s["ids"], s["count"])
+    hit = s["index"] >= 0
+    np.testing.assert_array_equal(s["rgb"][hit], rgb[s["index"][hit]])
+
+
+def test_lidar_cameras_at_sensor_and_oracle(tmp_path: Path) -> None:
+    # a scanner-like cloud: rings on the ground 1.7 m below the sensor, and a wall of points around
+    rng = np.random.default_rng(1)
+    ang = rng.uniform(0, 2 * np.pi, 8000)
+    rad = rng.uniform(3, 20, 8000)
+    ground = np.stack([rad * np.cos(ang), rad * np.sin(ang), np.full(8000, -1.7)], 1)
+    a2 = rng.uniform(0, 2 * np.pi, 4000)
+    wall = np.stack([15 * np.cos(a2), 15 * np.sin(a2), rng.uniform(-1.7, 1.0, 4000)], 1)
+    xyz = np.concatenate([ground, wall]).astype(np.float32)
+    rgb = np.full((len(xyz), 3), 128, np.uint8)
+    store = _ingest(tmp_path / "store", "scan0", xyz, rgb, None, "lidar")
+    cfg = RenderConfig(**SMALL)
+    assert run_scene(str(store.path), "scan0", cfg).status == "done"
+    s = _stored(store, "scan0")
+    assert len(s["pose"]) == cfg.lidar_headings
+    np.testing.assert_allclose(cameras.camera_centres(s["pose"].astype(np.float64)), 0.0, atol=1e-5)
+    ranges = np.linalg.norm(xyz, axis=1)
+    radius = ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))
+    assert check_splat_oracle(xyz, radius, s["depth"], s["index"], s["K"], s["pose"], cfg.max_splat_radius_px) > 0
+    check_visibility_lists(xyz, s["depth"], s["index"], s["K"], s["pose"], s["ptr"], s["ids"], s["count"])
+    assert store.stage_record("scan0", "render")["stats"]["coverage"] > 0.5
+
+
+@pytest.mark.skipif(not KITTI_SCAN.is_file(), reason=f"real SemanticKITTI sample not found at {KITTI_SCAN}")
+def test_real_semantickitti_scan_oracle() -> None:
+    scan = np.fromfile(KITTI_SCAN, dtype=np.float32).reshape(-1, 4)
+    xyz = scan[:, :3]
+    grey = np.clip(scan[:, 3] * 255, 0, 255).astype(np.uint8)
+    cfg = RenderConfig()
+    res = render_scene(xyz, np.stack([grey] * 3, 1), None, kind="lidar", cfg=cfg)
+    assert res.rgb.shape == (6, 240, 320, 3)
+    ranges = np.linalg.norm(xyz, axis=1)
+    radius = ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))
+    K, pose = res.K.astype(np.float64), res.pose.astype(np.float64)
+    assert check_splat_oracle(xyz, radius, res.depth, res.point_index, K, pose, cfg.max_splat_radius_px) > 10_000
+    check_visibility_lists(xyz, res.depth, res.point_index, K, pose, res.visible_ptr, res.visible_ids, res.view_count)
+    # the scanner sees about -25..+2 degrees: nearly every point lies in the six views' frusta
+    assert res.stats["coverage"] > 0.5, res.stats
+
+
+# --- occlusion and coverage ---------------------------------------------------------------------
+
+
+def _wall_and_object(edge: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray, range]:
+    m = _Mesh()
+    m.quad((0, -3, 0), (0, 6, 0), (0, 0, 3), (200, 200, 200), edge)  # a wall in the plane x = 0
+    m.quad((-4, -3, 0), (8, 0, 0), (0, 6, 0), (120, 100, 80), 0.25)  # a floor on both sides
+    obj = m.box((1.0, -0.4, 0.0), (1.8, 0.4, 1.0), (200, 40, 40), edge)  # an object behind it
+    xyz, rgb, faces = m.build()
+    return xyz, rgb, faces, obj
+
+
+def test_object_behind_wall_is_not_visible_from_the_other_side() -> None:
+    xyz, rgb, faces, obj = _wall_and_object()
+    K = cameras.intrinsics(64, 48, 90.0)
+    front = cameras.look_at(np.array([-1.5, 0.0, 1.4]), np.array([1.4, 0.0, 0.5]))[None]
+    back = cameras.look_at(np.array([3.5, 0.0, 1.4]), np.array([1.4, 0.0, 0.5]))[None]
+    obj_ids = np.arange(obj.start, obj.stop)
+    for pose, expect in ((front, False), (back, True)):
+        _, depth, index = render_mesh_views(xyz, rgb, faces, pose, K, 48, 64)
+        ptr, ids, _ = visible_points(xyz, pose, K, depth)
+        assert np.isin(index, obj_ids).any() == expect
+        assert np.isin(ids, obj_ids).any() == expect
+    # the same with splatted points
+    cloud = point_cloud_of(xyz, faces, 40000)  # ~4 cm apart: 8 cm discs leave no holes in the wall
+    is_obj = (cloud[:, 0] > 0.99) & (cloud[:, 0] < 1.81) & (np.abs(cloud[:, 1]) < 0.41) & (cloud[:, 2] < 1.01)
+    for pose, expect in ((front, False), (back, True)):
+        _, depth, index = splat_points(cloud, np.zeros((len(cloud), 3), np.uint8), pose, K, 48, 64, radius_m=0.08)
+        ptr, ids, _ = visible_points(cloud, pose, K, depth)
+        assert is_obj[index[index >= 0]].any() == expect
+        assert is_obj[ids].any() == expect
+
+
+def test_coverage_of_a_synthetic_room() -> None:
+    xyz, rgb, faces = small_room(edge=0.1)
+    cfg = RenderConfig(width=160, height=120)
+    res = render_scene(xyz, rgb, faces, kind="mesh", cfg=cfg)
+    # floor, walls and an open-bottomed box: only the floor under the box is hidden from everywhere
+    assert res.stats["coverage"] >= 0.95, res.stats
+    assert res.stats["views"] <= cfg.max_views
+    assert abs(res.stats["coverage_estimate"] - res.stats["coverage"]) < 0.05, "the greedy estimate must be close"
+    # greedy choice stops at the target instead of always using max_views
+    assert res.stats["views"] < cfg.max_views
+
+
+@pytest.mark.slow
+def test_coverage_of_generated_rooms() -> None:
+    synth = pytest.importorskip("pipeline.synth")
+    for index in range(3):
+        room = synth.make_room(0, index)
+        res = render_scene(room.xyz, room.rgb, room.faces, kind="mesh", cfg=RenderConfig())
+        # generated rooms hide many points from eye height (backs of wall objects, floor under
+        # furniture): 95% of what some candidate camera can see
+        assert res.stats["coverage_of_observable"] >= 0.93, res.stats
+        assert res.stats["coverage"] >= 0.7, res.stats
+
+
+def test_greedy_cover_picks_largest_new_sets_and_stops() -> None:
+    seen = np.zeros((4, 10), bool)
+    seen[0, :6] = True
+    seen[1, 4:9] = True
+    seen[2, :3] = True
+    seen[3, 9] = True
+    chosen, covered = greedy_cover(seen, max_views=10, target=1.0)
+    assert chosen == [0, 1, 3] and covered.all()
+    chosen, _ = greedy_cover(seen, max_views=10, target=0.85)
+    assert chosen == [0, 1]
+    chosen, _ = greedy_cover(seen, max_views=1, target=1.0)
+    assert chosen == [0]
+    chosen, _ = greedy_cover(seen, max_views=10, target=1.0, allowed=np.array([False, True, True, True]))
+    assert chosen[0] == 1
+
+
+# --- splatting against brute force --------------------------------------------------------------
+
+
+def splat_brute_force(xyz, rgb, poses, K, H, W, radius_m, max_radius_px, rel, abs_tol, near):
+    """The obvious O(points x pixels) version of `splat_points` in numpy."""
+    xyz64 = xyz.astype(np.float64)
+    cols, rows = np.meshgrid(np.arange(W), np.arange(H))
+    out_rgb = np.zeros((len(poses), H, W, 3), np.uint8)
+    out_depth = np.zeros((len(poses), H, W), np.float16)
+    out_index = np.full((len(poses), H, W), -1, np.int32)
+    radius = np.broadcast_to(np.asarray(radius_m, np.float32), (len(xyz),)).astype(np.float64)
+    for v, P in enumerate(poses):
+        x, y, z = xyz64[:, 0], xyz64[:, 1], xyz64[:, 2]
+        cx = P[0, 0] * x + P[0, 1] * y + P[0, 2] * z + P[0, 3]
+        cy = P[1, 0] * x + P[1, 1] * y + P[1, 2] * z + P[1, 3]
+        cz = P[2, 0] * x + P[2, 1] * y + P[2, 2] * z + P[2, 3]
+        ok = cz > near
+        czs = np.where(ok, cz, 1.0)
+        u = K[0, 0] * cx / czs + K[0, 2]
+        w = K[1, 1] * cy / czs + K[1, 2]
+        cu, cv = np.floor(u + 0.5), np.floor(w + 0.5)
+        ok &= (cu >= 0) & (cu < W) & (cv >= 0) & (cv < H)
+        rp = np.minimum(K[0, 0] * radius / czs, max_radius_px)
+        z32 = cz.astype(np.float32)
+        dx = cols.reshape(1, -1) - u[:, None]
+        dy = rows.reshape(1, -1) - w[:, None]
+        cover = (dx * dx + dy * dy <= (rp * rp)[:, None]) | ((cols.reshape(1, -1) == cu[:, None]) & (rows.reshape(1, -1) == cv[:, None]))
+        cover &= ok[:, None]
+        key = np.where(cover, z32[:, None], np.inf)
+        zmin = key.min(0)
+        winner = np.where(cover & (key == zmin[None]), np.arange(len(xyz))[:, None], len(xyz)).min(0)
+        hit = winner < len(xyz)
+        idx = np.where(hit, winner, -1).reshape(H, W)
+        d16 = np.where(hit, zmin, 0).astype(np.float16).reshape(H, W)
+        out_depth[v] = d16
+        out_rgb[v][hit.reshape(H, W)] = rgb[winner[hit]]
+        # a recorded point must not be hidden at its own pixel
+        rec = idx >= 0
+        i = idx[rec]
+        dq = d16.astype(np.float32).astype(np.float64)[cv[i].astype(int), cu[i].astype(int)]
+        keep = (dq <= 0) | (cz[i] <= dq * (1 + rel) + abs_tol)
+        kept = idx.copy()
+        kept[np.nonzero(rec)[0][~keep], np.nonzero(rec)[1][~keep]] = -1
+        out_index[v] = kept
+    return out_rgb, out_depth, out_index
+
+
+def test_splatting_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    xyz = rng.uniform([-1, -1, 2], [1, 1, 5], (300, 3)).astype(np.float32)
+    xyz[:20, 2] = 3.0  # equal depths: ties go to the lower id
+    xyz[20:40] = xyz[40:60]  # duplicates
+    rgb = rng.integers(0, 255, (300, 3)).astype(np.uint8)
+    radius = rng.uniform(0.01, 0.2, 300).astype(np.float32)
+    K = cameras.intrinsics(32, 24, 70.0)
+    poses = np.stack([cameras.look_at(np.zeros(3), np.array([0, 0, 4.0]), up=np.array([0, -1.0, 0])),
+                      cameras.look_at(np.array([0.5, 0.2, 0.0]), np.array([0, 0, 4.0]), up=np.array([0, -1.0, 0]))])
+    got = splat_points(xyz, rgb, poses, K, 24, 32, radius_m=radius, max_radius_px=5.0)
+    want = splat_brute_force(xyz, rgb, poses, K, 24, 32, radius, 5.0, 0.02, 0.02, 0.05)
+    for g, w, name in zip(got, want, ("rgb", "depth", "index")):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    assert (got[2] >= 0).sum() > 100, "the test cloud must cover a good part of the image"
+
+
+# --- executor and export ------------------------------------------------------------------------
+
+
+def test_runs_through_the_executor_and_reports_bad_input(tmp_path: Path) -> None:
+    xyz, rgb, faces = small_room(edge=0.3)
+    store = _ingest(tmp_path / "store", "a", xyz, rgb, faces, "mesh")
+    store.write_stage("b", "ingest", {schema.XYZ: xyz, schema.RGB: rgb, schema.SEMANTIC: np.zeros(len(xyz), np.int16),
+                                      schema.INSTANCE: np.zeros(len(xyz), np.int32)},
+                      {"config_hash": "x", "stats": {"kind": "mesh"}})  # a mesh without faces
+    fn = functools.partial(run_scene, str(store.path), cfg=RenderConfig(max_views=2, **SMALL))
+    report = run_scenes("render", fn, ["a", "b"], ExecutorConfig(kind="sync"), progress=False)
+    status = {r.scene_id: r for r in report.results}
+    assert status["a"].status == "done"
+    assert status["b"].status == "failed" and "faces" in status["b"].error
+
+
+def test_tiny_cloud_still_gets_a_view() -> None:
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 0.5, (100, 3)).astype(np.float32)  # no room around it: every position fails
+    res = render_scene(xyz, np.zeros((100, 3), np.uint8), None, kind="points", cfg=RenderConfig(**SMALL))
+    assert res.stats["views"] >= 1 and res.rgb.shape[1:] == (48, 64, 3)
+
+
+def test_export_writes_pictures_pillow_reopens(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.views_export import export_views
+
+    xyz, rgb, faces = small_room(edge=0.3)
+    store = _ingest(tmp_path / "store", "room0", xyz, rgb, faces, "mesh")
+    run_scene(str(store.path), "room0", RenderConfig(max_views=3, **SMALL))
+    paths = export_views(store.path, "room0", tmp_path / "pics")
+    n_views = len(store.read("room0", schema.VIEW_POSE))
+    assert len(paths) == 3 * n_views + 1
+    for p in paths[:-1]:
+        with Image.open(p) as im:
+            assert im.size == (64, 48) and im.mode == "RGB"
+    with Image.open(paths[-1]) as sheet:
+        assert sheet.width >= 3 * 32 and sheet.height >= 24
+    with pytest.raises(KeyError, match="room1"):
+        export_views(store.path, "room1", tmp_path / "none")

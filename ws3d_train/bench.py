@@ -1,0 +1,139 @@
+"""`ws3d bench` / `make bench`: every stage measured on a fixed input, as ratios against a
+reference measured in the same process where one exists.
+
+Sections (each from the stage owner's bench function): rendering vs bare ray casting,
+over-segmentation vs Open3D FPFH, CLIP embedding images/s, store read scenes/s, sparse
+convolution voxels/s and against a dense `nn.Conv3d`, peak memory per stage, and, on a GPU,
+training steps/s and peak GPU memory. Writes a JSON file and prints a table.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import platform
+import resource
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+SECTIONS: dict[str, tuple[str, str]] = {
+    "render": ("pipeline.bench_render", "bench_render"),
+    "overseg": ("pipeline.bench_overseg", "bench_overseg"),
+    "embed": ("pipeline.bench_embed", "bench_embed"),
+    "sparse": ("ws3d_train.bench_sparse", "bench_sparse"),
+    "store_read": ("ws3d_train.bench_data", "bench_store_read"),
+    "train_step": ("ws3d_train.bench_data", "bench_train_step"),
+}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_bench(sections: list[str] | None = None, *, size: str = "full", store: str | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the named sections (default all); `size="tiny"` shrinks inputs (for tests)."""
+    results: dict[str, Any] = {"machine": machine(), "size": size, "date": time.strftime("%Y-%m-%d")}
+    store_path = store
+    for name in sections or list(SECTIONS):
+        module_name, fn_name = SECTIONS[name]
+        echo(f"bench {name} ...")
+        start = time.perf_counter()
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            kwargs = _kwargs(name, size, store_path)
+            if name in ("store_read", "train_step") and store_path is None:
+                store_path = _bench_store(size)
+                kwargs = _kwargs(name, size, store_path)
+            out = fn(**kwargs)
+        except Exception as exc:  # a broken section is reported, the others still run
+            out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)}
+        out["seconds_total"] = time.perf_counter() - start
+        out["peak_rss_mb_process"] = _peak_rss_mb()
+        results[name] = out
+    return results
+
+
+def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
+    tiny = size == "tiny"
+    if name == "overseg":
+        return {"n_points": 8_000 if tiny else 80_000}
+    if name == "sparse":
+        return {"n_voxels": 5_000 if tiny else 80_000}
+    if name == "render":
+        return {"tiny": True} if tiny else {}
+    if name == "embed":
+        return {"tiny": True} if tiny else {}
+    if name in ("store_read", "train_step"):
+        return {"store_path": store}
+    return {}
+
+
+def _bench_store(size: str) -> str:
+    """A small preprocessed synthetic store (ingest, overseg, render, embed with a random tiny
+    CLIP) for the trainer-side sections, built once per bench run in a temporary folder."""
+    import tempfile
+
+    from ws3d_train.demo import build_store_for_bench
+
+    folder = Path(tempfile.mkdtemp(prefix="ws3d-bench-"))
+    return build_store_for_bench(folder, n_scenes=2 if size == "tiny" else 4)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix] = value
+    elif isinstance(value, str) and prefix.endswith(("error", "device", "backend")):
+        out[prefix] = value
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Readable lines: section, figure, value (ratios flagged)."""
+    lines = [f"ws3d bench  {results['date']}  {results['machine'].get('platform')}  "
+             f"cpus={results['machine'].get('cpus')}  cuda={results['machine'].get('cuda')}"]
+    for name in SECTIONS:
+        if name not in results:
+            continue
+        flat: dict[str, Any] = {}
+        _flatten("", {k: v for k, v in results[name].items() if k != "trace"}, flat)
+        lines.append(f"[{name}]")
+        for key, value in flat.items():
+            if isinstance(value, float):
+                text = f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+            else:
+                text = str(value)
+            mark = "  <- ratio" if "ratio" in key else ""
+            lines.append(f"  {key:<48}{text:>18}{mark}")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(results), indent=2, default=str))

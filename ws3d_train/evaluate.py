@@ -1,0 +1,276 @@
+"""Evaluation of a run on scenes of a store: semantic, open-vocabulary, instance and box metrics.
+
+Reads a run (checkpoint), the store (points and labels, ``overseg/segment`` and
+``overseg/adjacency``, a vocabulary's text embeddings) through :mod:`ws3d_train.predict`. Writes
+nothing itself; :func:`write_json` writes the result dict where the caller asks, and
+:func:`format_table` renders it for the terminal.
+
+Every scene is predicted whole at full resolution (no crop, no augmentation; each point takes
+its voxel's outputs) and compared with the labels of every point of the store:
+
+- ``semantic``: the semantic head alone (argmax over the supervised classes); mIoU, per-class IoU,
+  overall and mean class accuracy from one confusion matrix accumulated over all points;
+- ``open_vocab``: the CLIP head alone (cosine to the text embedding of each class) and the
+  combined prediction (``combine``, see :mod:`ws3d_train.predict`: by default the CLIP head decides
+  base vs novel mass and the semantic head splits the base mass); with an open-vocabulary split,
+  base, novel and harmonic-mean IoU of each, else their mIoU;
+- ``instance``: adjacent over-segments with the same combined class and similar decoder features
+  merged into instances; ScanNet AP (0.50:0.90), AP50, AP25 over the non-stuff classes, with the
+  benchmark's ``min_region_size`` (100 points; pass less for small synthetic scenes);
+- ``box``: axis-aligned boxes of those instances against boxes of the ground-truth instances;
+  VOC mAP at IoU 0.25 and 0.5.
+
+Classes ignored by the open-vocabulary split are ignored in the ground truth too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import schema
+from pipeline.schema import IGNORE_INDEX
+from pipeline.store import Store
+from ws3d_train.instances import boxes_from_instances
+from ws3d_train.metrics import (
+    Boxes,
+    ConfusionMatrix,
+    InstanceGroundTruth,
+    InstancePrediction,
+    box_map,
+    instance_ap,
+    open_vocab_metrics,
+    semantic_metrics,
+)
+from ws3d_train.predict import (
+    STUFF_CLASSES,
+    CombineMode,
+    infer_scene,
+    load_run,
+    predict_classes,
+    predict_instances,
+    resolve_classes,
+)
+
+__all__ = ["evaluate", "format_table", "json_safe", "write_json"]
+
+
+def _gt_boxes(xyz: np.ndarray, instance: np.ndarray, semantic: np.ndarray, class_ids: np.ndarray) -> Boxes:
+    """Boxes of the ground-truth instances ((instance id, class) pairs) of the evaluated classes."""
+    valid = (instance >= 0) & np.isin(semantic, class_ids)
+    if not valid.any():
+        return Boxes(np.zeros((0, 6)), np.zeros(0, np.int64))
+    pairs = np.stack([instance[valid], semantic[valid]], axis=1)
+    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    ids = np.full(instance.shape[0], -1, np.int64)
+    ids[valid] = inverse.reshape(-1)
+    bounds, classes, _ = boxes_from_instances(xyz, ids, uniq[:, 1], np.ones(uniq.shape[0]))
+    return Boxes(bounds, classes)
+
+
+def _group_metrics(conf: np.ndarray, names: Sequence[str], base: Sequence[int], novel: Sequence[int]) -> dict[str, Any]:
+    sem = semantic_metrics(conf, names)
+    out: dict[str, Any] = {"miou": sem["miou"], "oa": sem["oa"], "iou": sem["iou"]}
+    if novel:
+        ov = open_vocab_metrics(conf, base, novel)
+        out.update(base_miou=ov["base_miou"], novel_miou=ov["novel_miou"], hiou=ov["hiou"])
+    return out
+
+
+def evaluate(
+    run: str | Path,
+    store_path: str | Path,
+    scene_ids: Sequence[str] | None = None,
+    *,
+    vocab: str = "classes",
+    ov_split: str | None = None,
+    combine: CombineMode = "calibrated",
+    novel_bias: float = 0.0,
+    sim_threshold: float = 0.9,
+    min_region_size: int = 100,
+    instance_ignore: Sequence[str] | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run on scenes of a store.
+
+    Args:
+        run: a run directory (latest checkpoint) or a checkpoint file.
+        store_path: the store.
+        scene_ids: scenes to evaluate (None: every scene of the store); see
+            :func:`ws3d_train.finetune.resolve_scene_ids` for split names.
+        vocab: store vocabulary whose text embeddings the CLIP head is compared with.
+        ov_split: None: the run's own split; "none": no split; else a manifest name (``b15n4``)
+            or ``novel=name,...``.
+        combine: ``calibrated`` (default), ``clip`` or ``semantic``: the final prediction that
+            instances and boxes are built from.
+        novel_bias: calibrated-stacking margin added to novel log-scores.
+        sim_threshold: cosine threshold for merging segments into instances.
+        min_region_size: smallest ground-truth / predicted instance in points (ScanNet: 100).
+        instance_ignore: class names without instances (default: wall/floor-like, see
+            :data:`ws3d_train.predict.STUFF_CLASSES`).
+        device: ``auto``, ``cpu``, ``cuda`` ...
+        progress: show a progress bar over scenes.
+
+    Returns:
+        ``{"run", "step", "store", "scenes", "points", "classes", "split", "semantic",
+        "open_vocab", "instance", "box", "seconds"}`` with NaN where a metric is undefined
+        (:func:`write_json` writes them as null).
+    """
+    t0 = time.time()
+    loaded = load_run(run, device=device)
+    store = Store.open(store_path)
+    scene_ids = list(scene_ids) if scene_ids is not None else store.scene_ids()
+    if not scene_ids:
+        raise ValueError(f"{store_path}: no scene to evaluate")
+    setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
+    names = list(setup.class_names)
+    num_classes = len(names)
+    ignored = np.asarray(setup.ignored_ids, np.int64)
+    stuff = STUFF_CLASSES if instance_ignore is None else frozenset(instance_ignore)
+    instance_ids = np.array(
+        [c for c in range(num_classes) if names[c] not in stuff and c not in set(setup.ignored_ids)], np.int64
+    )
+
+    cm_semantic = ConfusionMatrix(num_classes)
+    cm_clip = ConfusionMatrix(num_classes)
+    cm_combined = ConfusionMatrix(num_classes)
+    inst_pred: list[InstancePrediction] = []
+    inst_gt: list[InstanceGroundTruth] = []
+    box_pred: list[Boxes] = []
+    box_gt: list[Boxes] = []
+    total_points = 0
+    for scene_id in tqdm(scene_ids, desc="eval", disable=not progress):
+        outputs = infer_scene(loaded, store, scene_id)
+        gt = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
+        if ignored.size:
+            gt[np.isin(gt, ignored)] = IGNORE_INDEX
+        gt_instance = store.read(scene_id, schema.INSTANCE).astype(np.int64)
+        total_points += gt.shape[0]
+
+        def to_points(values):
+            return outputs.to_points(values).cpu().numpy()
+
+        sem_cls, _ = predict_classes(outputs.semantic, outputs.clip, setup, mode="semantic")
+        clip_cls, _ = predict_classes(outputs.semantic, outputs.clip, setup, mode="clip", novel_bias=novel_bias)
+        comb_cls, comb_score = predict_classes(outputs.semantic, outputs.clip, setup, mode=combine, novel_bias=novel_bias)
+        cm_semantic.update(to_points(sem_cls), gt)
+        cm_clip.update(to_points(clip_cls), gt)
+        pred = to_points(comb_cls)
+        score = to_points(comb_score).astype(np.float64)
+        cm_combined.update(pred, gt)
+
+        if not store.has(scene_id, schema.SEGMENT):
+            raise ValueError(f"{store_path}: scene {scene_id} has no overseg/segment; run `ws3d overseg` first")
+        instance, inst_class, inst_score = predict_instances(
+            store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY), pred,
+            to_points(outputs.feats), score, names, sim_threshold=sim_threshold, min_points=min_region_size,
+            ignore_classes=list(stuff),
+        )
+        inst_pred.append(InstancePrediction.from_instance_ids(instance, inst_class, inst_score))
+        inst_gt.append(InstanceGroundTruth(instance=gt_instance, semantic=gt))
+        bounds, classes, scores = boxes_from_instances(outputs.xyz, instance, inst_class, inst_score)
+        box_pred.append(Boxes(bounds, classes, scores))
+        box_gt.append(_gt_boxes(outputs.xyz, gt_instance, gt, instance_ids))
+
+    base, novel = list(setup.base_ids), list(setup.novel_ids)
+    instance_names = [names[c] for c in instance_ids]
+    return {
+        "run": str(loaded.checkpoint),
+        "step": loaded.step,
+        "store": str(store_path),
+        "scenes": len(scene_ids),
+        "points": total_points,
+        "classes": names,
+        "split": {
+            "base": [names[c] for c in base],
+            "novel": [names[c] for c in novel],
+            "ignored": [names[c] for c in setup.ignored_ids],
+        },
+        "semantic": {"head": "semantic", **semantic_metrics(cm_semantic.matrix, names)},
+        "open_vocab": {
+            "vocab": vocab,
+            "combine": combine,
+            "novel_bias": novel_bias,
+            "clip": _group_metrics(cm_clip.matrix, names, base, novel),
+            "combined": _group_metrics(cm_combined.matrix, names, base, novel),
+        },
+        "instance": {
+            "min_region_size": min_region_size,
+            "sim_threshold": sim_threshold,
+            **instance_ap(inst_pred, inst_gt, class_ids=instance_ids, class_names=instance_names, min_region_size=min_region_size),
+        },
+        "box": box_map(box_pred, box_gt, (0.25, 0.5), class_ids=instance_ids.tolist(), class_names=instance_names),
+        "seconds": round(time.time() - t0, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def json_safe(value: Any) -> Any:
+    """A copy with NaN/inf floats replaced by None and numpy scalars/arrays made plain."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> Path:
+    """Write results as JSON (NaN -> null, strict JSON); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{100.0 * float(value):.1f}"
+
+
+def format_table(results: dict[str, Any], *, per_class: bool = True) -> str:
+    """The results of :func:`evaluate` as a terminal table (percentages; '-' where undefined)."""
+    sem, ov, inst, box = results["semantic"], results["open_vocab"], results["instance"], results["box"]
+    has_split = bool(results["split"]["novel"])
+    lines = [
+        f"run {results['run']} (step {results['step']}) on {results['scenes']} scene(s), {results['points']} points",
+        "",
+        f"{'semantic (semantic head)':<30} mIoU {_pct(sem['miou']):>5}   OA {_pct(sem['oa']):>5}   mAcc {_pct(sem['macc']):>5}",
+    ]
+    for key, label in (("clip", "open-vocab (CLIP head)"), ("combined", f"open-vocab ({ov['combine']})")):
+        group = ov[key]
+        row = f"{label:<30} mIoU {_pct(group['miou']):>5}"
+        if has_split:
+            row += f"   base {_pct(group['base_miou']):>5}   novel {_pct(group['novel_miou']):>5}   hIoU {_pct(group['hiou']):>5}"
+        lines.append(row)
+    lines.append(f"{'instances':<30} AP {_pct(inst['ap']):>5}   AP50 {_pct(inst['ap50']):>5}   AP25 {_pct(inst['ap25']):>5}")
+    lines.append(f"{'boxes':<30} mAP@25 {_pct(box['map@0.25']):>5}   mAP@50 {_pct(box['map@0.5']):>5}")
+    if per_class:
+        novel = set(results["split"]["novel"])
+        lines += ["", f"{'class':<20} {'IoU sem':>8} {'IoU ov':>8} {'AP50':>6} {'box@25':>7}"]
+        for name in results["classes"]:
+            tag = f"{name}{' *' if name in novel else ''}"
+            ap50 = inst["per_class"].get(name, {}).get("ap50")
+            b25 = box["per_class"].get(name, {}).get("ap@0.25")
+            lines.append(
+                f"{tag:<20} {_pct(sem['iou'][name]):>8} {_pct(ov['combined']['iou'][name]):>8} {_pct(ap50):>6} {_pct(b25):>7}"
+            )
+        if novel:
+            lines.append("* novel class (no label during fine-tuning)")
+    return "\n".join(lines)

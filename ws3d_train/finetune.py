@@ -1,0 +1,855 @@
+"""Region-aware fine-tuning with few labels: the method's second stage.
+
+Reads the store (points, labels, over-segments and, for the alignment term, CLIP segment
+embeddings through :class:`ws3d_train.data.SceneDataset`; the text embeddings of a vocabulary),
+the manifests (scene lists, limited-annotation and open-vocabulary splits, through
+:mod:`pipeline.manifests`) and optionally a pre-training checkpoint. Writes a run directory laid
+out like pre-training's::
+
+    <out_dir>/config.yaml              the resolved FinetuneConfig
+    <out_dir>/metrics.jsonl            one record per logged step (ws3d_train.logging)
+    <out_dir>/checkpoints/step_*.pt    every `checkpoint_every` steps and at the end; `extra`
+                                       holds class names and the open-vocabulary class ids
+
+Labels the run may see (:func:`label_mask`, :func:`apply_label_budget`): a limited-annotation
+budget by name (``la20`` ...: that many labelled points per scene, chosen deterministically by
+:func:`pipeline.manifests.limited_annotation_mask`, or from an official file), a ratio of each
+scene's labelled points (``"0.01"``) or ``"all"``; a limited scene list (``lr1`` ...) restricts the
+scenes. With an open-vocabulary split, novel (and ignored) classes lose their labels. Everything
+label-derived (voxel labels, the semantic-boundary targets) is computed from these masked labels
+only; the store's full-label ``overseg/semantic_boundary`` is never read, so nothing leaks.
+
+The loss of a batch (voxels; every term switchable by its weight, see :class:`FinetuneConfig`):
+
+- ``w_ce`` cross-entropy of the semantic head on labelled voxels;
+- ``w_clip_ce`` cross-entropy of the CLIP-space head's cosine logits against the text embeddings
+  of the supervised classes (keeps that head a classifier in CLIP space);
+- ``w_boundary`` BCE of the boundary head: semantic boundaries where the masked labels show them
+  (6-neighbour voxels with two different labels), the over-segmentation's geometric boundaries
+  elsewhere with weight ``boundary_geometric_weight``;
+- ``w_energy`` the boundary-aware energy: ``w_ij ||p_i - p_j||^2`` over neighbouring voxels with
+  ``w_ij = (1 - b_i)(1 - b_j)``, plus ``energy_entropy_weight`` times the entropy off boundaries;
+- ``w_region`` region-level supervised InfoNCE: segment embeddings pooled from voxels, segment
+  labels from their labelled voxels or confident predictions (> ``region_gamma``), the same
+  segment in the scene's two augmented copies (``two_copies``) as a positive pair;
+- ``w_align`` the pre-training object-level term (segment cosine against CLIP segment
+  embeddings), so that fine-tuning does not wash out what the CLIP head knows about novel classes.
+
+`finetune` is one loop with pre-training's conventions (AdamW, warm-up + cosine, clipping, bf16
+autocast on CUDA only, accumulation, checkpoints, exact resume, JSONL metrics).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline import manifests
+from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.schema import IGNORE_INDEX
+from pipeline.store import Store
+from ws3d_train.batch import Batch, collate
+from ws3d_train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from ws3d_train.data import (
+    DataConfig,
+    DataError,
+    ResumableBatchSampler,
+    SceneArrays,
+    SceneDataset,
+    SceneSample,
+    make_sample,
+    read_scene_list,
+    worker_init_fn,
+)
+from ws3d_train.logging import MetricsLogger
+from ws3d_train.losses import (
+    boundary_bce,
+    energy_loss,
+    region_contrast,
+    segment_cosine,
+    segment_mean,
+    segment_pseudo_labels,
+    supervised_ce,
+    voxel_neighbour_edges,
+)
+from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
+from ws3d_train.open_vocab import classify_open_vocab
+# pre-training's loop helpers: one convention for both loops (resume checks, decay groups)
+from ws3d_train.pretrain import CHECKPOINT_DIR, CONFIG_FILE, _check_resume, _param_groups, load_pretrained, resolve_device
+from ws3d_train.schedule import lr_at
+from ws3d_train.sparse import SparseTensor
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneDataset",
+    "apply_label_budget",
+    "collate_copies",
+    "find_checkpoint",
+    "finetune",
+    "finetune_losses",
+    "label_boundary",
+    "label_mask",
+    "parse_label_budget",
+    "resolve_ov_split",
+    "resolve_scene_ids",
+]
+
+_LA = re.compile(r"^(?:la)?(\d+)$")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning with few labels (``ws3d finetune``). Network sizes follow the init checkpoint
+    (or, from scratch, the data: see `finetune`)."""
+
+    store: str = ""
+    """Path of the store (ingest and overseg done; render and embed too for ``w_align``)."""
+    scenes: str | None = None
+    """Training scenes: a split name of the store's dataset in data_manifests/ (e.g. ``train``)
+    or a file listing scene ids; None: every scene of the store."""
+    limited_scenes: str | None = None
+    """Limited reconstructions: a manifest split (``lr1``, ``lr5`` ...) or a file; only scenes in
+    both this list and `scenes` are used. None: no restriction."""
+    init: str | None = None
+    """A pre-training run directory (its latest checkpoint) or a checkpoint file to start from;
+    None: train from scratch."""
+    labels: str | float = "la20"
+    """Label budget: ``la20``/``la50``/``la100``/``la200`` (or a count) labelled points per scene,
+    a ratio of each scene's labelled points (``0.01``), or ``all``."""
+    label_seed: int = 0
+    """Seed of the deterministic choice of labelled points (ignored with `official_labels`)."""
+    official_labels: str | None = None
+    """An official limited-annotation file (torch.load-able dict scene -> point indices) used
+    instead of the seeded choice."""
+    ov_split: str | None = None
+    """Open-vocabulary split: a manifest name (``b15n4`` ...) or ``novel=name,name`` (every other
+    class is base). Novel and ignored classes lose their labels. None: every class is supervised."""
+    vocab: str = "classes"
+    """Store vocabulary whose text embeddings the CLIP-head cross-entropy uses (row c = class c)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Voxel size (None: the init checkpoint's, else 2 cm indoor / 5 cm outdoor), crop, augmentation."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """The network when training from scratch; with `init` the checkpoint's network is used."""
+    batch_size: int = 4
+    """Scenes per micro-batch (each twice with `two_copies`)."""
+    accumulation: int = 1
+    """Micro-batches per optimiser step."""
+    steps: int = 5_000
+    """Optimiser steps in all."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on weight matrices/kernels only."""
+    warmup_steps: int = 200
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    two_copies: bool = True
+    """Feed two differently augmented copies of every scene; the same segment in both copies is a
+    positive pair of the region contrast (and every other term sees both copies)."""
+    w_ce: float = 1.0
+    """Weight of the semantic-head cross-entropy on labelled voxels (0 switches it off)."""
+    w_clip_ce: float = 1.0
+    """Weight of the CLIP-head cross-entropy over the supervised classes' text embeddings."""
+    clip_temperature: float = 0.07
+    """Temperature of the CLIP-head cosine logits in `w_clip_ce`."""
+    w_boundary: float = 1.0
+    """Weight of the boundary-head BCE."""
+    boundary_geometric_weight: float = 0.2
+    """Relative weight of geometric (over-segmentation) boundary targets where labels say nothing."""
+    boundary_pos_weight: float | None = None
+    """Optional weight of positive boundary targets (boundaries are a minority); None: 1."""
+    w_energy: float = 0.1
+    """Weight of the boundary-aware energy loss."""
+    energy_entropy_weight: float = 0.1
+    """Weight of the entropy term inside the energy loss."""
+    w_region: float = 0.1
+    """Weight of the region-level contrastive loss."""
+    region_gamma: float = 0.9
+    """Confidence (mean max probability) above which an unlabelled segment takes its prediction."""
+    region_tau: float = 0.1
+    """InfoNCE temperature of the region contrast."""
+    region_embedding: Literal["feats", "clip"] = "feats"
+    """What segments pool for the region contrast: the last decoder features or the CLIP head."""
+    region_max_segments: int = 2048
+    """Physical segments per batch in the region contrast (O(S^2) memory); more are subsampled
+    (both copies of a chosen segment are kept)."""
+    w_align: float = 0.0
+    """Weight of the segment-to-CLIP cosine alignment kept from pre-training (needs the `clip`
+    data group); 0 switches it off."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the latest this many checkpoints (0: keep all)."""
+    log_every: int = 10
+    """Write a metrics record every this many steps (and at the first and last)."""
+    seed: int = 0
+    """Seeds the initialisation, the data order and the augmentations."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on a CPU)."""
+    num_workers: int = 4
+    """DataLoader worker processes (0: load in the main process)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when the `tensorboard` package is installed."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "region_max_segments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        weights = ("w_ce", "w_clip_ce", "w_boundary", "w_energy", "w_region", "w_align")
+        negative = [w for w in weights if getattr(self, w) < 0]
+        if negative:
+            raise ValueError(f"FinetuneConfig loss weights must be >= 0: {negative}")
+        if all(getattr(self, w) == 0 for w in weights):
+            raise ValueError("FinetuneConfig: every loss weight is 0, nothing to train")
+        if not 0.0 <= self.region_gamma <= 1.0:
+            raise ValueError(f"FinetuneConfig.region_gamma must lie in [0, 1], got {self.region_gamma}")
+        for name in ("region_tau", "clip_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)}")
+        parse_label_budget(self.labels)  # raises on a malformed budget
+        if "overseg" not in self.data.groups:
+            raise ValueError("FinetuneConfig.data.groups must include overseg (segments and boundaries)")
+        if self.w_align > 0 and "clip" not in self.data.groups:
+            raise ValueError("FinetuneConfig.w_align > 0 needs 'clip' (and 'views') in data.groups")
+
+
+# ---------------------------------------------------------------------------------------------
+# which scenes, which classes, which labels
+
+
+def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
+    """Scene ids of a split name, a scene-list file, or (None) the whole store.
+
+    A manifest split (``train``, ``val``, ``lr1`` ...) of ``store.dataset`` is cut down to the
+    scenes the store holds (a warning says how many are missing; an error if none is there). A
+    file is taken strictly: every scene it lists must be in the store.
+
+    Raises:
+        ConfigError naming the split/file when it is unknown or selects no stored scene.
+    """
+    stored = store.scene_ids()
+    if spec is None or spec == "":
+        if not stored:
+            raise ConfigError(f"{store.path}: the store holds no ingested scene")
+        return stored
+    if Path(spec).is_file():
+        ids = read_scene_list(spec)
+        missing = sorted(set(ids) - set(stored))
+        if missing:
+            raise ConfigError(f"{spec}: {len(missing)} listed scene(s) are not in {store.path} (e.g. {missing[:3]})")
+        return ids
+    try:
+        ids = manifests.load_split(store.dataset, spec)
+    except (ValueError, manifests.ManifestError) as exc:
+        raise ConfigError(f"scenes {spec!r}: neither a file nor a split of dataset {store.dataset!r}: {exc}") from exc
+    known = set(stored)
+    present = [s for s in ids if s in known]
+    if not present:
+        raise ConfigError(f"split {spec!r} of {store.dataset}: none of its {len(ids)} scenes is in {store.path}")
+    if len(present) < len(ids):
+        warnings.warn(
+            f"split {spec!r}: {len(ids) - len(present)} of {len(ids)} scenes are not in {store.path}; using {len(present)}",
+            stacklevel=2,
+        )
+    return present
+
+
+def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str) -> manifests.OVSplit | None:
+    """Base, novel and ignored class ids of an open-vocabulary split.
+
+    Args:
+        spec: None (no split), a manifest name of ``dataset`` (``b15n4`` ...), or
+            ``novel=name,name`` naming the novel classes (all others base, none ignored).
+        class_names: the store's class names (ids are positions in this list).
+        dataset: the store's dataset (for manifest names).
+
+    Raises:
+        ConfigError for an unknown split or class name, or a manifest whose classes are not the store's.
+    """
+    if spec is None or spec == "":
+        return None
+    names = list(class_names)
+    if spec.startswith("novel="):
+        novel_names = [n.strip() for n in spec[len("novel="):].split(",") if n.strip()]
+        unknown = [n for n in novel_names if n not in names]
+        if unknown or not novel_names:
+            raise ConfigError(f"ov_split {spec!r}: unknown or no class name(s) {unknown}; classes are {names}")
+        novel = tuple(sorted(names.index(n) for n in novel_names))
+        base = tuple(i for i in range(len(names)) if i not in novel)
+        if not base:
+            raise ConfigError(f"ov_split {spec!r}: no base class left")
+        return manifests.OVSplit(base, novel, ())
+    try:
+        split = manifests.load_ov_split(dataset, spec)
+        manifest_classes = manifests.load_classes(dataset)
+    except (ValueError, manifests.ManifestError) as exc:
+        raise ConfigError(f"ov_split {spec!r}: {exc}") from exc
+    if list(manifest_classes) != names:
+        raise ConfigError(
+            f"ov_split {spec!r}: the {dataset} manifest classes {list(manifest_classes)[:4]}... are not the "
+            f"store's classes {names[:4]}...; use novel=name,... instead"
+        )
+    return split
+
+
+def parse_label_budget(labels: str | float) -> tuple[Literal["all", "count", "ratio"], float]:
+    """``"all"`` -> ("all", 0); ``"la20"``/``"20"``/20 -> ("count", 20); ``"0.01"``/0.01 -> ("ratio", 0.01).
+
+    Raises:
+        ValueError for anything else (a ratio must lie in (0, 1]).
+    """
+    if isinstance(labels, bool):
+        raise ValueError(f"labels {labels!r}: expected la<N>, a count, a ratio or 'all'")
+    if isinstance(labels, (int, float)):
+        value = float(labels)
+        text = None
+    else:
+        text = str(labels).strip().lower()
+        if text == "all":
+            return "all", 0.0
+        if (m := _LA.match(text)) is not None:
+            value = float(m.group(1))
+            if value < 1:
+                raise ValueError(f"labels {labels!r}: a count must be at least 1")
+            return "count", value
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"labels {labels!r}: expected la<N> (la20, la50 ...), a count, a ratio in (0, 1] or 'all'") from None
+    if 0.0 < value <= 1.0 and not (text is None and isinstance(labels, int)):
+        return "ratio", value
+    if value >= 1.0 and value == int(value):
+        return "count", value
+    raise ValueError(f"labels {labels!r}: a ratio must lie in (0, 1], a count must be a positive integer")
+
+
+def label_mask(
+    scene_id: str,
+    semantic: np.ndarray,
+    labels: str | float,
+    *,
+    seed: int = 0,
+    official_file: str | Path | None = None,
+) -> np.ndarray:
+    """Which points of a scene keep their label under a label budget.
+
+    Only points with a label (``semantic != IGNORE_INDEX``) can be chosen. ``la<N>``: N of them,
+    drawn by :func:`pipeline.manifests.limited_annotation_mask` (deterministic per seed and scene;
+    all of them when fewer than N) or read from ``official_file``; a ratio r: ``max(1, round(r *
+    n_labelled))`` of them drawn the same way; ``all``: every labelled point.
+
+    Args:
+        scene_id: the scene (seeds the choice; key of an official file).
+        semantic: [N] int labels of the whole scene.
+        labels: the budget (see :func:`parse_label_budget`).
+        seed: seed of the choice.
+        official_file: optional official limited-annotation file (``la<N>`` budgets only).
+
+    Returns:
+        [N] bool, True at the points whose label is kept.
+    """
+    semantic = np.asarray(semantic).reshape(-1)
+    labelled = semantic != IGNORE_INDEX
+    kind, value = parse_label_budget(labels)
+    if kind == "all":
+        return labelled.copy()
+    n_labelled = int(labelled.sum())
+    if kind == "ratio":
+        if n_labelled == 0:
+            return labelled.copy()
+        count = max(1, int(round(value * n_labelled)))
+        official_file = None  # official files are per-count benchmarks, not ratios
+    else:
+        count = int(value)
+    mask = manifests.limited_annotation_mask(
+        scene_id, semantic.shape[0], count, seed=seed, official_file=official_file,
+        eligible=None if official_file is not None else labelled,
+    )
+    return mask & labelled
+
+
+def apply_label_budget(
+    scene_id: str,
+    semantic: np.ndarray,
+    labels: str | float,
+    *,
+    removed_classes: Sequence[int] = (),
+    seed: int = 0,
+    official_file: str | Path | None = None,
+) -> np.ndarray:
+    """The labels a fine-tuning run sees: :func:`label_mask`, then ``removed_classes`` (novel and
+    ignored classes of an open-vocabulary split) set to IGNORE_INDEX.
+
+    Returns:
+        [N] int64 labels, IGNORE_INDEX where hidden.
+    """
+    semantic = np.asarray(semantic).reshape(-1).astype(np.int64)
+    mask = label_mask(scene_id, semantic, labels, seed=seed, official_file=official_file)
+    out = np.where(mask, semantic, IGNORE_INDEX)
+    if len(removed_classes):
+        out[np.isin(out, np.asarray(removed_classes, np.int64))] = IGNORE_INDEX
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data: masked labels, two augmented copies
+
+
+class FinetuneDataset(SceneDataset):
+    """:class:`SceneDataset` whose labels are cut to the run's budget, yielding ``copies``
+    differently augmented samples per scene (a list; see :func:`collate_copies`).
+
+    Copy k of item ``(epoch, i)`` is a function of ``(seed, epoch, i, k)`` only, so resuming stays exact.
+    """
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        scene_ids: Sequence[str],
+        *,
+        cfg: DataConfig,
+        seed: int,
+        labels: str | float,
+        label_seed: int = 0,
+        official_file: str | None = None,
+        removed_classes: Sequence[int] = (),
+        copies: int = 2,
+    ):
+        super().__init__(store_path, scene_ids, cfg=cfg, split="train", seed=seed)
+        self.labels = labels
+        self.label_seed = int(label_seed)
+        self.official_file = official_file
+        self.removed_classes = tuple(int(c) for c in removed_classes)
+        self.copies = int(copies)
+
+    def read_arrays(self, scene_id: str) -> SceneArrays:
+        arrays = super().read_arrays(scene_id)
+        arrays.semantic = apply_label_budget(
+            scene_id, arrays.semantic, self.labels, removed_classes=self.removed_classes,
+            seed=self.label_seed, official_file=self.official_file,
+        )
+        # the store's semantic boundary comes from the full labels: never let it through
+        arrays.semantic_boundary = np.full(arrays.semantic.shape[0], 255, np.uint8)
+        return arrays
+
+    def __getitem__(self, key: int | tuple[int, int]) -> list[SceneSample]:  # type: ignore[override]
+        epoch, index = (0, key) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
+        scene_id = self.scene_ids[index]
+        try:
+            arrays = self.read_arrays(scene_id)
+        except KeyError as exc:
+            raise DataError(f"{self.store_path}: scene {scene_id}: {exc}") from exc
+        return [
+            make_sample(
+                scene_id, arrays, cfg=self.cfg, voxel_size=self.voxel_size,
+                rng=np.random.default_rng([self.seed, epoch, index, copy]),
+            )
+            for copy in range(self.copies)
+        ]
+
+
+def collate_copies(items: Sequence[Sequence[SceneSample]]) -> Batch:
+    """B items of K copies -> one batch of K*B scenes: all first copies, then all second copies,
+    so scene b's copy k has batch index ``k * B + b``."""
+    if not items:
+        raise ValueError("collate_copies: no items")
+    copies = len(items[0])
+    return collate([item[k] for k in range(copies) for item in items])
+
+
+def _make_loader(dataset: FinetuneDataset, cfg: FinetuneConfig, start_batch: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    # the same construction as ws3d_train.data.make_loader, with the copies-aware collate
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, shuffle=True, start_batch=start_batch)
+    generator = torch.Generator()
+    generator.manual_seed(int(cfg.seed))
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_copies,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn if workers > 0 else None,
+        generator=generator,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# losses of one batch
+
+
+def label_boundary(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Semantic boundaries as far as labels show them.
+
+    Args:
+        labels: [Nv] int64 voxel labels, IGNORE_INDEX where unknown.
+        edges: [E, 2] int64 neighbouring voxel pairs.
+
+    Returns:
+        [Nv] int64: 1 where a labelled voxel has a labelled neighbour with another label, 0 where
+        it has labelled neighbours all of its own label, -1 (unknown) elsewhere.
+    """
+    out = torch.full_like(labels, -1, dtype=torch.long)
+    if edges.numel() == 0:
+        return out
+    i, j = edges[:, 0].long(), edges[:, 1].long()
+    both = (labels[i] != IGNORE_INDEX) & (labels[j] != IGNORE_INDEX)
+    i, j = i[both], j[both]
+    out[i] = 0
+    out[j] = 0
+    differ = labels[i] != labels[j]
+    out[i[differ]] = 1
+    out[j[differ]] = 1
+    return out
+
+
+def _segment_keys(batch: Batch, num_scenes: int) -> torch.Tensor:
+    """[S] int64 identity of each segment's physical segment: equal across copies of a scene."""
+    stride = int(batch.segment_orig.max()) + 1 if batch.segment_orig.numel() else 1
+    return (batch.segment_batch % num_scenes) * stride + batch.segment_orig
+
+
+def _subsample_segments(
+    seg: torch.Tensor, seg_label: torch.Tensor, seg_key: torch.Tensor, max_keys: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep at most ``max_keys`` physical segments (all copies of each), chosen at random."""
+    keys, inverse = torch.unique(seg_key, return_inverse=True)
+    if keys.numel() <= max_keys:
+        return seg, seg_label, seg_key
+    chosen_keys = torch.zeros(keys.numel(), dtype=torch.bool)
+    chosen_keys[torch.randperm(keys.numel(), generator=generator)[:max_keys]] = True
+    keep = chosen_keys.to(seg_key.device)[inverse]
+    lut = torch.full((seg_key.numel() + 1,), -1, dtype=torch.long, device=seg.device)
+    lut[:-1][keep] = torch.arange(int(keep.sum()), device=seg.device)
+    return lut[seg], seg_label[keep], seg_key[keep]  # seg == -1 -> lut[-1] == -1
+
+
+def finetune_losses(
+    out: NetworkOutput,
+    batch: Batch,
+    text: torch.Tensor,
+    cfg: FinetuneConfig,
+    *,
+    supervised_ids: torch.Tensor,
+    num_scenes: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The fine-tuning terms and their weighted sum for one batch (terms with weight 0 are skipped
+    and reported as 0).
+
+    Args:
+        out: network outputs per voxel (rows of ``batch.coords``), any float dtype.
+        batch: the batch; ``voxel_semantic`` holds the masked labels.
+        text: [C, D] text embeddings, row c for class c.
+        cfg: weights, temperatures, thresholds.
+        supervised_ids: [Cs] int64 classes that may carry labels (base classes; all without a split).
+        num_scenes: B, distinct scenes in the batch (copies of a scene share segment keys).
+        generator: CPU generator for subsampling segments (deterministic runs).
+
+    Returns:
+        ``{"loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region",
+        "loss_align"}`` scalars.
+    """
+    logits = out.semantic.float()
+    labels = batch.voxel_semantic
+    zero = logits.sum() * 0.0
+    terms: dict[str, torch.Tensor] = {}
+    need_edges = cfg.w_boundary > 0 or cfg.w_energy > 0
+    edges = voxel_neighbour_edges(batch.coords) if need_edges else None
+
+    terms["loss_ce"] = supervised_ce(logits, labels) if cfg.w_ce > 0 else zero
+    if cfg.w_clip_ce > 0:
+        lut = torch.full((logits.shape[1],), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+        lut[supervised_ids] = torch.arange(supervised_ids.numel(), device=labels.device)
+        target = torch.where(labels >= 0, lut[labels.clamp(min=0)], torch.full_like(labels, IGNORE_INDEX))
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            clip_logits = classify_open_vocab(out.clip.float(), text[supervised_ids].float()) / cfg.clip_temperature
+        terms["loss_clip_ce"] = supervised_ce(clip_logits, target)
+    else:
+        terms["loss_clip_ce"] = zero
+    boundary_logit = out.boundary.float()
+    if cfg.w_boundary > 0:
+        terms["loss_boundary"] = boundary_bce(
+            boundary_logit, label_boundary(labels, edges), batch.voxel_boundary,
+            cfg.boundary_geometric_weight, pos_weight=cfg.boundary_pos_weight,
+        )
+    else:
+        terms["loss_boundary"] = zero
+    prob = torch.softmax(logits, dim=1)
+    if cfg.w_energy > 0:
+        terms["loss_energy"] = energy_loss(prob, torch.sigmoid(boundary_logit), edges, cfg.energy_entropy_weight)
+    else:
+        terms["loss_energy"] = zero
+    if cfg.w_region > 0:
+        seg = batch.voxel_segment
+        seg_label = segment_pseudo_labels(prob, seg, labels, cfg.region_gamma, num_segments=batch.num_segments)
+        seg_key = _segment_keys(batch, num_scenes)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        seg, seg_label, seg_key = _subsample_segments(seg, seg_label, seg_key, cfg.region_max_segments, generator)
+        embed = (out.feats if cfg.region_embedding == "feats" else out.clip).float()
+        terms["loss_region"] = region_contrast(embed, seg, seg_label, seg_key, cfg.region_tau)
+    else:
+        terms["loss_region"] = zero
+    if cfg.w_align > 0:
+        seg_embed, count = segment_mean(out.clip.float(), batch.voxel_segment, batch.num_segments)
+        terms["loss_align"] = segment_cosine(seg_embed, batch.segment_target, batch.segment_seen & (count > 0))
+    else:
+        terms["loss_align"] = zero
+    terms["loss"] = (
+        cfg.w_ce * terms["loss_ce"] + cfg.w_clip_ce * terms["loss_clip_ce"] + cfg.w_boundary * terms["loss_boundary"]
+        + cfg.w_energy * terms["loss_energy"] + cfg.w_region * terms["loss_region"] + cfg.w_align * terms["loss_align"]
+    )
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a run directory (latest of ``<run>/checkpoints/`` or of the
+    directory itself) or a checkpoint path.
+
+    Raises:
+        CheckpointError naming the path when there is none.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for directory in (path / CHECKPOINT_DIR, path):
+            found = latest_checkpoint(directory)
+            if found is not None:
+                return found
+        raise CheckpointError(f"{path}: a directory without checkpoints (expected {CHECKPOINT_DIR}/step_*.pt)")
+    raise CheckpointError(f"{path}: no such run directory or checkpoint")
+
+
+def _network_and_data(cfg: FinetuneConfig, store: Store, clip_dim: int) -> tuple[NetworkConfig, DataConfig, Path | None]:
+    """The network config (the init checkpoint's, else cfg.network sized by the data) and the data
+    config (voxel size defaulting to the init's)."""
+    num_classes = len(store.class_names)
+    if cfg.init is None:
+        data = cfg.data
+        network = dataclasses.replace(cfg.network, in_channels=data.in_channels, num_classes=num_classes, clip_dim=clip_dim)
+        return network, data, None
+    init_path = find_checkpoint(cfg.init)
+    ckpt = load_checkpoint(init_path)
+    saved = ckpt["config"]
+    network = from_dict(NetworkConfig, saved["network"], where=f"{init_path}:network")
+    network = dataclasses.replace(network, num_classes=num_classes)
+    data = cfg.data
+    if data.voxel_size_m is None and saved.get("data", {}).get("voxel_size_m") is not None:
+        data = dataclasses.replace(data, voxel_size_m=float(saved["data"]["voxel_size_m"]))
+    if network.in_channels != data.in_channels:
+        raise ConfigError(
+            f"{init_path}: the network takes {network.in_channels} input channels but data gives "
+            f"{data.in_channels} (use_height={data.use_height}); match the pre-training data config"
+        )
+    if network.clip_dim != clip_dim:
+        raise ConfigError(f"{init_path}: CLIP head is {network.clip_dim}-d but the store's vocabulary is {clip_dim}-d")
+    return network, data, init_path
+
+
+def finetune(
+    cfg: FinetuneConfig, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None
+) -> dict[str, Any]:
+    """Fine-tune a (pre-trained) network with few labels; write config, metrics and checkpoints.
+
+    Args:
+        cfg: the config (``cfg.store`` must be set).
+        out_dir: the run directory (created).
+        resume: continue from the latest checkpoint in ``out_dir`` (from the start when there is none).
+        stop_at: stop after this step without saving, as a killed job would; None runs to ``cfg.steps``.
+
+    Returns:
+        A summary: steps, first/last losses, wall time, steps/s, last checkpoint, device, scenes,
+        the open-vocabulary class ids, the init checkpoint.
+
+    Raises:
+        FileExistsError: ``out_dir`` has checkpoints and ``resume`` is False.
+        ConfigError: unknown scenes/splits, a checkpoint whose network does not fit the data, or a
+            resumed run whose config differs.
+        FloatingPointError: a non-finite loss (naming the step and scenes).
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    if not cfg.store:
+        raise ConfigError("FinetuneConfig.store is empty: pass --store PATH")
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None and not resume:
+        raise FileExistsError(f"{out_dir}: has checkpoints (latest {latest.name}); pass --resume or use another --out")
+    device = resolve_device(cfg.device)
+
+    # --- scenes, classes, labels --------------------------------------------------------------
+    store = Store.open(cfg.store)
+    class_names = store.class_names
+    scene_ids = resolve_scene_ids(store, cfg.scenes)
+    if cfg.limited_scenes:
+        limited = set(resolve_scene_ids(store, cfg.limited_scenes))
+        scene_ids = [s for s in scene_ids if s in limited]
+        if not scene_ids:
+            raise ConfigError(f"limited_scenes {cfg.limited_scenes!r}: no scene of {cfg.scenes or 'the store'} is in it")
+    split = resolve_ov_split(cfg.ov_split, class_names, store.dataset)
+    supervised = list(split.base) if split is not None else list(range(len(class_names)))
+    removed = sorted(set(range(len(class_names))) - set(supervised))
+    try:
+        text_np, _ = store.read_vocab(cfg.vocab)
+    except KeyError as exc:
+        raise ConfigError(str(exc)) from exc
+    if text_np.shape[0] != len(class_names):
+        raise ConfigError(
+            f"{cfg.store}: vocabulary {cfg.vocab!r} has {text_np.shape[0]} rows for {len(class_names)} classes; "
+            "fine-tuning needs one text embedding per class (the `classes` vocabulary)"
+        )
+    network_cfg, data_cfg, init_path = _network_and_data(cfg, store, int(text_np.shape[1]))
+    dataset = FinetuneDataset(
+        cfg.store, scene_ids, cfg=data_cfg, seed=cfg.seed, labels=cfg.labels, label_seed=cfg.label_seed,
+        official_file=cfg.official_labels, removed_classes=removed, copies=2 if cfg.two_copies else 1,
+    )
+    data_cfg = dataclasses.replace(data_cfg, voxel_size_m=dataset.voxel_size)
+    cfg = dataclasses.replace(cfg, data=data_cfg, network=network_cfg)
+    resolved = to_dict(cfg)
+    text = torch.from_numpy(text_np.astype(np.float32)).to(device)
+    supervised_ids = torch.tensor(supervised, dtype=torch.long, device=device)
+    run_info = {
+        "class_names": list(class_names),
+        "base_ids": supervised,
+        "novel_ids": list(split.novel) if split is not None else [],
+        "ignored_ids": list(split.ignored) if split is not None else [],
+        "init": str(init_path) if init_path is not None else None,
+    }
+
+    # --- model, optimiser, and where we start -------------------------------------------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if init_path is not None:
+        model, _ = load_pretrained(init_path, num_classes=len(class_names))
+    else:
+        model = build_network(network_cfg)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    start_step = 0
+    if resume and latest is not None:
+        ckpt = load_checkpoint(latest, map_location=device)
+        _check_resume(ckpt["config"], resolved, latest)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["step"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    loader = _make_loader(dataset, cfg, start_step * cfg.accumulation, device.type == "cuda")
+    batches = iter(loader)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    logger = MetricsLogger(
+        out_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
+        description="finetune",
+    )
+    model.train()
+    t_start = time.time()
+    last: dict[str, Any] = {}
+    first_loss: float | None = None
+    saved: Path | None = latest if resume else None
+    keys = ("loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region", "loss_align")
+
+    # --- the loop -----------------------------------------------------------------------------
+    with logger:
+        for step in range(start_step, end_step):
+            t_step = time.time()
+            lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            sums = dict.fromkeys(keys, 0.0)
+            data_s, voxels, labelled = 0.0, 0, 0
+            for micro in range(cfg.accumulation):
+                t_data = time.time()
+                batch = next(batches).to(device, non_blocking=True)
+                data_s += time.time() - t_data
+                voxels += batch.coords.shape[0]
+                labelled += int((batch.voxel_semantic != IGNORE_INDEX).sum())
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                with autocast:
+                    out = model(SparseTensor(feats=batch.feats, coords=batch.coords))
+                # segment subsampling depends on (seed, step, micro-batch) only: resumable
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
+                terms = finetune_losses(
+                    out, batch, text, cfg, supervised_ids=supervised_ids,
+                    num_scenes=batch.num_scenes // (2 if cfg.two_copies else 1), generator=generator,
+                )
+                if not torch.isfinite(terms["loss"]):
+                    raise FloatingPointError(
+                        f"step {step + 1}: non-finite loss { {k: float(v) for k, v in terms.items()} } on scenes {batch.scene_ids}"
+                    )
+                (terms["loss"] / cfg.accumulation).backward()
+                for key in keys:
+                    sums[key] += float(terms[key].detach()) / cfg.accumulation
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+
+            done = step + 1
+            first_loss = sums["loss"] if first_loss is None else first_loss
+            last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels, "labelled_voxels": labelled,
+                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4)}
+            if done % cfg.log_every == 0 or done == start_step + 1 or done == cfg.steps:
+                logger.log(done, last)
+            logger.advance()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                saved = save_checkpoint(
+                    checkpoint_path(ckpt_dir, done), model=model, optimizer=optimizer, step=done,
+                    batches_consumed=done * cfg.accumulation, config=resolved,
+                    extra={"metrics": last, "finetune": run_info},
+                )
+                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+
+    seconds = time.time() - t_start
+    steps_run = end_step - start_step
+    return {
+        "out_dir": str(out_dir),
+        "start_step": start_step,
+        "steps": end_step,
+        "loss_first": first_loss,
+        **{key: last.get(key) for key in keys},
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(steps_run / seconds, 4) if seconds > 0 and steps_run else 0.0,
+        "checkpoint": str(saved) if saved is not None else None,
+        "device": str(device),
+        "scenes": len(dataset),
+        "voxel_size_m": dataset.voxel_size,
+        **run_info,
+    }
+

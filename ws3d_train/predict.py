@@ -1,0 +1,656 @@
+"""Per-scene prediction and open-vocabulary queries with a trained run; PLY files to look at them.
+
+Reads a run (a checkpoint of ``ws3d pretrain`` or ``ws3d finetune``), the store (``points/xyz``
+and ``rgb`` for the network input; ``overseg/segment`` and ``overseg/adjacency`` for instances and
+query segments; a vocabulary's text embeddings) and, for :func:`query_scene`, the CLIP model that
+made the store's embeddings (through :mod:`pipeline.clip_model`, never downloaded). Writes only
+the PLY files it is asked for.
+
+Inference (:func:`infer_scene`) runs on the whole scene at full resolution: no crop, no
+augmentation; every point takes the outputs of its voxel (the voxel -> point map of the batch).
+
+Classes (:func:`predict_classes`), per ``mode``:
+
+- ``"semantic"``: the semantic head alone, argmax over the supervised (base) classes;
+- ``"clip"``: the CLIP-space head alone, argmax of the cosine to each class's text embedding;
+- ``"calibrated"`` (default): :func:`ws3d_train.open_vocab.combine_heads`: the CLIP head decides
+  how much probability goes to the base group, the semantic head splits it among base classes,
+  novel classes keep their CLIP probability (plus an optional calibrated-stacking ``novel_bias``).
+  Without an open-vocabulary split every class is base and this is the semantic head.
+
+Classes ignored by an open-vocabulary split are never predicted. Instances are adjacent
+over-segments of the same predicted class whose mean decoder features are similar
+(:func:`ws3d_train.instances.instances_from_segments`); wall/floor-like classes form none.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline import schema
+from pipeline.config import ConfigError, from_dict
+from pipeline.store import Store
+from ws3d_train.batch import collate
+from ws3d_train.checkpoint import load_checkpoint
+from ws3d_train.data import DataConfig, DataError, SceneDataset
+from ws3d_train.finetune import find_checkpoint, resolve_ov_split
+from ws3d_train.instances import instances_from_segments
+from ws3d_train.network import MinkUNet, NetworkConfig, build_network
+from ws3d_train.open_vocab import classify_open_vocab, combine_heads
+from ws3d_train.pretrain import resolve_device
+from ws3d_train.sparse import SparseTensor
+
+__all__ = [
+    "CombineMode",
+    "STUFF_CLASSES",
+    "ClassSetup",
+    "LoadedRun",
+    "QueryResult",
+    "SceneOutputs",
+    "ScenePrediction",
+    "SegmentMatch",
+    "class_palette",
+    "clip_model_of_store",
+    "format_query",
+    "infer_scene",
+    "load_run",
+    "predict_classes",
+    "predict_instances",
+    "predict_scene",
+    "query_scene",
+    "resolve_classes",
+    "write_heatmap_ply",
+    "write_prediction_ply",
+]
+
+CombineMode = Literal["semantic", "clip", "calibrated"]
+
+STUFF_CLASSES: frozenset[str] = frozenset(
+    {"wall", "floor", "ceiling", "road", "sidewalk", "parking", "other-ground", "terrain", "vegetation", "building"}
+)
+"""Class names that form no instances (ScanNet evaluates instances without wall and floor)."""
+
+# ScanNet's benchmark colours for its 20 classes (in train-id order), reused as the first 20
+# colours of every palette; further classes get golden-ratio hues.
+_BASE_PALETTE = np.array(
+    [
+        [174, 199, 232], [152, 223, 138], [31, 119, 180], [255, 187, 120], [188, 189, 34],
+        [140, 86, 75], [255, 152, 150], [214, 39, 40], [197, 176, 213], [148, 103, 189],
+        [196, 156, 148], [23, 190, 207], [247, 182, 210], [219, 219, 141], [255, 127, 14],
+        [158, 218, 229], [44, 160, 44], [112, 128, 144], [227, 119, 194], [82, 84, 163],
+    ],
+    np.uint8,
+)
+_UNKNOWN_RGB = np.array([0, 0, 0], np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a run
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedRun:
+    """A network with the config it was trained with, ready for inference."""
+
+    model: MinkUNet
+    """The network in eval mode on `device`."""
+    checkpoint: Path
+    """The checkpoint file it came from."""
+    step: int
+    """Optimiser steps of that checkpoint."""
+    config: dict[str, Any]
+    """The run's resolved config (plain dict)."""
+    data: DataConfig
+    """The run's data config (voxel size, input features)."""
+    class_names: tuple[str, ...] | None
+    """Class names of a fine-tuning run; None for a pre-training checkpoint."""
+    base_ids: tuple[int, ...] | None
+    """Supervised classes of a fine-tuning run (None: not recorded)."""
+    novel_ids: tuple[int, ...]
+    """Novel classes of the run's open-vocabulary split (empty without one)."""
+    ignored_ids: tuple[int, ...]
+    """Ignored classes of the run's open-vocabulary split."""
+    device: torch.device
+    """Where the model runs."""
+
+
+def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
+    """Load a run directory (its latest checkpoint) or a checkpoint file for inference.
+
+    Raises:
+        CheckpointError naming the path: no checkpoint, or one of another format/schema.
+    """
+    if isinstance(run, LoadedRun):
+        return run
+    path = find_checkpoint(run)
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    config = ckpt["config"]
+    network = from_dict(NetworkConfig, config["network"], where=f"{path}:network")
+    model = build_network(network)
+    model.load_state_dict(ckpt["model"])
+    model = model.to(torch_device).eval()
+    data = from_dict(DataConfig, config["data"], where=f"{path}:data")
+    info = (ckpt.get("extra") or {}).get("finetune") or {}
+    return LoadedRun(
+        model=model,
+        checkpoint=path,
+        step=int(ckpt["step"]),
+        config=config,
+        data=data,
+        class_names=tuple(info["class_names"]) if "class_names" in info else None,
+        base_ids=tuple(info["base_ids"]) if "base_ids" in info else None,
+        novel_ids=tuple(info.get("novel_ids", ())),
+        ignored_ids=tuple(info.get("ignored_ids", ())),
+        device=torch_device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+@dataclass(frozen=True, eq=False)
+class SceneOutputs:
+    """Network outputs of one whole scene: per voxel, with the voxel of every point."""
+
+    scene_id: str
+    xyz: np.ndarray
+    """[N, 3] float32 point positions (store frame, metres)."""
+    point_to_voxel: torch.Tensor
+    """[N] int64 voxel row of each point (never -1: scenes are not cropped)."""
+    semantic: torch.Tensor
+    """[Nv, C] float32 semantic logits."""
+    clip: torch.Tensor
+    """[Nv, D] float32 CLIP-space head output (not normalised)."""
+    boundary: torch.Tensor
+    """[Nv] float32 boundary probability."""
+    feats: torch.Tensor
+    """[Nv, F] float32 last decoder features."""
+
+    def to_points(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-voxel [Nv, ...] -> per-point [N, ...]."""
+        return values[self.point_to_voxel.to(values.device)]
+
+
+@torch.inference_mode()
+def infer_scene(run: LoadedRun, store: Store, scene_id: str) -> SceneOutputs:
+    """Run the network on a whole scene (no crop, no augmentation).
+
+    Raises:
+        DataError naming the scene when it is not in the store or its arrays disagree.
+    """
+    data = replace(run.data, max_voxels=None, augment=False, groups=())
+    dataset = SceneDataset(store.path, [scene_id], cfg=data, split="eval")
+    batch = collate([dataset[0]]).to(run.device)
+    use_bf16 = run.device.type == "cuda" and bool(run.config.get("bf16", True))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        out = run.model(SparseTensor(feats=batch.feats, coords=batch.coords))
+    if bool((batch.point_to_voxel < 0).any()):  # cannot happen without a crop; guard the indexing
+        raise DataError(f"scene {scene_id}: points without a voxel in an uncropped scene")
+    return SceneOutputs(
+        scene_id=scene_id,
+        xyz=batch.point_xyz.cpu().numpy(),
+        point_to_voxel=batch.point_to_voxel,
+        semantic=out.semantic.float(),
+        clip=out.clip.float(),
+        boundary=torch.sigmoid(out.boundary.float()),
+        feats=out.feats.float(),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ClassSetup:
+    """The classes a prediction chooses among, and their text embeddings."""
+
+    class_names: tuple[str, ...]
+    """The store's C class names."""
+    text: torch.Tensor
+    """[C, D] float32 text embedding of each class (vocabulary rows matched by name)."""
+    base_ids: tuple[int, ...]
+    """Classes the semantic head was supervised on."""
+    novel_ids: tuple[int, ...]
+    """Classes only the CLIP head can name."""
+    ignored_ids: tuple[int, ...]
+    """Classes neither predicted nor evaluated."""
+
+    @property
+    def has_split(self) -> bool:
+        return bool(self.novel_ids)
+
+
+def resolve_classes(
+    run: LoadedRun, store: Store, *, vocab: str = "classes", ov_split: str | None = None
+) -> ClassSetup:
+    """Class names, text embeddings and the base/novel/ignored split for predictions.
+
+    ``ov_split``: None takes the run's own split (none for a pre-training run); ``"none"`` drops
+    it; anything else is resolved by :func:`ws3d_train.finetune.resolve_ov_split`.
+
+    Raises:
+        ConfigError: the vocabulary lacks a class name, widths differ, or the run was trained on
+            other classes.
+    """
+    names = tuple(store.class_names)
+    if run.class_names is not None and tuple(run.class_names) != names:
+        raise ConfigError(f"{run.checkpoint}: trained on classes {list(run.class_names)[:4]}... but {store.path} has {list(names)[:4]}...")
+    try:
+        text_np, attrs = store.read_vocab(vocab)
+    except KeyError as exc:
+        raise ConfigError(str(exc)) from exc
+    vocab_names = list(attrs.get("names") or [])
+    if vocab_names == list(names) or (not vocab_names and text_np.shape[0] == len(names)):
+        rows = np.arange(len(names))
+    else:
+        missing = [n for n in names if n not in vocab_names]
+        if missing:
+            raise ConfigError(f"{store.path}: vocabulary {vocab!r} has no text embedding for classes {missing}")
+        rows = np.array([vocab_names.index(n) for n in names])
+    clip_dim = run.model.config.clip_dim
+    if text_np.shape[1] != clip_dim:
+        raise ConfigError(f"{store.path}: vocabulary {vocab!r} is {text_np.shape[1]}-d, the run's CLIP head {clip_dim}-d")
+    text = torch.from_numpy(text_np[rows].astype(np.float32)).to(run.device)
+    if ov_split is None and run.base_ids is not None:
+        base, novel, ignored = run.base_ids, run.novel_ids, run.ignored_ids
+    elif ov_split is None or ov_split.lower() == "none":
+        base, novel, ignored = tuple(range(len(names))), (), ()
+    else:
+        split = resolve_ov_split(ov_split, names, store.dataset)
+        assert split is not None
+        base, novel, ignored = split
+    return ClassSetup(names, text, tuple(base), tuple(novel), tuple(ignored))
+
+
+@torch.inference_mode()
+def predict_classes(
+    semantic: torch.Tensor,
+    clip: torch.Tensor,
+    setup: ClassSetup,
+    *,
+    mode: CombineMode = "calibrated",
+    novel_bias: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class per row from the semantic and/or CLIP heads (see the module docstring).
+
+    Args:
+        semantic: [M, C] semantic logits.
+        clip: [M, D] CLIP-space head output.
+        setup: classes, text embeddings, split.
+        mode: ``"semantic"``, ``"clip"`` or ``"calibrated"``.
+        novel_bias: calibrated-stacking margin for novel classes (``calibrated`` and ``clip``).
+
+    Returns:
+        ``(class id [M] int64, probability of that class [M] float32)``.
+    """
+    base = torch.tensor(setup.base_ids, dtype=torch.long, device=semantic.device)
+    if mode == "semantic":
+        prob = torch.softmax(semantic.float()[:, base], dim=1)
+        score, local = prob.max(dim=1)
+        return base[local], score
+    if mode not in ("clip", "calibrated"):
+        raise ValueError(f"mode must be 'semantic', 'clip' or 'calibrated'; got {mode!r}")
+    keep = sorted(setup.base_ids + setup.novel_ids)
+    keep_t = torch.tensor(keep, dtype=torch.long, device=semantic.device)
+    position = {c: i for i, c in enumerate(keep)}
+    clip_logits = classify_open_vocab(clip.float(), setup.text[keep_t])
+    log_scores = combine_heads(
+        semantic.float()[:, base], clip_logits,
+        [position[c] for c in setup.base_ids], [position[c] for c in setup.novel_ids],
+        mode=mode, novel_bias=novel_bias,
+    )
+    best, local = log_scores.max(dim=1)
+    return keep_t[local], best.exp().clamp(max=1.0)
+
+
+def predict_instances(
+    segment: np.ndarray,
+    adjacency: np.ndarray,
+    pred_class: np.ndarray,
+    embed: np.ndarray,
+    score: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    sim_threshold: float = 0.9,
+    min_points: int = 1,
+    ignore_classes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instances of one scene over its segment graph.
+
+    Args:
+        segment: [N] int over-segment id per point.
+        adjacency: [P, 2] adjacent segment pairs.
+        pred_class: [N] int predicted class per point.
+        embed: [N, F] float per-point embedding compared across adjacent segments.
+        score: [N] float per-point confidence (an instance's score is its mean).
+        class_names: the C class names.
+        sim_threshold: cosine above which adjacent same-class segments merge.
+        min_points: smallest instance kept.
+        ignore_classes: class names that form no instance (default: those in :data:`STUFF_CLASSES`).
+
+    Returns:
+        ``(instance id [N] int64 (-1 none), instance class [I], instance score [I])``.
+    """
+    stuff = STUFF_CLASSES if ignore_classes is None else frozenset(ignore_classes)
+    ignore_ids = [i for i, n in enumerate(class_names) if n in stuff]
+    return instances_from_segments(
+        segment, pred_class, embed, adjacency, sim_threshold=sim_threshold, ignore_classes=ignore_ids,
+        point_score=score, min_points=min_points,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ScenePrediction:
+    """Per-point predictions of one scene."""
+
+    scene_id: str
+    xyz: np.ndarray
+    """[N, 3] float32 positions."""
+    pred_class: np.ndarray
+    """[N] int64 predicted class id."""
+    score: np.ndarray
+    """[N] float32 probability of the predicted class."""
+    instance: np.ndarray
+    """[N] int64 instance id, -1 for none."""
+    instance_class: np.ndarray
+    """[I] int64 class of each instance."""
+    instance_score: np.ndarray
+    """[I] float64 confidence of each instance."""
+    clip: np.ndarray
+    """[N, D] float32 unit CLIP-space feature per point."""
+    class_names: tuple[str, ...]
+    """The C class names."""
+
+
+def _read_overseg(store: Store, scene_id: str) -> tuple[np.ndarray, np.ndarray]:
+    if not store.has(scene_id, schema.SEGMENT):
+        raise DataError(f"{store.path}: scene {scene_id} has no overseg/segment; run `ws3d overseg` first")
+    return store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY)
+
+
+def predict_scene(
+    run: str | Path | LoadedRun,
+    store_path: str | Path,
+    scene_id: str,
+    *,
+    vocab: str = "classes",
+    ov_split: str | None = None,
+    combine: CombineMode = "calibrated",
+    novel_bias: float = 0.0,
+    sim_threshold: float = 0.9,
+    min_instance_points: int = 20,
+    device: str = "auto",
+) -> ScenePrediction:
+    """Classes, instances and CLIP features of every point of a scene.
+
+    Args:
+        run: a run directory, a checkpoint, or a :class:`LoadedRun`.
+        store_path: the store.
+        scene_id: the scene.
+        vocab: store vocabulary for the CLIP head's classes.
+        ov_split: see :func:`resolve_classes`.
+        combine: how the heads decide (module docstring).
+        novel_bias: calibrated-stacking margin for novel classes.
+        sim_threshold: cosine threshold for merging segments into instances.
+        min_instance_points: smallest instance kept.
+        device: ``auto``, ``cpu``, ``cuda`` ...
+
+    Returns:
+        A :class:`ScenePrediction`.
+    """
+    loaded = load_run(run, device=device)
+    store = Store.open(store_path)
+    setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
+    outputs = infer_scene(loaded, store, scene_id)
+    cls_v, score_v = predict_classes(outputs.semantic, outputs.clip, setup, mode=combine, novel_bias=novel_bias)
+    pred = outputs.to_points(cls_v).cpu().numpy()
+    score = outputs.to_points(score_v).cpu().numpy().astype(np.float32)
+    segment, adjacency = _read_overseg(store, scene_id)
+    instance, inst_class, inst_score = predict_instances(
+        segment, adjacency, pred, outputs.to_points(outputs.feats).cpu().numpy(), score, setup.class_names,
+        sim_threshold=sim_threshold, min_points=min_instance_points,
+    )
+    clip = torch.nn.functional.normalize(outputs.to_points(outputs.clip), dim=1).cpu().numpy()
+    return ScenePrediction(
+        scene_id=scene_id, xyz=outputs.xyz, pred_class=pred, score=score, instance=instance,
+        instance_class=inst_class, instance_score=inst_score, clip=clip, class_names=setup.class_names,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PLY output
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """[C, 3] uint8 fixed colours: ScanNet's 20 benchmark colours, then golden-ratio hues."""
+    if num_classes <= len(_BASE_PALETTE):
+        return _BASE_PALETTE[:num_classes].copy()
+    from matplotlib.colors import hsv_to_rgb
+
+    extra = num_classes - len(_BASE_PALETTE)
+    hue = (np.arange(extra) * 0.618033988749895) % 1.0
+    hsv = np.stack([hue, np.full(extra, 0.65), np.full(extra, 0.9)], axis=1)
+    rgb = np.round(hsv_to_rgb(hsv) * 255).astype(np.uint8)
+    return np.concatenate([_BASE_PALETTE, rgb])
+
+
+def _write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, extra: dict[str, np.ndarray]) -> Path:
+    """Binary little-endian PLY with x, y, z, red, green, blue and extra scalar vertex properties."""
+    from plyfile import PlyData, PlyElement
+
+    xyz = np.asarray(xyz, np.float32).reshape(-1, 3)
+    n = xyz.shape[0]
+    fields = [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    fields += [(name, np.asarray(values).dtype.str.lstrip("<>|=")) for name, values in extra.items()]
+    vertex = np.empty(n, dtype=fields)
+    vertex["x"], vertex["y"], vertex["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    rgb = np.asarray(rgb, np.uint8).reshape(n, 3)
+    vertex["red"], vertex["green"], vertex["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    for name, values in extra.items():
+        values = np.asarray(values).reshape(-1)
+        if values.shape[0] != n:
+            raise ValueError(f"{path}: property {name} has {values.shape[0]} values for {n} points")
+        vertex[name] = values
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<").write(str(path))
+    return path
+
+
+def write_prediction_ply(
+    path: str | Path,
+    xyz: np.ndarray,
+    pred_class: np.ndarray,
+    instance: np.ndarray | None = None,
+    *,
+    num_classes: int | None = None,
+) -> Path:
+    """Write a scene coloured by predicted class; class and instance ids as extra vertex properties.
+
+    Args:
+        path: the .ply file to write (directories created).
+        xyz: [N, 3] positions.
+        pred_class: [N] int class ids (negative: unknown, drawn black).
+        instance: optional [N] int instance ids (-1 none), written as property ``instance``.
+        num_classes: palette size (default: max class + 1); colours come from :func:`class_palette`.
+
+    Returns:
+        The path. Any PLY viewer shows the colours; ``label``/``instance`` are int32 properties.
+    """
+    pred_class = np.asarray(pred_class).reshape(-1).astype(np.int64)
+    n = np.asarray(xyz).reshape(-1, 3).shape[0]
+    if pred_class.shape[0] != n:
+        raise ValueError(f"{path}: {pred_class.shape[0]} classes for {n} points")
+    palette = class_palette(max(int(num_classes or 0), int(pred_class.max(initial=-1)) + 1, 1))
+    rgb = np.where((pred_class >= 0)[:, None], palette[pred_class.clip(min=0)], _UNKNOWN_RGB)
+    extra = {"label": pred_class.astype(np.int32)}
+    if instance is not None:
+        extra["instance"] = np.asarray(instance).reshape(-1).astype(np.int32)
+    return _write_ply(path, xyz, rgb, extra)
+
+
+def write_heatmap_ply(path: str | Path, xyz: np.ndarray, values: np.ndarray, *, cmap: str = "turbo") -> Path:
+    """Write points coloured by ``values`` [N] (min -> dark blue, max -> dark red with "turbo");
+    the raw values are kept as the float property ``similarity``."""
+    from matplotlib import colormaps
+
+    values = np.asarray(values, np.float32).reshape(-1)
+    lo, hi = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    rgb = np.round(colormaps[cmap](unit)[:, :3] * 255).astype(np.uint8)
+    return _write_ply(path, xyz, rgb, {"similarity": values})
+
+
+# ---------------------------------------------------------------------------------------------
+# open-vocabulary queries
+
+_DIR_IDENTITY = re.compile(r"^dir:(.*?):[0-9a-f]{16}(?:/|$)")
+
+
+def clip_model_of_store(store: Store, vocab: str = "classes") -> str:
+    """The CLIP model (folder or hub id) that embedded a store's vocabulary.
+
+    ``pipeline.embed`` records ``pipeline.clip_model.model_identity`` in the vocabulary attrs:
+    ``dir:<folder>:<hashes>`` or ``hub:<id>``; a plain folder path is accepted too.
+
+    Raises:
+        ConfigError when the vocabulary is missing or names no model.
+    """
+    try:
+        _, attrs = store.read_vocab(vocab)
+    except KeyError as exc:
+        raise ConfigError(str(exc)) from exc
+    model = str(attrs.get("model") or "")
+    if model.startswith("dir:"):
+        match = _DIR_IDENTITY.match(model)
+        return match.group(1) if match else model[4:]
+    if model.startswith("hub:"):
+        return model[4:]
+    if not model:
+        raise ConfigError(f"{store.path}: vocabulary {vocab!r} records no CLIP model; pass model_dir")
+    return model
+
+
+@dataclass(frozen=True)
+class SegmentMatch:
+    """One over-segment's match to a query."""
+
+    segment: int
+    """Segment id in ``overseg/segment``."""
+    score: float
+    """Mean cosine similarity of its points to the query."""
+    centroid: tuple[float, float, float]
+    """Mean position of its points (metres, store frame)."""
+    points: int
+    """Its number of points."""
+
+
+@dataclass(frozen=True, eq=False)
+class QueryResult:
+    """Similarity of every point of a scene to a text query."""
+
+    scene_id: str
+    text: str
+    similarity: np.ndarray
+    """[N] float32 cosine between each point's CLIP-space feature and the query embedding."""
+    segments: list[SegmentMatch]
+    """The best-matching segments, best first."""
+    model: str
+    """The CLIP model that embedded the text."""
+    ply: Path | None = None
+    """The heatmap PLY written, if any."""
+
+
+def query_scene(
+    run: str | Path | LoadedRun,
+    store_path: str | Path,
+    scene_id: str,
+    text: str,
+    *,
+    model_dir: str | None = None,
+    top_k: int = 5,
+    min_segment_points: int = 10,
+    out_ply: str | Path | None = None,
+    use_prompts: bool = False,
+    device: str = "auto",
+) -> QueryResult:
+    """Open-vocabulary query: how well each point of a scene matches ``text``.
+
+    The text is embedded by the text tower of the CLIP model that made the store (recorded in the
+    ``classes`` vocabulary; ``model_dir`` overrides it), loaded offline with
+    :func:`pipeline.clip_model.load_encoder`. With ``use_prompts`` the text is put into the
+    vocabulary's prompt templates and the embeddings averaged (as class names were); otherwise it
+    is embedded as written. Segments are scored by the mean similarity of their points.
+
+    Args:
+        run: a run directory, a checkpoint, or a :class:`LoadedRun`.
+        store_path: the store.
+        scene_id: the scene.
+        text: the query, e.g. "a red chair".
+        model_dir: CLIP model folder (or hub id already in the cache) to use instead of the store's.
+        top_k: how many segments to return.
+        min_segment_points: smaller segments are not ranked (their mean is noise).
+        out_ply: write a heatmap PLY there (see :func:`write_heatmap_ply`).
+        use_prompts: average over the vocabulary's prompt templates.
+        device: ``auto``, ``cpu``, ``cuda`` ...
+
+    Raises:
+        ConfigError: no model recorded, or the model's width is not the run's CLIP head width.
+    """
+    from pipeline.clip_model import load_encoder
+
+    if not text.strip():
+        raise ValueError("query_scene: empty query text")
+    loaded = load_run(run, device=device)
+    store = Store.open(store_path)
+    model = model_dir or clip_model_of_store(store)
+    encoder = load_encoder(model, device=str(loaded.device), allow_download=False)
+    texts = [text]
+    if use_prompts:
+        templates = list(store.read_vocab("classes")[1].get("prompts") or [])
+        texts = [t.format(text) for t in templates if "{}" in t] or texts
+    query = encoder.encode_texts(texts).mean(axis=0)
+    query = query / max(float(np.linalg.norm(query)), 1e-12)
+    if query.shape[0] != loaded.model.config.clip_dim:
+        raise ConfigError(f"{model}: text embeddings are {query.shape[0]}-d, the run's CLIP head {loaded.model.config.clip_dim}-d")
+
+    outputs = infer_scene(loaded, store, scene_id)
+    q = torch.from_numpy(query.astype(np.float32)).to(loaded.device)
+    sim_voxel = classify_open_vocab(outputs.clip, q[None, :])[:, 0]
+    similarity = outputs.to_points(sim_voxel).cpu().numpy().astype(np.float32)
+
+    segment, _ = _read_overseg(store, scene_id)
+    segment = segment.astype(np.int64)
+    num_segments = int(segment.max()) + 1 if segment.size else 0
+    count = np.bincount(segment, minlength=num_segments)
+    mean_sim = np.bincount(segment, weights=similarity, minlength=num_segments) / np.maximum(count, 1)
+    centroid = np.stack(
+        [np.bincount(segment, weights=outputs.xyz[:, k], minlength=num_segments) for k in range(3)], axis=1
+    ) / np.maximum(count, 1)[:, None]
+    ranked = np.flatnonzero(count >= min_segment_points)
+    ranked = ranked[np.argsort(-mean_sim[ranked], kind="stable")][:top_k]
+    matches = [
+        SegmentMatch(int(s), float(mean_sim[s]), tuple(float(v) for v in centroid[s]), int(count[s])) for s in ranked
+    ]
+    ply = write_heatmap_ply(out_ply, outputs.xyz, similarity) if out_ply is not None else None
+    return QueryResult(scene_id=scene_id, text=text, similarity=similarity, segments=matches, model=model, ply=ply)
+
+
+def format_query(result: QueryResult) -> str:
+    """A small terminal table of the best-matching segments of a query."""
+    lines = [
+        f'query "{result.text}" in {result.scene_id} '
+        f"(similarity {result.similarity.min(initial=0):.3f} .. {result.similarity.max(initial=0):.3f})",
+        f"{'rank':>4}  {'segment':>7}  {'score':>6}  {'points':>6}  centroid (m)",
+    ]
+    for rank, m in enumerate(result.segments, 1):
+        x, y, z = m.centroid
+        lines.append(f"{rank:>4}  {m.segment:>7}  {m.score:>6.3f}  {m.points:>6}  ({x:.2f}, {y:.2f}, {z:.2f})")
+    if result.ply is not None:
+        lines.append(f"heatmap: {result.ply}")
+    return "\n".join(lines)
