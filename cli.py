@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import typer
 
 app = typer.Typer(help="ws3d: raw 3D scans -> a 3D vision-language model (WS3D++).", no_args_is_help=True,
@@ -288,6 +289,124 @@ def manifests_check(dataset: str = typer.Option(..., "--dataset", "-d"), raw: Pa
         typer.echo(f"  unlisted: {name}")
     if missing or extra:
         raise typer.Exit(1)
+
+
+RUN = typer.Option(..., "--run", help="A training run folder (its latest checkpoint) or a checkpoint file.")
+
+
+@app.command()
+def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+             scenes: Optional[str] = typer.Option(None, "--scenes", help="Scene list file (default: all scenes)."),
+             config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
+             overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Hierarchical 2D-3D alignment pre-training (scene views, segments, KL over the vocabulary)."""
+    from ws3d_train.pretrain import PretrainConfig, pretrain as pretrain_loop
+
+    extra = [f"store={store}"] + ([f"scenes={scenes}"] if scenes else [])
+    cfg = _resolve(PretrainConfig, config, extra + list(overrides or []), section="pretrain" if config else None)
+    summary = pretrain_loop(cfg, out, resume=resume)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
+
+
+@app.command()
+def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+             init: Optional[str] = typer.Option(None, "--init", help="Pre-training run or checkpoint (default: from scratch)."),
+             scenes: Optional[str] = typer.Option(None, "--scenes", help="Split name or scene list file."),
+             config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
+             overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Fine-tune with few labels (labels=la20|lr..., ov_split=b15n4, loss switches and weights)."""
+    from ws3d_train.finetune import FinetuneConfig, finetune as finetune_loop
+
+    extra = [f"store={store}"] + ([f"init={init}"] if init else []) + ([f"scenes={scenes}"] if scenes else [])
+    cfg = _resolve(FinetuneConfig, config, extra + list(overrides or []), section="finetune" if config else None)
+    summary = finetune_loop(cfg, out, resume=resume)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(run: Path = RUN, store: Path = STORE,
+             split: Optional[str] = typer.Option(None, "--split", help="Split name (val, ...) or scene list file; default all."),
+             ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
+             combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
+             min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval.json).")) -> None:
+    """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
+    from ws3d_train.evaluate import evaluate, format_table, write_json
+    from ws3d_train.finetune import resolve_scene_ids
+
+    st = _open_store(store)
+    ids = resolve_scene_ids(st, split) if split else None
+    results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size, progress=True)
+    typer.echo(format_table(results))
+    target = out or ((run if run.is_dir() else run.parent) / "eval.json")
+    write_json(results, target)
+    typer.echo(f"written {target}")
+
+
+@app.command()
+def predict(run: Path = RUN, store: Path = STORE, scene: str = typer.Option(..., "--scene"),
+            out: Path = typer.Option(..., "--out", "-o", help="PLY file to write.")) -> None:
+    """Write the scene coloured by predicted class (instance ids as a vertex property)."""
+    from ws3d_train.predict import predict_scene, write_prediction_ply
+
+    prediction = predict_scene(run, store, scene)
+    write_prediction_ply(out, prediction)
+    counts = np.bincount(prediction.pred_class, minlength=len(prediction.class_names))
+    top = ", ".join(f"{prediction.class_names[c]} {counts[c]}" for c in np.argsort(-counts)[:6] if counts[c])
+    typer.echo(f"wrote {out}: {len(prediction.xyz)} points, {len(prediction.instance_class)} instances; {top}")
+
+
+@app.command()
+def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".'), run: Path = RUN, store: Path = STORE,
+          scene: str = typer.Option(..., "--scene"),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Heatmap PLY (default query_<text>.ply)."),
+          model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the store)."),
+          top_k: int = typer.Option(5, "--top-k")) -> None:
+    """Per-point similarity to a text query (heatmap PLY) and the best-matching segments."""
+    from ws3d_train.predict import format_query, query_scene
+
+    target = out or Path(f"query_{'_'.join(text.split())[:40]}.ply")
+    result = query_scene(run, store, scene, text, model_dir=model, top_k=top_k, out_ply=target)
+    typer.echo(format_query(result))
+
+
+@app.command()
+def report(run: Path = RUN, out: Path = typer.Option(..., "--out", "-o"),
+           store: Optional[Path] = typer.Option(None, "--store", "-s", help="Default: the run's store."),
+           scene: Optional[str] = typer.Option(None, "--scene"), query_text: Optional[str] = typer.Option(None, "--query")) -> None:
+    """Pictures of a run: curves, results table, views GT vs prediction, a query heatmap."""
+    from ws3d_train.report import write_report
+
+    paths = write_report(run, out, store=str(store) if store else None, scene=scene, query=query_text)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("data/demo"), "--out", "-o"),
+         scale: float = typer.Option(1.0, "--scale", help="Multiplies scene counts and steps (DEMO_SCALE)."),
+         ablation: bool = typer.Option(False, "--ablation", help="The four-setting miniature benchmark over seeds."),
+         config: Optional[Path] = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """The whole method on synthetic rooms: preprocess, teacher, pre-train, fine-tune, evaluate, pictures."""
+    from ws3d_train.demo import DemoConfig, run_demo
+
+    cfg = _resolve(DemoConfig, config, [f"out={out}", f"scale={scale}", f"ablation={str(ablation).lower()}",
+                                        *(overrides or [])])
+    run_demo(cfg, echo=typer.echo)
+
+
+@app.command()
+def bench(out: Path = typer.Option(Path("data/bench.json"), "--out", "-o"),
+          sections: Optional[list[str]] = typer.Option(None, "--section", help="Only these sections (repeatable)."),
+          size: str = typer.Option("full", "--size", help="full | tiny"),
+          store: Optional[str] = typer.Option(None, "--store", help="A preprocessed store for the trainer sections.")) -> None:
+    """Measure every stage against a reference in the same process; a table and a JSON file."""
+    from ws3d_train.bench import format_table, run_bench, write_json
+
+    results = run_bench(sections, size=size, store=store, echo=typer.echo)
+    write_json(results, out)
+    typer.echo(format_table(results))
+    typer.echo(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,16 @@ from ws3d_train.pretrain import PretrainConfig, load_pretrained, pretrain
 from ws3d_train.schedule import lr_at
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On a shared, loaded machine OpenMP threads of tiny scatter-adds spin against each other
+    # (50x slower than one thread); one thread keeps these tests fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Smaller than the shared tiny store: the CPU trains a few steps on it in seconds."""

@@ -14,7 +14,7 @@ The heads are linear maps (1x1x1 convolutions) of the last decoder features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -89,11 +89,12 @@ class NetworkConfig:
     def resolved(self) -> NetworkConfig:
         """A copy with every None architecture field filled from the preset."""
         preset = PRESETS[self.preset]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("init_dim", "planes", "layers", "stem_kernel_size"):
-            if values[name] is None:
-                values[name] = getattr(preset, name)
-        return replace(self, **{k: values[k] for k in ("init_dim", "planes", "layers", "stem_kernel_size")})
+        filled = {
+            name: getattr(preset, name)
+            for name in ("init_dim", "planes", "layers", "stem_kernel_size")
+            if getattr(self, name) is None
+        }
+        return replace(self, **filled)
 
 
 @dataclass(frozen=True, eq=False)

@@ -126,6 +126,10 @@ class PretrainConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on a CPU)."""
+    deterministic: bool = True
+    """Deterministic kernels on a CPU (multi-threaded scatter-adds otherwise round differently from
+    run to run, and a resumed run could not be bitwise exact). On CUDA the fast kernels are kept:
+    a resumed GPU run matches an uninterrupted one up to rounding."""
     num_workers: int = 4
     """DataLoader worker processes (0: load in the main process)."""
     tensorboard: bool = True
@@ -211,6 +215,15 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
         )
 
 
+@contextlib.contextmanager
+def _restore_determinism(enabled: bool, warn_only: bool):
+    # the setting is process-global: leave it as the caller had it
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
     """Pre-train a network on a store; write config, metrics and checkpoints under ``out_dir``.
 
@@ -283,13 +296,17 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         description="pretrain",
     )
     model.train()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if cfg.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     t_start = time.time()
     last: dict[str, Any] = {}
     first_loss: float | None = None
     saved: Path | None = latest if resume else None
 
     # --- the loop -----------------------------------------------------------------------------
-    with logger:
+    with logger, _restore_determinism(was_deterministic, was_warn_only):
         for step in range(start_step, end_step):
             t_step = time.time()
             lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)

@@ -1,0 +1,277 @@
+"""`ws3d demo` / `make demo`: the whole method end to end on synthetic rooms, honestly small.
+
+Synthesises rooms (train + val) in the ScanNet raw layout, preprocesses them through the executor
+(ingest, over-segment, render), fits the offline teacher on the training scenes only, embeds,
+pre-trains, fine-tunes with few labels on the base classes of the synthetic open-vocabulary split,
+evaluates on the validation rooms, and writes a results table (JSON + terminal) and pictures.
+With `ablation=True` it runs the miniature benchmark instead: the same budget under four settings
+(supervised only; + energy; + region contrast; + pre-training) over several seeds.
+
+Writes under `out/`: raw/, store.zarr, teacher/, pretrain[_sN]/, finetune_*/, results.json,
+report/ (PNGs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import from_dict, to_dict
+from pipeline.executor import ExecutorConfig
+from pipeline.synth import SynthConfig, synthesise
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo and the miniature benchmark."""
+
+    out: str = "data/demo"
+    """Output folder."""
+    scale: float = 1.0
+    """Multiplies the scene counts and training steps (DEMO_SCALE)."""
+    train_scenes: int = 24
+    """Training rooms at scale 1."""
+    val_scenes: int = 8
+    """Validation rooms at scale 1 (never seen by the teacher or the trainer)."""
+    seed: int = 0
+    """Seed of the rooms, the label draw and training."""
+    room: SynthConfig = SynthConfig()
+    """How rooms are generated."""
+    labels: str = "la20"
+    """Label budget of fine-tuning (labelled points per scene)."""
+    ov_split: str = "b15n4"
+    """Open-vocabulary split of the synthetic classes (novel classes get no labels)."""
+    voxel_size_m: float = 0.05
+    """Voxel size of the trainer (5 cm keeps the CPU demo inside its time budget)."""
+    max_voxels: int = 40_000
+    """Crop size of training samples."""
+    network_preset: str = "tiny"
+    """Sparse U-Net preset."""
+    teacher_seconds: float = 150.0
+    """Time budget for fitting the offline teacher."""
+    pretrain_steps: int = 300
+    """Pre-training steps at scale 1."""
+    finetune_steps: int = 300
+    """Fine-tuning steps at scale 1."""
+    batch_size: int = 2
+    """Scenes per training batch."""
+    lr: float = 2e-3
+    """Peak learning rate of both loops."""
+    ablation: bool = False
+    """Run the four-setting miniature benchmark instead of the single full run."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds of the miniature benchmark (the rooms stay those of `seed`)."""
+    executor: ExecutorConfig = ExecutorConfig(kind="local")
+    """Where preprocessing runs."""
+    num_workers: int = 0
+    """DataLoader workers of the trainer (0 on 2-core machines: the main process decodes)."""
+    report: bool = True
+    """Write pictures of the run."""
+
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "supervised": {"init": False, "w_boundary": 0.0, "w_energy": 0.0, "w_region": 0.0},
+    "+energy": {"init": False, "w_energy": 0.1, "w_region": 0.0},
+    "+region": {"init": False, "w_energy": 0.1, "w_region": 0.1},
+    "+pretrain (full)": {"init": True, "w_energy": 0.1, "w_region": 0.1},
+}
+"""The miniature benchmark's four settings, each adding one part of the method."""
+
+
+def _n(value: int, scale: float) -> int:
+    return max(1, int(round(value * scale)))
+
+
+def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Rooms -> a preprocessed store with a fitted teacher. Returns paths and scene lists."""
+    from pipeline.teacher import TeacherConfig, run_fit
+    from pipeline.workflow import WorkflowConfig, run_workflow
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_train, n_val = _n(cfg.train_scenes, cfg.scale), _n(cfg.val_scenes, cfg.scale)
+    raw, store = out / "raw", out / "store.zarr"
+    t0 = time.perf_counter()
+    ids = synthesise(raw, n_train + n_val, seed=cfg.seed, cfg=cfg.room)
+    train_ids, val_ids = ids[:n_train], ids[n_train:]
+    (out / "train.txt").write_text("\n".join(train_ids) + "\n")
+    (out / "val.txt").write_text("\n".join(val_ids) + "\n")
+    echo(f"synth: {len(ids)} rooms ({n_train} train, {n_val} val) in {time.perf_counter() - t0:.0f} s")
+    timings: dict[str, float] = {}
+    base = WorkflowConfig(dataset="synthetic", raw=str(raw), store=str(store), executor=cfg.executor,
+                          stages=("ingest", "overseg", "render"))
+    t0 = time.perf_counter()
+    reports = run_workflow(base, echo=echo)
+    for report in reports:
+        timings[report.stage] = report.seconds
+        if not report.ok:
+            raise RuntimeError(f"demo preprocessing failed:\n{report.summary()}")
+    teacher_dir = out / "teacher"
+    t0 = time.perf_counter()
+    if not (teacher_dir / "config.json").exists():
+        tcfg = TeacherConfig(max_seconds=cfg.teacher_seconds * max(1.0, cfg.scale), seed=cfg.seed)
+        fit = run_fit(str(store), train_ids, teacher_dir, tcfg)  # never sees the validation rooms
+        echo("teacher: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in fit.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    timings["teacher"] = time.perf_counter() - t0
+    embed_cfg = dataclasses.replace(base, stages=("embed",), embed={"model": str(teacher_dir)})
+    for report in run_workflow(embed_cfg, echo=echo):
+        timings[report.stage] = report.seconds
+        if not report.ok:
+            raise RuntimeError(f"demo embedding failed:\n{report.summary()}")
+    return {"raw": str(raw), "store": str(store), "teacher": str(teacher_dir), "train": train_ids,
+            "val": val_ids, "train_list": str(out / "train.txt"), "val_list": str(out / "val.txt"),
+            "preprocess_seconds": timings}
+
+
+def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
+    return {"data": {"voxel_size_m": cfg.voxel_size_m, "max_voxels": cfg.max_voxels},
+            "network": {"preset": cfg.network_preset}, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "seed": seed, "num_workers": cfg.num_workers, "progress": True, "tensorboard": False}
+
+
+def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callable[[str], None] = print) -> str:
+    from ws3d_train.pretrain import PretrainConfig, pretrain
+
+    run = Path(cfg.out) / (f"pretrain_s{seed}" if cfg.ablation else "pretrain")
+    steps = _n(cfg.pretrain_steps, cfg.scale)
+    pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"],
+                                      "steps": steps, "warmup_steps": max(1, steps // 10),
+                                      "checkpoint_every": steps}, where="demo.pretrain")
+    t0 = time.perf_counter()
+    summary = pretrain(pcfg, run, resume=(run / "metrics.jsonl").exists())
+    echo(f"pretrain: {steps} steps in {time.perf_counter() - t0:.0f} s -> {run} ({_brief(summary)})")
+    return str(run)
+
+
+def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: dict[str, Any], seed: int,
+                 init: str | None, echo: Callable[[str], None] = print) -> str:
+    from ws3d_train.finetune import FinetuneConfig, finetune
+
+    slug = name.replace("+", "plus_").replace(" ", "_").replace("(", "").replace(")", "")
+    run = Path(cfg.out) / (f"finetune_{slug}_s{seed}" if cfg.ablation else "finetune")
+    steps = _n(cfg.finetune_steps, cfg.scale)
+    values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"], "init": init,
+              "labels": cfg.labels, "label_seed": cfg.seed, "ov_split": cfg.ov_split, "steps": steps,
+              "warmup_steps": max(1, steps // 10), "checkpoint_every": steps}
+    values.update({k: v for k, v in overrides.items() if k != "init"})
+    fcfg = from_dict(FinetuneConfig, values, where="demo.finetune")
+    t0 = time.perf_counter()
+    summary = finetune(fcfg, run, resume=(run / "metrics.jsonl").exists())
+    echo(f"finetune [{name}, seed {seed}]: {steps} steps in {time.perf_counter() - t0:.0f} s ({_brief(summary)})")
+    return str(run)
+
+
+def _brief(summary: dict[str, Any]) -> str:
+    keys = [k for k in ("first_loss", "final_loss", "loss") if isinstance(summary.get(k), (int, float))]
+    return ", ".join(f"{k}={summary[k]:.3f}" for k in keys) or "done"
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of the results table from an `evaluate` result."""
+    sem, ov = metrics.get("semantic", {}), metrics.get("open_vocab", {}) or {}
+    inst, box = metrics.get("instance", {}) or {}, metrics.get("box", {}) or {}
+
+    def pick(d: dict[str, Any], *keys: str) -> float:
+        for key in keys:
+            if isinstance(d.get(key), (int, float)):
+                return float(d[key])
+        return float("nan")
+
+    return {"mIoU": pick(sem, "miou"), "base mIoU": pick(ov, "base_miou"), "novel mIoU": pick(ov, "novel_miou"),
+            "hIoU": pick(ov, "hiou"), "AP50": pick(inst, "ap50"), "AP25": pick(inst, "ap25"),
+            "box mAP@25": pick(box, "map@0.25", "map25"), "box mAP@50": pick(box, "map@0.5", "map50")}
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo (or, with cfg.ablation, the miniature benchmark). Returns and writes results.json."""
+    from ws3d_train.evaluate import evaluate
+
+    start = time.perf_counter()
+    prep = prepare(cfg, echo)
+    results: dict[str, Any] = {"config": to_dict(cfg), "train_scenes": len(prep["train"]),
+                               "val_scenes": len(prep["val"]), "preprocess_seconds": prep["preprocess_seconds"],
+                               "chance_miou": 1.0 / 20}
+    rows: dict[str, list[dict[str, float]]] = {}
+    settings = SETTINGS if cfg.ablation else {"+pretrain (full)": SETTINGS["+pretrain (full)"]}
+    seeds = cfg.seeds if cfg.ablation else (cfg.seed,)
+    last_run = None
+    for seed in seeds:
+        pre_run = run_pretrain(cfg, prep, seed, echo)
+        for name, overrides in settings.items():
+            run = run_finetune(cfg, prep, name, overrides, seed, pre_run if overrides["init"] else None, echo)
+            metrics = evaluate(run, prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=20)
+            rows.setdefault(name, []).append(_headline(metrics))
+            last_run = run
+            if not cfg.ablation:
+                results["metrics"] = metrics
+    results["table"] = {name: _aggregate(values) for name, values in rows.items()}
+    results["seconds"] = time.perf_counter() - start
+    out = Path(cfg.out)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+    echo(format_results(results))
+    if cfg.report and last_run is not None and not cfg.ablation:
+        try:
+            from ws3d_train.report import write_report
+
+            write_report(last_run, out / "report", store=prep["store"], scene=prep["val"][0])
+            echo(f"pictures: {out / 'report'}")
+        except ImportError as exc:  # pictures are a nicety; the numbers are already written
+            echo(f"report skipped: {exc}")
+    return results
+
+
+def _aggregate(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    keys = values[0].keys()
+    return {k: {"mean": float(np.nanmean([v[k] for v in values])) if any(math.isfinite(v[k]) for v in values) else float("nan"),
+                "std": float(np.nanstd([v[k] for v in values])) if len(values) > 1 else 0.0,
+                "n": len(values)} for k in keys}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    return value
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The results table (percentages; mean ± std over seeds where there are several)."""
+    table = results["table"]
+    cols = ["mIoU", "base mIoU", "novel mIoU", "hIoU", "AP50", "AP25", "box mAP@25", "box mAP@50"]
+    lines = [f"results on {results['val_scenes']} validation rooms (trained on {results['train_scenes']}; "
+             f"chance mIoU {100 * results['chance_miou']:.1f})",
+             f"{'setting':<20}" + "".join(f"{c:>14}" for c in cols)]
+    for name, stats in table.items():
+        cells = []
+        for c in cols:
+            m, s, n = stats[c]["mean"], stats[c]["std"], stats[c]["n"]
+            cells.append("-" if not math.isfinite(m) else (f"{100 * m:.1f}±{100 * s:.1f}" if n > 1 else f"{100 * m:.1f}"))
+        lines.append(f"{name:<20}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def build_store_for_bench(folder: Path, n_scenes: int = 4) -> str:
+    """A small preprocessed synthetic store (ingest, overseg, render, embed with a randomly
+    initialised teacher-sized CLIP) for the trainer-side benchmarks."""
+    from pipeline.teacher import TeacherConfig, random_teacher
+    from pipeline.workflow import WorkflowConfig, run_workflow
+
+    raw, store = folder / "raw", folder / "store.zarr"
+    synthesise(raw, n_scenes, seed=0)
+    model_dir = random_teacher(folder / "clip", TeacherConfig())
+    wf = WorkflowConfig(dataset="synthetic", raw=str(raw), store=str(store), executor=ExecutorConfig(kind="sync"),
+                        stages=("ingest", "overseg", "render", "embed"), embed={"model": str(model_dir)})
+    run_workflow(wf, echo=lambda _: None)
+    return str(store)
