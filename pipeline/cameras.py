@@ -67,12 +67,20 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = WORLD_UP) -> n
 def heading_poses(eye: np.ndarray, yaw_rad: np.ndarray, pitch_rad: float) -> np.ndarray:
     """Poses of cameras at `eye` [3] looking along headings `yaw_rad` [Y] (from +x towards +y).
 
-    `pitch_rad` < 0 tilts the cameras down. Returns float64 [Y, 4, 4] world->camera poses.
+    `pitch_rad` < 0 tilts the cameras down (|pitch| < 90 degrees). Returns float64 [Y, 4, 4]
+    world->camera poses, no roll (the same as `look_at` towards eye + forward).
     """
     yaw = np.atleast_1d(np.asarray(yaw_rad, dtype=np.float64))
-    cp = np.cos(pitch_rad)
-    forward = np.stack([cp * np.cos(yaw), cp * np.sin(yaw), np.full_like(yaw, np.sin(pitch_rad))], -1)
-    return np.stack([look_at(eye, np.asarray(eye, dtype=np.float64) + d) for d in forward])
+    eye = np.asarray(eye, dtype=np.float64)
+    cp, sp = np.cos(pitch_rad), np.sin(pitch_rad)
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    forward = np.stack([cp * cy, cp * sy, np.full_like(yaw, sp)], -1)
+    right = np.stack([sy, -cy, np.zeros_like(yaw)], -1)  # forward x up, normalised
+    down = np.cross(forward, right)
+    poses = np.tile(np.eye(4), (len(yaw), 1, 1))
+    poses[:, :3, :3] = np.stack([right, down, forward], 1)
+    poses[:, :3, 3] = -poses[:, :3, :3] @ eye
+    return poses
 
 
 def camera_centres(poses: np.ndarray) -> np.ndarray:

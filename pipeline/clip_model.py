@@ -155,31 +155,27 @@ class ClipEncoder:
         return int(self.model.config.projection_dim)
 
     # -- images -----------------------------------------------------------------------------
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B, 3, h, w] in 0..1 -> normalised with the model's mean/std (same shape)."""
-        return (images - self._mean) / self._std
-
-    def to_unit_float(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in 0..1 on the encoder's device."""
+    def to_normalised(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with the model's mean/std, on the
+        encoder's device (one conversion and two in-place ops: full-size views are big)."""
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-        return images.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = images.to(self.device).permute(0, 3, 1, 2).float()
+        return x.mul_(1.0 / (255.0 * self._std)).sub_(self._mean / self._std)
 
-    def preprocess(self, images: np.ndarray | torch.Tensor, *, fit: Literal["crop", "pad"] = "crop") -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> pixel_values float32 [B, 3, S, S] (S = image_size), normalised.
+    def fit_square(self, x: torch.Tensor, *, fit: Literal["crop", "pad"] = "crop") -> torch.Tensor:
+        """Normalised float [B, 3, H, W] -> [B, 3, S, S] model input (S = image_size).
 
         fit="crop": shorter side to S, centre crop (CLIP's own preprocessing).
-        fit="pad": pad the shorter side to a square with the mean colour, resize to S, so the
-        whole image is seen (what a view embedding should cover).
+        fit="pad": pad the shorter side to a square with the mean colour (zero after
+        normalisation), resize to S, so the whole image is seen (what a view embedding covers).
         """
-        x = self.normalise(self.to_unit_float(images))
         size = self.image_size
         _, _, h, w = x.shape
         if fit == "pad":
             side = max(h, w)
             top, left = (side - h) // 2, (side - w) // 2
-            # zeros after normalisation are the mean colour
             x = F.pad(x, (left, side - w - left, top, side - h - top))
             return _resize(x, size, size)
         scale = size / min(h, w)
@@ -187,6 +183,10 @@ class ClipEncoder:
         x = _resize(x, nh, nw)
         top, left = (nh - size) // 2, (nw - size) // 2
         return x[:, :, top:top + size, left:left + size]
+
+    def preprocess(self, images: np.ndarray | torch.Tensor, *, fit: Literal["crop", "pad"] = "crop") -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> pixel_values float32 [B, 3, S, S], normalised (see `fit_square`)."""
+        return self.fit_square(self.to_normalised(images), fit=fit)
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:

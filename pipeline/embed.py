@@ -380,8 +380,8 @@ def _prepare(
         point_index, segment, num_segments=num_segments, k=cfg.views_per_segment, min_pixels=cfg.min_pixels,
         scales=cfg.scales, min_side=cfg.min_crop_side, weight=cfg.weight,
     )
-    views = encoder.normalise(encoder.to_unit_float(view_rgb))
-    view_pixels = encoder.preprocess(view_rgb, fit=cfg.view_fit)
+    views = encoder.to_normalised(view_rgb)
+    view_pixels = encoder.fit_square(views, fit=cfg.view_fit)
     return _SceneWork(scene_id, views, view_pixels, crops, num_segments)
 
 

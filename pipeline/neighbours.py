@@ -19,6 +19,7 @@ def knn(
     *,
     radius: float | None = None,
     tree: cKDTree | None = None,
+    chunk: int = 1 << 18,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other points of every point, optionally within `radius` (a hybrid search).
 
@@ -27,6 +28,7 @@ def knn(
         k: neighbours per point (the point itself excluded).
         radius: keep only neighbours closer than this (metres); None = no bound.
         tree: a `cKDTree` already built on `xyz` (built here when None).
+        chunk: query points per batch (bounds the temporary memory; results do not depend on it).
 
     Returns:
         index: int32 [N, k], neighbour ids sorted by distance (ties by the tree's order), -1 padded.
@@ -39,14 +41,28 @@ def knn(
     if n == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     tree = tree if tree is not None else cKDTree(xyz)
+    index = np.empty((n, k), np.int32)
+    dist = np.empty((n, k), np.float32)
+    # query in row chunks: scipy's float64/int64 [rows, k+1] outputs and the reordering below
+    # would otherwise need ~1 GB per million points
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        index[start:stop], dist[start:stop] = _knn_rows(tree, xyz[start:stop], start, n, k, radius)
+    return index, dist
+
+
+def _knn_rows(
+    tree: cKDTree, query: np.ndarray, first: int, n: int, k: int, radius: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = len(query)
     kq = min(k + 1, n)
     bound = np.inf if radius is None else float(radius)
-    dist, index = tree.query(xyz, k=kq, distance_upper_bound=bound, workers=-1)
-    dist = np.asarray(dist, np.float64).reshape(n, kq)
-    index = np.asarray(index, np.int64).reshape(n, kq)
+    dist, index = tree.query(query, k=kq, distance_upper_bound=bound, workers=-1)
+    dist = np.asarray(dist, np.float64).reshape(rows, kq)
+    index = np.asarray(index, np.int64).reshape(rows, kq)
     # Drop the query point itself. It is usually column 0, but with duplicate points another
     # copy may come first (or the point may be beyond the k+1 reported), so mask it wherever it is.
-    valid = (index != np.arange(n)[:, None]) & (index < n)
+    valid = (index != np.arange(first, first + rows)[:, None]) & (index < n)
     # A stable sort of the "invalid" flag moves valid entries to the front keeping distance order.
     order = np.argsort(~valid, axis=1, kind="stable")
     index = np.take_along_axis(index, order, axis=1)

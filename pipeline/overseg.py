@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -76,8 +75,8 @@ class OversegConfig:
     band (max_plane_offset_m) whose colour is within max_colour_dist (see `smooth_colours`)."""
 
     def __post_init__(self) -> None:
-        if self.k_neighbours < 3 or self.k_pfh < 2 or self.k_pfh > self.k_neighbours:
-            raise ValueError(f"overseg: need 3 <= k_neighbours and 2 <= k_pfh <= k_neighbours, got "
+        if self.k_neighbours < 3 or not 2 <= self.k_pfh <= min(22, self.k_neighbours):
+            raise ValueError(f"overseg: need 3 <= k_neighbours and 2 <= k_pfh <= min(22, k_neighbours), got "
                              f"k_neighbours={self.k_neighbours} k_pfh={self.k_pfh}")
         if not 2 <= self.pfh_bins <= 12:
             raise ValueError(f"overseg: pfh_bins must be in 2..12, got {self.pfh_bins}")
@@ -322,10 +321,12 @@ def pfh_pair_bin(p1, n1, p2, n2, bins):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def _pfh_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - compiled
+def _pfh_counts_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - compiled
     n = nbr.shape[0]
     nb = bins * bins * bins
-    hist = np.zeros((n, nb), np.float32)
+    # uint8 counts (at most (k+1)k/2 <= 253 pairs): 125 bytes a point, not 500, for big rooms
+    counts = np.zeros((n, nb), np.uint8)
+    totals = np.zeros(n, np.int32)
     for i in prange(n):
         ids = np.empty(k_pfh + 1, np.int64)
         ids[0] = i
@@ -336,66 +337,79 @@ def _pfh_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - compiled
                 break
             ids[m] = j
             m += 1
-        counts = np.zeros(nb, np.int64)
         total = 0
         for a in range(m):
             for b in range(a + 1, m):
                 h = pfh_pair_bin(xyz[ids[a]], normal[ids[a]], xyz[ids[b]], normal[ids[b]], bins)
                 if h >= 0:
-                    counts[h] += 1
+                    counts[i, h] += 1
                     total += 1
-        if total > 0:
-            for h in range(nb):
-                hist[i, h] = counts[h] / total
-    return hist
+        totals[i] = total
+    return counts, totals
 
 
-def pfh_histograms(xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pfh: int, bins: int = 5) -> np.ndarray:
-    """Point Feature Histogram of every point over itself and its first `k_pfh` neighbours.
+def pfh_counts(
+    xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pfh: int, bins: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Point Feature Histograms as pair counts: uint8 [N, bins**3] and the pairs counted, int32 [N].
 
     All pairs (a < b) of the list [i, nbr[i, 0], ..., nbr[i, k_pfh-1]] (valid entries) are
     binned by `pfh_pair_bin`; pairs with coincident points or a degenerate frame are skipped.
-
-    Args:
-        xyz: float [N, 3]. normal: float [N, 3] unit. nbr: int32 [N, k >= k_pfh], -1 padded last.
-
-    Returns:
-        float32 [N, bins**3], each row sums to 1 (all zero where no pair is defined).
+    Args: xyz float [N, 3]; normal float [N, 3] unit; nbr int32 [N, k >= k_pfh], -1 padded last.
     """
-    return _pfh_kernel(
+    if (k_pfh + 1) * k_pfh // 2 > 255:
+        raise ValueError(f"k_pfh={k_pfh}: at most 22 (pair counts are stored as uint8)")
+    return _pfh_counts_kernel(
         np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
         np.ascontiguousarray(nbr, np.int32), int(k_pfh), int(bins),
     )
 
 
+def pfh_histograms(xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pfh: int, bins: int = 5) -> np.ndarray:
+    """Normalised Point Feature Histograms (see `pfh_counts`): float32 [N, bins**3], rows sum to 1
+    (all zero where no pair is defined)."""
+    counts, totals = pfh_counts(xyz, normal, nbr, k_pfh=k_pfh, bins=bins)
+    return (counts / np.maximum(totals, 1)[:, None]).astype(np.float32)
+
+
 @njit(parallel=True, cache=True)
-def _edge_affinity_kernel(hist, nbr):  # pragma: no cover - compiled
+def _edge_affinity_kernel(counts, totals, nbr):  # pragma: no cover - compiled
     n, k = nbr.shape
-    nb = hist.shape[1]
+    nb = counts.shape[1]
     aff = np.zeros((n, k), np.float32)
     for i in prange(n):
+        if totals[i] == 0:
+            continue
         # min(h_i, h_j) is zero wherever h_i is: only i's non-empty bins matter (few on surfaces)
         nz = np.empty(nb, np.int64)
         m = 0
         for h in range(nb):
-            if hist[i, h] > 0:
+            if counts[i, h] > 0:
                 nz[m] = h
                 m += 1
+        ti = 1.0 / totals[i]
         for t in range(k):
             j = nbr[i, t]
             if j < 0:
                 break
+            if totals[j] == 0:
+                continue
+            tj = 1.0 / totals[j]
             s = 0.0
             for q in range(m):
                 h = nz[q]
-                s += min(hist[i, h], hist[j, h])
+                s += min(counts[i, h] * ti, counts[j, h] * tj)
             aff[i, t] = s
     return aff
 
 
-def edge_affinity(hist: np.ndarray, nbr: np.ndarray) -> np.ndarray:
-    """Histogram intersection sum_b min(h_i[b], h_j[b]) for every neighbour edge; float32 [N, k] (0 at -1)."""
-    return _edge_affinity_kernel(np.ascontiguousarray(hist, np.float32), np.ascontiguousarray(nbr, np.int32))
+def edge_affinity(counts: np.ndarray, totals: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    """PFH histogram intersection sum_b min(h_i[b], h_j[b]) of every neighbour edge, from
+    `pfh_counts` output; float32 [N, k], 0 where the neighbour is -1 or a histogram is empty."""
+    return _edge_affinity_kernel(
+        np.ascontiguousarray(counts, np.uint8), np.ascontiguousarray(totals, np.int32),
+        np.ascontiguousarray(nbr, np.int32),
+    )
 
 
 @njit(parallel=True, cache=True)
@@ -601,7 +615,8 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
                     no = np.sqrt(nsum[o, 0] ** 2 + nsum[o, 1] ** 2 + nsum[o, 2] ** 2)
                     cos = 0.0
                     if nr > 0 and no > 0:
-                        cos = abs(nsum[r, 0] * nsum[o, 0] + nsum[r, 1] * nsum[o, 1] + nsum[r, 2] * nsum[o, 2]) / (nr * no)
+                        dot = nsum[r, 0] * nsum[o, 0] + nsum[r, 1] * nsum[o, 1] + nsum[r, 2] * nsum[o, 2]
+                        cos = abs(dot) / (nr * no)
                     d0 = csum[r, 0] / count[r] - csum[o, 0] / count[o]
                     d1 = csum[r, 1] / count[r] - csum[o, 1] / count[o]
                     d2 = csum[r, 2] / count[r] - csum[o, 2] / count[o]
@@ -612,7 +627,8 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
             m = nxt[m]
         if best < 0:
             continue  # an isolated segment: nothing to merge into
-        sign = 1.0 if nsum[r, 0] * nsum[best, 0] + nsum[r, 1] * nsum[best, 1] + nsum[r, 2] * nsum[best, 2] >= 0 else -1.0
+        dot = nsum[r, 0] * nsum[best, 0] + nsum[r, 1] * nsum[best, 1] + nsum[r, 2] * nsum[best, 2]
+        sign = 1.0 if dot >= 0 else -1.0
         for c in range(3):
             nsum[best, c] += sign * nsum[r, c]
             csum[best, c] += csum[r, c]
@@ -705,7 +721,9 @@ def segment_graph(segment: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.
         border: int32 [P] points of a or b with a neighbour in the other one.
     """
     nseg = int(segment.max()) + 1 if len(segment) else 1
-    boundary, keys = _boundary_kernel(np.ascontiguousarray(segment, np.int64), np.ascontiguousarray(nbr, np.int32), nseg)
+    boundary, keys = _boundary_kernel(
+        np.ascontiguousarray(segment, np.int64), np.ascontiguousarray(nbr, np.int32), nseg
+    )
     keys = keys[keys >= 0]
     uniq, border = np.unique(keys, return_counts=True)
     pairs = np.stack([uniq // nseg, uniq % nseg], axis=1).astype(np.int32).reshape(-1, 2)
@@ -821,9 +839,9 @@ def overseg_points(
         pca_n, curvature = pca_normals_curvature(xyz, nbr, ref_normal=pca_n, band_m=band)
         normal = orient_normals(pca_n, xyz, viewpoint)
     lap("normals")
-    hist = pfh_histograms(xyz, normal, nbr, k_pfh=cfg.k_pfh, bins=cfg.pfh_bins)
-    affinity = edge_affinity(hist, nbr)
-    del hist
+    counts, totals = pfh_counts(xyz, normal, nbr, k_pfh=cfg.k_pfh, bins=cfg.pfh_bins)
+    affinity = edge_affinity(counts, totals, nbr)
+    del counts, totals
     lap("pfh")
     colour = np.asarray(rgb, np.float32)
     if cfg.colour_smoothing:
@@ -886,9 +904,10 @@ def run_scene(store_path: str, scene_id: str, cfg: OversegConfig, force: bool = 
         "normals": "mesh" if faces is not None and len(faces) else "pca",
         "seconds": {k: round(v, 4) for k, v in result.timings.items()},
     }
-    if store.has(scene_id, schema.INSTANCE):
+    if store.has(scene_id, schema.INSTANCE):  # only where instances are annotated
         p = purity(result.segment, store.read(scene_id, schema.INSTANCE))
-        stats["purity"] = None if np.isnan(p) else p
+        if not np.isnan(p):
+            stats["purity"] = p
     arrays = {
         schema.NORMAL: result.normal, schema.CURVATURE: result.curvature, schema.SEGMENT: result.segment,
         schema.BOUNDARY: result.boundary, schema.SEMANTIC_BOUNDARY: result.semantic_boundary,
@@ -921,7 +940,3 @@ def summarise(store: Store) -> dict[str, Any]:
         "purity_min": float(min(purities)) if purities else None,
     }
 
-
-def set_threads(n: int) -> None:
-    """Use `n` numba threads in this process (the executor runs one scene per worker process)."""
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))

@@ -68,14 +68,17 @@ class RenderConfig:
     """Finest spacing of the candidate position grid (coarser in big scenes, see max_positions)."""
     max_positions: int = 32
     """Most candidate positions per scene (spread out by farthest-point sampling)."""
-    candidate_width: int = 32
-    """Width of the low-resolution candidate renders (height keeps the aspect): they find positions
-    outside the scan and, for point clouds, score candidates by a depth test of sampled points.
-    (Meshes score candidates exactly, by casting a ray from each position to each sample.)"""
+    candidate_width: int = 8
+    """Meshes: width of the tiny candidate renders (height keeps the aspect) that find positions
+    outside the scan (see min_hit_fraction). Candidates are scored exactly, by casting a ray
+    from each position to each sampled point."""
+    point_candidate_width: int = 64
+    """Point clouds: width of the candidate renders that find positions outside the scan and
+    score candidates by a depth test of the sampled points."""
     min_hit_fraction: float = 0.6
     """A position whose candidates' pixels hit a surface less often than this is outside the
     scan (e.g. beyond a wall) and is dropped."""
-    coverage_samples: int = 4096
+    coverage_samples: int = 2048
     """Points sampled to score candidates and estimate coverage during the greedy choice."""
     refine_rounds: int = 1
     """After rendering, rounds of extra views chosen against what the full-size views missed."""
@@ -301,12 +304,16 @@ def _sample_visibility(xyz, poses, K, depth, rel, abs_tol, near):  # pragma: no 
 
 
 @njit(parallel=True, cache=True)
-def _in_frustum(xyz, poses, K, height, width, near):  # pragma: no cover
-    """inside[c, s]: sample s projects into candidate c's image, in front of the near plane."""
-    inside = np.zeros((poses.shape[0], xyz.shape[0]), dtype=np.bool_)
+def _candidate_seen(xyz, poses, K, height, width, near, clear, per_position):  # pragma: no cover
+    """seen[c, s]: sample s is unoccluded from candidate c's position (clear[c // per_position, s])
+    and projects into c's image in front of the near plane."""
+    seen = np.zeros((poses.shape[0], xyz.shape[0]), dtype=np.bool_)
     for c in prange(poses.shape[0]):
         pose = poses[c]
+        row_clear = clear[c // per_position]
         for s in range(xyz.shape[0]):
+            if not row_clear[s]:
+                continue
             x = np.float64(xyz[s, 0])
             y = np.float64(xyz[s, 1])
             z = np.float64(xyz[s, 2])
@@ -317,25 +324,24 @@ def _in_frustum(xyz, poses, K, height, width, near):  # pragma: no cover
             cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
             col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
             row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
-            inside[c, s] = col >= 0 and col < width and row >= 0 and row < height
-    return inside
+            seen[c, s] = col >= 0 and col < width and row >= 0 and row < height
+    return seen
 
 
 @njit(parallel=True, cache=True)
-def _visible_pass(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, ptr, ids, fill):  # pragma: no cover
-    """Per view: count (fill=False) or list in id order (fill=True) the points that project into
-    the image and are not hidden behind the depth at their pixel."""
+def _visible_mask(xyz, poses, K, depth_q, height, width, rel, abs_tol, near):  # pragma: no cover
+    """mask[v, i]: point i projects into view v's image and is not hidden behind the depth at its
+    pixel (`_visible_at_own_pixel`). Parallel over points: balanced even with few views."""
     hw = height * width
-    for v in prange(poses.shape[0]):
-        k = ptr[v] if fill else 0
-        for i in range(xyz.shape[0]):
-            if _visible_at_own_pixel(np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2]),
-                                     poses[v], K, depth_q, v * hw, height, width, rel, abs_tol, near):
-                if fill:
-                    ids[k] = i
-                k += 1
-        if not fill:
-            ptr[v + 1] = k
+    n_views = poses.shape[0]
+    mask = np.zeros((n_views, xyz.shape[0]), dtype=np.bool_)
+    for i in prange(xyz.shape[0]):
+        x = np.float64(xyz[i, 0])
+        y = np.float64(xyz[i, 1])
+        z = np.float64(xyz[i, 2])
+        for v in range(n_views):
+            mask[v, i] = _visible_at_own_pixel(x, y, z, poses[v], K, depth_q, v * hw, height, width, rel, abs_tol, near)
+    return mask
 
 
 @njit(parallel=True, cache=True)
@@ -553,13 +559,12 @@ def visible_points(
     K = np.ascontiguousarray(K, dtype=np.float64)
     n_views, height, width = depth.shape
     flat = np.ascontiguousarray(depth, dtype=np.float32).reshape(-1)
-    args = (xyz, poses, K, flat, height, width, float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
+    mask = _visible_mask(xyz, poses, K, flat, height, width, float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
+    per_view = np.count_nonzero(mask, axis=1)
     ptr = np.zeros(n_views + 1, np.int64)
-    _visible_pass(*args, ptr, np.empty(0, np.int32), False)
-    ptr = np.cumsum(ptr)
-    ids = np.empty(int(ptr[-1]), np.int32)
-    _visible_pass(*args, ptr, ids, True)
-    counts = np.bincount(ids, minlength=len(xyz))
+    np.cumsum(per_view, out=ptr[1:])
+    ids = np.nonzero(mask)[1].astype(np.int32)  # row-major: view by view, ids ascending
+    counts = np.count_nonzero(mask, axis=0)
     return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
@@ -570,12 +575,6 @@ def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, 
     return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
                               np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32),
                               float(rel_tol), float(abs_tol_m), float(near_m))
-
-
-def in_frustum(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, height: int, width: int, *, near_m: float) -> np.ndarray:
-    """bool [C, S]: sample [S, 3] projects into candidate c's image [H, W] in front of it."""
-    return _in_frustum(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
-                       np.ascontiguousarray(K, dtype=np.float64), int(height), int(width), float(near_m))
 
 
 def unoccluded_from(raycaster: Any, eyes: np.ndarray, sample_xyz: np.ndarray, *, rel_tol: float, abs_tol_m: float,
@@ -722,8 +721,9 @@ def render_scene(
         stats.update(candidates=len(poses), positions=1, coverage_estimate=None, fallback_camera=False)
     else:
         K = _as_stored(cameras.intrinsics(W, H, cfg.hfov_deg))
-        h_low = max(1, round(cfg.candidate_width * H / W))
-        K_low = cameras.intrinsics(cfg.candidate_width, h_low, cfg.hfov_deg)
+        w_low = cfg.candidate_width if kind == "mesh" else cfg.point_candidate_width
+        h_low = max(1, round(w_low * H / W))
+        K_low = cameras.intrinsics(w_low, h_low, cfg.hfov_deg)
         if kind == "mesh":
             if faces is None or len(faces) == 0:
                 raise ValueError("kind='mesh' needs faces")
@@ -737,7 +737,7 @@ def render_scene(
                 return raycaster.compute_distance(o3d.core.Tensor(q.astype(np.float32))).numpy()
 
             def low_depth(p: np.ndarray) -> np.ndarray:
-                return cast_depth(raycaster, K_low, p, h_low, cfg.candidate_width, threads=cfg.threads)
+                return cast_depth(raycaster, K_low, p, h_low, w_low, threads=cfg.threads)
         else:
             from scipy.spatial import cKDTree
 
@@ -750,7 +750,7 @@ def render_scene(
 
             def low_depth(p: np.ndarray) -> np.ndarray:
                 # at low resolution every point is about one pixel: the centre-pixel rule fills it
-                return splat_depth(xyz, p, K_low, h_low, cfg.candidate_width, radius_m=radius,
+                return splat_depth(xyz, p, K_low, h_low, w_low, radius_m=radius,
                                    max_radius_px=1.0, near_m=cfg.near_m)
 
         positions, floor_z = candidate_positions(xyz, cfg, clearance, rng)
@@ -777,7 +777,7 @@ def render_scene(
             clear = unoccluded_from(raycaster, positions, samples, rel_tol=cfg.occlusion_rel_tol,
                                     abs_tol_m=cfg.occlusion_abs_tol_m, threads=cfg.threads)
             rays_cast += clear.size
-            seen = np.repeat(clear, cfg.headings, axis=0) & in_frustum(samples, cand, K, H, W, near_m=cfg.near_m)
+            seen = _candidate_seen(samples, cand, K, H, W, float(cfg.near_m), clear, cfg.headings)
         else:
             seen = sample_visibility(samples, cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
                                      abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m)
@@ -906,6 +906,6 @@ def summarise(store: Any) -> dict[str, Any]:
 
 __all__ = [
     "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "render_mesh_views", "splat_points",
-    "splat_depth", "visible_points", "make_rays", "in_frustum", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
+    "splat_depth", "visible_points", "make_rays", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
     "run_scene", "summarise",
 ]

@@ -82,6 +82,9 @@ class TeacherConfig:
     """AdamW weight decay."""
     warmup_steps: int = 50
     """Linear warm-up steps before the cosine decay."""
+    class_balance: float = 0.5
+    """Crops are drawn with probability proportional to count(class)^-class_balance: 0 = as
+    collected (walls and floors dominate rooms), 1 = every class equally often."""
     crop_area: tuple[float, float] = (0.5, 1.0)
     """Random resized crop: range of the kept fraction of the crop's area."""
     flip: bool = True
@@ -357,6 +360,8 @@ def _fit(crops, class_ids, class_names, out_dir, cfg, val_crops, val_class_ids, 
     classes = torch.arange(len(class_names))
     train_images = torch.from_numpy(np.ascontiguousarray(crops))  # uint8; floats per batch only (memory)
     train_labels = torch.from_numpy(class_ids)
+    frequency = np.bincount(class_ids, minlength=len(class_names)).astype(np.float64)
+    sample_weight = torch.from_numpy(frequency[class_ids] ** -cfg.class_balance)
     total_steps, start, loss_value, step = cfg.steps, time.perf_counter(), float("nan"), 0
     while step < total_steps:
         if step == 10:  # fit the schedule to the time budget once the step time is known
@@ -364,7 +369,7 @@ def _fit(crops, class_ids, class_names, out_dir, cfg, val_crops, val_class_ids, 
             total_steps = max(11, min(cfg.steps, int(cfg.max_seconds / per_step)))
         for group in optimiser.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
-        batch = torch.randint(len(train_images), (min(cfg.batch_size, len(train_images)),), generator=generator)
+        batch = torch.multinomial(sample_weight, cfg.batch_size, replacement=True, generator=generator)
         pixels = (augment(_to_float(train_images[batch]), cfg, generator) - mean) / std
         template = torch.randint(len(cfg.templates), (len(class_names),), generator=generator)
         text = model.get_text_features(input_ids=ids[classes, template], attention_mask=mask[classes, template]).pooler_output

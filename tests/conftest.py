@@ -32,7 +32,6 @@ _CLASS_RGB = np.array([[120, 100, 80], [200, 200, 190], [180, 40, 40], [40, 140,
 def _surfaces(rng: np.random.Generator) -> list[dict]:
     """Rectangles (origin, u, v, normal, class, instance) of one room: floor tiles, wall halves, box faces."""
     rects = []
-    room = 4.0
     for i in range(2):  # floor: 2x2 tiles, each an over-segment
         for j in range(2):
             rects.append(dict(o=[i * 2.0, j * 2.0, 0.0], u=[2.0, 0, 0], v=[0, 2.0, 0], n=[0, 0, 1], c=0, inst=-1))
@@ -54,7 +53,6 @@ def _surfaces(rng: np.random.Generator) -> list[dict]:
         ]
         for o, u, v, n in faces:
             rects.append(dict(o=o, u=u, v=v, n=n, **box))
-    assert room == 4.0
     return rects
 
 
@@ -73,7 +71,7 @@ def _look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def make_tiny_scene(n_points: int, rng: np.random.Generator, text: np.ndarray) -> dict:
-    """The arrays of one tiny scene, keyed by ArraySpec, plus `"stages"`-free extras."""
+    """The arrays of one tiny scene: ``{stage: {ArraySpec: array}}`` for ingest, overseg, render, embed."""
     rects = _surfaces(rng)
     area = np.array([np.linalg.norm(np.cross(r["u"], r["v"])) for r in rects])
     origin = np.array([r["o"] for r in rects], float)
@@ -142,7 +140,7 @@ def make_tiny_scene(n_points: int, rng: np.random.Generator, text: np.ndarray) -
         ptr.append(ptr[-1] + visible.shape[0])
         poses.append(_look_at(eye, target))
         mix = np.bincount(true_class[visible], minlength=len(TINY_CLASSES)).astype(float)
-        emb = mix @ text / max(mix.sum(), 1.0) + 0.15 * rng.standard_normal(text.shape[1])
+        emb = mix @ text / max(mix.sum(), 1.0) + 0.05 * rng.standard_normal(text.shape[1])
         view_emb.append(emb / np.linalg.norm(emb))
     visible_ids = np.concatenate(ids)
     view_count = np.bincount(visible_ids, minlength=n).astype(np.uint16)
@@ -154,7 +152,7 @@ def make_tiny_scene(n_points: int, rng: np.random.Generator, text: np.ndarray) -
 
     seg_class = np.array([r["c"] for r in rects])
     seen = np.bincount(segment[visible_ids], minlength=num_segments) > 0
-    seg_emb = text[seg_class] + 0.3 * rng.standard_normal((num_segments, text.shape[1]))
+    seg_emb = text[seg_class] + 0.1 * rng.standard_normal((num_segments, text.shape[1]))
     seg_emb /= np.linalg.norm(seg_emb, axis=1, keepdims=True)
     seg_emb[~seen] = 0.0
 

@@ -250,3 +250,11 @@ def test_loader_is_deterministic_across_workers(tiny_store: Path) -> None:
         assert a.scene_ids == b.scene_ids and torch.equal(a.feats, b.feats) and torch.equal(a.coords, b.coords)
     for a, b in zip(serial[1:], resumed):
         assert a.scene_ids == b.scene_ids and torch.equal(a.feats, b.feats)
+
+
+def test_bench_store_read_reports_rates(tiny_store: Path) -> None:
+    from ws3d_train.bench_data import bench_store_read
+
+    result = bench_store_read(tiny_store, cfg=DataConfig(max_voxels=900))
+    assert result["scenes"] == 2 and result["scenes_per_s"] > 0
+    assert 0 < result["read_share"] < 1 and result["voxels_per_scene"] == 900

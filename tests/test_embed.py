@@ -332,3 +332,14 @@ def test_missing_upstream_is_a_scene_error(tmp_path, model_dir):
     }, record={"config_hash": "a", "stats": {"kind": "mesh"}})
     with pytest.raises(SceneError, match="overseg"):
         run_scene(str(store.path), "bare", EmbedConfig(model=str(model_dir)))
+
+
+@pytest.mark.slow
+def test_bench_embed_reports_images_per_second(model_dir):
+    from pipeline.bench_embed import bench_embed
+
+    report = bench_embed(str(model_dir), batch_sizes=(4,), verbose=False)
+    assert set(report["models"]) == {"teacher", "vit_b32"}
+    assert report["models"]["vit_b32"]["params_m"] > 80
+    for entry in report["models"].values():
+        assert entry["images_per_s"][4] > 0

@@ -154,8 +154,21 @@ def test_pretraining_loss_falls(tmp_path: Path) -> None:
     cfg = _cfg(store, steps=50, warmup_steps=5, lr=3e-3, checkpoint_every=50, log_every=1,
                data=DataConfig(max_voxels=1500, voxel_size_m=0.05))
     pretrain(cfg, tmp_path / "run")
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
-    assert len(losses) == 50
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 50
+    first = {k: float(np.mean([r[k] for r in records[:5]])) for k in ("loss", "loss_view", "loss_segment", "loss_kl")}
+    last = {k: float(np.mean([r[k] for r in records[-5:]])) for k in first}
     print(json.dumps({"first": first, "last": last}))
-    assert last < 0.7 * first
+    assert last["loss"] < 0.7 * first["loss"]
+    for term in ("loss_view", "loss_segment", "loss_kl"):
+        assert last[term] < 0.8 * first[term], term
+
+
+def test_bench_train_step_reports_memory_and_rate(small_store: Path) -> None:
+    from ws3d_train.bench_data import bench_train_step
+
+    result = bench_train_step(
+        small_store, network=NetworkConfig(preset="tiny", backend="torch"),
+        data=DataConfig(max_voxels=300, voxel_size_m=0.05), steps=1, device="cpu",
+    )
+    assert result["steps_per_s"] > 0 and result["peak_memory_mb"] > 0 and result["voxels_per_batch"] == 600

@@ -536,3 +536,13 @@ def test_export_writes_pictures_pillow_reopens(tmp_path: Path) -> None:
         assert sheet.width >= 3 * 32 and sheet.height >= 24
     with pytest.raises(KeyError, match="room1"):
         export_views(store.path, "room1", tmp_path / "none")
+
+
+@pytest.mark.slow
+def test_bench_render_reports_numbers() -> None:
+    from pipeline.bench_render import bench_render
+
+    out = bench_render(repeats=1)
+    for key in ("stage_mrays_per_s", "bare_cold_mrays_per_s", "ratio_vs_cold", "splat_mpoints_per_s", "peak_memory_mb"):
+        assert out[key] > 0, key
+    assert out["views"] >= 1 and out["coverage"] > 0.5

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.schema import IGNORE_INDEX
 from ws3d_train.data import SceneSample
 
 __all__ = ["Batch", "collate"]

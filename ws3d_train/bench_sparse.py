@@ -58,7 +58,9 @@ def room_voxels(
                 face[:, u] = uu.reshape(-1)
                 face[:, v] = vv.reshape(-1)
                 faces.append(face)
-    voxels = torch.unique(torch.cat(faces), dim=0)
+    all_faces = torch.cat(faces)
+    keys = torch.unique((all_faces[:, 0] * size[1] + all_faces[:, 1]) * size[2] + all_faces[:, 2])
+    voxels = torch.stack([keys // (size[1] * size[2]), (keys // size[2]) % size[1], keys % size[2]], dim=1)
     centre = torch.tensor([size[0] * 0.5, size[1] * 0.5, 0.0]) + (torch.rand(3, generator=g) - 0.5) * torch.tensor(
         [size[0] * 0.5, size[1] * 0.5, 0.0]
     )

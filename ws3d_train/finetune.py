@@ -142,12 +142,13 @@ class FinetuneConfig:
     """An official limited-annotation file (torch.load-able dict scene -> point indices) used
     instead of the seeded choice."""
     ov_split: str | None = None
-    """Open-vocabulary split: a manifest name (``b15n4`` ...) or ``novel=name,name`` (every other
-    class is base). Novel and ignored classes lose their labels. None: every class is supervised."""
+    """Open-vocabulary split: a manifest name (``b15n4`` ...) or ``novel=name,name[;ignored=name]``
+    (every other class is base). Novel and ignored classes lose their labels. None: every class is supervised."""
     vocab: str = "classes"
     """Store vocabulary whose text embeddings the CLIP-head cross-entropy uses (row c = class c)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Voxel size (None: the init checkpoint's, else 2 cm indoor / 5 cm outdoor), crop, augmentation."""
+    """Voxel size (None: the init checkpoint's, else 2 cm indoor / 5 cm outdoor), crop,
+    augmentation. Only ``overseg`` is read, plus ``views`` and ``clip`` when `w_align` > 0."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """The network when training from scratch; with `init` the checkpoint's network is used."""
     batch_size: int = 4
@@ -234,10 +235,6 @@ class FinetuneConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)}")
         parse_label_budget(self.labels)  # raises on a malformed budget
-        if "overseg" not in self.data.groups:
-            raise ValueError("FinetuneConfig.data.groups must include overseg (segments and boundaries)")
-        if self.w_align > 0 and "clip" not in self.data.groups:
-            raise ValueError("FinetuneConfig.w_align > 0 needs 'clip' (and 'views') in data.groups")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +283,8 @@ def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str)
 
     Args:
         spec: None (no split), a manifest name of ``dataset`` (``b15n4`` ...), or
-            ``novel=name,name`` naming the novel classes (all others base, none ignored).
+            ``novel=name,name[;ignored=name,...]`` naming the novel (and ignored) classes; all
+            others are base.
         class_names: the store's class names (ids are positions in this list).
         dataset: the store's dataset (for manifest names).
 
@@ -297,15 +295,23 @@ def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str)
         return None
     names = list(class_names)
     if spec.startswith("novel="):
-        novel_names = [n.strip() for n in spec[len("novel="):].split(",") if n.strip()]
-        unknown = [n for n in novel_names if n not in names]
-        if unknown or not novel_names:
-            raise ConfigError(f"ov_split {spec!r}: unknown or no class name(s) {unknown}; classes are {names}")
-        novel = tuple(sorted(names.index(n) for n in novel_names))
-        base = tuple(i for i in range(len(names)) if i not in novel)
+        parts = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
+        if set(parts) - {"novel", "ignored"} or spec.count("=") != len(parts):
+            raise ConfigError(f"ov_split {spec!r}: expected novel=name,...[;ignored=name,...]")
+        picked = {}
+        for key in ("novel", "ignored"):
+            chosen = [n.strip() for n in parts.get(key, "").split(",") if n.strip()]
+            unknown = [n for n in chosen if n not in names]
+            if unknown:
+                raise ConfigError(f"ov_split {spec!r}: unknown class name(s) {unknown}; classes are {names}")
+            picked[key] = tuple(sorted({names.index(n) for n in chosen}))
+        novel, ignored = picked["novel"], picked["ignored"]
+        if not novel or set(novel) & set(ignored):
+            raise ConfigError(f"ov_split {spec!r}: needs at least one novel class, none of them also ignored")
+        base = tuple(i for i in range(len(names)) if i not in novel and i not in ignored)
         if not base:
             raise ConfigError(f"ov_split {spec!r}: no base class left")
-        return manifests.OVSplit(base, novel, ())
+        return manifests.OVSplit(base, novel, ignored)
     try:
         split = manifests.load_ov_split(dataset, spec)
         manifest_classes = manifests.load_classes(dataset)
@@ -733,6 +739,8 @@ def finetune(
             "fine-tuning needs one text embedding per class (the `classes` vocabulary)"
         )
     network_cfg, data_cfg, init_path = _network_and_data(cfg, store, int(text_np.shape[1]))
+    # read only what the enabled terms use: a store without render/embed can still be fine-tuned
+    data_cfg = dataclasses.replace(data_cfg, groups=("overseg", "views", "clip") if cfg.w_align > 0 else ("overseg",))
     dataset = FinetuneDataset(
         cfg.store, scene_ids, cfg=data_cfg, seed=cfg.seed, labels=cfg.labels, label_seed=cfg.label_seed,
         official_file=cfg.official_labels, removed_classes=removed, copies=2 if cfg.two_copies else 1,

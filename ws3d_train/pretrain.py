@@ -200,8 +200,8 @@ def _resolve_config(cfg: PretrainConfig, store: Store, dataset: SceneDataset, te
             "re-run `ws3d embed` with one model"
         )
     data = dataclasses.replace(cfg.data, voxel_size_m=dataset.voxel_size)
-    network = dataclasses.replace(
-        cfg.network, in_channels=data.in_channels, num_classes=len(store.class_names), clip_dim=int(clip_dim)
+    network = dataclasses.replace(  # preset filled in, so the checkpoint rebuilds without presets
+        cfg.network.resolved(), in_channels=data.in_channels, num_classes=len(store.class_names), clip_dim=int(clip_dim)
     )
     return dataclasses.replace(cfg, data=data, network=network)
 

@@ -12,9 +12,11 @@ coordinates multiples of the tensor stride) and torchsparse's:
 
 Weights are ``[K^3, C_in, C_out]`` in the same offset order as the torch backend (torchsparse's own:
 odd kernels x fastest, even kernels z fastest), so a model moves between backends unchanged.
-Strided convolutions use the "minkowski" downsampling of 2.1 (output voxels ``floor(c / s)``), the
-semantics of the torch backend and of 2.0; 2.1's default "spconv" mode would create other outputs
-for kernel 3 / stride 2. torchsparse's kernel-map caches live in ``SparseCache.backend_state``.
+With 2.1, every layer runs with ``kmap_mode="hashmap"`` and ``downsample_mode="minkowski"``
+(output voxels ``floor(c / s)``): the semantics of the torch backend and of 2.0. 2.1's defaults
+("hashmap_on_the_fly", "spconv") create other output voxels for kernel 3 / stride 2 (kernel 2 /
+stride 2, what the U-Net uses, agrees either way). torchsparse's kernel-map caches live in
+``SparseCache.backend_state``.
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ def conv3d(
         if config is None:
             config = F.conv_config.get_default_conv_config(conv_mode=F.get_conv_mode(), training=True)
         config = copy.copy(config)  # the default config is a shared module-level object
+        # "hashmap" kernel maps honour downsample_mode; 2.1's default "hashmap_on_the_fly" always
+        # downsamples spconv-style. One mode for every layer, as modes share the hash-table cache.
+        config["kmap_mode"] = "hashmap"
         config["downsample_mode"] = "minkowski"
         padding = (kernel_size - 1) // 2 if (stride == 1 and kernel_size % 2 == 1) else 0
         out = F.conv3d(
@@ -165,7 +170,9 @@ def conv3d(
             padding=padding,
             config=config,
             transposed=transposed,
-            training=torch.is_grad_enabled() and (x.feats.requires_grad or weight.requires_grad),
+            # Kernel maps are cached across layers: build the backward maps whenever grad is on,
+            # even for a layer that needs none (a frozen stem), so later layers can reuse them.
+            training=torch.is_grad_enabled(),
         )
     else:
         out = F.conv3d(native, w, kernel_size=kernel_size, bias=bias, stride=stride, transposed=transposed)
