@@ -268,29 +268,33 @@ def extract_crops(
     if K == 0:
         return out
     fill_t = torch.as_tensor(fill, dtype=images.dtype, device=device).reshape(-1, 1, 1)
+    # sample (image - fill) with zero padding, add fill back: outside the image reads `fill`
+    source = images - fill_t if bool(fill_t.any()) else images
     side = torch.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
     factor = torch.clamp(torch.ceil(side / size - 1e-6), 1, max_supersample).long()
-    # group by (view, factor): one grid_sample call per group, crops stacked as one tall image
+    # group by (view, factor): one grid_sample call per group, its crops stacked as one tall image
     key = view * (max_supersample + 1) + factor
     for group in torch.unique(key).tolist():
         idx = torch.nonzero(key == group).flatten()
         v, f = divmod(group, max_supersample + 1)
         n = size * f
-        b = box[idx].to(device)
-        steps = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n  # [n] in (0, 1)
-        xs = b[:, 0:1] + steps[None] * (b[:, 2:3] - b[:, 0:1])  # [G, n] pixel x of sample columns
-        ys = b[:, 1:2] + steps[None] * (b[:, 3:4] - b[:, 1:2])
-        # align_corners=False: normalised -1..1 spans pixel edges 0..W
-        gx = (2 * xs / W - 1)[:, None, :].expand(-1, n, -1)
-        gy = (2 * ys / H - 1)[:, :, None].expand(-1, -1, n)
-        grid = torch.stack([gx, gy], dim=-1).reshape(1, len(idx) * n, n, 2).to(images.dtype)
-        source = images[v:v + 1] - fill_t  # zeros padding then means `fill` after adding it back
-        sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        sampled = sampled.reshape(C, len(idx), n, n).transpose(0, 1) + fill_t
-        if f > 1:
+        b = box[idx]
+        # output sample i lands at x0 + (i + 0.5) / n * side; with align_corners=False the
+        # normalised -1..1 range spans the pixel edges 0..W
+        steps = (torch.arange(n, dtype=torch.float32) + 0.5) / n  # sample centres in (0, 1)
+        gx = (b[:, 0:1] + steps * (b[:, 2:3] - b[:, 0:1])) * (2 / W) - 1  # [G, n]
+        gy = (b[:, 1:2] + steps * (b[:, 3:4] - b[:, 1:2])) * (2 / H) - 1
+        grid = torch.empty(len(idx), n, n, 2, dtype=images.dtype, device=device)
+        grid[..., 0] = gx.to(device, images.dtype)[:, None, :]
+        grid[..., 1] = gy.to(device, images.dtype)[:, :, None]
+        sampled = F.grid_sample(
+            source[v:v + 1], grid.reshape(1, len(idx) * n, n, 2),
+            mode="bilinear", padding_mode="zeros", align_corners=False,
+        )  # [1, C, G * n, n]
+        if f > 1:  # crops are stacked at multiples of n = size * f rows: pooling never mixes two
             sampled = F.avg_pool2d(sampled, f)
-        out[idx.to(device)] = sampled
-    return out
+        out[idx.to(device)] = sampled.reshape(C, len(idx), size, size).transpose(0, 1)
+    return out + fill_t if source is not images else out
 
 
 def pool_segments(

@@ -7,7 +7,8 @@ ADJACENCY, ADJACENCY_BORDER`.
 The pure core `overseg_points` runs, on arrays:
 1. k nearest neighbours (`pipeline.neighbours.knn`, optionally radius-bounded);
 2. normals (area-weighted mesh vertex normals, or PCA oriented towards a viewpoint) and the
-   surface variation l0 / (l0 + l1 + l2) as curvature;
+   surface variation l0 / (l0 + l1 + l2) as curvature, over the neighbours within the tangent
+   band (so the far side of a thin slab, or a picture on a wall, does not look like curvature);
 3. Rusu's Point Feature Histograms: the Darboux-frame angles (alpha, phi, theta) of every point
    pair of a small neighbourhood, binned bins**3 and normalised;
 4. region growing in order of increasing curvature: a neighbour joins when the normal angle, its
@@ -62,7 +63,8 @@ class OversegConfig:
     max_colour_dist_segment: float = 20.0
     """...and its smoothed colour is within this of the segment's running mean colour."""
     max_seed_curvature: float = 0.05
-    """Points with higher curvature do not seed nor spread a segment (they may still join one)."""
+    """Points with higher curvature do not spread a segment they join; those that no segment
+    reaches seed their own after all flatter seeds (and are usually merged as small segments)."""
     max_segment_radius_m: float = 0.4
     """A point joins only within this distance of the segment's seed; 0 = unbounded. Keeps large
     planes (floors, walls) in region-sized pieces like ScanNet's shipped segments."""

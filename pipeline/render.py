@@ -195,9 +195,9 @@ def _visible_at_own_pixel(x, y, z, pose, K, depth_q, base, height, width, rel, a
 
 
 @njit(parallel=True, cache=True)
-def _assign_vertices(prim, uvs, depth_q, faces, xyz, poses, K, height, width, rel, abs_tol, near, out_index):  # pragma: no cover
-    """Per hit pixel: the triangle's vertex with the largest barycentric weight that is visible."""
-    hw = height * width
+def _assign_vertices(prim, uvs, depth_q, faces, visible, hw, out_index):  # pragma: no cover
+    """Per hit pixel: the triangle's corner with the largest barycentric weight that is visible in
+    the pixel's view (visible[view, vertex], see `_visible_mask`), else the next; -1 if none."""
     for p in prange(depth_q.shape[0]):
         out_index[p] = -1
         if depth_q[p] <= 0.0:
@@ -219,10 +219,8 @@ def _assign_vertices(prim, uvs, depth_q, faces, xyz, poses, K, height, width, re
                 i0, i1 = i1, i0
                 wa, wb = wb, wa
         for k in range(3):
-            corner = i0 if k == 0 else (i1 if k == 1 else i2)
-            vid = faces[f, corner]
-            if _visible_at_own_pixel(np.float64(xyz[vid, 0]), np.float64(xyz[vid, 1]), np.float64(xyz[vid, 2]),
-                                     poses[b], K, depth_q, b * hw, height, width, rel, abs_tol, near):
+            vid = faces[f, i0 if k == 0 else (i1 if k == 1 else i2)]
+            if visible[b, vid]:
                 out_index[p] = vid
                 break
 
@@ -276,16 +274,12 @@ def _splat_kernel(xyz, radius_m, poses, K, height, width, max_radius_px, near, z
 
 
 @njit(parallel=True, cache=True)
-def _validate_points(index, depth_q, xyz, poses, K, height, width, rel, abs_tol, near):  # pragma: no cover
-    """Drop (set to -1) pixels whose recorded point is hidden at its own pixel."""
-    hw = height * width
+def _keep_visible(index, visible, hw):  # pragma: no cover
+    """Drop (set to -1) pixels whose recorded point is not visible in their view (hidden at its
+    own pixel): visible[view, point] from `_visible_mask`."""
     for p in prange(index.shape[0]):
         i = index[p]
-        if i < 0:
-            continue
-        b = p // hw
-        if not _visible_at_own_pixel(np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2]),
-                                     poses[b], K, depth_q, b * hw, height, width, rel, abs_tol, near):
+        if i >= 0 and not visible[p // hw, i]:
             index[p] = -1
 
 
@@ -342,6 +336,17 @@ def _visible_mask(xyz, poses, K, depth_q, height, width, rel, abs_tol, near):  #
         for v in range(n_views):
             mask[v, i] = _visible_at_own_pixel(x, y, z, poses[v], K, depth_q, v * hw, height, width, rel, abs_tol, near)
     return mask
+
+
+@njit(parallel=True, cache=True)
+def _fill_csr(visible, ptr, ids):  # pragma: no cover
+    """ids[ptr[v]:ptr[v + 1]] = the ids i with visible[v, i], ascending."""
+    for v in prange(visible.shape[0]):
+        k = ptr[v]
+        for i in range(visible.shape[1]):
+            if visible[v, i]:
+                ids[k] = i
+                k += 1
 
 
 @njit(parallel=True, cache=True)
@@ -434,8 +439,16 @@ def render_mesh_views(
         rgb: uint8 [V, H, W, 3] barycentric colours (black where nothing is hit);
         depth: float16 [V, H, W] z-depth in metres (0 = nothing);
         point_index: int32 [V, H, W] the hit triangle's vertex with the largest barycentric
-        weight that projects into the image unhidden (else the next; -1 if none or no hit).
+        weight that is visible in the view (`visible_points`' rule), else the next; -1 if none.
     """
+    out = _mesh_views(xyz, rgb, faces, poses, K, H, W, raycaster=raycaster, views_per_batch=views_per_batch,
+                      tol=(occlusion_rel_tol, occlusion_abs_tol_m, near_m), threads=threads)
+    return out[0], out[1], out[2]
+
+
+def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, tol, threads):
+    """`render_mesh_views` plus the visibility mask bool [V, N] it used."""
+    tol = tuple(map(float, tol))
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     faces = np.ascontiguousarray(faces, dtype=np.int32)
@@ -447,6 +460,7 @@ def render_mesh_views(
     out_rgb = np.empty((n_views, H, W, 3), np.uint8)
     out_depth = np.empty((n_views, H, W), np.float16)
     out_index = np.empty((n_views, H, W), np.int32)
+    visible = np.empty((n_views, len(xyz)), np.bool_)
     batch = max(1, views_per_batch)
     rays = np.empty((min(batch, n_views), H * W, 6), np.float32)
     depth32 = np.empty(min(batch, n_views) * H * W, np.float32)
@@ -458,14 +472,14 @@ def render_mesh_views(
         d32 = depth32[: nb * H * W]
         _shade_hits(hits["t_hit"], hits["primitive_ids"], hits["primitive_uvs"], faces, rgb,
                     out_rgb[start:stop].reshape(-1, 3), d32)
-        # the check against hidden vertices uses the depth as stored (float16), so the stored
-        # arrays alone reproduce it
+        # visibility uses the depth as stored (float16), so the stored arrays alone reproduce it
         d16 = d32.astype(np.float16)
         out_depth[start:stop] = d16.reshape(nb, H, W)
-        _assign_vertices(hits["primitive_ids"], hits["primitive_uvs"], d16.astype(np.float32), faces, xyz,
-                         poses[start:stop], K, H, W, occlusion_rel_tol, occlusion_abs_tol_m, near_m,
+        dq = d16.astype(np.float32)
+        visible[start:stop] = _visible_mask(xyz, poses[start:stop], K, dq, H, W, *tol)
+        _assign_vertices(hits["primitive_ids"], hits["primitive_uvs"], dq, faces, visible[start:stop], H * W,
                          out_index[start:stop].reshape(-1))
-    return out_rgb, out_depth, out_index
+    return out_rgb, out_depth, out_index, visible
 
 
 def splat_points(
@@ -488,7 +502,8 @@ def splat_points(
     most `max_radius_px`); it covers the pixels whose centres lie in the disc, and always the
     pixel its centre falls in. Points whose centre falls outside the image are not drawn. The
     nearest depth (float32) wins a pixel; equal depths go to the lower point id. A pixel then keeps
-    its point only if that point is not hidden at its own pixel (see `RenderConfig`).
+    its point only if that point is visible in the view (`visible_points`' rule: not hidden at its
+    own pixel); its colour and depth stay either way.
 
     Args:
         xyz: float [N, 3]; rgb: uint8 [N, 3]; poses: [V, 4, 4]; K: [3, 3]; H, W: image size.
@@ -498,6 +513,14 @@ def splat_points(
         rgb uint8 [V, H, W, 3], depth float16 [V, H, W] (0 = nothing),
         point_index int32 [V, H, W] (-1 = nothing or hidden at its own pixel).
     """
+    out = _splat_views(xyz, rgb, poses, K, H, W, radius_m=radius_m, max_radius_px=max_radius_px,
+                       tol=(occlusion_rel_tol, occlusion_abs_tol_m, near_m))
+    return out[0], out[1], out[2]
+
+
+def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, tol):
+    """`splat_points` plus the visibility mask bool [V, N] it used."""
+    tol = tuple(map(float, tol))
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     poses = np.ascontiguousarray(poses, dtype=np.float64)
@@ -506,15 +529,14 @@ def splat_points(
     n_views = len(poses)
     zbuf = np.empty((n_views, H, W), np.float32)
     index = np.empty((n_views, H, W), np.int32)
-    _splat_kernel(xyz, radius, poses, K, H, W, float(max_radius_px), float(near_m), zbuf, index)
+    _splat_kernel(xyz, radius, poses, K, H, W, float(max_radius_px), tol[2], zbuf, index)
     hit = index >= 0
     depth16 = np.where(hit, zbuf, 0.0).astype(np.float16)
     out_rgb = np.zeros((n_views, H, W, 3), np.uint8)
     out_rgb[hit] = rgb[index[hit]]
-    flat = index.reshape(-1)
-    _validate_points(flat, depth16.astype(np.float32).reshape(-1), xyz, poses, K, H, W,
-                     occlusion_rel_tol, occlusion_abs_tol_m, near_m)
-    return out_rgb, depth16, index
+    visible = _visible_mask(xyz, poses, K, depth16.astype(np.float32).reshape(-1), H, W, *tol)
+    _keep_visible(index.reshape(-1), visible, H * W)
+    return out_rgb, depth16, index, visible
 
 
 def splat_depth(xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, H: int, W: int, *, radius_m: float | np.ndarray,
@@ -527,6 +549,19 @@ def splat_depth(xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, H: int, W: in
     _splat_kernel(xyz, radius, np.ascontiguousarray(poses, dtype=np.float64), np.ascontiguousarray(K, dtype=np.float64),
                   H, W, float(max_radius_px), float(near_m), zbuf, index)
     return np.where(index >= 0, zbuf, 0.0).astype(np.float32)
+
+
+def visibility_csr(visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR lists of a visibility mask bool [V, N]: ptr int64 [V + 1], ids int32 [M] (each view's
+    ids ascending), view_count uint16 [N] (saturating at 65535)."""
+    visible = np.ascontiguousarray(visible, dtype=np.bool_)
+    per_view = visible.sum(1, dtype=np.int64)
+    ptr = np.zeros(len(visible) + 1, np.int64)
+    np.cumsum(per_view, out=ptr[1:])
+    ids = np.empty(int(ptr[-1]), np.int32)
+    _fill_csr(visible, ptr, ids)
+    counts = visible.sum(0, dtype=np.int64)
+    return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
 def visible_points(
@@ -554,18 +589,12 @@ def visible_points(
         ptr int64 [V + 1]; ids int32 [M] (each view's ids, sorted); view_count uint16 [N]
         (saturating at 65535).
     """
-    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
-    poses = np.ascontiguousarray(poses, dtype=np.float64)
-    K = np.ascontiguousarray(K, dtype=np.float64)
     n_views, height, width = depth.shape
-    flat = np.ascontiguousarray(depth, dtype=np.float32).reshape(-1)
-    mask = _visible_mask(xyz, poses, K, flat, height, width, float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
-    per_view = np.count_nonzero(mask, axis=1)
-    ptr = np.zeros(n_views + 1, np.int64)
-    np.cumsum(per_view, out=ptr[1:])
-    ids = np.nonzero(mask)[1].astype(np.int32)  # row-major: view by view, ids ascending
-    counts = np.count_nonzero(mask, axis=0)
-    return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
+    visible = _visible_mask(np.ascontiguousarray(xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
+                            np.ascontiguousarray(K, dtype=np.float64),
+                            np.ascontiguousarray(depth, dtype=np.float32).reshape(-1), height, width,
+                            float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
+    return visibility_csr(visible)
 
 
 def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth: np.ndarray, *,
@@ -611,7 +640,7 @@ def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np
     allowed = np.ones(n_cand, bool) if allowed is None else allowed.copy()
     chosen: list[int] = []
     while len(chosen) < max_views and n_samples and covered.mean() < target and allowed.any():
-        gain = np.count_nonzero(seen[:, ~covered], axis=1)
+        gain = (seen & ~covered).sum(1)
         gain[~allowed] = -1
         best = int(np.argmax(gain))
         if gain[best] <= 0:
@@ -658,7 +687,7 @@ def candidate_positions(xyz: np.ndarray, cfg: RenderConfig, clearance: Callable[
 
 
 def _spacing_of_mesh(xyz: np.ndarray, faces: np.ndarray, rng: np.random.Generator) -> float:
-    sample = faces[rng.choice(len(faces), size=min(len(faces), 20000), replace=False)]
+    sample = faces[rng.integers(0, len(faces), size=4096)]
     edges = np.linalg.norm(xyz[sample[:, 0]] - xyz[sample[:, 1]], axis=1)
     return float(np.median(edges)) if len(edges) else 0.05
 
@@ -703,7 +732,7 @@ def render_scene(
     rng = np.random.default_rng(cfg.seed)
     H, W = cfg.height, cfg.width
     stats: dict[str, Any] = {"kind": kind, "points": n_points}
-    tol = dict(occlusion_rel_tol=cfg.occlusion_rel_tol, occlusion_abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m)
+    tol = (float(cfg.occlusion_rel_tol), float(cfg.occlusion_abs_tol_m), float(cfg.near_m))
     raycaster = None
     rays_cast = 0
 
@@ -716,8 +745,8 @@ def render_scene(
         ranges = np.linalg.norm(xyz - origin.astype(np.float32), axis=1)
         radius = (ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))).astype(np.float32)
         t_choose = time.perf_counter()
-        img_rgb, depth, index = splat_points(xyz, rgb, poses, K, H, W, radius_m=radius,
-                                             max_radius_px=cfg.max_splat_radius_px, **tol)
+        img_rgb, depth, index, visible = _splat_views(xyz, rgb, poses, K, H, W, radius_m=radius,
+                                                      max_radius_px=cfg.max_splat_radius_px, tol=tol)
         stats.update(candidates=len(poses), positions=1, coverage_estimate=None, fallback_camera=False)
     else:
         K = _as_stored(cameras.intrinsics(W, H, cfg.hfov_deg))
@@ -792,38 +821,35 @@ def render_scene(
         estimate = float(covered.mean()) if len(covered) else 0.0
         t_choose = time.perf_counter()
 
-        def render(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def render(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if kind == "mesh":
-                return render_mesh_views(xyz, rgb, faces, p, K, H, W, raycaster=raycaster,
-                                         views_per_batch=cfg.views_per_batch, threads=cfg.threads, **tol)
-            return splat_points(xyz, rgb, p, K, H, W, radius_m=radius, max_radius_px=cfg.max_splat_radius_px, **tol)
+                return _mesh_views(xyz, rgb, faces, p, K, H, W, raycaster=raycaster,
+                                   views_per_batch=cfg.views_per_batch, tol=tol, threads=cfg.threads)
+            return _splat_views(xyz, rgb, p, K, H, W, radius_m=radius, max_radius_px=cfg.max_splat_radius_px, tol=tol)
 
         poses = cand[chosen]
-        img_rgb, depth, index = render(poses)
-        visible = visible_points(xyz, poses, K, depth, **tol)
+        img_rgb, depth, index, visible = render(poses)
         for _ in range(cfg.refine_rounds):
-            if np.count_nonzero(visible[2]) >= target * n_points or len(chosen) >= cfg.max_views:
+            seen_now = visible.any(0)
+            if np.count_nonzero(seen_now) >= target * n_points or len(chosen) >= cfg.max_views:
                 break
             # what the full-size views really show replaces the estimate; choose more views
             mask = allowed.copy()
             mask[chosen] = False
             extra, _ = greedy_cover(seen, max_views=cfg.max_views - len(chosen), target=target,
-                                    covered=visible[2][sample_ids] > 0, allowed=mask)
+                                    covered=seen_now[sample_ids], allowed=mask)
             if not extra:
                 break
             more = render(cand[extra])
-            img_rgb, depth, index = (np.concatenate([a, b]) for a, b in zip((img_rgb, depth, index), more))
+            img_rgb, depth, index, visible = (np.concatenate([a, b]) for a, b in zip((img_rgb, depth, index, visible), more))
             chosen = chosen + extra
             poses = cand[chosen]
-            visible = visible_points(xyz, poses, K, depth, **tol)
         stats.update(candidates=len(cand), positions=int(len(positions)), positions_inside=int(inside.sum()),
                      coverage_estimate=round(estimate, 4), observable_estimate=round(observable_fraction, 4),
                      fallback_camera=bool(fallback),
                      point_spacing_m=round(spacing, 4), floor_z=round(floor_z, 3))
     t_render = time.perf_counter()
-    if kind == "lidar":
-        visible = visible_points(xyz, poses, K, depth, **tol)
-    ptr, ids, view_count = visible
+    ptr, ids, view_count = visibility_csr(visible)
     recorded = np.zeros(n_points, bool)
     recorded[index[index >= 0]] = True
     t_vis = time.perf_counter()
@@ -906,6 +932,6 @@ def summarise(store: Any) -> dict[str, Any]:
 
 __all__ = [
     "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "render_mesh_views", "splat_points",
-    "splat_depth", "visible_points", "make_rays", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
+    "splat_depth", "visible_points", "visibility_csr", "make_rays", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
     "run_scene", "summarise",
 ]

@@ -98,18 +98,21 @@ class _MeshBuilder:
         self.count = 0
         self.next_seg = 0
 
-    def quad(self, origin, u, v, colour, instance: int, edge: float) -> None:
-        """A planar rectangle origin + s*u + t*v, s,t in [0,1], as a grid of triangles."""
+    def quad(self, origin, u, v, colour, instance: int, edge: float, *, flip: bool = False) -> None:
+        """A planar rectangle origin + s*u + t*v, s,t in [0,1], as a grid of triangles whose
+        normal is u x v (or its opposite with `flip`): outward on objects, inward on walls."""
         origin, u, v = (np.asarray(a, dtype=np.float64) for a in (origin, u, v))
         nu = max(1, int(np.ceil(np.linalg.norm(u) / edge)))
         nv = max(1, int(np.ceil(np.linalg.norm(v) / edge)))
         s, t = np.meshgrid(np.linspace(0, 1, nu + 1), np.linspace(0, 1, nv + 1), indexing="ij")
         pts = origin + s.reshape(-1, 1) * u + t.reshape(-1, 1) * v
-        self._add_grid(pts, nu, nv, colour, instance, s.ravel() * np.linalg.norm(u), t.ravel() * np.linalg.norm(v))
+        self._add_grid(pts, nu, nv, colour, instance, s.ravel() * np.linalg.norm(u), t.ravel() * np.linalg.norm(v), flip)
 
-    def _add_grid(self, pts, nu, nv, colour, instance, su, tv) -> None:
+    def _add_grid(self, pts, nu, nv, colour, instance, su, tv, flip: bool = False) -> None:
         idx = np.arange((nu + 1) * (nv + 1)).reshape(nu + 1, nv + 1)
         a, b, c, d = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel(), idx[:-1, 1:].ravel()
+        if flip:
+            b, d = d, b
         faces = np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)]) + self.count
         cell = self.cfg.seg_cell_m
         cu, cv = np.floor(su / cell).astype(np.int64), np.floor(tv / cell).astype(np.int64)
@@ -130,13 +133,13 @@ class _MeshBuilder:
         dx, dy, dz = hi - lo
         e = self.cfg.object_edge_m
         x, y, z = np.eye(3)
-        self.quad(lo + z * dz, x * dx, y * dy, colour, instance, e)          # top
-        self.quad(lo, x * dx, z * dz, colour, instance, e)                   # front (y = lo)
-        self.quad(lo + y * dy, x * dx, z * dz, colour, instance, e)          # back
-        self.quad(lo, y * dy, z * dz, colour, instance, e)                   # left (x = lo)
-        self.quad(lo + x * dx, y * dy, z * dz, colour, instance, e)          # right
+        self.quad(lo + z * dz, x * dx, y * dy, colour, instance, e)              # top
+        self.quad(lo, x * dx, z * dz, colour, instance, e)                       # front (y = lo)
+        self.quad(lo + y * dy, x * dx, z * dz, colour, instance, e, flip=True)   # back
+        self.quad(lo, y * dy, z * dz, colour, instance, e, flip=True)            # left (x = lo)
+        self.quad(lo + x * dx, y * dy, z * dz, colour, instance, e)              # right
         if bottom:
-            self.quad(lo, x * dx, y * dy, colour, instance, e)
+            self.quad(lo, x * dx, y * dy, colour, instance, e, flip=True)
 
     def cylinder(self, centre_xy, radius, z0, z1, colour, instance: int) -> None:
         """A vertical cylinder: side as an (angle, height) grid plus a top cap (polar grid)."""
@@ -258,10 +261,10 @@ def make_room(seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> SynthR
     wall_colour = WALL_COLOURS[rng.integers(len(WALL_COLOURS))]
     wall = new_instance("wall")
     for origin, u in (((0, 0, 0), (sx, 0, 0)), ((sx, 0, 0), (0, sy, 0)), ((sx, sy, 0), (-sx, 0, 0)), ((0, sy, 0), (0, -sy, 0))):
-        mb.quad(origin, u, (0, 0, height), wall_colour, wall, cfg.room_edge_m)
+        mb.quad(origin, u, (0, 0, height), wall_colour, wall, cfg.room_edge_m, flip=True)  # facing inwards
 
     n_objects = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    n_wall = int(rng.integers(2, 5))
+    n_wall = min(int(rng.integers(2, 5)), max(0, n_objects - 1))
     # floor objects: rejection sampling of footprints, keeping a 0.1 m gap and a free walkway
     occupied: list[tuple[float, float, float, float]] = []
     target = n_objects - n_wall

@@ -359,6 +359,13 @@ def test_purity():
     assert np.isnan(purity(seg, np.full(6, -1)))
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_tiny_clouds(n):
+    xyz = np.random.default_rng(n).uniform(0, 1, (n, 3)).astype(np.float32)
+    result = overseg_points(xyz, np.zeros((n, 3), np.uint8))
+    _validate(result, n)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="k_pfh"):
         OversegConfig(k_neighbours=8, k_pfh=10)

@@ -136,6 +136,8 @@ def test_predict_scene_writes_a_readable_ply(run, store, tmp_path):
     np.testing.assert_allclose(pred.xyz, s.read(scene_id, schema.XYZ))
     path = write_prediction_ply(tmp_path / "pred.ply", pred.xyz, pred.pred_class, pred.instance, num_classes=len(TINY_CLASSES))
     assert len(o3d.io.read_point_cloud(str(path)).points) == n
+    whole = write_prediction_ply(tmp_path / "whole.ply", pred)  # the same from the prediction object
+    assert whole.read_bytes() == path.read_bytes()
 
 
 def test_clip_model_of_store_reads_identities(tmp_path, clip_dir, store):

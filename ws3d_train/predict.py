@@ -464,8 +464,8 @@ def _write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, extra: dict[s
 
 def write_prediction_ply(
     path: str | Path,
-    xyz: np.ndarray,
-    pred_class: np.ndarray,
+    xyz: np.ndarray | ScenePrediction,
+    pred_class: np.ndarray | None = None,
     instance: np.ndarray | None = None,
     *,
     num_classes: int | None = None,
@@ -474,7 +474,8 @@ def write_prediction_ply(
 
     Args:
         path: the .ply file to write (directories created).
-        xyz: [N, 3] positions.
+        xyz: [N, 3] positions, or a whole :class:`ScenePrediction` (then its classes, instances
+            and class count are used and the next arguments are left out).
         pred_class: [N] int class ids (negative: unknown, drawn black).
         instance: optional [N] int instance ids (-1 none), written as property ``instance``.
         num_classes: palette size (default: max class + 1); colours come from :func:`class_palette`.
@@ -482,6 +483,14 @@ def write_prediction_ply(
     Returns:
         The path. Any PLY viewer shows the colours; ``label``/``instance`` are int32 properties.
     """
+    if isinstance(xyz, ScenePrediction):
+        if pred_class is not None or instance is not None:
+            raise TypeError("write_prediction_ply: pass either a ScenePrediction or xyz + pred_class, not both")
+        prediction = xyz
+        xyz, pred_class, instance = prediction.xyz, prediction.pred_class, prediction.instance
+        num_classes = num_classes or len(prediction.class_names)
+    if pred_class is None:
+        raise TypeError("write_prediction_ply: pred_class is required with xyz")
     pred_class = np.asarray(pred_class).reshape(-1).astype(np.int64)
     n = np.asarray(xyz).reshape(-1, 3).shape[0]
     if pred_class.shape[0] != n:
