@@ -15,10 +15,12 @@ per process). `embed_scenes` batches crops across scenes for a GPU and prints im
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from pipeline import schema
-from pipeline.clip_model import DEFAULT_TEMPLATES, ClipEncoder, cached_encoder, model_identity
+from pipeline.clip_model import DEFAULT_TEMPLATES, ClipEncoder, cached_encoder, is_local_model, model_identity
 from pipeline.config import config_hash, to_dict
 from pipeline.executor import SceneResult
 from pipeline.readers.base import SceneError
@@ -579,23 +581,37 @@ def embed_scenes(
     return [results[s] for s in scene_ids]
 
 
+def model_templates(model: str | None) -> tuple[str, ...]:
+    """The prompt templates a teacher folder was trained with, else `DEFAULT_TEMPLATES`."""
+    if model and is_local_model(model):
+        path = Path(model).expanduser() / "teacher_config.json"
+        if path.is_file():
+            templates = json.loads(path.read_text()).get("config", {}).get("templates")
+            if templates:
+                return tuple(templates)
+    return DEFAULT_TEMPLATES
+
+
 def run_vocabulary(
     store_path: str,
     model: str | ClipEncoder,
     names: Sequence[str] | None = None,
     vocab_name: str = "classes",
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str] | None = None,
     *,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict[str, Any]:
     """Embed a vocabulary (default: the store's class names) and write `vocab/<vocab_name>`.
 
-    The attrs hold `names`, `prompts` (the templates) and `model` (the model identity, so a
-    reader can check that scene and text embeddings come from the same model).
+    `templates` default: the ones a teacher folder was trained with (its teacher_config.json),
+    else `DEFAULT_TEMPLATES`. The attrs hold `names`, `prompts` (the templates) and `model` (the
+    model identity, so a reader can check that scene and text embeddings share one model).
     """
     store = Store.open(store_path)
     encoder = model if isinstance(model, ClipEncoder) else cached_encoder(model, device=device, dtype=dtype)
+    if templates is None:
+        templates = model_templates(model if isinstance(model, str) else None)
     names = list(store.class_names if names is None else names)
     text = embed_vocabulary(names, templates, encoder)
     attrs = {"names": names, "prompts": list(templates), "model": encoder.identity, "dim": int(text.shape[1])}

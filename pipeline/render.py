@@ -9,19 +9,25 @@ and coverage statistics in the stage record.
 
 How:
 - Meshes are ray cast with Open3D's `RaycastingScene` (Embree on the CPU; no display, no
-  OffscreenRenderer). Colour is the barycentric interpolation of the hit triangle's vertex
-  colours; the point a pixel shows is the hit triangle's vertex with the largest barycentric
-  weight (the next ones if that vertex is itself hidden or outside the image).
+  OffscreenRenderer), built once per scene; the rays of several views go in one `cast_rays`
+  call. Colour is the barycentric interpolation of the hit triangle's vertex colours; the point
+  a pixel shows is the hit triangle's vertex with the largest barycentric weight (the next ones
+  if that vertex is itself not visible in the view).
 - Point clouds (S3DIS, LiDAR) are splatted by a numba z-buffer: each point a disc whose pixel
   radius is its world radius over its depth; the nearest depth wins each pixel.
-- Either way a pixel records a point only if that point, projected, lands in the image and is
-  not hidden behind the depth stored at its own pixel (within `occlusion_*_tol`): the
-  correspondence is exact and occlusion-aware, which the tests check from the stored arrays.
+- Visibility, one rule everywhere: a point is visible in a view when it projects into the image
+  and is not behind the view's stored depth at its own pixel (within `occlusion_*_tol`). A
+  pixel records a point only if it is visible, and a view's visible list holds all its visible
+  points (so also points too small to win a pixel of their own): the 2D-3D correspondence is
+  exact and occlusion-aware, which the tests check from the stored arrays alone.
 - Cameras indoors: positions on a grid at eye height (1.2-1.6 m above the floor) in free space
-  (>= `clearance_m` from every surface), `headings` headings each with a slight downward pitch;
-  every candidate is rendered at a low resolution, a sample of points is depth-tested against
-  it, and views are chosen greedily by newly seen sample points until `coverage_target` or
-  `max_views`. LiDAR: `lidar_headings` cameras at the sensor origin looking around.
+  (>= `clearance_m` from every surface), `headings` headings each with a slight downward pitch.
+  Positions whose tiny renders look mostly at nothing are outside the scan and dropped. A sample
+  of points is tested against every candidate (meshes: one ray from each position to each sample;
+  point clouds: a depth test against low-resolution splats), and views are chosen greedily by
+  newly seen samples until `coverage_target` of the observable points or `max_views`; one more
+  greedy round can add views for what the full-size views missed. LiDAR: `lidar_headings`
+  cameras at the sensor looking around.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -108,7 +115,8 @@ class RenderConfig:
     views_per_batch: int = 8
     """Views cast in one `cast_rays` call (bounds memory: ~56 bytes a pixel in flight)."""
     threads: int = 0
-    """Threads for ray casting; 0 = all cores."""
+    """Threads for ray casting and the numba kernels; 0 = all cores. Set 1 when an executor runs
+    one worker process per core (threads beyond the free cores only wait for each other)."""
     seed: int = 0
     """Seed of the candidate heights and the coverage sample."""
 
@@ -179,11 +187,12 @@ def _shade_hits(t_hit, prim, uvs, faces, rgb, out_rgb, out_depth):  # pragma: no
 
 
 @njit(inline="always")
-def _visible_at_own_pixel(x, y, z, pose, K, depth_q, base, height, width, rel, abs_tol, near):
-    """True if world point (x, y, z) projects into the image and is not behind the depth there."""
-    cx = pose[0, 0] * x + pose[0, 1] * y + pose[0, 2] * z + pose[0, 3]
-    cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
-    cz = pose[2, 0] * x + pose[2, 1] * y + pose[2, 2] * z + pose[2, 3]
+def _visible_at_own_pixel(x, y, z, poses, v, K, depth_q, base, height, width, rel, abs_tol, near):
+    """True if world point (x, y, z) projects into view v's image and is not behind the depth
+    there. (poses and v, not poses[v]: a slice in a parallel loop costs atomic refcounting.)"""
+    cx = poses[v, 0, 0] * x + poses[v, 0, 1] * y + poses[v, 0, 2] * z + poses[v, 0, 3]
+    cy = poses[v, 1, 0] * x + poses[v, 1, 1] * y + poses[v, 1, 2] * z + poses[v, 1, 3]
+    cz = poses[v, 2, 0] * x + poses[v, 2, 1] * y + poses[v, 2, 2] * z + poses[v, 2, 3]
     if cz <= near:
         return False
     col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
@@ -273,11 +282,11 @@ def _splat_kernel(xyz, radius_m, poses, K, height, width, max_radius_px, near, z
                         index[v, row, col] = i
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _keep_visible(index, visible, hw):  # pragma: no cover
     """Drop (set to -1) pixels whose recorded point is not visible in their view (hidden at its
     own pixel): visible[view, point] from `_visible_mask`."""
-    for p in prange(index.shape[0]):
+    for p in range(index.shape[0]):
         i = index[p]
         if i >= 0 and not visible[p // hw, i]:
             index[p] = -1
@@ -293,7 +302,7 @@ def _sample_visibility(xyz, poses, K, depth, rel, abs_tol, near):  # pragma: no 
     for c in prange(n_cam):
         for s in range(xyz.shape[0]):
             seen[c, s] = _visible_at_own_pixel(np.float64(xyz[s, 0]), np.float64(xyz[s, 1]), np.float64(xyz[s, 2]),
-                                               poses[c], K, flat, c * height * width, height, width, rel, abs_tol, near)
+                                               poses, c, K, flat, c * height * width, height, width, rel, abs_tol, near)
     return seen
 
 
@@ -334,14 +343,14 @@ def _visible_mask(xyz, poses, K, depth_q, height, width, rel, abs_tol, near):  #
         y = np.float64(xyz[i, 1])
         z = np.float64(xyz[i, 2])
         for v in range(n_views):
-            mask[v, i] = _visible_at_own_pixel(x, y, z, poses[v], K, depth_q, v * hw, height, width, rel, abs_tol, near)
+            mask[v, i] = _visible_at_own_pixel(x, y, z, poses, v, K, depth_q, v * hw, height, width, rel, abs_tol, near)
     return mask
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _fill_csr(visible, ptr, ids):  # pragma: no cover
     """ids[ptr[v]:ptr[v + 1]] = the ids i with visible[v, i], ascending."""
-    for v in prange(visible.shape[0]):
+    for v in range(visible.shape[0]):  # serial: memory-bound, and a parallel region costs more
         k = ptr[v]
         for i in range(visible.shape[1]):
             if visible[v, i]:
@@ -357,15 +366,12 @@ def _make_rays(K, poses, height, width, rays):  # pragma: no cover
         v = q // n_pix
         p = q - v * n_pix
         row = p // width
-        R = poses[v]
         x = (np.float64(p - row * width) - K[0, 2]) / K[0, 0]
         y = (np.float64(row) - K[1, 2]) / K[1, 1]
-        rays[v, p, 0] = -(R[0, 0] * R[0, 3] + R[1, 0] * R[1, 3] + R[2, 0] * R[2, 3])
-        rays[v, p, 1] = -(R[0, 1] * R[0, 3] + R[1, 1] * R[1, 3] + R[2, 1] * R[2, 3])
-        rays[v, p, 2] = -(R[0, 2] * R[0, 3] + R[1, 2] * R[1, 3] + R[2, 2] * R[2, 3])
-        rays[v, p, 3] = R[0, 0] * x + R[1, 0] * y + R[2, 0]
-        rays[v, p, 4] = R[0, 1] * x + R[1, 1] * y + R[2, 1]
-        rays[v, p, 5] = R[0, 2] * x + R[1, 2] * y + R[2, 2]
+        for k in range(3):  # centre -R^T t, direction R^T (x, y, 1)
+            rays[v, p, k] = -(poses[v, 0, k] * poses[v, 0, 3] + poses[v, 1, k] * poses[v, 1, 3]
+                              + poses[v, 2, k] * poses[v, 2, 3])
+            rays[v, p, 3 + k] = poses[v, 0, k] * x + poses[v, 1, k] * y + poses[v, 2, k]
 
 
 # --- pure cores ---------------------------------------------------------------------------------
@@ -404,7 +410,8 @@ def make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int) -> np.n
     return rays
 
 
-def cast_depth(raycaster: Any, K: np.ndarray, poses: np.ndarray, height: int, width: int, *, threads: int = 0) -> np.ndarray:
+def cast_depth(raycaster: Any, K: np.ndarray, poses: np.ndarray, height: int, width: int, *,
+               threads: int = 0) -> np.ndarray:
     """z-depth images float32 [V, H, W] (0 = miss) of all `poses` [V, 4, 4] in one cast."""
     t = cast(raycaster, make_rays(K, poses, height, width).reshape(-1, 6), threads=threads)["t_hit"]
     return np.where(np.isfinite(t), t, 0.0).astype(np.float32).reshape(len(poses), height, width)
@@ -601,8 +608,9 @@ def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, 
                       rel_tol: float, abs_tol_m: float, near_m: float) -> np.ndarray:
     """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees (the rule of
     `visible_points`) against its low-resolution depth image [C, h, w] with intrinsics K [3, 3]."""
-    return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
-                              np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32),
+    return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32),
+                              np.ascontiguousarray(poses, dtype=np.float64), np.ascontiguousarray(K, dtype=np.float64),
+                              np.ascontiguousarray(depth, dtype=np.float32),
                               float(rel_tol), float(abs_tol_m), float(near_m))
 
 
@@ -615,7 +623,8 @@ def unoccluded_from(raycaster: Any, eyes: np.ndarray, sample_xyz: np.ndarray, *,
     rays = np.empty((len(eyes), len(samples), 6), np.float32)
     rays[:, :, :3] = eyes[:, None, :]
     rays[:, :, 3:] = samples[None, :, :] - eyes[:, None, :]
-    dist = np.linalg.norm(rays[:, :, 3:], axis=-1)
+    delta = rays[:, :, 3:]
+    dist = np.sqrt(np.einsum("psk,psk->ps", delta, delta))
     t = cast(raycaster, rays.reshape(-1, 6), threads=threads)["t_hit"].reshape(len(eyes), len(samples))
     # the sample sits at t = 1 on its ray: visible unless a surface is hit clearly before it
     return dist <= t * dist * (1.0 + rel_tol) + abs_tol_m
@@ -664,13 +673,20 @@ def _farthest_points(xy: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.asarray(picked))
 
 
+def _xy_bounds(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of x and y, float64 [2] each (per column: numpy's axis-0 reductions of an
+    [N, 3] array are ~25x slower)."""
+    lo = np.array([xyz[:, 0].min(), xyz[:, 1].min()], dtype=np.float64)
+    hi = np.array([xyz[:, 0].max(), xyz[:, 1].max()], dtype=np.float64)
+    return lo, hi
+
+
 def candidate_positions(xyz: np.ndarray, cfg: RenderConfig, clearance: Callable[[np.ndarray], np.ndarray],
                         rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Eye positions [P, 3] on a grid over the scan's footprint, at 1.2-1.6 m (config) above the
     floor, at least `clearance_m` from every surface (`clearance(points [Q, 3]) -> dist [Q]`).
     Returns the positions and the floor height."""
-    lo = xyz[:, :2].min(0).astype(np.float64)
-    hi = xyz[:, :2].max(0).astype(np.float64)
+    lo, hi = _xy_bounds(xyz)
     floor_z = float(np.percentile(xyz[:, 2], cfg.floor_percentile))
     extent = np.maximum(hi - lo, 1e-3)
     # a grid of ~4x max_positions cells: enough survive the clearance test to spread out
@@ -725,6 +741,25 @@ def render_scene(
     Returns:
         A `RenderResult` with the views, the visibility CSR and stats.
     """
+    if cfg.threads <= 0:
+        return _render_scene(xyz, rgb, faces, kind=kind, cfg=cfg, sensor_origin=sensor_origin)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return _render_scene(xyz, rgb, faces, kind=kind, cfg=cfg, sensor_origin=sensor_origin)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _render_scene(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    faces: np.ndarray | None,
+    *,
+    kind: Literal["mesh", "points", "lidar"],
+    cfg: RenderConfig = RenderConfig(),
+    sensor_origin: np.ndarray | None = None,
+) -> RenderResult:
     t_start = time.perf_counter()
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -785,12 +820,12 @@ def render_scene(
         positions, floor_z = candidate_positions(xyz, cfg, clearance, rng)
         fallback = len(positions) == 0
         if fallback:  # nothing is clear of surfaces: the centre of the footprint at eye height
-            centre = (xyz[:, :2].min(0) + xyz[:, :2].max(0)) / 2
+            centre = np.sum(_xy_bounds(xyz), axis=0) / 2
             positions = np.array([[centre[0], centre[1], floor_z + np.mean(cfg.eye_height_m)]])
         yaw = 2 * np.pi * np.arange(cfg.headings) / cfg.headings
         cand = _as_stored(np.concatenate([cameras.heading_poses(p, yaw, np.deg2rad(cfg.pitch_deg)) for p in positions]))
         depth_low = low_depth(cand)
-        rays_cast += depth_low.size
+        rays_cast += depth_low.size if kind == "mesh" else 0
         # positions looking mostly at nothing are outside the scan (behind a wall)
         hit_fraction = (depth_low > 0).reshape(len(positions), -1).mean(1)
         inside = hit_fraction >= cfg.min_hit_fraction
@@ -841,7 +876,8 @@ def render_scene(
             if not extra:
                 break
             more = render(cand[extra])
-            img_rgb, depth, index, visible = (np.concatenate([a, b]) for a, b in zip((img_rgb, depth, index, visible), more))
+            img_rgb, depth, index, visible = (np.concatenate([a, b])
+                                              for a, b in zip((img_rgb, depth, index, visible), more))
             chosen = chosen + extra
             poses = cand[chosen]
         stats.update(candidates=len(cand), positions=int(len(positions)), positions_inside=int(inside.sum()),
@@ -931,7 +967,7 @@ def summarise(store: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "render_mesh_views", "splat_points",
-    "splat_depth", "visible_points", "visibility_csr", "make_rays", "unoccluded_from", "sample_visibility", "greedy_cover", "candidate_positions", "render_scene",
-    "run_scene", "summarise",
+    "RenderConfig", "RenderResult", "build_raycaster", "cast", "cast_depth", "make_rays", "render_mesh_views",
+    "splat_points", "splat_depth", "visible_points", "visibility_csr", "unoccluded_from", "sample_visibility",
+    "greedy_cover", "candidate_positions", "render_scene", "run_scene", "summarise",
 ]

@@ -36,6 +36,9 @@ IGNORE_INDEX = -100
 SCENE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 """Scene ids are plain names: no path separators, no `..`, no leading dot."""
 
+VIEWS_PER_CHUNK = 8
+"""Views per chunk of the image arrays."""
+
 ROW_CHUNK = 1 << 18
 """Rows per chunk for per-point arrays: 262,144 rows keep a ScanNet scene in a few chunks."""
 
@@ -56,17 +59,20 @@ class ArraySpec:
     """What the array holds, with units and frames."""
     optional: bool = False
     """Absent in some scenes (e.g. faces of point-cloud datasets)."""
+    codec: str = "zstd"
+    """Blosc compressor: "zstd" (small, for data read often) or "lz4" (fast, for bulky images
+    written once per scene and rarely read: the render stage's write time matters)."""
 
     def path(self, scene_id: str) -> str:
         """The array's path inside the store for `scene_id`."""
         return f"scenes/{scene_id}/{self.group}/{self.name}"
 
     def chunks(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Chunking: per-view arrays one view a chunk, everything else by rows."""
+        """Chunking: images 8 views a chunk (few chunk writes, ~2 MB chunks), the rest by rows."""
         if not shape:
             return ()
         if self.dims and self.dims[0] == "V" and len(shape) > 2:
-            return (1, *shape[1:])
+            return (max(1, min(shape[0], VIEWS_PER_CHUNK)), *shape[1:])
         return (max(1, min(shape[0], ROW_CHUNK)), *shape[1:])
 
 
@@ -94,10 +100,10 @@ ADJACENCY_BORDER = ArraySpec(
 )
 
 # --- render -------------------------------------------------------------------------------
-VIEW_RGB = ArraySpec("views", "rgb", "uint8", ("V", "H", "W", 3), "rendered colour")
-VIEW_DEPTH = ArraySpec("views", "depth", "float16", ("V", "H", "W"), "z-depth in metres, 0 = nothing")
+VIEW_RGB = ArraySpec("views", "rgb", "uint8", ("V", "H", "W", 3), "rendered colour", codec="lz4")
+VIEW_DEPTH = ArraySpec("views", "depth", "float16", ("V", "H", "W"), "z-depth in metres, 0 = nothing", codec="lz4")
 VIEW_POINT_INDEX = ArraySpec(
-    "views", "point_index", "int32", ("V", "H", "W"), "point shown by each pixel, -1 = nothing"
+    "views", "point_index", "int32", ("V", "H", "W"), "point shown by each pixel, -1 = nothing", codec="lz4"
 )
 VIEW_K = ArraySpec("views", "K", "float32", ("V", 3, 3), "pinhole intrinsics, pixels")
 VIEW_POSE = ArraySpec(

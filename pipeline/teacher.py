@@ -215,9 +215,11 @@ class TeacherResult:
     tokenizer: Any
     """Its CLIPTokenizer."""
     train_accuracy: float
-    """Zero-shot accuracy on (un-augmented) training crops."""
+    """Zero-shot accuracy on (un-augmented) training crops (at most 2000)."""
     val_accuracy: float
     """Zero-shot accuracy on held-out crops (NaN when there are none)."""
+    val_class_accuracy: float
+    """Mean over held-out classes of their zero-shot accuracy (chance: 1 / classes)."""
     chance: float
     """Accuracy of always guessing the most frequent held-out class."""
     steps: int
@@ -228,7 +230,8 @@ class TeacherResult:
 
     def report(self) -> dict[str, Any]:
         return {
-            "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy, "chance": self.chance,
+            "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy,
+            "val_class_accuracy": self.val_class_accuracy, "chance": self.chance,
             "steps": self.steps, "seconds": round(self.seconds, 1), "n_train": self.n_train,
             "n_val": self.n_val, "final_loss": self.final_loss,
         }
@@ -280,13 +283,21 @@ def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Ten
     return (image_loss + text_loss) / 2
 
 
-def _zero_shot_accuracy(encoder: Any, crops: np.ndarray, class_ids: np.ndarray, class_names: Sequence[str],
-                        templates: Sequence[str]) -> float:
+def zero_shot_accuracy(
+    encoder: Any, crops: np.ndarray, class_ids: np.ndarray, class_names: Sequence[str], templates: Sequence[str]
+) -> tuple[float, float]:
+    """(accuracy, mean per-class accuracy) of classifying crops by their nearest class prompt.
+
+    Args:
+        encoder: a loaded `ClipEncoder`; crops: uint8 [M, h, w, 3]; class_ids: int [M].
+    """
     if len(crops) == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     text = embed_vocabulary(class_names, templates, encoder)
     image = encoder.encode_images(crops, batch_size=256, fit="crop")
-    return float(((image @ text.T).argmax(axis=1) == class_ids).mean())
+    correct = (image @ text.T).argmax(axis=1) == class_ids
+    per_class = [correct[class_ids == c].mean() for c in np.unique(class_ids)]
+    return float(correct.mean()), float(np.mean(per_class))
 
 
 def fit_teacher(
@@ -389,17 +400,19 @@ def _fit(crops, class_ids, class_names, out_dir, cfg, val_crops, val_class_ids, 
     model.eval()
     _save(model, out_dir, cfg, class_names)
     encoder = load_encoder(str(out_dir), device="cpu", dtype="fp32")
+    train_accuracy, _ = zero_shot_accuracy(encoder, crops[:2000], class_ids[:2000], class_names, cfg.templates)
+    val_accuracy, val_class_accuracy = zero_shot_accuracy(encoder, val_crops, val_class_ids, class_names, cfg.templates)
     result = TeacherResult(
-        model=model, tokenizer=tokenizer,
-        train_accuracy=_zero_shot_accuracy(encoder, crops[:2000], class_ids[:2000], class_names, cfg.templates),
-        val_accuracy=_zero_shot_accuracy(encoder, val_crops, val_class_ids, class_names, cfg.templates),
+        model=model, tokenizer=tokenizer, train_accuracy=train_accuracy, val_accuracy=val_accuracy,
+        val_class_accuracy=val_class_accuracy,
         chance=float(np.bincount(val_class_ids).max() / len(val_class_ids)) if len(val_class_ids) else float("nan"),
         steps=step, seconds=seconds, n_train=len(crops), n_val=len(val_crops), final_loss=loss_value,
     )
     (out_dir / "teacher_report.json").write_text(json.dumps(result.report(), indent=2))
     if verbose:
         print(f"teacher: zero-shot accuracy train {result.train_accuracy:.3f}, held-out {result.val_accuracy:.3f} "
-              f"(chance {result.chance:.3f}) after {step} steps, {seconds:.0f} s")
+              f"(majority class {result.chance:.3f}), held-out mean class accuracy {val_class_accuracy:.3f} "
+              f"after {step} steps, {seconds:.0f} s")
     return result
 
 

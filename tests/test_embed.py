@@ -320,6 +320,22 @@ def test_run_vocabulary(tmp_path, encoder, model_dir):
     assert np.allclose(text.astype(np.float32), want, atol=2e-3)
     run_vocabulary(str(store.path), encoder, names=["lamp"], vocab_name="custom", templates=("a {}.",))
     assert store.read_vocab("custom")[0].shape == (1, 16)
+    # a teacher folder's own templates are the default
+    (model_dir / "teacher_config.json").write_text(json.dumps({"config": {"templates": ["a {} here."]}}))
+    try:
+        run_vocabulary(str(store.path), str(model_dir), vocab_name="teacher")
+        assert store.read_vocab("teacher")[1]["prompts"] == ["a {} here."]
+    finally:
+        (model_dir / "teacher_config.json").unlink()
+
+
+def test_hub_id_without_download_fails_clearly(tmp_path):
+    from pipeline.clip_model import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cached"):
+        load_encoder("nobody-here/no-such-clip", allow_download=False)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_encoder(str(tmp_path / "missing" / "folder"))
 
 
 def test_missing_upstream_is_a_scene_error(tmp_path, model_dir):
