@@ -15,7 +15,6 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from pipeline.clip_model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipEncoder, Preprocess, load_encoder, pick_device, pick_dtype
 

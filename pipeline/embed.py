@@ -364,11 +364,10 @@ class _SceneWork:
                 size=encoder.image_size, max_supersample=max_supersample,
             )
 
-    def finish(self) -> SceneEmbedding:
-        emb = torch.cat(self.outputs) if self.outputs else torch.zeros(0, 1)
+    def finish(self, dim: int) -> SceneEmbedding:
+        emb = torch.cat(self.outputs) if self.outputs else torch.zeros(0, dim)
         n_views = len(self.view_pixels)
-        segment = pool_segments(emb[n_views:], self.crops.segment, self.crops.weight, self.num_segments) \
-            if len(emb) > n_views else np.zeros((self.num_segments, emb.shape[1]), np.float32)
+        segment = pool_segments(emb[n_views:], self.crops.segment, self.crops.weight, self.num_segments)
         return SceneEmbedding(
             view=emb[:n_views].cpu().numpy(), segment=segment, seen=self.crops.seen, crops=len(self.crops.segment)
         )
@@ -415,7 +414,7 @@ def embed_scene(
     batch = _batch_size(cfg, encoder)
     for pixels in work.pixel_chunks(encoder, batch, cfg.max_supersample):
         work.outputs.append(encoder.encode_pixels(pixels, batch_size=batch))
-    return work.finish()
+    return work.finish(encoder.dim)
 
 
 def embed_vocabulary(names: Sequence[str], templates: Sequence[str], encoder: ClipEncoder) -> np.ndarray:
@@ -540,7 +539,7 @@ def embed_scenes(
         while open_works and open_works[0].produced and open_works[0].received == open_works[0].total:
             work = open_works.popleft()
             results[work.scene_id] = _write(
-                store, work.scene_id, cfg, work.config_hash, work.finish(), encoder.identity,
+                store, work.scene_id, cfg, work.config_hash, work.finish(encoder.dim), encoder.identity,
                 time.perf_counter() - work.start,
             )
 

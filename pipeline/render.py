@@ -160,30 +160,50 @@ class RenderResult:
 
 # --- numba kernels ------------------------------------------------------------------------------
 # No fastmath: the splatting kernel must agree bit for bit with its numpy oracle.
+#
+# The per-pixel and per-point kernels come in pairs, a serial and a parallel driver around one
+# inlined body: starting a parallel region costs ~0.05 ms on an idle machine but up to a scheduler
+# time slice (~10 ms) when the cores are shared with other work, which is about what a serial pass
+# over a few hundred thousand items takes (`_parallel` picks). (One Python function compiled both
+# ways would share numba's on-disk cache entry, so the drivers are separate functions.)
+
+PARALLEL_MIN_ITEMS = 1 << 21
+"""Kernels over fewer items (pixels, point x view tests) than this run on one thread."""
+
+
+def _parallel(items: int, threads: int) -> bool:
+    """Whether a kernel over `items` items should run on several threads (`threads`: the config's)."""
+    return threads != 1 and numba.get_num_threads() > 1 and items >= PARALLEL_MIN_ITEMS
+
+
+@njit(inline="always")
+def _ray_at(K, poses, height, width, n_pix, q, rays):
+    """rays[q] = (camera centre, R^T K^-1 (col, row, 1)) for q = view * H * W + row * W + col."""
+    v = q // n_pix
+    p = q - v * n_pix
+    row = p // width
+    x = (np.float64(p - row * width) - K[0, 2]) / K[0, 0]
+    y = (np.float64(row) - K[1, 2]) / K[1, 1]
+    for k in range(3):  # centre -R^T t, direction R^T (x, y, 1)
+        rays[q, k] = -(poses[v, 0, k] * poses[v, 0, 3] + poses[v, 1, k] * poses[v, 1, 3]
+                       + poses[v, 2, k] * poses[v, 2, 3])
+        rays[q, 3 + k] = poses[v, 0, k] * x + poses[v, 1, k] * y + poses[v, 2, k]
 
 
 @njit(parallel=True, cache=True)
-def _shade_hits(t_hit, prim, uvs, faces, rgb, out_rgb, out_depth):  # pragma: no cover - numba
-    """Per ray: z-depth (t, since directions have camera z = 1) and interpolated colour."""
-    for p in prange(t_hit.shape[0]):
-        t = t_hit[p]
-        if not np.isfinite(t):
-            out_depth[p] = 0.0
-            out_rgb[p, 0] = 0
-            out_rgb[p, 1] = 0
-            out_rgb[p, 2] = 0
-            continue
-        f = prim[p]
-        a = faces[f, 0]
-        b = faces[f, 1]
-        c = faces[f, 2]
-        u = uvs[p, 0]
-        v = uvs[p, 1]
-        w = 1.0 - u - v
-        for ch in range(3):
-            val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
-            out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
-        out_depth[p] = t
+def _make_rays_par(K, poses, height, width, rays):  # pragma: no cover - numba
+    """`_ray_at` for every pixel of every view: rays float32 [V * H * W, 6]."""
+    n_pix = height * width
+    for q in prange(rays.shape[0]):  # one parallel loop: few thread launches
+        _ray_at(K, poses, height, width, n_pix, q, rays)
+
+
+@njit(cache=True)
+def _make_rays_ser(K, poses, height, width, rays):  # pragma: no cover - numba
+    """Serial `_make_rays_par`."""
+    n_pix = height * width
+    for q in range(rays.shape[0]):
+        _ray_at(K, poses, height, width, n_pix, q, rays)
 
 
 @njit(inline="always")
@@ -203,35 +223,90 @@ def _visible_at_own_pixel(x, y, z, poses, v, K, depth_q, base, height, width, re
     return d <= 0.0 or cz <= d * (1.0 + rel) + abs_tol
 
 
+@njit(inline="always")
+def _visible_point(i, xyz, poses, K, depth_q, height, width, rel, abs_tol, near, mask):
+    """mask[v, i] for every view v (`_visible_at_own_pixel` on depth_q [V * H * W])."""
+    x = np.float64(xyz[i, 0])
+    y = np.float64(xyz[i, 1])
+    z = np.float64(xyz[i, 2])
+    hw = height * width
+    for v in range(poses.shape[0]):
+        mask[v, i] = _visible_at_own_pixel(x, y, z, poses, v, K, depth_q, v * hw, height, width, rel, abs_tol, near)
+
+
 @njit(parallel=True, cache=True)
-def _assign_vertices(prim, uvs, depth_q, faces, visible, hw, out_index):  # pragma: no cover
-    """Per hit pixel: the triangle's corner with the largest barycentric weight that is visible in
-    the pixel's view (visible[view, vertex], see `_visible_mask`), else the next; -1 if none."""
-    for p in prange(depth_q.shape[0]):
-        out_index[p] = -1
-        if depth_q[p] <= 0.0:
-            continue
-        b = p // hw
-        f = prim[p]
-        u = np.float64(uvs[p, 0])
-        v = np.float64(uvs[p, 1])
-        # order the three corners by barycentric weight, descending (ties keep the face's order)
-        i0, i1, i2 = 0, 1, 2
-        wa, wb, wc = 1.0 - u - v, u, v
+def _visible_mask_par(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, mask):  # pragma: no cover
+    """mask[v, i] (bool [V, N]): point i projects into view v's image and is not hidden behind the
+    depth at its pixel. Parallel over points: balanced even with few views."""
+    for i in prange(xyz.shape[0]):
+        _visible_point(i, xyz, poses, K, depth_q, height, width, rel, abs_tol, near, mask)
+
+
+@njit(cache=True)
+def _visible_mask_ser(xyz, poses, K, depth_q, height, width, rel, abs_tol, near, mask):  # pragma: no cover
+    """Serial `_visible_mask_par`."""
+    for i in range(xyz.shape[0]):
+        _visible_point(i, xyz, poses, K, depth_q, height, width, rel, abs_tol, near, mask)
+
+
+@njit(inline="always")
+def _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):
+    """Pixel p of a batch: the barycentric colour of the hit (black on a miss), and the hit
+    triangle's corner with the largest barycentric weight that is visible in the pixel's view
+    (visible[view, vertex]), else the next; -1 if none or nothing drawn."""
+    out_index[p] = -1
+    if not np.isfinite(t_hit[p]):
+        out_rgb[p, 0] = 0
+        out_rgb[p, 1] = 0
+        out_rgb[p, 2] = 0
+        return
+    f = prim[p]
+    a = faces[f, 0]
+    b = faces[f, 1]
+    c = faces[f, 2]
+    u = uvs[p, 0]
+    v = uvs[p, 1]
+    w = 1.0 - u - v
+    for ch in range(3):
+        val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
+        out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
+    if depth_q[p] <= 0.0:
+        return
+    view = p // hw
+    u64 = np.float64(u)
+    v64 = np.float64(v)
+    # order the three corners by barycentric weight, descending (ties keep the face's order)
+    i0, i1, i2 = a, b, c
+    wa, wb, wc = 1.0 - u64 - v64, u64, v64
+    if wb > wa:
+        i0, i1 = i1, i0
+        wa, wb = wb, wa
+    if wc > wb:
+        i1, i2 = i2, i1
+        wb, wc = wc, wb
         if wb > wa:
             i0, i1 = i1, i0
             wa, wb = wb, wa
-        if wc > wb:
-            i1, i2 = i2, i1
-            wb, wc = wc, wb
-            if wb > wa:
-                i0, i1 = i1, i0
-                wa, wb = wb, wa
-        for k in range(3):
-            vid = faces[f, i0 if k == 0 else (i1 if k == 1 else i2)]
-            if visible[b, vid]:
-                out_index[p] = vid
-                break
+    if visible[view, i0]:
+        out_index[p] = i0
+    elif visible[view, i1]:
+        out_index[p] = i1
+    elif visible[view, i2]:
+        out_index[p] = i2
+
+
+@njit(parallel=True, cache=True)
+def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):  # pragma: no cover
+    """`_shade_assign_pixel` for every pixel of a batch of views."""
+    for p in prange(t_hit.shape[0]):
+        _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index)
+
+
+@njit(cache=True)
+def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):  # pragma: no cover
+    """Serial `_shade_assign_par`."""
+    for p in range(t_hit.shape[0]):
+        _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index)
 
 
 @njit(parallel=True, cache=True)
@@ -292,59 +367,61 @@ def _keep_visible(index, visible, hw):  # pragma: no cover
             index[p] = -1
 
 
+@njit(inline="always")
+def _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):
+    base = c * height * width
+    for s in range(xyz.shape[0]):
+        seen[c, s] = _visible_at_own_pixel(np.float64(xyz[s, 0]), np.float64(xyz[s, 1]), np.float64(xyz[s, 2]),
+                                           poses, c, K, flat, base, height, width, rel, abs_tol, near)
+
+
 @njit(parallel=True, cache=True)
-def _sample_visibility(xyz, poses, K, depth, rel, abs_tol, near):  # pragma: no cover
+def _sample_visibility_par(xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):  # pragma: no cover
     """seen[c, s]: sample s is visible from candidate c (the `_visible_at_own_pixel` rule on the
-    candidate's low-resolution depth [C, h, w])."""
-    n_cam, height, width = depth.shape
-    flat = depth.reshape(-1)
-    seen = np.zeros((n_cam, xyz.shape[0]), dtype=np.bool_)
-    for c in prange(n_cam):
-        for s in range(xyz.shape[0]):
-            seen[c, s] = _visible_at_own_pixel(np.float64(xyz[s, 0]), np.float64(xyz[s, 1]), np.float64(xyz[s, 2]),
-                                               poses, c, K, flat, c * height * width, height, width, rel, abs_tol, near)
-    return seen
-
-
-@njit(parallel=True, cache=True)
-def _candidate_seen(xyz, poses, K, height, width, near, clear, per_position):  # pragma: no cover
-    """seen[c, s]: sample s is unoccluded from candidate c's position (clear[c // per_position, s])
-    and projects into c's image in front of the near plane."""
-    seen = np.zeros((poses.shape[0], xyz.shape[0]), dtype=np.bool_)
+    candidates' low-resolution depth `flat` [C * h * w])."""
     for c in prange(poses.shape[0]):
-        pose = poses[c]
-        row_clear = clear[c // per_position]
-        for s in range(xyz.shape[0]):
-            if not row_clear[s]:
-                continue
-            x = np.float64(xyz[s, 0])
-            y = np.float64(xyz[s, 1])
-            z = np.float64(xyz[s, 2])
-            cz = pose[2, 0] * x + pose[2, 1] * y + pose[2, 2] * z + pose[2, 3]
-            if cz <= near:
-                continue
-            cx = pose[0, 0] * x + pose[0, 1] * y + pose[0, 2] * z + pose[0, 3]
-            cy = pose[1, 0] * x + pose[1, 1] * y + pose[1, 2] * z + pose[1, 3]
-            col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
-            row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
-            seen[c, s] = col >= 0 and col < width and row >= 0 and row < height
-    return seen
+        _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen)
+
+
+@njit(cache=True)
+def _sample_visibility_ser(xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):  # pragma: no cover
+    """Serial `_sample_visibility_par`."""
+    for c in range(poses.shape[0]):
+        _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen)
+
+
+@njit(inline="always")
+def _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen):
+    p = c // per_position
+    for s in range(xyz.shape[0]):
+        if not clear[p, s]:
+            continue
+        x = np.float64(xyz[s, 0])
+        y = np.float64(xyz[s, 1])
+        z = np.float64(xyz[s, 2])
+        cz = poses[c, 2, 0] * x + poses[c, 2, 1] * y + poses[c, 2, 2] * z + poses[c, 2, 3]
+        if cz <= near:
+            continue
+        cx = poses[c, 0, 0] * x + poses[c, 0, 1] * y + poses[c, 0, 2] * z + poses[c, 0, 3]
+        cy = poses[c, 1, 0] * x + poses[c, 1, 1] * y + poses[c, 1, 2] * z + poses[c, 1, 3]
+        col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
+        row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
+        seen[c, s] = col >= 0 and col < width and row >= 0 and row < height
 
 
 @njit(parallel=True, cache=True)
-def _visible_mask(xyz, poses, K, depth_q, height, width, rel, abs_tol, near):  # pragma: no cover
-    """mask[v, i]: point i projects into view v's image and is not hidden behind the depth at its
-    pixel (`_visible_at_own_pixel`). Parallel over points: balanced even with few views."""
-    hw = height * width
-    n_views = poses.shape[0]
-    mask = np.zeros((n_views, xyz.shape[0]), dtype=np.bool_)
-    for i in prange(xyz.shape[0]):
-        x = np.float64(xyz[i, 0])
-        y = np.float64(xyz[i, 1])
-        z = np.float64(xyz[i, 2])
-        for v in range(n_views):
-            mask[v, i] = _visible_at_own_pixel(x, y, z, poses, v, K, depth_q, v * hw, height, width, rel, abs_tol, near)
-    return mask
+def _candidate_seen_par(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
+    """seen[c, s] (zeroed by the caller): sample s is unoccluded from candidate c's position
+    (clear[c // per_position, s]) and projects into c's image in front of the near plane."""
+    for c in prange(poses.shape[0]):
+        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
+
+
+@njit(cache=True)
+def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
+    """Serial `_candidate_seen_par`."""
+    for c in range(poses.shape[0]):
+        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
 
 
 @njit(cache=True)
@@ -358,20 +435,21 @@ def _fill_csr(visible, ptr, ids):  # pragma: no cover
                 k += 1
 
 
-@njit(parallel=True, cache=True)
-def _make_rays(K, poses, height, width, rays):  # pragma: no cover
-    """rays[v, p] = (camera centre, R^T K^-1 (col, row, 1)) for every pixel p = row * W + col."""
-    n_pix = height * width
-    for q in prange(poses.shape[0] * n_pix):  # one parallel loop: few thread launches
-        v = q // n_pix
-        p = q - v * n_pix
-        row = p // width
-        x = (np.float64(p - row * width) - K[0, 2]) / K[0, 0]
-        y = (np.float64(row) - K[1, 2]) / K[1, 1]
-        for k in range(3):  # centre -R^T t, direction R^T (x, y, 1)
-            rays[v, p, k] = -(poses[v, 0, k] * poses[v, 0, 3] + poses[v, 1, k] * poses[v, 1, 3]
-                              + poses[v, 2, k] * poses[v, 2, 3])
-            rays[v, p, 3 + k] = poses[v, 0, k] * x + poses[v, 1, k] * y + poses[v, 2, k]
+def _make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: np.ndarray, threads: int) -> None:
+    """Fill rays float32 [V * H * W, 6] (see `make_rays`); K, poses float64, contiguous."""
+    kernel = _make_rays_par if _parallel(rays.shape[0], threads) else _make_rays_ser
+    kernel(K, poses, height, width, rays)
+
+
+def _visible_mask(xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth_q: np.ndarray, height: int, width: int,
+                  tol: tuple[float, float, float], threads: int, out: np.ndarray | None = None) -> np.ndarray:
+    """bool [V, N]: point i projects into view v's image and is not hidden behind the depth at its
+    pixel. xyz float32 [N, 3]; poses, K float64; depth_q float32 [V * H * W] (the stored depth);
+    tol = (rel, abs, near)."""
+    mask = np.empty((len(poses), len(xyz)), np.bool_) if out is None else out
+    kernel = _visible_mask_par if _parallel(mask.size, threads) else _visible_mask_ser
+    kernel(xyz, poses, K, depth_q, height, width, *tol, mask)
+    return mask
 
 
 # --- pure cores ---------------------------------------------------------------------------------
@@ -402,18 +480,18 @@ def cast(raycaster: Any, rays: np.ndarray, *, threads: int = 0) -> dict[str, np.
     return {k: out[k].numpy() for k in ("t_hit", "primitive_ids", "primitive_uvs")}
 
 
-def make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`cameras.pixel_rays` computed by a parallel kernel: float32 [V, H * W, 6]."""
+def make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, *, threads: int = 0) -> np.ndarray:
+    """`cameras.pixel_rays` computed by a numba kernel: float32 [V, H * W, 6]."""
     poses = np.ascontiguousarray(poses, dtype=np.float64)
     rays = np.empty((len(poses), height * width, 6), np.float32)
-    _make_rays(np.ascontiguousarray(K, dtype=np.float64), poses, height, width, rays)
+    _make_rays(np.ascontiguousarray(K, dtype=np.float64), poses, height, width, rays.reshape(-1, 6), threads)
     return rays
 
 
 def cast_depth(raycaster: Any, K: np.ndarray, poses: np.ndarray, height: int, width: int, *,
                threads: int = 0) -> np.ndarray:
     """z-depth images float32 [V, H, W] (0 = miss) of all `poses` [V, 4, 4] in one cast."""
-    t = cast(raycaster, make_rays(K, poses, height, width).reshape(-1, 6), threads=threads)["t_hit"]
+    t = cast(raycaster, make_rays(K, poses, height, width, threads=threads).reshape(-1, 6), threads=threads)["t_hit"]
     return np.where(np.isfinite(t), t, 0.0).astype(np.float32).reshape(len(poses), height, width)
 
 
@@ -464,28 +542,27 @@ def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, 
     if raycaster is None:
         raycaster = build_raycaster(xyz, faces)
     n_views = len(poses)
+    hw = H * W
     out_rgb = np.empty((n_views, H, W, 3), np.uint8)
     out_depth = np.empty((n_views, H, W), np.float16)
     out_index = np.empty((n_views, H, W), np.int32)
     visible = np.empty((n_views, len(xyz)), np.bool_)
     batch = max(1, views_per_batch)
-    rays = np.empty((min(batch, n_views), H * W, 6), np.float32)
-    depth32 = np.empty(min(batch, n_views) * H * W, np.float32)
+    rays = np.empty((min(batch, n_views) * hw, 6), np.float32)
     for start in range(0, n_views, batch):
         stop = min(n_views, start + batch)
-        nb = stop - start
-        _make_rays(K, poses[start:stop], H, W, rays[:nb])
-        hits = cast(raycaster, rays[:nb].reshape(-1, 6), threads=threads)
-        d32 = depth32[: nb * H * W]
-        _shade_hits(hits["t_hit"], hits["primitive_ids"], hits["primitive_uvs"], faces, rgb,
-                    out_rgb[start:stop].reshape(-1, 3), d32)
+        n_pix = (stop - start) * hw
+        _make_rays(K, poses[start:stop], H, W, rays[:n_pix], threads)
+        hits = cast(raycaster, rays[:n_pix], threads=threads)
+        t_hit = hits["t_hit"]
         # visibility uses the depth as stored (float16), so the stored arrays alone reproduce it
-        d16 = d32.astype(np.float16)
-        out_depth[start:stop] = d16.reshape(nb, H, W)
+        d16 = out_depth[start:stop].reshape(-1)
+        d16[...] = np.where(np.isfinite(t_hit), t_hit, np.float32(0.0))
         dq = d16.astype(np.float32)
-        visible[start:stop] = _visible_mask(xyz, poses[start:stop], K, dq, H, W, *tol)
-        _assign_vertices(hits["primitive_ids"], hits["primitive_uvs"], dq, faces, visible[start:stop], H * W,
-                         out_index[start:stop].reshape(-1))
+        _visible_mask(xyz, poses[start:stop], K, dq, H, W, tol, threads, out=visible[start:stop])
+        kernel = _shade_assign_par if _parallel(n_pix, threads) else _shade_assign_ser
+        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], dq, faces, rgb, visible[start:stop], hw,
+               out_rgb[start:stop].reshape(-1, 3), out_index[start:stop].reshape(-1))
     return out_rgb, out_depth, out_index, visible
 
 
@@ -525,7 +602,7 @@ def splat_points(
     return out[0], out[1], out[2]
 
 
-def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, tol):
+def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, tol, threads=0):
     """`splat_points` plus the visibility mask bool [V, N] it used."""
     tol = tuple(map(float, tol))
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
@@ -541,7 +618,7 @@ def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, tol):
     depth16 = np.where(hit, zbuf, 0.0).astype(np.float16)
     out_rgb = np.zeros((n_views, H, W, 3), np.uint8)
     out_rgb[hit] = rgb[index[hit]]
-    visible = _visible_mask(xyz, poses, K, depth16.astype(np.float32).reshape(-1), H, W, *tol)
+    visible = _visible_mask(xyz, poses, K, depth16.astype(np.float32).reshape(-1), H, W, tol, threads)
     _keep_visible(index.reshape(-1), visible, H * W)
     return out_rgb, depth16, index, visible
 
@@ -600,34 +677,54 @@ def visible_points(
     visible = _visible_mask(np.ascontiguousarray(xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
                             np.ascontiguousarray(K, dtype=np.float64),
                             np.ascontiguousarray(depth, dtype=np.float32).reshape(-1), height, width,
-                            float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m))
+                            (float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m)), 0)
     return visibility_csr(visible)
 
 
 def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth: np.ndarray, *,
-                      rel_tol: float, abs_tol_m: float, near_m: float) -> np.ndarray:
+                      rel_tol: float, abs_tol_m: float, near_m: float, threads: int = 0) -> np.ndarray:
     """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees (the rule of
     `visible_points`) against its low-resolution depth image [C, h, w] with intrinsics K [3, 3]."""
-    return _sample_visibility(np.ascontiguousarray(sample_xyz, dtype=np.float32),
-                              np.ascontiguousarray(poses, dtype=np.float64), np.ascontiguousarray(K, dtype=np.float64),
-                              np.ascontiguousarray(depth, dtype=np.float32),
-                              float(rel_tol), float(abs_tol_m), float(near_m))
+    n_cand, height, width = depth.shape
+    seen = np.empty((n_cand, len(sample_xyz)), np.bool_)
+    kernel = _sample_visibility_par if _parallel(seen.size, threads) else _sample_visibility_ser
+    kernel(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
+           np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32).reshape(-1),
+           height, width, float(rel_tol), float(abs_tol_m), float(near_m), seen)
+    return seen
+
+
+def _segment_rays(eyes: np.ndarray, samples: np.ndarray, rel_tol: float, abs_tol_m: float,
+                  out: np.ndarray) -> np.ndarray:
+    """Rays out [P * S, 6] from each eye [P, 3] towards each sample [S, 3], scaled so that t = 1
+    is where the sample stops being hidden: a hit at t < 1 lies clearly before the sample (the
+    visibility rule: the sample at distance d is hidden behind a surface at distance d' when
+    d > d' (1 + rel_tol) + abs_tol_m). Returns bool [P, S]: samples within abs_tol_m of the eye,
+    never hidden."""
+    eyes = np.asarray(eyes, dtype=np.float32)
+    samples = np.asarray(samples, dtype=np.float32)
+    rays = out.reshape(len(eyes), len(samples), 6)
+    rays[:, :, :3] = eyes[:, None, :]
+    delta = rays[:, :, 3:]
+    np.subtract(samples[None, :, :], eyes[:, None, :], out=delta)
+    dist = np.sqrt(np.einsum("psk,psk->ps", delta, delta))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_clear = (dist - np.float32(abs_tol_m)) / (dist * np.float32(1.0 + rel_tol))
+    near = ~(t_clear > 0)
+    delta *= np.where(near, np.float32(1.0), t_clear)[:, :, None]
+    return near
 
 
 def unoccluded_from(raycaster: Any, eyes: np.ndarray, sample_xyz: np.ndarray, *, rel_tol: float, abs_tol_m: float,
                     threads: int = 0) -> np.ndarray:
     """bool [P, S]: nothing on the mesh lies between eye p [P, 3] and sample s [S, 3] (beyond the
-    tolerance), by one ray per pair cast in one call."""
-    eyes = np.asarray(eyes, dtype=np.float32)
-    samples = np.asarray(sample_xyz, dtype=np.float32)
-    rays = np.empty((len(eyes), len(samples), 6), np.float32)
-    rays[:, :, :3] = eyes[:, None, :]
-    rays[:, :, 3:] = samples[None, :, :] - eyes[:, None, :]
-    delta = rays[:, :, 3:]
-    dist = np.sqrt(np.einsum("psk,psk->ps", delta, delta))
-    t = cast(raycaster, rays.reshape(-1, 6), threads=threads)["t_hit"].reshape(len(eyes), len(samples))
-    # the sample sits at t = 1 on its ray: visible unless a surface is hit clearly before it
-    return dist <= t * dist * (1.0 + rel_tol) + abs_tol_m
+    tolerance), by one occlusion ray per pair tested in one call (any hit, no closest hit)."""
+    import open3d as o3d
+
+    rays = np.empty((len(eyes) * len(sample_xyz), 6), np.float32)
+    near = _segment_rays(eyes, sample_xyz, rel_tol, abs_tol_m, rays)
+    hidden = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0, nthreads=threads)
+    return near | ~hidden.numpy().reshape(near.shape)
 
 
 def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
@@ -648,15 +745,21 @@ def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np
     covered = np.zeros(n_samples, bool) if covered is None else covered.copy()
     allowed = np.ones(n_cand, bool) if allowed is None else allowed.copy()
     chosen: list[int] = []
-    while len(chosen) < max_views and n_samples and covered.mean() < target and allowed.any():
-        gain = (seen & ~covered).sum(1)
-        gain[~allowed] = -1
-        best = int(np.argmax(gain))
-        if gain[best] <= 0:
+    if not n_samples:
+        return chosen, covered
+    # gains kept up to date by subtracting what each choice newly covers (few columns a round)
+    gain = np.count_nonzero(seen & ~covered, axis=1)
+    n_covered = int(np.count_nonzero(covered))
+    while len(chosen) < max_views and n_covered / n_samples < target and allowed.any():
+        best = int(np.argmax(np.where(allowed, gain, -1)))
+        if not allowed[best] or gain[best] <= 0:
             break
         chosen.append(best)
         allowed[best] = False
-        covered |= seen[best]
+        new = seen[best] & ~covered
+        gain -= np.count_nonzero(seen[:, new], axis=1)
+        covered |= new
+        n_covered += int(np.count_nonzero(new))
     return chosen, covered
 
 
@@ -713,6 +816,47 @@ def _spacing_of_points(tree: Any, xyz: np.ndarray, rng: np.random.Generator) -> 
     dist, _ = tree.query(sample, k=2)
     d = dist[:, 1][np.isfinite(dist[:, 1])]
     return float(np.median(d)) if len(d) else 0.05
+
+
+def _heading_grid(positions: np.ndarray, yaw: np.ndarray, pitch_rad: float) -> np.ndarray:
+    """`cameras.heading_poses` at every position [P, 3]: float64 [P * Y, 4, 4], position-major
+    (the rotations are shared; only the translations differ)."""
+    rot = cameras.heading_poses(np.zeros(3), yaw, pitch_rad)
+    poses = np.repeat(rot[None], len(positions), axis=0)
+    poses[:, :, :3, 3] = -np.einsum("yij,pj->pyi", rot[:, :3, :3], np.asarray(positions, dtype=np.float64))
+    return poses.reshape(-1, 4, 4)
+
+
+def _reach(xyz: np.ndarray, cfg: RenderConfig) -> float:
+    """A distance beyond every surface as seen from any candidate position (metres)."""
+    lo = np.array([xyz[:, k].min() for k in range(3)], dtype=np.float64)  # per column: see _xy_bounds
+    hi = np.array([xyz[:, k].max() for k in range(3)], dtype=np.float64)
+    return 2.0 * (float(np.linalg.norm(hi - lo)) + max(cfg.eye_height_m)) + 1.0
+
+
+def _probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, cand: np.ndarray,
+                      positions: np.ndarray, samples: np.ndarray, *, cfg: RenderConfig,
+                      reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Meshes: two questions about the candidates in one `test_occlusions` call (any hit, cheaper
+    than `cast_rays`' closest hit with all its outputs).
+
+    Returns:
+        low_hit: bool [C, h_low * w_low], the low-resolution pixels of each candidate [C, 4, 4]
+        that show a surface (directions have camera z = 1, scaled so t = 1 is `reach` metres away
+        or more: every surface of the scene);
+        clear: bool [P, S], nothing hides sample s [S, 3] from position p [P, 3] (`unoccluded_from`).
+    """
+    import open3d as o3d
+
+    n_low = len(cand) * h_low * w_low
+    rays = np.empty((n_low + len(positions) * len(samples), 6), np.float32)
+    _make_rays(np.ascontiguousarray(K_low, dtype=np.float64), np.ascontiguousarray(cand, dtype=np.float64),
+               h_low, w_low, rays[:n_low], cfg.threads)
+    rays[:n_low, 3:] *= np.float32(reach)
+    near = _segment_rays(positions, samples, cfg.occlusion_rel_tol, cfg.occlusion_abs_tol_m, rays[n_low:])
+    hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
+                                    nthreads=cfg.threads).numpy()
+    return hit[:n_low].reshape(len(cand), -1), near | ~hit[n_low:].reshape(near.shape)
 
 
 def _as_stored(a: np.ndarray) -> np.ndarray:
@@ -781,7 +925,8 @@ def _render_scene(
         radius = (ranges * np.tan(np.deg2rad(cfg.lidar_angular_radius_deg))).astype(np.float32)
         t_choose = time.perf_counter()
         img_rgb, depth, index, visible = _splat_views(xyz, rgb, poses, K, H, W, radius_m=radius,
-                                                      max_radius_px=cfg.max_splat_radius_px, tol=tol)
+                                                      max_radius_px=cfg.max_splat_radius_px, tol=tol,
+                                                      threads=cfg.threads)
         stats.update(candidates=len(poses), positions=1, coverage_estimate=None, fallback_camera=False)
     else:
         K = _as_stored(cameras.intrinsics(W, H, cfg.hfov_deg))
@@ -798,10 +943,7 @@ def _render_scene(
 
             def clearance(q: np.ndarray) -> np.ndarray:
                 import open3d as o3d
-                return raycaster.compute_distance(o3d.core.Tensor(q.astype(np.float32))).numpy()
-
-            def low_depth(p: np.ndarray) -> np.ndarray:
-                return cast_depth(raycaster, K_low, p, h_low, w_low, threads=cfg.threads)
+                return raycaster.compute_distance(o3d.core.Tensor(q.astype(np.float32)), nthreads=cfg.threads).numpy()
         else:
             from scipy.spatial import cKDTree
 
@@ -823,28 +965,30 @@ def _render_scene(
             centre = np.sum(_xy_bounds(xyz), axis=0) / 2
             positions = np.array([[centre[0], centre[1], floor_z + np.mean(cfg.eye_height_m)]])
         yaw = 2 * np.pi * np.arange(cfg.headings) / cfg.headings
-        cand = _as_stored(np.concatenate([cameras.heading_poses(p, yaw, np.deg2rad(cfg.pitch_deg)) for p in positions]))
-        depth_low = low_depth(cand)
-        rays_cast += depth_low.size if kind == "mesh" else 0
-        # positions looking mostly at nothing are outside the scan (behind a wall)
-        hit_fraction = (depth_low > 0).reshape(len(positions), -1).mean(1)
-        inside = hit_fraction >= cfg.min_hit_fraction
-        if not inside.any():
-            inside[int(np.argmax(hit_fraction))] = True
-            fallback = True
-        allowed = np.repeat(inside, cfg.headings)
+        cand = _as_stored(_heading_grid(positions, yaw, np.deg2rad(cfg.pitch_deg)))
         sample_ids = np.sort(rng.choice(n_points, size=min(n_points, cfg.coverage_samples), replace=False))
         samples = xyz[sample_ids]
         if kind == "mesh":
             # exact occlusion: one ray from each position to each sample, then each heading's frustum
             # (a low-resolution depth image misses thin occluders and overestimates coverage)
-            clear = unoccluded_from(raycaster, positions, samples, rel_tol=cfg.occlusion_rel_tol,
-                                    abs_tol_m=cfg.occlusion_abs_tol_m, threads=cfg.threads)
-            rays_cast += clear.size
-            seen = _candidate_seen(samples, cand, K, H, W, float(cfg.near_m), clear, cfg.headings)
+            low_hit, clear = _probe_candidates(raycaster, K_low, h_low, w_low, cand, positions, samples, cfg=cfg,
+                                               reach=_reach(xyz, cfg))
+            rays_cast += low_hit.size + clear.size
+            seen = np.zeros((len(cand), len(samples)), np.bool_)
+            kernel = _candidate_seen_par if _parallel(seen.size, cfg.threads) else _candidate_seen_ser
+            kernel(samples, cand, K, H, W, float(cfg.near_m), clear, cfg.headings, seen)
         else:
+            depth_low = low_depth(cand)
+            low_hit = (depth_low > 0).reshape(len(cand), -1)
             seen = sample_visibility(samples, cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
-                                     abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m)
+                                     abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m, threads=cfg.threads)
+        # positions looking mostly at nothing are outside the scan (behind a wall)
+        hit_fraction = low_hit.reshape(len(positions), -1).mean(1)
+        inside = hit_fraction >= cfg.min_hit_fraction
+        if not inside.any():
+            inside[int(np.argmax(hit_fraction))] = True
+            fallback = True
+        allowed = np.repeat(inside, cfg.headings)
         # some points no eye-height camera can see (floor under furniture, backs against walls):
         # the target is a fraction of the points some allowed candidate sees
         observable = seen[allowed].any(0)
@@ -852,7 +996,7 @@ def _render_scene(
         target = cfg.coverage_target * observable_fraction
         chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=target, allowed=allowed)
         if not chosen:  # nothing seen by the estimate: still give one view from the best position
-            chosen = [int(np.argmax(np.where(allowed, (depth_low > 0).reshape(len(cand), -1).mean(1), -1)))]
+            chosen = [int(np.argmax(np.where(allowed, low_hit.mean(1), -1)))]
         estimate = float(covered.mean()) if len(covered) else 0.0
         t_choose = time.perf_counter()
 
@@ -860,7 +1004,8 @@ def _render_scene(
             if kind == "mesh":
                 return _mesh_views(xyz, rgb, faces, p, K, H, W, raycaster=raycaster,
                                    views_per_batch=cfg.views_per_batch, tol=tol, threads=cfg.threads)
-            return _splat_views(xyz, rgb, p, K, H, W, radius_m=radius, max_radius_px=cfg.max_splat_radius_px, tol=tol)
+            return _splat_views(xyz, rgb, p, K, H, W, radius_m=radius, max_radius_px=cfg.max_splat_radius_px, tol=tol,
+                                threads=cfg.threads)
 
         poses = cand[chosen]
         img_rgb, depth, index, visible = render(poses)

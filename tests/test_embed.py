@@ -359,3 +359,11 @@ def test_bench_embed_reports_images_per_second(model_dir):
     assert report["models"]["vit_b32"]["params_m"] > 80
     for entry in report["models"].values():
         assert entry["images_per_s"][4] > 0
+
+
+def test_scene_with_nothing_seen(encoder, model_dir):
+    rgb, point_index, segment, S = _scene(6)
+    got = embed_scene(rgb, np.full_like(point_index, -1), segment, encoder, EmbedConfig(model=str(model_dir)))
+    assert got.crops == 0 and not got.seen.any()
+    assert got.segment.shape == (S, 16) and not got.segment.any()
+    assert np.allclose(np.linalg.norm(got.view, axis=1), 1, atol=1e-5)
