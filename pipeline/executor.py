@@ -216,7 +216,8 @@ def run_scenes(
     """Run `fn` over every scene with the configured executor; never raises for a scene's error."""
     start = time.perf_counter()
     ids = [check_scene_id(s) for s in scene_ids]
-    bar = tqdm(total=len(ids), desc=stage, unit="scene", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal, none in logs (a cluster job's output stays readable)
+    bar = tqdm(total=len(ids), desc=stage, unit="scene", disable=None if progress else True, leave=False)
     results: list[SceneResult] = []
     if cfg.kind == "sync" or not ids:
         import dask

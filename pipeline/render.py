@@ -177,33 +177,37 @@ def _parallel(items: int, threads: int) -> bool:
 
 
 @njit(inline="always")
-def _ray_at(K, poses, height, width, n_pix, q, rays):
-    """rays[q] = (camera centre, R^T K^-1 (col, row, 1)) for q = view * H * W + row * W + col."""
-    v = q // n_pix
-    p = q - v * n_pix
-    row = p // width
-    x = (np.float64(p - row * width) - K[0, 2]) / K[0, 0]
-    y = (np.float64(row) - K[1, 2]) / K[1, 1]
-    for k in range(3):  # centre -R^T t, direction R^T (x, y, 1)
-        rays[q, k] = -(poses[v, 0, k] * poses[v, 0, 3] + poses[v, 1, k] * poses[v, 1, 3]
-                       + poses[v, 2, k] * poses[v, 2, 3])
-        rays[q, 3 + k] = poses[v, 0, k] * x + poses[v, 1, k] * y + poses[v, 2, k]
+def _ray_row(K, poses, height, width, vr, rays):
+    """Rays of image row vr = view * H + row: rays[vr * W + col] = (camera centre,
+    R^T K^-1 (col, row, 1)), for col in [0, W)."""
+    v = vr // height
+    y = (np.float64(vr - v * height) - K[1, 2]) / K[1, 1]
+    c0 = -(poses[v, 0, 0] * poses[v, 0, 3] + poses[v, 1, 0] * poses[v, 1, 3] + poses[v, 2, 0] * poses[v, 2, 3])
+    c1 = -(poses[v, 0, 1] * poses[v, 0, 3] + poses[v, 1, 1] * poses[v, 1, 3] + poses[v, 2, 1] * poses[v, 2, 3])
+    c2 = -(poses[v, 0, 2] * poses[v, 0, 3] + poses[v, 1, 2] * poses[v, 1, 3] + poses[v, 2, 2] * poses[v, 2, 3])
+    q = vr * width
+    for col in range(width):
+        x = (np.float64(col) - K[0, 2]) / K[0, 0]
+        rays[q, 0] = c0
+        rays[q, 1] = c1
+        rays[q, 2] = c2
+        for k in range(3):  # direction R^T (x, y, 1)
+            rays[q, 3 + k] = poses[v, 0, k] * x + poses[v, 1, k] * y + poses[v, 2, k]
+        q += 1
 
 
 @njit(parallel=True, cache=True)
 def _make_rays_par(K, poses, height, width, rays):  # pragma: no cover - numba
-    """`_ray_at` for every pixel of every view: rays float32 [V * H * W, 6]."""
-    n_pix = height * width
-    for q in prange(rays.shape[0]):  # one parallel loop: few thread launches
-        _ray_at(K, poses, height, width, n_pix, q, rays)
+    """`_ray_row` for every row of every view: rays float32 [V * H * W, 6]."""
+    for vr in prange(poses.shape[0] * height):  # one parallel loop: few thread launches
+        _ray_row(K, poses, height, width, vr, rays)
 
 
 @njit(cache=True)
 def _make_rays_ser(K, poses, height, width, rays):  # pragma: no cover - numba
     """Serial `_make_rays_par`."""
-    n_pix = height * width
-    for q in range(rays.shape[0]):
-        _ray_at(K, poses, height, width, n_pix, q, rays)
+    for vr in range(poses.shape[0] * height):
+        _ray_row(K, poses, height, width, vr, rays)
 
 
 @njit(inline="always")
@@ -250,7 +254,7 @@ def _visible_mask_ser(xyz, poses, K, depth_q, height, width, rel, abs_tol, near,
 
 
 @njit(inline="always")
-def _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):
+def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, rgb, visible, out_rgb, out_index):
     """Pixel p of a batch: the barycentric colour of the hit (black on a miss), and the hit
     triangle's corner with the largest barycentric weight that is visible in the pixel's view
     (visible[view, vertex]), else the next; -1 if none or nothing drawn."""
@@ -272,41 +276,49 @@ def _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, o
         out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
     if depth_q[p] <= 0.0:
         return
-    view = p // hw
-    u64 = np.float64(u)
-    v64 = np.float64(v)
-    # order the three corners by barycentric weight, descending (ties keep the face's order)
-    i0, i1, i2 = a, b, c
-    wa, wb, wc = 1.0 - u64 - v64, u64, v64
-    if wb > wa:
-        i0, i1 = i1, i0
-        wa, wb = wb, wa
-    if wc > wb:
-        i1, i2 = i2, i1
-        wb, wc = wc, wb
-        if wb > wa:
-            i0, i1 = i1, i0
-            wa, wb = wb, wa
+    wb = np.float64(u)
+    wc = np.float64(v)
+    wa = 1.0 - wb - wc
+    # the corners by barycentric weight, descending, ties in the face's order; the first without
+    # branches (the order is random from pixel to pixel, so branches would mispredict)
+    b_wins = wb > wa
+    i01 = b if b_wins else a
+    w01 = wb if b_wins else wa
+    i0 = c if wc > w01 else i01
     if visible[view, i0]:
         out_index[p] = i0
-    elif visible[view, i1]:
+        return
+    if wa >= wb:
+        if wa >= wc:
+            i1, i2 = (c, b) if wc > wb else (b, c)
+        else:
+            i1, i2 = a, b
+    elif wb >= wc:
+        i1, i2 = (c, a) if wc > wa else (a, c)
+    else:
+        i1, i2 = b, a
+    if visible[view, i1]:
         out_index[p] = i1
     elif visible[view, i2]:
         out_index[p] = i2
 
 
 @njit(parallel=True, cache=True)
-def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):  # pragma: no cover
-    """`_shade_assign_pixel` for every pixel of a batch of views."""
-    for p in prange(t_hit.shape[0]):
-        _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index)
+def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):  # pragma: no cover
+    """`_shade_assign_pixel` for every pixel of a batch of views [V * H * W], a row at a time."""
+    for r in prange(t_hit.shape[0] // width):
+        view = r // height
+        for p in range(r * width, (r + 1) * width):
+            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, rgb, visible, out_rgb, out_index)
 
 
 @njit(cache=True)
-def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index):  # pragma: no cover
+def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):  # pragma: no cover
     """Serial `_shade_assign_par`."""
-    for p in range(t_hit.shape[0]):
-        _shade_assign_pixel(p, t_hit, prim, uvs, depth_q, faces, rgb, visible, hw, out_rgb, out_index)
+    hw = height * width
+    for view in range(t_hit.shape[0] // hw):
+        for p in range(view * hw, (view + 1) * hw):
+            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, rgb, visible, out_rgb, out_index)
 
 
 @njit(parallel=True, cache=True)
@@ -425,14 +437,50 @@ def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position,
 
 
 @njit(cache=True)
-def _fill_csr(visible, ptr, ids):  # pragma: no cover
-    """ids[ptr[v]:ptr[v + 1]] = the ids i with visible[v, i], ascending."""
+def _segment_rays_kernel(eyes, samples, rel, abs_tol, rays, near):  # pragma: no cover
+    """See `_segment_rays` (serial: a few ten thousand rays)."""
+    n_s = samples.shape[0]
+    for e in range(eyes.shape[0]):
+        for s in range(n_s):
+            q = e * n_s + s
+            d0 = np.float64(samples[s, 0]) - eyes[e, 0]
+            d1 = np.float64(samples[s, 1]) - eyes[e, 1]
+            d2 = np.float64(samples[s, 2]) - eyes[e, 2]
+            dist = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+            t_clear = (dist - abs_tol) / (dist * (1.0 + rel)) if dist > 0.0 else 0.0
+            near[e, s] = not t_clear > 0.0
+            scale = 1.0 if near[e, s] else t_clear
+            rays[q, 0] = eyes[e, 0]
+            rays[q, 1] = eyes[e, 1]
+            rays[q, 2] = eyes[e, 2]
+            rays[q, 3] = d0 * scale
+            rays[q, 4] = d1 * scale
+            rays[q, 5] = d2 * scale
+
+
+@njit(cache=True)
+def _fill_csr(visible, ptr, ids, counts):  # pragma: no cover
+    """ids[ptr[v]:ptr[v + 1]] = the ids i with visible[v, i], ascending; counts[i] += views of i."""
     for v in range(visible.shape[0]):  # serial: memory-bound, and a parallel region costs more
         k = ptr[v]
         for i in range(visible.shape[1]):
             if visible[v, i]:
                 ids[k] = i
+                counts[i] += 1
                 k += 1
+
+
+@njit(cache=True)
+def _count_recorded(index, n_points):  # pragma: no cover
+    """How many distinct points the pixels record (index int32 [P], -1 = none)."""
+    mark = np.zeros(n_points, np.bool_)
+    n = 0
+    for p in range(index.shape[0]):
+        i = index[p]
+        if i >= 0 and not mark[i]:
+            mark[i] = True
+            n += 1
+    return n
 
 
 def _make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: np.ndarray, threads: int) -> None:
@@ -561,7 +609,7 @@ def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, 
         dq = d16.astype(np.float32)
         _visible_mask(xyz, poses[start:stop], K, dq, H, W, tol, threads, out=visible[start:stop])
         kernel = _shade_assign_par if _parallel(n_pix, threads) else _shade_assign_ser
-        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], dq, faces, rgb, visible[start:stop], hw,
+        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], dq, faces, rgb, visible[start:stop], H, W,
                out_rgb[start:stop].reshape(-1, 3), out_index[start:stop].reshape(-1))
     return out_rgb, out_depth, out_index, visible
 
@@ -643,8 +691,8 @@ def visibility_csr(visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     ptr = np.zeros(len(visible) + 1, np.int64)
     np.cumsum(per_view, out=ptr[1:])
     ids = np.empty(int(ptr[-1]), np.int32)
-    _fill_csr(visible, ptr, ids)
-    counts = visible.sum(0, dtype=np.int64)
+    counts = np.zeros(visible.shape[1], np.int64)
+    _fill_csr(visible, ptr, ids, counts)
     return ptr, ids, np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
@@ -701,17 +749,9 @@ def _segment_rays(eyes: np.ndarray, samples: np.ndarray, rel_tol: float, abs_tol
     visibility rule: the sample at distance d is hidden behind a surface at distance d' when
     d > d' (1 + rel_tol) + abs_tol_m). Returns bool [P, S]: samples within abs_tol_m of the eye,
     never hidden."""
-    eyes = np.asarray(eyes, dtype=np.float32)
-    samples = np.asarray(samples, dtype=np.float32)
-    rays = out.reshape(len(eyes), len(samples), 6)
-    rays[:, :, :3] = eyes[:, None, :]
-    delta = rays[:, :, 3:]
-    np.subtract(samples[None, :, :], eyes[:, None, :], out=delta)
-    dist = np.sqrt(np.einsum("psk,psk->ps", delta, delta))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_clear = (dist - np.float32(abs_tol_m)) / (dist * np.float32(1.0 + rel_tol))
-    near = ~(t_clear > 0)
-    delta *= np.where(near, np.float32(1.0), t_clear)[:, :, None]
+    near = np.empty((len(eyes), len(samples)), np.bool_)
+    _segment_rays_kernel(np.ascontiguousarray(eyes, dtype=np.float64), np.ascontiguousarray(samples, dtype=np.float32),
+                         float(rel_tol), float(abs_tol_m), out, near)
     return near
 
 
@@ -1031,8 +1071,7 @@ def _render_scene(
                      point_spacing_m=round(spacing, 4), floor_z=round(floor_z, 3))
     t_render = time.perf_counter()
     ptr, ids, view_count = visibility_csr(visible)
-    recorded = np.zeros(n_points, bool)
-    recorded[index[index >= 0]] = True
+    n_recorded = _count_recorded(index.reshape(-1), n_points)
     t_vis = time.perf_counter()
     n_views = len(poses)
     seen_points = view_count > 0
@@ -1040,10 +1079,11 @@ def _render_scene(
     stats.update(
         views=n_views,
         coverage=round(float(seen_points.mean()) if n_points else 0.0, 4),
-        coverage_pixels=round(float(recorded.mean()) if n_points else 0.0, 4),
+        coverage_pixels=round(n_recorded / n_points if n_points else 0.0, 4),
         views_per_seen_point=round(float(view_count[seen_points].mean()) if seen_points.any() else 0.0, 3),
-        pixels_hit=round(float((depth > 0).mean()), 4),
-        pixels_with_point=round(float((index >= 0).mean()), 4),
+        # depths are never negative: nonzero float16 bits are a depth > 0 (an integer test is faster)
+        pixels_hit=round(np.count_nonzero(depth.view(np.uint16)) / max(depth.size, 1), 4),
+        pixels_with_point=round(np.count_nonzero(index >= 0) / max(index.size, 1), 4),
         visible_entries=int(ptr[-1]),
         rays_cast=int(rays_cast),
         coverage_of_observable=(round(min(1.0, float(seen_points.mean()) / stats["observable_estimate"]), 4)

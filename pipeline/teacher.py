@@ -416,6 +416,20 @@ def _fit(crops, class_ids, class_names, out_dir, cfg, val_crops, val_class_ids, 
     return result
 
 
+def random_teacher(out_dir: str | Path, class_names: Sequence[str], cfg: TeacherConfig = TeacherConfig()) -> Path:
+    """An untrained teacher-sized CLIP (tokenizer included) saved like a fitted one: for benchmarks
+    and tests that need a loadable model folder but not a meaningful one."""
+    from transformers import CLIPModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    captions = [t.format(name) for name in class_names for t in cfg.templates]
+    tokenizer = train_tokenizer(captions, out_dir, vocab_size=cfg.vocab_size, max_length=cfg.max_text_length)
+    _save(CLIPModel(_clip_config(cfg, tokenizer)).eval(), out_dir, cfg, class_names)
+    return out_dir
+
+
 def _save(model: Any, out_dir: Path, cfg: TeacherConfig, class_names: Sequence[str]) -> None:
     model.save_pretrained(out_dir)
     # what pipeline.clip_model reads (and what CLIPImageProcessor would, where it is installed)

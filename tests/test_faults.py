@@ -206,3 +206,38 @@ def test_slurm_job_script_is_generated_without_slurm():
     assert "#SBATCH -p cpu" in script and "#SBATCH -A proj42" in script
     assert "#SBATCH -t 02:00:00" in script and "--constraint=avx2" in script
     assert "source .venv/bin/activate" in script and "--nworkers 2" in script
+
+
+def _s3dis_room(raw: Path, room: str, lines_by_class: dict[str, list[str]]) -> None:
+    folder = raw / "Area_1" / room
+    (folder / "Annotations").mkdir(parents=True)
+    all_lines = []
+    for name, lines in lines_by_class.items():
+        (folder / "Annotations" / f"{name}_1.txt").write_text("\n".join(lines) + "\n")
+        all_lines += lines
+    (folder / f"{room}.txt").write_text("\n".join(all_lines) + "\n")
+
+
+def test_s3dis_bad_lines_duplicates_and_unknown_classes(tmp_path):
+    from pipeline.readers import s3dis
+
+    rng = np.random.default_rng(0)
+    def lines(n, z):
+        return [f"{x:.3f} {y:.3f} {z:.3f} 10 20 30" for x, y in rng.uniform(0, 3, size=(n, 2))]
+    raw = tmp_path / "raw"
+    floor = lines(200, 0.0)
+    _s3dis_room(raw, "office_1", {"floor": floor + floor[:15], "chair": lines(50, 0.5)})   # 15 duplicates
+    _s3dis_room(raw, "office_2", {"floor": lines(100, 0.0) + ["1.0 2.0 x.5 1 2 3"], "table": lines(30, 0.7)})
+    _s3dis_room(raw, "office_3", {"floor": lines(100, 0.0), "spaceship": lines(30, 1.0)})
+    store = Store.create(tmp_path / "s.zarr", dataset="s3dis", class_names=list(s3dis.CLASS_NAMES))
+    fn = functools.partial(ingest_scene, str(store.path), str(raw), cfg=IngestConfig(dataset="s3dis"))
+    report = run_scenes("ingest", fn, s3dis.list_scenes(raw), ExecutorConfig(kind="sync"), progress=False)
+    status = {r.scene_id: r for r in report.results}
+    assert status["Area_1_office_1"].status == "done"
+    assert any("15 duplicate" in w for w in status["Area_1_office_1"].stats["warnings"])
+    assert store.shape("Area_1_office_1", schema.XYZ) == (250, 3)
+    assert status["Area_1_office_2"].status == "done"
+    warning = " ".join(status["Area_1_office_2"].stats["warnings"])
+    assert "floor_1.txt" in warning and "101" in warning  # the file and the line number of the bad line
+    bad = status["Area_1_office_3"]
+    assert bad.status == "failed" and "spaceship" in bad.error and bad.file.endswith("spaceship_1.txt")
