@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cameras, schema
+from pipeline import cameras, render, schema
 from pipeline.render import RenderConfig, build_raycaster, cast, render_scene, run_scene, splat_points
 from pipeline.store import Store
 
@@ -98,11 +98,18 @@ def _ingest(store: Store, scene_id: str, xyz: np.ndarray, rgb: np.ndarray, faces
 
 
 def _warm_up(cfg: RenderConfig) -> None:
-    """Compile (or load from numba's cache) every kernel on a tiny scene, outside the timings."""
+    """Compile (or load from numba's cache) every kernel, serial and parallel, on a tiny scene, and
+    start Open3D's ray caster, outside the timings (both sides of the comparison use Open3D)."""
     xyz, rgb, faces = _box_room(edge=0.5)
-    render_scene(xyz, rgb, faces, kind="mesh", cfg=RenderConfig(width=32, height=24, max_views=2))
-    render_scene(xyz, rgb, None, kind="points", cfg=RenderConfig(width=32, height=24, max_views=2))
-    render_scene(xyz, rgb, None, kind="lidar", cfg=RenderConfig(width=32, height=24))
+    default = render.PARALLEL_MIN_ITEMS
+    try:
+        for threshold in (0, default):  # 0: every kernel takes its parallel variant
+            render.PARALLEL_MIN_ITEMS = threshold
+            render_scene(xyz, rgb, faces, kind="mesh", cfg=RenderConfig(width=32, height=24, max_views=2))
+            render_scene(xyz, rgb, None, kind="points", cfg=RenderConfig(width=32, height=24, max_views=2))
+            render_scene(xyz, rgb, None, kind="lidar", cfg=RenderConfig(width=32, height=24))
+    finally:
+        render.PARALLEL_MIN_ITEMS = default
 
 
 def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig()) -> dict[str, Any]:
@@ -126,7 +133,8 @@ def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig()) -> dic
             # the bare reference on the same mesh and the cameras the stage chose, same process
             poses = store.read(scene_id, schema.VIEW_POSE).astype(np.float64)
             K = store.read(scene_id, schema.VIEW_K)[0].astype(np.float64)
-            rays = np.ascontiguousarray(cameras.pixel_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6))
+            # the very rays the stage cast (its kernel; `cameras.pixel_rays` gives the same up to rounding)
+            rays = render.make_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6)
             tensor = o3d.core.Tensor.from_numpy(rays)
             t0 = time.perf_counter()
             raycaster = build_raycaster(xyz, faces)

@@ -23,11 +23,15 @@ How:
 - Cameras indoors: positions on a grid at eye height (1.2-1.6 m above the floor) in free space
   (>= `clearance_m` from every surface), `headings` headings each with a slight downward pitch.
   Positions whose tiny renders look mostly at nothing are outside the scan and dropped. A sample
-  of points is tested against every candidate (meshes: one ray from each position to each sample;
-  point clouds: a depth test against low-resolution splats), and views are chosen greedily by
+  of points is tested against every candidate (meshes: one occlusion ray from each position to
+  each sample, in the same `test_occlusions` call as the tiny renders' rays; point clouds: a depth
+  test against low-resolution splats), and views are chosen greedily by
   newly seen samples until `coverage_target` of the observable points or `max_views`; one more
   greedy round can add views for what the full-size views missed. LiDAR: `lidar_headings`
   cameras at the sensor looking around.
+- Speed (the bench compares the whole stage with a bare build + `cast_rays` of its rays): few
+  calls into Open3D (the scene's BVH is built once, by the first query), one fused numba pass for
+  colour and point index, and numba kernels that stay on one thread below `PARALLEL_MIN_ITEMS`.
 """
 from __future__ import annotations
 
@@ -167,8 +171,10 @@ class RenderResult:
 # over a few hundred thousand items takes (`_parallel` picks). (One Python function compiled both
 # ways would share numba's on-disk cache entry, so the drivers are separate functions.)
 
-PARALLEL_MIN_ITEMS = 1 << 21
-"""Kernels over fewer items (pixels, point x view tests) than this run on one thread."""
+PARALLEL_MIN_ITEMS = 1 << 20
+"""Kernels over fewer items (pixels, point x view tests) than this run on one thread: on two
+shared cores the break-even of the parallel variants is between ~0.4 and 1 million items (five
+320x240 views are 384k pixels; 24 views 1.8 million)."""
 
 
 def _parallel(items: int, threads: int) -> bool:
@@ -304,7 +310,7 @@ def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, rgb, visible,
 
 
 @njit(parallel=True, cache=True)
-def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):  # pragma: no cover
+def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):
     """`_shade_assign_pixel` for every pixel of a batch of views [V * H * W], a row at a time."""
     for r in prange(t_hit.shape[0] // width):
         view = r // height
@@ -313,7 +319,7 @@ def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, wi
 
 
 @njit(cache=True)
-def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):  # pragma: no cover
+def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, rgb, visible, height, width, out_rgb, out_index):
     """Serial `_shade_assign_par`."""
     hw = height * width
     for view in range(t_hit.shape[0] // hw):

@@ -376,9 +376,12 @@ def _fit(crops, class_ids, class_names, out_dir, cfg, val_crops, val_class_ids, 
     sample_weight = torch.from_numpy(frequency[class_ids] ** -cfg.class_balance)
     total_steps, start, loss_value, step = cfg.steps, time.perf_counter(), float("nan"), 0
     while step < total_steps:
-        if step == 10:  # fit the schedule to the time budget once the step time is known
-            per_step = (time.perf_counter() - start) / 10
-            total_steps = max(11, min(cfg.steps, int(cfg.max_seconds / per_step)))
+        if step == 3:
+            warm = time.perf_counter()
+        if step == 13:  # fit the schedule to the time budget once the (warm) step time is known
+            per_step = (time.perf_counter() - warm) / 10
+            spent = time.perf_counter() - start
+            total_steps = max(14, min(cfg.steps, 13 + int((cfg.max_seconds - spent) / per_step)))
         for group in optimiser.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
         batch = torch.multinomial(sample_weight, cfg.batch_size, replacement=True, generator=generator)

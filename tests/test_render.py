@@ -15,15 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cameras, schema
+from pipeline import cameras, render, schema
 from pipeline.executor import ExecutorConfig, run_scenes
 from pipeline.render import (
     RenderConfig,
+    build_raycaster,
+    cast,
     greedy_cover,
     render_mesh_views,
     render_scene,
     run_scene,
     splat_points,
+    unoccluded_from,
     visible_points,
 )
 from pipeline.store import Store
@@ -429,6 +432,72 @@ def test_greedy_cover_picks_largest_new_sets_and_stops() -> None:
     assert chosen == [0]
     chosen, _ = greedy_cover(seen, max_views=10, target=1.0, allowed=np.array([False, True, True, True]))
     assert chosen[0] == 1
+
+
+def _greedy_cover_brute_force(seen, *, max_views, target, covered=None, allowed=None):
+    """The obvious greedy choice: recount every candidate's new samples each round."""
+    covered = np.zeros(seen.shape[1], bool) if covered is None else covered.copy()
+    allowed = np.ones(len(seen), bool) if allowed is None else allowed.copy()
+    chosen = []
+    while len(chosen) < max_views and covered.mean() < target and allowed.any():
+        gain = (seen & ~covered).sum(1)
+        gain[~allowed] = -1
+        best = int(np.argmax(gain))
+        if gain[best] <= 0:
+            break
+        chosen.append(best)
+        allowed[best] = False
+        covered |= seen[best]
+    return chosen, covered
+
+
+def test_greedy_cover_matches_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        seen = rng.random((40, 300)) < rng.uniform(0.02, 0.3)
+        seen[rng.integers(0, 40, 5)] = seen[rng.integers(0, 40, 5)]  # duplicate rows: ties
+        kwargs = dict(max_views=int(rng.integers(1, 30)), target=float(rng.uniform(0.5, 1.0)))
+        if trial % 2:
+            kwargs.update(covered=rng.random(300) < 0.2, allowed=rng.random(40) < 0.7)
+        got, got_cov = greedy_cover(seen, **kwargs)
+        want, want_cov = _greedy_cover_brute_force(seen, **kwargs)
+        assert got == want
+        np.testing.assert_array_equal(got_cov, want_cov)
+
+
+def test_occlusion_probe_matches_the_closest_hit_rule() -> None:
+    # unoccluded_from tests any hit before a scaled ray's t = 1; the rule it stands for is on the
+    # closest hit t (cast_rays) along the unscaled segment eye -> sample
+    xyz, rgb, faces = small_room(edge=0.2)
+    raycaster = build_raycaster(xyz, faces)
+    rng = np.random.default_rng(2)
+    eyes = np.stack([rng.uniform(0.5, 3.5, 6), rng.uniform(0.5, 3.0, 6), rng.uniform(0.3, 1.6, 6)], 1)
+    samples = xyz[rng.choice(len(xyz), 500, replace=False)]
+    got = unoccluded_from(raycaster, eyes, samples, rel_tol=0.02, abs_tol_m=0.02)
+    rays = np.concatenate([np.repeat(eyes, len(samples), 0),
+                           (samples[None, :, :] - eyes[:, None, :]).reshape(-1, 3)], 1).astype(np.float32)
+    t = cast(raycaster, rays)["t_hit"].reshape(len(eyes), len(samples)).astype(np.float64)
+    dist = np.linalg.norm(rays[:, 3:].astype(np.float64), axis=1).reshape(t.shape)
+    want = dist <= t * dist * 1.02 + 0.02
+    assert 0.1 < want.mean() < 0.95, "the test needs both hidden and visible samples"
+    np.testing.assert_array_equal(got, want)
+
+
+def test_serial_and_parallel_kernels_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kernels run serially below render.PARALLEL_MIN_ITEMS: both variants must give the same views
+    xyz, rgb, faces = small_room(edge=0.2)
+    cloud = point_cloud_of(xyz, faces, 4000)
+    cloud_rgb = np.random.default_rng(0).integers(0, 255, (len(cloud), 3)).astype(np.uint8)
+    cfg = RenderConfig(max_views=4, point_radius_m=0.05, **SMALL)
+    runs = []
+    for threshold in (1 << 40, 0):
+        monkeypatch.setattr(render, "PARALLEL_MIN_ITEMS", threshold)
+        runs.append([render_scene(xyz, rgb, faces, kind="mesh", cfg=cfg),
+                     render_scene(cloud, cloud_rgb, None, kind="points", cfg=cfg)])
+    for serial, parallel in zip(*runs):
+        assert serial.stats["views"] >= 1
+        for spec, array in serial.arrays().items():
+            np.testing.assert_array_equal(array, parallel.arrays()[spec], err_msg=spec.name)
 
 
 # --- splatting against brute force --------------------------------------------------------------
