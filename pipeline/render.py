@@ -386,29 +386,6 @@ def _keep_visible(index, visible, hw):  # pragma: no cover
 
 
 @njit(inline="always")
-def _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):
-    base = c * height * width
-    for s in range(xyz.shape[0]):
-        seen[c, s] = _visible_at_own_pixel(np.float64(xyz[s, 0]), np.float64(xyz[s, 1]), np.float64(xyz[s, 2]),
-                                           poses, c, K, flat, base, height, width, rel, abs_tol, near)
-
-
-@njit(parallel=True, cache=True)
-def _sample_visibility_par(xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):  # pragma: no cover
-    """seen[c, s]: sample s is visible from candidate c (the `_visible_at_own_pixel` rule on the
-    candidates' low-resolution depth `flat` [C * h * w])."""
-    for c in prange(poses.shape[0]):
-        _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen)
-
-
-@njit(cache=True)
-def _sample_visibility_ser(xyz, poses, K, flat, height, width, rel, abs_tol, near, seen):  # pragma: no cover
-    """Serial `_sample_visibility_par`."""
-    for c in range(poses.shape[0]):
-        _sample_visibility_row(c, xyz, poses, K, flat, height, width, rel, abs_tol, near, seen)
-
-
-@njit(inline="always")
 def _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen):
     p = c // per_position
     for s in range(xyz.shape[0]):
@@ -727,25 +704,21 @@ def visible_points(
         ptr int64 [V + 1]; ids int32 [M] (each view's ids, sorted); view_count uint16 [N]
         (saturating at 65535).
     """
-    n_views, height, width = depth.shape
-    visible = _visible_mask(np.ascontiguousarray(xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
-                            np.ascontiguousarray(K, dtype=np.float64),
-                            np.ascontiguousarray(depth, dtype=np.float32).reshape(-1), height, width,
-                            (float(occlusion_rel_tol), float(occlusion_abs_tol_m), float(near_m)), 0)
+    visible = sample_visibility(xyz, poses, K, depth, rel_tol=occlusion_rel_tol, abs_tol_m=occlusion_abs_tol_m,
+                                near_m=near_m, threads=0)
     return visibility_csr(visible)
 
 
 def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, depth: np.ndarray, *,
                       rel_tol: float, abs_tol_m: float, near_m: float, threads: int = 0) -> np.ndarray:
     """bool [C, S]: which of the samples [S, 3] each candidate [C, 4, 4] sees (the rule of
-    `visible_points`) against its low-resolution depth image [C, h, w] with intrinsics K [3, 3]."""
-    n_cand, height, width = depth.shape
-    seen = np.empty((n_cand, len(sample_xyz)), np.bool_)
-    kernel = _sample_visibility_par if _parallel(seen.size, threads) else _sample_visibility_ser
-    kernel(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
-           np.ascontiguousarray(K, dtype=np.float64), np.ascontiguousarray(depth, dtype=np.float32).reshape(-1),
-           height, width, float(rel_tol), float(abs_tol_m), float(near_m), seen)
-    return seen
+    `visible_points`) against its depth image [C, h, w] (as stored: float16 is fine) with
+    intrinsics K [3, 3]."""
+    _, height, width = depth.shape
+    return _visible_mask(np.ascontiguousarray(sample_xyz, dtype=np.float32), np.ascontiguousarray(poses, dtype=np.float64),
+                         np.ascontiguousarray(K, dtype=np.float64),
+                         np.ascontiguousarray(depth, dtype=np.float32).reshape(-1), height, width,
+                         (float(rel_tol), float(abs_tol_m), float(near_m)), threads)
 
 
 def _segment_rays(eyes: np.ndarray, samples: np.ndarray, rel_tol: float, abs_tol_m: float,
@@ -932,24 +905,18 @@ def render_scene(
         A `RenderResult` with the views, the visibility CSR and stats.
     """
     if cfg.threads <= 0:
-        return _render_scene(xyz, rgb, faces, kind=kind, cfg=cfg, sensor_origin=sensor_origin)
+        return _render_scene(xyz, rgb, faces, kind, cfg, sensor_origin)
     previous = numba.get_num_threads()
     numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        return _render_scene(xyz, rgb, faces, kind=kind, cfg=cfg, sensor_origin=sensor_origin)
+        return _render_scene(xyz, rgb, faces, kind, cfg, sensor_origin)
     finally:
         numba.set_num_threads(previous)
 
 
-def _render_scene(
-    xyz: np.ndarray,
-    rgb: np.ndarray,
-    faces: np.ndarray | None,
-    *,
-    kind: Literal["mesh", "points", "lidar"],
-    cfg: RenderConfig = RenderConfig(),
-    sensor_origin: np.ndarray | None = None,
-) -> RenderResult:
+def _render_scene(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None, kind: Literal["mesh", "points", "lidar"],
+                  cfg: RenderConfig, sensor_origin: np.ndarray | None) -> RenderResult:
+    """`render_scene` on numba's current threads."""
     t_start = time.perf_counter()
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)

@@ -6,10 +6,15 @@ floor tiles / wall halves / box faces with their boundaries and adjacency, a han
 (4x4 images) with CSR visible-point lists from cameras around the room, and CLIP-like
 embeddings correlated with the classes (segments: their class's text embedding plus noise;
 views: the class mix they show plus noise), so that pre-training has something to learn.
+
+`tiny_run_config(cls, store, ...)` is a training config for a few CPU steps on such a store; the
+`one_torch_thread` fixture (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) keeps a
+test module's torch on one thread.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -25,6 +30,8 @@ TINY_CLIP_DIM = 32
 """Width of the tiny store's CLIP embeddings."""
 TINY_VIEWS = 6
 """Views per tiny scene."""
+
+C = TypeVar("C")
 
 _CLASS_RGB = np.array([[120, 100, 80], [200, 200, 190], [180, 40, 40], [40, 140, 60], [50, 60, 170]], float)
 
@@ -217,3 +224,29 @@ def make_tiny_store(path: str | Path, n_scenes: int = 2, n_points: int = 3000, s
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide tiny store (2 scenes x 3000 points); treat it as read-only."""
     return make_tiny_store(tmp_path_factory.mktemp("tiny") / "store")
+
+
+def tiny_run_config(cls: type[C], store: str | Path, **overrides: Any) -> C:
+    """A training config ``cls`` (PretrainConfig or FinetuneConfig) for a few CPU steps on a tiny
+    store: the tiny network on the torch backend, 10 cm voxels (at most 2000 a scene), data loaded in
+    the main process, no progress bar or TensorBoard; ``overrides`` set any other field."""
+    from ws3d_train.data import DataConfig  # imported here: most test modules need no torch
+    from ws3d_train.network import NetworkConfig
+
+    values: dict[str, Any] = dict(
+        store=str(store), data=DataConfig(voxel_size_m=0.1, max_voxels=2000),
+        network=NetworkConfig(preset="tiny", backend="torch"), num_workers=0, progress=False, tensorboard=False,
+    )
+    return cls(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for a test module (restored after it): on a shared, loaded CPU
+    the OpenMP threads of tiny ops spin against each other and other processes (10-50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

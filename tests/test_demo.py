@@ -14,7 +14,7 @@ from ws3d_train.demo import DemoConfig, format_results, run_demo
 
 
 def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=2, val_scenes=1, room=SMALL, teacher_seconds=4.0,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=2, val_scenes=1, room=SMALL, teacher_steps=15, teacher_seconds=4.0,
                      pretrain_steps=2, finetune_steps=2, voxel_size_m=0.1, max_voxels=5000, batch_size=1,
                      executor=ExecutorConfig(kind="sync"))
     lines: list[str] = []

@@ -11,21 +11,14 @@ import torch
 from pipeline import schema
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
-from tests.conftest import TINY_CLASSES, make_tiny_store
-from ws3d_train.data import DataConfig
+from tests.conftest import TINY_CLASSES, make_tiny_store, tiny_run_config
 from ws3d_train.evaluate import _gt_boxes, evaluate, format_table, json_safe, write_json
 from ws3d_train.finetune import FinetuneConfig, finetune
 from ws3d_train.metrics import ConfusionMatrix, semantic_metrics
-from ws3d_train.network import NetworkConfig
 from ws3d_train.predict import ClassSetup, load_run, predict_classes, predict_scene
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +29,10 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("ev_run") / "run"
-    cfg = FinetuneConfig(
-        store=str(store), data=DataConfig(voxel_size_m=0.1, max_voxels=2000),
-        network=NetworkConfig(preset="tiny", backend="torch"), batch_size=2, steps=2, num_workers=0,
-        progress=False, tensorboard=False, labels="all", ov_split="novel=chair", lr=0.01,
+    finetune(
+        tiny_run_config(FinetuneConfig, store, batch_size=2, steps=2, labels="all", ov_split="novel=chair", lr=0.01),
+        out,
     )
-    finetune(cfg, out)
     return out
 
 

@@ -12,7 +12,7 @@ from pipeline import manifests, schema
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
-from tests.conftest import TINY_CLASSES, make_tiny_store
+from tests.conftest import TINY_CLASSES, make_tiny_store, tiny_run_config
 from ws3d_train.checkpoint import latest_checkpoint, load_checkpoint
 from ws3d_train.data import DataConfig
 from ws3d_train.finetune import (
@@ -35,16 +35,9 @@ from ws3d_train.pretrain import PretrainConfig, pretrain
 from ws3d_train.sparse import SparseTensor
 
 TINY_DATA = DataConfig(voxel_size_m=0.1, max_voxels=2000)
-TINY_NET = NetworkConfig(preset="tiny", backend="torch")
+"""The data config of `tiny_run_config`, for datasets built by hand."""
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two intra-op threads on a shared 2-core machine spin against other processes (10x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +48,12 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    cfg = PretrainConfig(
-        store=str(store), data=TINY_DATA, network=TINY_NET, batch_size=2, steps=1, num_workers=0,
-        progress=False, tensorboard=False,
-    )
-    pretrain(cfg, out)
+    pretrain(tiny_run_config(PretrainConfig, store, batch_size=2, steps=1), out)
     return out
 
 
 def _cfg(store, **kw) -> FinetuneConfig:
-    base = dict(
-        store=str(store), data=TINY_DATA, network=TINY_NET, batch_size=2, steps=2, num_workers=0,
-        progress=False, tensorboard=False, log_every=1, seed=1,
-    )
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return tiny_run_config(FinetuneConfig, store, **{"batch_size": 2, "steps": 2, "log_every": 1, "seed": 1, **kw})
 
 
 # ---------------------------------------------------------------------------------------------

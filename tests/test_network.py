@@ -11,13 +11,7 @@ from ws3d_train.network import PRESETS, MinkUNet, NetworkConfig, NetworkOutput, 
 from ws3d_train.sparse import SparseTensor, collate_sparse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from threads, and on a shared CPU OpenMP waits dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors gain nothing from threads
 
 
 def _tiny_scene(seed: int, n_per_scene: int = 600, batches: int = 2, in_channels: int = 6) -> SparseTensor:

@@ -10,10 +10,8 @@ from pipeline.clip_model import load_encoder, model_identity
 from pipeline.config import ConfigError
 from pipeline.store import Store
 from pipeline.teacher import train_tokenizer
-from tests.conftest import TINY_CLASSES, TINY_CLIP_DIM, make_tiny_store
-from ws3d_train.data import DataConfig
+from tests.conftest import TINY_CLASSES, TINY_CLIP_DIM, make_tiny_store, tiny_run_config
 from ws3d_train.finetune import FinetuneConfig, finetune
-from ws3d_train.network import NetworkConfig
 from ws3d_train.predict import (
     class_palette,
     clip_model_of_store,
@@ -26,14 +24,7 @@ from ws3d_train.predict import (
 )
 
 o3d = pytest.importorskip("open3d")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tiny_clip(out_dir, *, projection_dim: int = TINY_CLIP_DIM, seed: int = 0):
@@ -77,12 +68,7 @@ def store(tmp_path_factory, clip_dir):
 @pytest.fixture(scope="module")
 def run(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("pr_run") / "run"
-    cfg = FinetuneConfig(
-        store=str(store), data=DataConfig(voxel_size_m=0.1, max_voxels=2000),
-        network=NetworkConfig(preset="tiny", backend="torch"), batch_size=1, steps=1, num_workers=0,
-        progress=False, tensorboard=False, labels="all",
-    )
-    finetune(cfg, out)
+    finetune(tiny_run_config(FinetuneConfig, store, batch_size=1, steps=1, labels="all"), out)
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import make_tiny_store
+from tests.conftest import make_tiny_store, tiny_run_config
 from ws3d_train.checkpoint import (
     get_rng_state,
     latest_checkpoint,
@@ -28,14 +28,7 @@ from ws3d_train.pretrain import PretrainConfig, load_pretrained, pretrain
 from ws3d_train.schedule import lr_at
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared, loaded machine OpenMP threads of tiny scatter-adds spin against each other
-    # (50x slower than one thread); one thread keeps these tests fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +38,9 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(store: Path, **overrides) -> PretrainConfig:
-    base = PretrainConfig(
-        store=str(store),
-        network=NetworkConfig(preset="tiny", backend="torch"),
-        data=DataConfig(max_voxels=500, voxel_size_m=0.05),
-        batch_size=2,
-        steps=4,
-        warmup_steps=1,
-        lr=2e-3,
-        num_workers=0,
-        log_every=1,
-        checkpoint_every=2,
-        keep_checkpoints=0,
-        progress=False,
-        tensorboard=False,
+    base = tiny_run_config(
+        PretrainConfig, store, data=DataConfig(max_voxels=500, voxel_size_m=0.05), batch_size=2, steps=4,
+        warmup_steps=1, lr=2e-3, log_every=1, checkpoint_every=2, keep_checkpoints=0,
     )
     return dataclasses.replace(base, **overrides)
 

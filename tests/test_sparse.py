@@ -28,13 +28,7 @@ GRID = 8
 BATCHES = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from threads, and on a shared CPU OpenMP waits dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors gain nothing from threads
 
 _TS_SKIP = pytest.mark.skipif(
     not (torchsparse_backend.is_available() and torch.cuda.is_available()),

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -693,12 +694,14 @@ def make_loader(
     shuffle: bool = True,
     num_workers: int = 0,
     pin_memory: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """An endless DataLoader of :class:`ws3d_train.batch.Batch` from ``start_batch`` on.
 
     Deterministic per seed whatever ``num_workers`` is (batches come back in sampler order). The
     loader has its own torch.Generator, so creating it never draws from the global torch RNG
-    (which would make a resumed run diverge from an uninterrupted one).
+    (which would make a resumed run diverge from an uninterrupted one). ``collate_fn`` turns the
+    dataset's items into a batch (default :func:`ws3d_train.batch.collate`).
     """
     from ws3d_train.batch import collate
 
@@ -708,7 +711,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate if collate_fn is None else collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,

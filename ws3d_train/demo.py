@@ -53,8 +53,11 @@ class DemoConfig:
     """Crop size of training samples."""
     network_preset: str = "tiny"
     """Sparse U-Net preset."""
-    teacher_seconds: float = 200.0
-    """Time budget for fitting the offline teacher."""
+    teacher_steps: int = 500
+    """Training steps of the offline teacher (a step count, not a time budget, so that the demo's
+    teacher does not depend on how busy the machine is)."""
+    teacher_seconds: float = 900.0
+    """Safety cap on the teacher's training time."""
     pretrain_steps: int = 250
     """Pre-training steps at scale 1."""
     finetune_steps: int = 200
@@ -119,7 +122,8 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     teacher_dir = out / "teacher"
     t0 = time.perf_counter()
     if not (teacher_dir / "config.json").exists():
-        tcfg = TeacherConfig(max_seconds=cfg.teacher_seconds * max(1.0, cfg.scale), seed=cfg.seed)
+        tcfg = TeacherConfig(steps=_n(cfg.teacher_steps, max(1.0, cfg.scale)),
+                             max_seconds=cfg.teacher_seconds * max(1.0, cfg.scale), seed=cfg.seed)
         fit = run_fit(str(store), train_ids, teacher_dir, tcfg)  # never sees the validation rooms
         echo("teacher: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in fit.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))

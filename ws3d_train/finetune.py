@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import random
 import re
 import time
 import warnings
@@ -61,27 +59,21 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
 from ws3d_train.batch import Batch, collate
-from ws3d_train.checkpoint import (
-    CheckpointError,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
+from ws3d_train import loop
+from ws3d_train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ws3d_train.data import (
     DataConfig,
     DataError,
-    ResumableBatchSampler,
     SceneArrays,
     SceneDataset,
     SceneSample,
+    make_loader,
     make_sample,
     read_scene_list,
-    worker_init_fn,
 )
 from ws3d_train.logging import MetricsLogger
+# pre-training's conventions for both loops: run layout, resume checks, optimiser, schedule
+from ws3d_train.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_device
 from ws3d_train.losses import (
     boundary_bce,
     energy_loss,
@@ -94,9 +86,7 @@ from ws3d_train.losses import (
 )
 from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
 from ws3d_train.open_vocab import classify_open_vocab
-# pre-training's loop helpers: one convention for both loops (resume checks, decay groups)
-from ws3d_train.pretrain import CHECKPOINT_DIR, CONFIG_FILE, _check_resume, _param_groups, load_pretrained, resolve_device
-from ws3d_train.schedule import lr_at
+from ws3d_train.pretrain import load_pretrained
 from ws3d_train.sparse import SparseTensor
 
 __all__ = [
@@ -118,12 +108,13 @@ _LA = re.compile(r"^(?:la)?(\d+)$")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Fine-tuning with few labels (``ws3d finetune``). Network sizes follow the init checkpoint
-    (or, from scratch, the data: see `finetune`)."""
+class FinetuneConfig(loop.LoopConfig):
+    """Fine-tuning with few labels (``ws3d finetune``) on a store with ingest and overseg done (render
+    and embed too for ``w_align``). Loop control (store, data, network, optimiser, schedule,
+    checkpoints, device) is in :class:`ws3d_train.loop.LoopConfig`; the fields re-declared here
+    differ from it in default or meaning. Network sizes follow the init checkpoint (or, from
+    scratch, the data: see `finetune`)."""
 
-    store: str = ""
-    """Path of the store (ingest and overseg done; render and embed too for ``w_align``)."""
     scenes: str | None = None
     """Training scenes: a split name of the store's dataset in data_manifests/ (e.g. ``train``)
     or a file listing scene ids; None: every scene of the store."""
@@ -151,25 +142,14 @@ class FinetuneConfig:
     augmentation. Only ``overseg`` is read, plus ``views`` and ``clip`` when `w_align` > 0."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """The network when training from scratch; with `init` the checkpoint's network is used."""
-    batch_size: int = 4
-    """Scenes per micro-batch (each twice with `two_copies`)."""
-    accumulation: int = 1
-    """Micro-batches per optimiser step."""
     steps: int = 5_000
-    """Optimiser steps in all."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on weight matrices/kernels only."""
+    """Optimiser steps in all (fine-tuning is shorter than pre-training)."""
     warmup_steps: int = 200
     """Linear warm-up steps before the cosine decay."""
-    min_lr_ratio: float = 0.01
-    """Final learning rate as a fraction of `lr`."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
     two_copies: bool = True
-    """Feed two differently augmented copies of every scene; the same segment in both copies is a
-    positive pair of the region contrast (and every other term sees both copies)."""
+    """Feed two differently augmented copies of every scene (a micro-batch of `batch_size` scenes
+    then holds each twice); the same segment in both copies is a positive pair of the region
+    contrast (and every other term sees both copies)."""
     w_ce: float = 1.0
     """Weight of the semantic-head cross-entropy on labelled voxels (0 switches it off)."""
     w_clip_ce: float = 1.0
@@ -200,29 +180,11 @@ class FinetuneConfig:
     w_align: float = 0.0
     """Weight of the segment-to-CLIP cosine alignment kept from pre-training (needs the `clip`
     data group); 0 switches it off."""
-    checkpoint_every: int = 1000
-    """Save a checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 3
-    """Keep the latest this many checkpoints (0: keep all)."""
-    log_every: int = 10
-    """Write a metrics record every this many steps (and at the first and last)."""
-    seed: int = 0
-    """Seeds the initialisation, the data order and the augmentations."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on a CPU)."""
-    num_workers: int = 4
-    """DataLoader worker processes (0: load in the main process)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events when the `tensorboard` package is installed."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "region_max_segments"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.region_max_segments < 1:
+            raise ValueError(f"FinetuneConfig.region_max_segments must be >= 1, got {self.region_max_segments}")
         weights = ("w_ce", "w_clip_ce", "w_boundary", "w_energy", "w_region", "w_align")
         negative = [w for w in weights if getattr(self, w) < 0]
         if negative:
@@ -490,25 +452,6 @@ def collate_copies(items: Sequence[Sequence[SceneSample]]) -> Batch:
     return collate([item[k] for k in range(copies) for item in items])
 
 
-def _make_loader(dataset: FinetuneDataset, cfg: FinetuneConfig, start_batch: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    # the same construction as ws3d_train.data.make_loader, with the copies-aware collate
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, shuffle=True, start_batch=start_batch)
-    generator = torch.Generator()
-    generator.manual_seed(int(cfg.seed))
-    workers = cfg.num_workers
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_copies,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init_fn if workers > 0 else None,
-        generator=generator,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # losses of one batch
 
@@ -709,12 +652,7 @@ def finetune(
         FloatingPointError: a non-finite loss (naming the step and scenes).
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    if not cfg.store:
-        raise ConfigError("FinetuneConfig.store is empty: pass --store PATH")
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None and not resume:
-        raise FileExistsError(f"{out_dir}: has checkpoints (latest {latest.name}); pass --resume or use another --out")
+    latest = loop.check_run_dir(cfg, out_dir, resume=resume)
     device = resolve_device(cfg.device)
 
     # --- scenes, classes, labels --------------------------------------------------------------
@@ -759,27 +697,23 @@ def finetune(
     }
 
     # --- model, optimiser, and where we start -------------------------------------------------
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    loop.seed_everything(cfg.seed)
     if init_path is not None:
         model, _ = load_pretrained(init_path, num_classes=len(class_names))
     else:
         model = build_network(network_cfg)
     model = model.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = loop.make_optimizer(model, cfg)
     start_step = 0
     if resume and latest is not None:
-        ckpt = load_checkpoint(latest, map_location=device)
-        _check_resume(ckpt["config"], resolved, latest)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
+        start_step = loop.resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    loader = _make_loader(dataset, cfg, start_step * cfg.accumulation, device.type == "cuda")
+    loader = make_loader(
+        dataset, batch_size=cfg.batch_size, seed=cfg.seed, start_batch=start_step * cfg.accumulation,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_copies,
+    )
     batches = iter(loader)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
@@ -798,9 +732,7 @@ def finetune(
     with logger:
         for step in range(start_step, end_step):
             t_step = time.time()
-            lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = loop.set_lr(optimizer, step, cfg)
             optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(keys, 0.0)
             data_s, voxels, labelled = 0.0, 0, 0
@@ -826,36 +758,23 @@ def finetune(
                 (terms["loss"] / cfg.accumulation).backward()
                 for key in keys:
                     sums[key] += float(terms[key].detach()) / cfg.accumulation
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = loop.clip_gradients(model, cfg.grad_clip)
             optimizer.step()
 
             done = step + 1
             first_loss = sums["loss"] if first_loss is None else first_loss
             last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels, "labelled_voxels": labelled,
                     "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4)}
-            if done % cfg.log_every == 0 or done == start_step + 1 or done == cfg.steps:
-                logger.log(done, last)
-            logger.advance()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                saved = save_checkpoint(
-                    checkpoint_path(ckpt_dir, done), model=model, optimizer=optimizer, step=done,
-                    batches_consumed=done * cfg.accumulation, config=resolved,
-                    extra={"metrics": last, "finetune": run_info},
-                )
-                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            saved = loop.log_and_checkpoint(
+                cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
+                optimizer=optimizer, config=resolved, extra={"metrics": last, "finetune": run_info},
+            ) or saved
 
-    seconds = time.time() - t_start
-    steps_run = end_step - start_step
     return {
-        "out_dir": str(out_dir),
-        "start_step": start_step,
-        "steps": end_step,
-        "loss_first": first_loss,
-        **{key: last.get(key) for key in keys},
-        "seconds": round(seconds, 3),
-        "steps_per_s": round(steps_run / seconds, 4) if seconds > 0 and steps_run else 0.0,
-        "checkpoint": str(saved) if saved is not None else None,
-        "device": str(device),
+        **loop.run_summary(
+            out_dir, start_step=start_step, end_step=end_step, first_loss=first_loss, last=last,
+            loss_keys=keys, seconds=time.time() - t_start, checkpoint=saved, device=device,
+        ),
         "scenes": len(dataset),
         "voxel_size_m": dataset.voxel_size,
         **run_info,

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +39,14 @@ from pipeline import schema
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.store import Store
 from ws3d_train.batch import Batch
-from ws3d_train.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
-from ws3d_train.data import DataConfig, SceneDataset, make_loader, read_scene_list
+from ws3d_train import loop
+from ws3d_train.checkpoint import load_checkpoint
+from ws3d_train.data import SceneDataset, make_loader, read_scene_list
 from ws3d_train.logging import MetricsLogger
+# defined here before ws3d_train.loop held them: still importable from here (predict, bench_data)
+from ws3d_train.loop import CHECKPOINT_DIR, CONFIG_FILE, RUN_CONTROL_FIELDS, resolve_device  # noqa: F401
 from ws3d_train.losses import distill_kl, segment_cosine, segment_mean, view_infonce
 from ws3d_train.network import MinkUNet, NetworkConfig, build_network
-from ws3d_train.schedule import lr_at
 from ws3d_train.sparse import SparseTensor
 
 __all__ = [
@@ -63,47 +57,14 @@ __all__ = [
     "resolve_device",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.yaml"
-
-RUN_CONTROL_FIELDS = frozenset(
-    {"steps", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
-)
-"""Fields a resumed run may change; anything else must match the checkpoint's config (changing
-`steps` changes the cosine schedule from there on, so the run is then no longer exact)."""
-
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Pre-training (``ws3d pretrain``). Network width/in/out sizes follow the data (see `pretrain`)."""
+class PretrainConfig(loop.LoopConfig):
+    """Pre-training (``ws3d pretrain``) on a store with ingest, overseg, render and embed done; the
+    vocabulary's text embeddings are what the KL term distils over. Loop control (store, scenes,
+    data, network, optimiser, schedule, checkpoints, device) is in :class:`ws3d_train.loop.LoopConfig`.
+    Network width/in/out sizes follow the data (see `pretrain`)."""
 
-    store: str = ""
-    """Path of the store (with ingest, overseg, render and embed done)."""
-    scenes: str | None = None
-    """A file listing the training scene ids, one per line (e.g. a split in data_manifests/);
-    None: every scene of the store."""
-    vocab: str = "classes"
-    """Store vocabulary whose text embeddings the KL term distils over."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Voxel size (None: 2 cm indoor, 5 cm outdoor), crop size, augmentation."""
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    """The sparse U-Net; `in_channels`, `num_classes` and `clip_dim` are set from the data."""
-    batch_size: int = 4
-    """Scenes per micro-batch."""
-    accumulation: int = 1
-    """Micro-batches per optimiser step (gradient accumulation)."""
-    steps: int = 20_000
-    """Optimiser steps in all."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay, on weight matrices/kernels only (not biases or norms)."""
-    warmup_steps: int = 500
-    """Linear warm-up steps before the cosine decay."""
-    min_lr_ratio: float = 0.01
-    """Final learning rate as a fraction of `lr`."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
     w_view: float = 1.0
     """Weight of the scene-level view InfoNCE."""
     w_segment: float = 1.0
@@ -114,47 +75,17 @@ class PretrainConfig:
     """InfoNCE temperature across views."""
     kl_temperature: float = 0.07
     """Softmax temperature of the teacher and student class distributions."""
-    checkpoint_every: int = 1000
-    """Save a checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 3
-    """Keep the latest this many checkpoints (0: keep all)."""
-    log_every: int = 10
-    """Write a metrics record every this many steps (and at the first and last)."""
-    seed: int = 0
-    """Seeds the initialisation, the data order and the augmentations."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on a CPU)."""
     deterministic: bool = True
     """Deterministic kernels on a CPU (multi-threaded scatter-adds otherwise round differently from
     run to run, and a resumed run could not be bitwise exact). On CUDA the fast kernels are kept:
     a resumed GPU run matches an uninterrupted one up to rounding."""
-    num_workers: int = 4
-    """DataLoader worker processes (0: load in the main process)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events when the `tensorboard` package is installed."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if min(self.w_view, self.w_segment, self.w_kl) < 0:
             raise ValueError("PretrainConfig loss weights must be >= 0")
         if not set(self.data.groups) >= {"overseg", "views", "clip"}:
             raise ValueError("PretrainConfig.data.groups must include overseg, views and clip (the targets)")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-    return device
 
 
 def pretrain_losses(
@@ -184,13 +115,6 @@ def pretrain_losses(
     return terms
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # decay kernels and weight matrices only: decaying biases and norm scales just fights them
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _resolve_config(cfg: PretrainConfig, store: Store, dataset: SceneDataset, text: np.ndarray) -> PretrainConfig:
     """Fill what the data decides: voxel size, network input/output widths."""
     clip_dim = store.shape(dataset.scene_ids[0], schema.CLIP_SEGMENT)[1]
@@ -204,15 +128,6 @@ def _resolve_config(cfg: PretrainConfig, store: Store, dataset: SceneDataset, te
         cfg.network.resolved(), in_channels=data.in_channels, num_classes=len(store.class_names), clip_dim=int(clip_dim)
     )
     return dataclasses.replace(cfg, data=data, network=network)
-
-
-def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    differ = sorted(k for k in set(saved) | set(current) if k not in RUN_CONTROL_FIELDS and saved.get(k) != current.get(k))
-    if differ:
-        raise ConfigError(
-            f"{path}: cannot resume: the config differs from the checkpoint's in {differ}; "
-            "start a new run directory or restore those values"
-        )
 
 
 @contextlib.contextmanager
@@ -243,12 +158,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         FloatingPointError: a non-finite loss (naming the step and scenes).
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    if not cfg.store:
-        raise ConfigError("PretrainConfig.store is empty: pass --store PATH")
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None and not resume:
-        raise FileExistsError(f"{out_dir}: has checkpoints (latest {latest.name}); pass --resume or use another --out")
+    latest = loop.check_run_dir(cfg, out_dir, resume=resume)
     device = resolve_device(cfg.device)
 
     # --- data and the config it resolves ------------------------------------------------------
@@ -264,19 +174,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     text = torch.from_numpy(text_np.astype(np.float32)).to(device)
 
     # --- model, optimiser, and where we start -------------------------------------------------
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    loop.seed_everything(cfg.seed)
     model = build_network(cfg.network).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = loop.make_optimizer(model, cfg)
     start_step = 0
     if resume and latest is not None:
-        ckpt = load_checkpoint(latest, map_location=device)
-        _check_resume(ckpt["config"], resolved, latest)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])  # after building everything: construction draws random numbers
-        start_step = int(ckpt["step"])
+        start_step = loop.resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
@@ -304,16 +207,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     last: dict[str, Any] = {}
     first_loss: float | None = None
     saved: Path | None = latest if resume else None
+    keys = ("loss", "loss_view", "loss_segment", "loss_kl")
 
     # --- the loop -----------------------------------------------------------------------------
     with logger, _restore_determinism(was_deterministic, was_warn_only):
         for step in range(start_step, end_step):
             t_step = time.time()
-            lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = loop.set_lr(optimizer, step, cfg)
             optimizer.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "loss_view": 0.0, "loss_segment": 0.0, "loss_kl": 0.0}
+            sums = dict.fromkeys(keys, 0.0)
             data_s, voxels = 0.0, 0
             for _ in range(cfg.accumulation):
                 t_data = time.time()
@@ -330,41 +232,23 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 (terms["loss"] / cfg.accumulation).backward()
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / cfg.accumulation
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            grad_norm = loop.clip_gradients(model, cfg.grad_clip)
             optimizer.step()
 
             done = step + 1
             first_loss = sums["loss"] if first_loss is None else first_loss
             last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels,
                     "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4)}
-            if done % cfg.log_every == 0 or done == start_step + 1 or done == cfg.steps:
-                logger.log(done, last)
-            logger.advance()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                saved = save_checkpoint(
-                    checkpoint_path(ckpt_dir, done), model=model, optimizer=optimizer, step=done,
-                    batches_consumed=done * cfg.accumulation, config=resolved, extra={"metrics": last},
-                )
-                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            saved = loop.log_and_checkpoint(
+                cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
+                optimizer=optimizer, config=resolved, extra={"metrics": last},
+            ) or saved
 
-    seconds = time.time() - t_start
-    steps_run = end_step - start_step
     return {
-        "out_dir": str(out_dir),
-        "start_step": start_step,
-        "steps": end_step,
-        "loss_first": first_loss,
-        "loss": last.get("loss"),
-        "loss_view": last.get("loss_view"),
-        "loss_segment": last.get("loss_segment"),
-        "loss_kl": last.get("loss_kl"),
-        "seconds": round(seconds, 3),
-        "steps_per_s": round(steps_run / seconds, 4) if seconds > 0 and steps_run else 0.0,
-        "checkpoint": str(saved) if saved is not None else None,
-        "device": str(device),
+        **loop.run_summary(
+            out_dir, start_step=start_step, end_step=end_step, first_loss=first_loss, last=last,
+            loss_keys=keys, seconds=time.time() - t_start, checkpoint=saved, device=device,
+        ),
         "parameters": sum(p.numel() for p in model.parameters()),
         "scenes": len(dataset),
         "voxel_size_m": dataset.voxel_size,

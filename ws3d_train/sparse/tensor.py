@@ -27,6 +27,7 @@ __all__ = [
     "KernelMapKey",
     "SparseCache",
     "SparseTensor",
+    "check_conv_weight",
     "check_coordinate_range",
     "collate_sparse",
     "coordinate_keys",
@@ -66,6 +67,17 @@ def kernel_offsets(kernel_size: int, *, device: torch.device | str = "cpu") -> t
     if kernel_size % 2 == 1:
         return torch.stack([c, b, a], dim=-1).reshape(-1, 3)  # x fastest
     return torch.stack([a, b, c], dim=-1).reshape(-1, 3)  # z fastest
+
+
+def check_conv_weight(weight: torch.Tensor, *, kernel_size: int, in_channels: int) -> None:
+    """Raise unless ``weight`` is ``[kernel_size^3, in_channels, C_out]``: the convolution weight
+    layout of every backend (rows in :func:`kernel_offsets` order)."""
+    k3 = kernel_size**3
+    if weight.dim() != 3 or weight.shape[0] != k3 or weight.shape[1] != in_channels:
+        raise ValueError(
+            f"conv3d: weight must be [{k3}, {in_channels}, C_out] for kernel {kernel_size} on "
+            f"{in_channels} channels, got {tuple(weight.shape)}"
+        )
 
 
 def check_coordinate_range(coords: torch.Tensor) -> None:

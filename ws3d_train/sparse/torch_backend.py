@@ -31,6 +31,7 @@ import torch
 from ws3d_train.sparse.tensor import (
     SparseCache,
     SparseTensor,
+    check_conv_weight,
     check_coordinate_range,
     coordinate_keys,
     kernel_offsets,
@@ -326,12 +327,7 @@ def conv3d(
     Returns:
         SparseTensor with feats [M, C_out], sharing ``x.cache``.
     """
-    k3 = kernel_size**3
-    if weight.dim() != 3 or weight.shape[0] != k3 or weight.shape[1] != x.num_channels:
-        raise ValueError(
-            f"conv3d: weight must be [{k3}, {x.num_channels}, C_out] for kernel {kernel_size} on "
-            f"{x.num_channels} channels, got {tuple(weight.shape)}"
-        )
+    check_conv_weight(weight, kernel_size=kernel_size, in_channels=x.num_channels)
     kmap = get_kernel_map(x, kernel_size=kernel_size, stride=stride, transposed=transposed)
     feats = x.feats
     device_type = feats.device.type

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ws3d_train.sparse.tensor import SparseTensor
+from ws3d_train.sparse.tensor import SparseTensor, check_conv_weight
 
 __all__ = ["NAME", "conv3d", "is_available", "torchsparse_version"]
 
@@ -127,12 +127,8 @@ def conv3d(
             "torchsparse 2.1 runs on CUDA only; use the 'torch' sparse backend on the CPU "
             "(WS3D_SPARSE_BACKEND=torch)"
         )
+    check_conv_weight(weight, kernel_size=kernel_size, in_channels=x.num_channels)
     k3 = kernel_size**3
-    if weight.dim() != 3 or weight.shape[0] != k3 or weight.shape[1] != x.num_channels:
-        raise ValueError(
-            f"conv3d: weight must be [{k3}, {x.num_channels}, C_out] for kernel {kernel_size} on "
-            f"{x.num_channels} channels, got {tuple(weight.shape)}"
-        )
     state = _state(x)
     native = torchsparse.SparseTensor(
         feats=x.feats, coords=_to_native_coords(x.coords, x.stride, state, v21), stride=x.stride
