@@ -119,7 +119,7 @@ def format_table(results: dict[str, Any]) -> str:
                 text = f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
             else:
                 text = str(value)
-            mark = "  <- ratio" if "ratio" in key else ""
+            mark = "  <- ratio" if any(w in key for w in ("ratio", "_over_", "speedup")) else ""
             lines.append(f"  {key:<48}{text:>18}{mark}")
     return "\n".join(lines)
 
