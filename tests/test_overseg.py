@@ -363,7 +363,9 @@ def test_purity():
 def test_tiny_clouds(n):
     xyz = np.random.default_rng(n).uniform(0, 1, (n, 3)).astype(np.float32)
     result = overseg_points(xyz, np.zeros((n, 3), np.uint8))
-    _validate(result, n)
+    _validate(result, n)  # the full output contract, asserted there
+    assert 1 <= result.n_segments <= n
+    assert (result.semantic_boundary == 255).all()  # no labels given: unknown everywhere
 
 
 def test_config_rejects_bad_values():
