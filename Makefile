@@ -1,4 +1,4 @@
-# ws3d: make install | test | demo | preprocess DATASET=... | pretrain | finetune | bench | bench-accuracy
+# ws3d: make install | test | demo | preprocess DATASET=... | pretrain | finetune | bench | bench-accuracy | gpu-check
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,8 +10,10 @@ STORE ?= $(DATA)/$(DATASET).zarr
 RUN ?= runs/$(DATASET)
 DEMO_SCALE ?= 1
 ARGS ?=
+EXECUTOR ?=
+WORKFLOW ?= $(or $(if $(EXECUTOR),$(wildcard workflows/$(DATASET).$(EXECUTOR).yaml)),workflows/$(DATASET).yaml)
 
-.PHONY: install test test-slow demo preprocess pretrain finetune bench bench-accuracy clean
+.PHONY: install test test-slow demo preprocess pretrain finetune bench bench-accuracy gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +37,10 @@ test-slow: install
 demo: install
 	$(WS3D) demo --out $(DATA)/demo --scale $(DEMO_SCALE) $(ARGS)
 
+# On this machine by default; EXECUTOR=slurm|pbs takes workflows/$(DATASET).$(EXECUTOR).yaml when there is
+# one, else workflows/$(DATASET).yaml with executor.kind=$(EXECUTOR).
 preprocess: install
-	$(WS3D) preprocess --workflow workflows/$(DATASET).yaml raw=$(RAW) store=$(STORE) $(ARGS)
+	$(WS3D) preprocess --workflow $(WORKFLOW) raw=$(RAW) store=$(STORE) $(if $(EXECUTOR),executor.kind=$(EXECUTOR)) $(ARGS)
 
 pretrain: install
 	$(WS3D) pretrain --store $(STORE) --out $(RUN)/pretrain $(ARGS)
@@ -49,6 +53,13 @@ bench: install
 
 bench-accuracy: install
 	$(WS3D) demo --out $(DATA)/bench_accuracy --scale $(DEMO_SCALE) --ablation $(ARGS)
+
+# The prepared GPU check (README "GPU"): <= 8 minutes on one GPU, one JSON file. No `install`
+# prerequisite: a GPU image whose python3 already holds torch runs it as is (GPU_PYTHON=...).
+GPU_CHECK_OUT ?= $(DATA)/gpu_check.json
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) -m ws3d_train.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:
 	rm -rf $(DATA)/demo $(DATA)/bench_accuracy

@@ -15,11 +15,39 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-app = typer.Typer(help="ws3d: raw 3D scans -> a 3D vision-language model (WS3D++).", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
-views_app = typer.Typer(help="Look at rendered views.", no_args_is_help=True)
-teacher_app = typer.Typer(help="The offline CLIP teacher.", no_args_is_help=True)
-manifests_app = typer.Typer(help="Scene lists, splits and class lists.", no_args_is_help=True)
+from pipeline.errors import UserError
+
+
+class _App(typer.Typer):
+    """A Typer whose every command turns a user's mistake (:class:`pipeline.errors.UserError`,
+    raised anywhere below it) into one `error: ...` line and exit code 2: the one place where
+    that happens. Any other exception is a bug and keeps its traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Any) -> Any:
+            @functools.wraps(fn)
+            def run(*a: Any, **k: Any) -> Any:
+                from pipeline.progress import quiet_library_bars
+
+                quiet_library_bars()  # no carriage-return bars of other libraries in a log
+                try:
+                    return fn(*a, **k)
+                except UserError as exc:
+                    fail(str(exc))
+
+            register(run)
+            return fn
+
+        return decorator
+
+
+app = _App(help="ws3d: raw 3D scans -> a 3D vision-language model (WS3D++).", no_args_is_help=True,
+           pretty_exceptions_show_locals=False)
+views_app = _App(help="Look at rendered views.", no_args_is_help=True)
+teacher_app = _App(help="The offline CLIP teacher.", no_args_is_help=True)
+manifests_app = _App(help="Scene lists, splits and class lists.", no_args_is_help=True)
 app.add_typer(views_app, name="views")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(manifests_app, name="manifests")
@@ -85,13 +113,16 @@ def _scene_ids(store_scenes: list[str], scenes: Path | None, shard: str | None) 
 def _report(report: Any, log: Path | None = None) -> None:
     typer.echo(report.summary())
     if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as handle:
-            for r in report.results:
-                handle.write(json.dumps({"stage": report.stage, "scene": r.scene_id, "status": r.status,
-                                         "seconds": round(r.seconds, 3), "error": r.error, "file": r.file}) + "\n")
+        report.append_log(log)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _log_file(store: Path, stage: str) -> Path:
+    """``<store>.logs/<stage>.jsonl``: beside the store, where Zarr does not look."""
+    from pipeline.store import log_dir
+
+    return log_dir(store) / f"{stage}.jsonl"
 
 
 def _open_store(path: Path) -> Any:
@@ -122,7 +153,7 @@ def run_store_stage(stage: str, store: Path, scenes: Path | None, shard: str | N
     ids = _scene_ids(st.scene_ids(), scenes, shard)
     exec_cfg = _executor_config(executor, shard, config, exec_overrides)
     fn = functools.partial(module.run_scene, str(store), cfg=cfg, force=force)
-    _report(run_scenes(stage, fn, ids, exec_cfg), store / "logs" / f"{stage}.jsonl")
+    _report(run_scenes(stage, fn, ids, exec_cfg), _log_file(store, stage))
 
 
 @app.command()
@@ -171,7 +202,7 @@ def ingest(
         fail(str(exc))
     exec_cfg = _executor_config(executor, shard, config, exec_overrides)
     fn = functools.partial(ingest_mod.run_scene, str(store), str(raw), cfg=cfg, force=force)
-    _report(run_scenes("ingest", fn, ids, exec_cfg), store / "logs" / "ingest.jsonl")
+    _report(run_scenes("ingest", fn, ids, exec_cfg), _log_file(store, "ingest"))
 
 
 @app.command()
@@ -245,16 +276,30 @@ def views_export(store: Path = STORE, scene: str = typer.Option(..., "--scene"),
     typer.echo(f"wrote {len(paths)} files to {out}")
 
 
+@teacher_app.command("corpus")
+def teacher_corpus(out: Path = typer.Option(..., "--out", "-o", help="Folder for the corpus (raw/ and store.zarr)."),
+                   rooms: int = typer.Option(32, "--rooms", help="Synthetic corpus rooms."),
+                   seed: int = typer.Option(0, "--seed", help="Seed of the 3D rooms it goes with (the corpus uses its own namespace)."),
+                   executor: Optional[str] = EXECUTOR) -> None:
+    """Build the teacher's own corpus: synthetic rooms from a separate seed namespace, rendered into their own store."""
+    from pipeline.corpus import CorpusConfig, build_corpus
+
+    result = build_corpus(out, CorpusConfig(rooms=rooms, seed=seed), executor=_executor_config(executor, None, None, []),
+                          echo=typer.echo)
+    typer.echo(f"corpus store {result['store']}: {len(result['scenes'])} rooms; fit with `ws3d teacher fit --corpus {result['store']}`")
+
+
 @teacher_app.command("fit")
-def teacher_fit(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Folder for the teacher."),
+def teacher_fit(corpus: Path = typer.Option(..., "--corpus", help="The teacher's own corpus store (never the 3D store it will embed)."),
+                out: Path = typer.Option(..., "--out", "-o", help="Folder for the teacher."),
                 scenes: Optional[Path] = SCENES, config: Optional[Path] = CONFIG,
                 overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Train a small CLIP-architecture teacher on rendered crops (offline stand-in for CLIP)."""
+    """Train a small CLIP-architecture teacher on captioned crops of its corpus (offline stand-in for CLIP)."""
     from pipeline.teacher import TeacherConfig, run_fit
 
     cfg = _resolve(TeacherConfig, config, overrides or [], section="teacher" if config else None)
-    st = _open_store(store)
-    result = run_fit(str(store), _scene_ids(st.scene_ids(), scenes, None), out, cfg)
+    st = _open_store(corpus)
+    result = run_fit(str(corpus), _scene_ids(st.scene_ids(), scenes, None), out, cfg)
     typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2))
 
 
@@ -296,13 +341,13 @@ RUN = typer.Option(..., "--run", help="A training run folder (its latest checkpo
 
 @app.command()
 def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
-             scenes: Optional[str] = typer.Option(None, "--scenes", help="Scene list file (default: all scenes)."),
+             scenes: str = typer.Option("train", "--scenes", help="Split name or scene list file (default: the train split; 'all' = every scene)."),
              config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Hierarchical 2D-3D alignment pre-training (scene views, segments, KL over the vocabulary)."""
     from ws3d_train.pretrain import PretrainConfig, pretrain as pretrain_loop
 
-    extra = [f"store={store}"] + ([f"scenes={scenes}"] if scenes else [])
+    extra = [f"store={store}"] + ([f"scenes={scenes}"] if scenes != "all" else [])
     cfg = _resolve(PretrainConfig, config, extra + list(overrides or []), section="pretrain" if config else None)
     summary = pretrain_loop(cfg, out, resume=resume)
     typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
@@ -311,13 +356,13 @@ def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 @app.command()
 def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
              init: Optional[str] = typer.Option(None, "--init", help="Pre-training run or checkpoint (default: from scratch)."),
-             scenes: Optional[str] = typer.Option(None, "--scenes", help="Split name or scene list file."),
+             scenes: str = typer.Option("train", "--scenes", help="Split name or scene list file (default: the train split; 'all' = every scene)."),
              config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Fine-tune with few labels (labels=la20|lr..., ov_split=b15n4, loss switches and weights)."""
     from ws3d_train.finetune import FinetuneConfig, finetune as finetune_loop
 
-    extra = [f"store={store}"] + ([f"init={init}"] if init else []) + ([f"scenes={scenes}"] if scenes else [])
+    extra = [f"store={store}"] + ([f"init={init}"] if init else []) + ([f"scenes={scenes}"] if scenes != "all" else [])
     cfg = _resolve(FinetuneConfig, config, extra + list(overrides or []), section="finetune" if config else None)
     summary = finetune_loop(cfg, out, resume=resume)
     typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
@@ -325,30 +370,47 @@ def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 
 @app.command("eval")
 def eval_cmd(run: Path = RUN, store: Path = STORE,
-             split: Optional[str] = typer.Option(None, "--split", help="Split name (val, ...) or scene list file; default all."),
+             split: str = typer.Option("val", "--split", help="Split name or scene list file (default: the val split; 'all' = every scene)."),
              ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
              combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
              min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
-             out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval.json).")) -> None:
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:
     """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
     from ws3d_train.evaluate import evaluate, format_table, write_json
-    from ws3d_train.finetune import resolve_scene_ids
+    from ws3d_train.run import eval_path, resolve_scene_ids
 
     st = _open_store(store)
-    ids = resolve_scene_ids(st, split) if split else None
+    ids = resolve_scene_ids(st, split) if split != "all" else None
     results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size, progress=True)
     typer.echo(format_table(results))
-    target = out or ((run if run.is_dir() else run.parent) / "eval.json")
+    target = out or eval_path(run, store, split if split != "all" else None)  # one file per store and split
     write_json(results, target)
     typer.echo(f"written {target}")
 
 
 @app.command()
-def predict(run: Path = RUN, store: Path = STORE, scene: str = typer.Option(..., "--scene"),
-            out: Path = typer.Option(..., "--out", "-o", help="PLY file to write.")) -> None:
-    """Write the scene coloured by predicted class (instance ids as a vertex property)."""
+def predict(run: Path = RUN, store: Path = STORE,
+            scene: Optional[str] = typer.Option(None, "--scene", help="One scene (required for --format ply)."),
+            scenes: Optional[str] = typer.Option(None, "--scenes", help="Split name or scene list file (benchmark formats; default: every scene)."),
+            fmt: str = typer.Option("ply", "--format", help="ply | scannet (semantic benchmark) | scannet-instance"),
+            out: Path = typer.Option(..., "--out", "-o", help="PLY file (ply) or folder (scannet formats)."),
+            raw: Optional[Path] = typer.Option(None, "--raw", help="Raw ScanNet folder: check vertex counts against its PLYs."),
+            min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points.")) -> None:
+    """Write a scene coloured by predicted class (PLY), or scenes in the ScanNet benchmark formats."""
     from ws3d_train.predict import predict_scene, write_prediction_ply
 
+    if fmt in ("scannet", "scannet-instance"):
+        from ws3d_train.export import export_scenes
+        from ws3d_train.run import resolve_scene_ids
+
+        ids = [scene] if scene else resolve_scene_ids(_open_store(store), scenes)
+        paths = export_scenes(run, store, ids, out, fmt=fmt, raw=raw, min_instance_points=min_region_size, progress=True)
+        typer.echo(f"wrote {len(paths)} scene file(s) in the {fmt} format to {out}")
+        return
+    if fmt != "ply":
+        fail(f"--format {fmt!r}: expected ply, scannet or scannet-instance")
+    if scene is None:
+        fail("--format ply writes one scene: pass --scene SCENE_ID (or --format scannet for many)")
     prediction = predict_scene(run, store, scene)
     write_prediction_ply(out, prediction)
     counts = np.bincount(prediction.pred_class, minlength=len(prediction.class_names))
@@ -359,15 +421,39 @@ def predict(run: Path = RUN, store: Path = STORE, scene: str = typer.Option(...,
 @app.command()
 def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".'), run: Path = RUN, store: Path = STORE,
           scene: str = typer.Option(..., "--scene"),
-          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Heatmap PLY (default query_<text>.ply)."),
-          model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the store)."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Heatmap PLY (default RUN/query_<text>_<scene>.ply)."),
+          model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the run's vocabulary)."),
           top_k: int = typer.Option(5, "--top-k")) -> None:
     """Per-point similarity to a text query (heatmap PLY) and the best-matching segments."""
     from ws3d_train.predict import format_query, query_scene
+    from ws3d_train.run import query_path
 
-    target = out or Path(f"query_{'_'.join(text.split())[:40]}.ply")
+    target = out or query_path(run, text, scene)
     result = query_scene(run, store, scene, text, model_dir=model, top_k=top_k, out_ply=target)
     typer.echo(format_query(result))
+
+
+@app.command()
+def view(store: Path = STORE, scene: Optional[str] = typer.Option(None, "--scene", help="Scene shown first (default: the first)."),
+         run: Optional[Path] = typer.Option(None, "--run", help="A run folder or checkpoint: predictions and queries."),
+         port: int = typer.Option(8080, "--port"),
+         host: str = typer.Option("127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes the page to the network)."),
+         point_budget: int = typer.Option(400_000, "--point-budget", help="Points drawn at most (larger scenes: a random subset)."),
+         model: Optional[str] = typer.Option(None, "--model", help="CLIP model for queries (default: the run's)."),
+         device: str = typer.Option("auto", "--device")) -> None:
+    """Interactive web viewer (viser): colour modes, legend, scene picker, text queries, camera views."""
+    import time
+
+    from ws3d_train.viewer.server import serve
+
+    app_ = serve(store, scene, run=run, host=host, port=port, point_budget=point_budget, device=device, model_dir=model)
+    typer.echo(f"ws3d view: http://{host}:{app_.port}  (remote machine: ssh -L {app_.port}:127.0.0.1:{app_.port} "
+               f"user@host, then open http://127.0.0.1:{app_.port}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        app_.stop()
 
 
 @app.command()

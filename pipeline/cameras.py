@@ -1,4 +1,6 @@
-"""Pinhole cameras: intrinsics, look-at poses, rays, projection and back-projection.
+"""Pinhole cameras: intrinsics, look-at poses, rays, projection and back-projection; and the
+render stage's camera choice (candidate positions in the free space of a room, headings and
+pitches, scoring by exact occlusion rays, greedy cover).
 
 Pure functions over arrays (no I/O); the render stage and the tests use them, and so can anyone
 reading the stored views (`views/K`, `views/pose`). One convention everywhere:
@@ -12,7 +14,13 @@ reading the stored views (`views/K`, `views/pose`). One convention everywhere:
 """
 from __future__ import annotations
 
+import math
+from typing import Any, Callable, Sequence
+
 import numpy as np
+from numba import njit, prange
+
+from pipeline import parallel
 
 WORLD_UP = np.array([0.0, 0.0, 1.0])
 """The store's up axis (z up, metres)."""
@@ -166,3 +174,177 @@ def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray) -> np.ndarra
     world = (cam - pose[:3, 3]) @ pose[:3, :3]  # R^T (x_cam - t) in row form
     world[d[:, 0] <= 0] = np.nan
     return world.reshape(height, width, 3)
+
+
+# --- camera choice of the render stage -----------------------------------------------------------
+
+
+def heading_grid(positions: np.ndarray, yaw: np.ndarray, pitches_rad: Sequence[float]) -> np.ndarray:
+    """`heading_poses` at every position [P, 3] for every pitch: float64 [P * len(pitches) * Y,
+    4, 4], position-major, then pitch, then yaw (the rotations are shared; only the
+    translations differ)."""
+    rot = np.concatenate([heading_poses(np.zeros(3), yaw, float(p)) for p in pitches_rad])
+    poses = np.repeat(rot[None], len(positions), axis=0)
+    poses[:, :, :3, 3] = -np.einsum("yij,pj->pyi", rot[:, :3, :3], np.asarray(positions, dtype=np.float64))
+    return poses.reshape(-1, 4, 4)
+
+
+@njit(inline="always")
+def _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen):
+    p = c // per_position
+    for s in range(xyz.shape[0]):
+        if not clear[p, s]:
+            continue
+        x = np.float64(xyz[s, 0])
+        y = np.float64(xyz[s, 1])
+        z = np.float64(xyz[s, 2])
+        cz = poses[c, 2, 0] * x + poses[c, 2, 1] * y + poses[c, 2, 2] * z + poses[c, 2, 3]
+        if cz <= near:
+            continue
+        cx = poses[c, 0, 0] * x + poses[c, 0, 1] * y + poses[c, 0, 2] * z + poses[c, 0, 3]
+        cy = poses[c, 1, 0] * x + poses[c, 1, 1] * y + poses[c, 1, 2] * z + poses[c, 1, 3]
+        col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
+        row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
+        seen[c, s] = col >= 0 and col < width and row >= 0 and row < height
+
+
+@njit(parallel=True, cache=True)
+def _candidate_seen_par(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
+    """seen[c, s] (zeroed by the caller): sample s is unoccluded from candidate c's position
+    (clear[c // per_position, s]) and projects into c's image in front of the near plane."""
+    for c in prange(poses.shape[0]):
+        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
+
+
+@njit(cache=True)
+def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
+    """Serial `_candidate_seen_par`."""
+    for c in range(poses.shape[0]):
+        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
+
+
+def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
+                 allowed: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+    """Choose candidates greedily by how many not-yet-covered samples each adds.
+
+    Args:
+        seen: bool [C, S] candidate c sees sample s.
+        max_views: most candidates to choose.
+        target: stop once this fraction of the S samples is covered.
+        covered: bool [S] samples already covered (default none).
+        allowed: bool [C] candidates that may be chosen (default all).
+
+    Returns:
+        chosen candidate ids in order, and the covered mask [S] afterwards.
+    """
+    n_cand, n_samples = seen.shape
+    covered = np.zeros(n_samples, bool) if covered is None else covered.copy()
+    allowed = np.ones(n_cand, bool) if allowed is None else allowed.copy()
+    chosen: list[int] = []
+    if not n_samples:
+        return chosen, covered
+    # gains kept up to date by subtracting what each choice newly covers (few columns a round)
+    gain = np.count_nonzero(seen & ~covered, axis=1)
+    n_covered = int(np.count_nonzero(covered))
+    while len(chosen) < max_views and n_covered / n_samples < target and allowed.any():
+        best = int(np.argmax(np.where(allowed, gain, -1)))
+        if not allowed[best] or gain[best] <= 0:
+            break
+        chosen.append(best)
+        allowed[best] = False
+        new = seen[best] & ~covered
+        gain -= np.count_nonzero(seen[:, new], axis=1)
+        covered |= new
+        n_covered += int(np.count_nonzero(new))
+    return chosen, covered
+
+
+def _farthest_points(xy: np.ndarray, k: int) -> np.ndarray:
+    """Indices of k points spread by farthest-point sampling (deterministic, starts at the first)."""
+    if len(xy) <= k:
+        return np.arange(len(xy))
+    picked = [0]
+    dist = np.linalg.norm(xy - xy[0], axis=1)
+    for _ in range(k - 1):  # k iterations (tens), each vectorised over the candidates
+        nxt = int(np.argmax(dist))
+        picked.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(xy - xy[nxt], axis=1))
+    return np.sort(np.asarray(picked))
+
+
+def xy_bounds(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of x and y, float64 [2] each (per column: numpy's axis-0 reductions of an
+    [N, 3] array are ~25x slower)."""
+    lo = np.array([xyz[:, 0].min(), xyz[:, 1].min()], dtype=np.float64)
+    hi = np.array([xyz[:, 0].max(), xyz[:, 1].max()], dtype=np.float64)
+    return lo, hi
+
+
+def candidate_positions(xyz: np.ndarray, cfg: Any, clearance: Callable[[np.ndarray], np.ndarray],
+                        rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Eye positions [P, 3] on a grid over the scan's footprint, at 1.2-1.6 m (config) above the
+    floor, at least `clearance_m` from every surface (`clearance(points [Q, 3]) -> dist [Q]`).
+    Returns the positions and the floor height."""
+    lo, hi = xy_bounds(xyz)
+    floor_z = float(np.percentile(xyz[:, 2], cfg.floor_percentile))
+    extent = np.maximum(hi - lo, 1e-3)
+    # a grid of ~4x max_positions cells: enough survive the clearance test to spread out
+    step = max(cfg.grid_step_m, math.sqrt(float(np.prod(extent)) / (4 * cfg.max_positions)))
+    nx, ny = (np.maximum(1, np.floor(extent / step)).astype(int) + 1)
+    gx = lo[0] + (extent[0] - (nx - 1) * step) / 2 + step * np.arange(nx)
+    gy = lo[1] + (extent[1] - (ny - 1) * step) / 2 + step * np.arange(ny)
+    xx, yy = np.meshgrid(gx, gy, indexing="ij")
+    h0, h1 = cfg.eye_height_m
+    zz = floor_z + rng.uniform(h0, h1, size=xx.size)
+    pos = np.stack([xx.ravel(), yy.ravel(), zz], -1)
+    pos = pos[clearance(pos) >= cfg.clearance_m]
+    return pos[_farthest_points(pos[:, :2], cfg.max_positions)], floor_z
+
+
+def spacing_of_mesh(xyz: np.ndarray, faces: np.ndarray, rng: np.random.Generator) -> float:
+    sample = faces[rng.integers(0, len(faces), size=4096)]
+    edges = np.linalg.norm(xyz[sample[:, 0]] - xyz[sample[:, 1]], axis=1)
+    return float(np.median(edges)) if len(edges) else 0.05
+
+
+def spacing_of_points(tree: Any, xyz: np.ndarray, rng: np.random.Generator) -> float:
+    sample = xyz[rng.choice(len(xyz), size=min(len(xyz), 4000), replace=False)]
+    dist, _ = tree.query(sample, k=2)
+    d = dist[:, 1][np.isfinite(dist[:, 1])]
+    return float(np.median(d)) if len(d) else 0.05
+
+
+def reach(xyz: np.ndarray, cfg: Any) -> float:
+    """A distance beyond every surface as seen from any candidate position (metres)."""
+    lo = np.array([xyz[:, k].min() for k in range(3)], dtype=np.float64)  # per column: see xy_bounds
+    hi = np.array([xyz[:, k].max() for k in range(3)], dtype=np.float64)
+    return 2.0 * (float(np.linalg.norm(hi - lo)) + max(cfg.eye_height_m)) + 1.0
+
+
+def probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, cand: np.ndarray,
+                      positions: np.ndarray, samples: np.ndarray, *, cfg: Any,
+                      reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Meshes: two questions about the candidates in one `test_occlusions` call (any hit, cheaper
+    than `cast_rays`' closest hit with all its outputs).
+
+    Returns:
+        low_hit: bool [C, h_low * w_low], the low-resolution pixels of each candidate [C, 4, 4]
+        that show a surface (directions have camera z = 1, scaled so t = 1 is `reach` metres away
+        or more: every surface of the scene);
+        clear: bool [P, S], nothing hides sample s [S, 3] from position p [P, 3] (`pipeline.visibility.unoccluded_from`).
+    """
+    import open3d as o3d
+
+    from pipeline.raycast import _make_rays
+    from pipeline.visibility import _segment_rays
+
+    n_low = len(cand) * h_low * w_low
+    rays = np.empty((n_low + len(positions) * len(samples), 6), np.float32)
+    _make_rays(np.ascontiguousarray(K_low, dtype=np.float64), np.ascontiguousarray(cand, dtype=np.float64),
+               h_low, w_low, rays[:n_low], cfg.threads)
+    rays[:n_low, 3:] *= np.float32(reach)
+    # the exact visibility rule of the stage (no relative band, `visibility_tol_m`)
+    near = _segment_rays(positions, samples, 0.0, cfg.visibility_tol_m, rays[n_low:])
+    hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
+                                    nthreads=cfg.threads).numpy()
+    return hit[:n_low].reshape(len(cand), -1), near | ~hit[n_low:].reshape(near.shape)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """CLIP's pixel mean (RGB, 0..1), used when a folder has no preprocessor_config.json."""
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,7 +48,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 so that the teacher is trained on exactly the prompts it is queried with."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model folder or hub id that cannot be loaded (names what was tried and why)."""
 
 

@@ -591,6 +591,15 @@ def model_templates(model: str | None) -> tuple[str, ...]:
     return DEFAULT_TEMPLATES
 
 
+def teacher_corpus_record(model: str | None) -> dict[str, Any] | None:
+    """A teacher folder's corpus record (`teacher_corpus.json`: store, scenes, caption vocabulary);
+    None for a model without one (a real CLIP learnt from other images)."""
+    if not model or not is_local_model(model):
+        return None
+    path = Path(model).expanduser() / "teacher_corpus.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run_vocabulary(
     store_path: str,
     model: str | ClipEncoder,
@@ -605,7 +614,8 @@ def run_vocabulary(
 
     `templates` default: the ones a teacher folder was trained with (its teacher_config.json),
     else `DEFAULT_TEMPLATES`. The attrs hold `names`, `prompts` (the templates) and `model` (the
-    model identity, so a reader can check that scene and text embeddings share one model).
+    model identity, so a reader can check that scene and text embeddings share one model), and for
+    a teacher folder `teacher_corpus`: what it was fitted on (checked by pre-training/fine-tuning).
     """
     store = Store.open(store_path)
     encoder = model if isinstance(model, ClipEncoder) else cached_encoder(model, device=device, dtype=dtype)
@@ -614,6 +624,9 @@ def run_vocabulary(
     names = list(store.class_names if names is None else names)
     text = embed_vocabulary(names, templates, encoder)
     attrs = {"names": names, "prompts": list(templates), "model": encoder.identity, "dim": int(text.shape[1])}
+    provenance = teacher_corpus_record(model if isinstance(model, str) else None)
+    if provenance is not None:  # what the teacher was fitted on: the trainers check it against their scenes
+        attrs["teacher_corpus"] = provenance
     store.write_vocab(vocab_name, text, attrs)
     return {"vocab": vocab_name, "classes": len(names), "dim": int(text.shape[1]), "model": encoder.identity}
 

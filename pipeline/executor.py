@@ -6,19 +6,33 @@ executor maps it over scenes with the synchronous scheduler (tests), a local clu
 running scheduler by address, or a SLURM/PBS cluster through dask-jobqueue. A scene that raises is
 recorded as failed with its file and message; the others go on. A worker that dies is handled by
 the Dask scheduler, which reschedules its tasks elsewhere (`allowed-failures`).
+
+A cluster that cannot work fails fast instead of waiting for ever: before dask-jobqueue starts,
+the submit command (`sbatch` / `qsub`) must be on PATH; the job script is written to
+`job_dir` first, and when no worker has joined `worker_timeout_s` after the jobs were submitted,
+the run stops with a :class:`ClusterError` naming the command, the queue and that script.
 """
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from tqdm.auto import tqdm
-
+from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 from pipeline.schema import check_scene_id
+
+SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub"}
+"""The command dask-jobqueue submits jobs with, per executor kind."""
+
+
+class ClusterError(UserError):
+    """A cluster that cannot run the stage: no submit command, or no worker joined in time."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,11 @@ class ExecutorConfig:
     """jobqueue: shell lines run before the worker starts, e.g. ["source .venv/bin/activate"]."""
     local_directory: str = ""
     """jobqueue: worker scratch directory (empty = default)."""
+    job_dir: str = ""
+    """jobqueue: where the job script and the jobs' output files go (empty = <tmp>/ws3d-jobs)."""
+    worker_timeout_s: float = 600.0
+    """jobqueue/address: stop with an error when no worker has joined this long after the jobs
+    were submitted (a wrong queue, a job stuck pending, a worker that cannot start)."""
 
 
 @dataclass
@@ -98,6 +117,18 @@ class RunReport:
         for r in self.of("failed"):
             lines.append(f"  FAILED {r.scene_id}  file={r.file or '-'}  {r.error}")
         return "\n".join(lines)
+
+    def append_log(self, path: str | Path) -> Path:
+        """Append one JSON line per scene (stage, scene, status, seconds, error, file) to ``path``."""
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            for r in self.results:
+                handle.write(json.dumps({"stage": self.stage, "scene": r.scene_id, "status": r.status,
+                                         "seconds": round(r.seconds, 3), "error": r.error, "file": r.file}) + "\n")
+        return path
 
 
 def run_guarded(fn: Callable[[str], SceneResult | None], scene_id: str) -> SceneResult:
@@ -157,8 +188,13 @@ def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
 
     if cfg.kind == "address":
         if not cfg.address:
-            raise ValueError("executor kind=address needs executor.address=tcp://HOST:PORT")
-        with Client(cfg.address) as client:
+            raise ClusterError("executor kind=address needs executor.address=tcp://HOST:PORT")
+        try:
+            client = Client(cfg.address, timeout=f"{cfg.worker_timeout_s}s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"no Dask scheduler reachable at {cfg.address} within {cfg.worker_timeout_s:g} s: {exc}") from None
+        with client:
+            _wait_for_workers(client, cfg, f"the scheduler at {cfg.address} has no worker")
             yield client
         return
     if cfg.kind == "local":
@@ -174,12 +210,58 @@ def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
             memory_limit=cfg.memory_per_worker,
         )
     elif cfg.kind in ("slurm", "pbs"):
+        command = check_submit_command(cfg)
         cluster = make_jobqueue_cluster(cfg)
-        cluster.scale(jobs=cfg.jobs)
+        script = write_job_script(cluster, cfg)
+        with cluster, Client(cluster) as client:
+            cluster.scale(jobs=cfg.jobs)
+            queue = cfg.queue or "(the cluster's default queue)"
+            _wait_for_workers(
+                client, cfg,
+                f"`{command}` submitted {cfg.jobs} job(s) to queue {queue} but no worker joined; "
+                f"job script: {script} (job output under {script.parent}); check the queue "
+                f"(squeue/qstat), executor.queue and executor.account, or raise executor.worker_timeout_s",
+            )
+            yield client
+        return
     else:
-        raise ValueError(f"no Dask cluster for executor kind {cfg.kind!r}")
+        raise ClusterError(f"no Dask cluster for executor kind {cfg.kind!r}")
     with cluster, Client(cluster) as client:
         yield client
+
+
+def check_submit_command(cfg: ExecutorConfig) -> str:
+    """The submit command of a jobqueue executor (``sbatch``/``qsub``); ClusterError if not on PATH."""
+    command = SUBMIT_COMMANDS[cfg.kind]
+    if shutil.which(command) is None:
+        raise ClusterError(
+            f"executor kind={cfg.kind} needs `{command}` on PATH, and it is not there (not a {cfg.kind.upper()} "
+            f"login node?); run on this machine with executor.kind=local (make preprocess without EXECUTOR=...)"
+        )
+    return command
+
+
+def job_dir(cfg: ExecutorConfig) -> Path:
+    """Where job scripts and job output go (created)."""
+    path = Path(cfg.job_dir) if cfg.job_dir else Path(tempfile.gettempdir()) / "ws3d-jobs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_job_script(cluster: Any, cfg: ExecutorConfig) -> Path:
+    """Write the cluster's job script to ``job_dir`` (what each submitted job runs), for a person
+    to read or submit by hand; returns its path."""
+    path = job_dir(cfg) / f"ws3d-{cfg.kind}-job.sh"
+    path.write_text(cluster.job_script())
+    return path
+
+
+def _wait_for_workers(client: Any, cfg: ExecutorConfig, message: str) -> None:
+    """Wait until a worker has joined; ClusterError with ``message`` after ``worker_timeout_s``."""
+    try:
+        client.wait_for_workers(1, timeout=cfg.worker_timeout_s)
+    except TimeoutError:
+        raise ClusterError(f"{message} (waited {cfg.worker_timeout_s:g} s)") from None
 
 
 def make_jobqueue_cluster(cfg: ExecutorConfig) -> Any:
@@ -201,6 +283,7 @@ def make_jobqueue_cluster(cfg: ExecutorConfig) -> Any:
         kwargs["account"] = cfg.account
     if cfg.local_directory:
         kwargs["local_directory"] = cfg.local_directory
+    kwargs["log_directory"] = str(job_dir(cfg))
     cls = dask_jobqueue.SLURMCluster if cfg.kind == "slurm" else dask_jobqueue.PBSCluster
     return cls(**kwargs)
 
@@ -216,8 +299,8 @@ def run_scenes(
     """Run `fn` over every scene with the configured executor; never raises for a scene's error."""
     start = time.perf_counter()
     ids = [check_scene_id(s) for s in scene_ids]
-    # disable=None: a bar on a terminal, none in logs (a cluster job's output stays readable)
-    bar = tqdm(total=len(ids), desc=stage, unit="scene", disable=None if progress else True, leave=False)
+    # a bar on a terminal, a plain line every few seconds in a log (a cluster job's output stays readable)
+    bar = progress_bar(total=len(ids), desc=stage, unit="scene", enabled=progress, leave=False)
     results: list[SceneResult] = []
     if cfg.kind == "sync" or not ids:
         import dask

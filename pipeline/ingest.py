@@ -20,6 +20,18 @@ from pipeline.readers.base import RawScene, SceneError
 from pipeline.store import Store
 
 
+LABEL_SOURCE_TEXT = {
+    "aggregation": "aggregation",
+    "labels-ply": "labels-ply (semantics only)",
+    "none": "none (unlabelled)",
+    "annotations": "annotations",
+}
+"""How `ws3d info` and the ingest record name each `RawScene.label_source`."""
+UNLABELLED = "none"
+"""`label_source` of a scene with no labels at all (semantic IGNORE_INDEX, no instances): the
+ingest record's top-level `label_source` key says it, for stages that must skip such scenes."""
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """How raw scans become store scenes."""
@@ -100,9 +112,12 @@ def run_scene(store_path: str, raw_dir: str, scene_id: str, cfg: IngestConfig, f
         "instances": int(len(np.unique(scene.instance[scene.instance >= 0]))),
         "class_points": np.bincount(labelled.astype(np.int64), minlength=n_classes).tolist(),
         "labelled_fraction": float(len(labelled) / max(1, len(scene.xyz))),
+        "label_source": scene.label_source,
+        "labels": LABEL_SOURCE_TEXT.get(scene.label_source, scene.label_source),
         "sensor_origin": None if scene.sensor_origin is None else [float(v) for v in scene.sensor_origin],
         "warnings": list(scene.warnings),
         "source_files": list(scene.source_files),
     }
-    store.write_stage(scene_id, "ingest", scene_arrays(scene), {"config": to_dict(cfg), "config_hash": h, "stats": stats})
+    store.write_stage(scene_id, "ingest", scene_arrays(scene),
+                      {"config": to_dict(cfg), "config_hash": h, "stats": stats, "label_source": scene.label_source})
     return SceneResult(scene_id, "done", stats={"points": stats["points"], "warnings": scene.warnings})

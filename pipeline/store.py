@@ -23,12 +23,13 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.storage import LocalStore
 
 from pipeline import schema
+from pipeline.errors import UserError
 from pipeline.schema import ArraySpec
 
 STORE_FORMAT = "ws3d-store"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that is missing, foreign, or from an incompatible schema version."""
 
 
@@ -258,6 +259,30 @@ class Store:
     def clean_tmp(self) -> None:
         """Remove temporary directories left by killed runs (safe only when no run is active)."""
         shutil.rmtree(self.path / ".tmp", ignore_errors=True)
+
+
+def log_dir(store_path: str | Path) -> Path:
+    """Where the stage logs of a store go: ``<store>.logs/`` beside it (created).
+
+    Not inside the store: Zarr warns about every file there that is not a node of the hierarchy
+    (``ZarrUserWarning: Object at logs is not recognized...``). A ``logs/`` folder that older
+    versions left inside the store is moved out here the first time.
+    """
+    store_path = Path(store_path)
+    target = store_path.with_name(store_path.name + ".logs")
+    old = store_path / "logs"
+    if old.is_dir() and not (old / "zarr.json").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        for item in old.iterdir():
+            dest = target / item.name
+            if dest.exists() and item.is_file():  # both have a log of this stage: keep the old lines first
+                dest.write_text(item.read_text() + dest.read_text())
+                item.unlink()
+            else:
+                shutil.move(str(item), str(dest))
+        old.rmdir()
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _install(source: Path, target: Path, config_hash: str | None, *, replace: bool = False) -> bool:

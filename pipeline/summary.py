@@ -22,6 +22,7 @@ def summarise_store(store: Store) -> dict[str, Any]:
         row: dict[str, Any] = {
             "scene": scene_id, "kind": stats.get("kind"), "points": stats.get("points"),
             "instances": stats.get("instances"), "warnings": len(stats.get("warnings", [])),
+            "labels": stats.get("labels", stats.get("label_source", "annotations")),
             "stages": [s for s in schema.STAGE_GROUPS if store.stage_record(scene_id, s) is not None],
         }
         class_points += np.asarray(stats.get("class_points", [0] * len(class_points)), dtype=np.int64)
@@ -41,6 +42,7 @@ def summarise_store(store: Store) -> dict[str, Any]:
         "instances": int(sum(r["instances"] or 0 for r in rows)),
         "classes_present": present, "class_points": dict(zip(store.class_names, class_points.tolist())),
         "vocabularies": store.vocab_names(), "per_scene": rows,
+        "label_sources": {src: sum(1 for r in rows if r["labels"] == src) for src in sorted({r["labels"] for r in rows})},
     }
 
 
@@ -51,8 +53,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['scenes']} scenes, {summary['points']:,} points, {summary['instances']} instances, "
         f"{len(summary['classes_present'])} classes present: {', '.join(summary['classes_present'])}",
         f"vocabularies: {', '.join(summary['vocabularies']) or '-'}",
+        "labels: " + (", ".join(f"{src} x{n}" for src, n in summary.get("label_sources", {}).items()) or "-"),
         "",
-        f"{'scene':<24}{'kind':<7}{'points':>10}{'inst':>6}{'segs':>7}{'purity':>8}{'views':>6}{'cover':>7}  stages",
+        f"{'scene':<24}{'kind':<7}{'points':>10}{'inst':>6}{'segs':>7}{'purity':>8}{'views':>6}{'cover':>7}  "
+        f"{'labels':<29}stages",
     ]
     for r in summary["per_scene"]:
         def fmt(value: Any, spec: str) -> str:
@@ -60,6 +64,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"{r['scene']:<24}{str(r['kind']):<7}{fmt(r['points'], ',d'):>10}{fmt(r['instances'], 'd'):>6}"
             f"{fmt(r.get('segments'), 'd'):>7}{fmt(r.get('purity'), '.3f'):>8}{fmt(r.get('views'), 'd'):>6}"
-            f"{fmt(r.get('coverage'), '.3f'):>7}  {','.join(r['stages'])}"
+            f"{fmt(r.get('coverage'), '.3f'):>7}  {str(r.get('labels', '-')):<29}{','.join(r['stages'])}"
         )
     return "\n".join(lines)

@@ -2,7 +2,12 @@
 
 Each room: a floor, four walls and 8-20 objects of ScanNet classes built from boxes and
 cylinders with class-typical sizes and colours (with variation), sampled into a vertex-coloured
-triangle mesh with 1-3 cm edges. `write_scannet_layout` writes what a ScanNet release holds for a
+triangle mesh with 1-3 cm edges. Scanner effects (on by default, `SynthConfig.scanner_effects`)
+make the mesh look like a reconstructed scan: surfaces no scanner position sees are dropped,
+thin rods (legs) are lost at random, the floor under furniture and random patches are missing,
+vertices are displaced by noise, each object's mesh is decimated into uneven triangles, and
+colours are shaded and noisy. They draw from their own random stream, so the room's layout is
+the same with or without them. `write_scannet_layout` writes what a ScanNet release holds for a
 scan (binary `_vh_clean_2.ply`, `segs.json`, an aggregation file, `<scene>.txt` with
 `axisAlignment`) plus a small label table, so that the demo exercises the real ScanNet reader.
 Both annotation releases are produced (v2 by default, v1-era for every fourth room). Everything
@@ -63,6 +68,28 @@ class SynthConfig:
     """Standard deviation of per-vertex colour noise (0..255 units), like a scan's."""
     seg_cell_m: float = 0.5
     """Size of the patches that the shipped over-segmentation (segs.json) cuts surfaces into."""
+    scanner_effects: bool = True
+    """Make the mesh scan-like (the knobs below); False = clean, exactly planar primitives."""
+    vertex_noise_m: float = 0.0005
+    """Standard deviation of the white vertex displacement along the surface normal (metres)."""
+    bump_m: float = 0.003
+    """Standard deviation of the smooth displacement along the normal (a scan's bumps, metres)..."""
+    bump_length_m: float = 0.12
+    """...and its typical wavelength (metres)."""
+    vertex_jitter: float = 0.3
+    """In-plane vertex displacement, as a fraction of the edge length (uneven triangles)."""
+    decimate_keep: float = 0.75
+    """Fraction of each object's triangles kept by quadric decimation (1 = none)."""
+    thin_part_m: float = 0.035
+    """Rods (boxes whose two smaller sides are below this) are lost with `thin_part_drop`."""
+    thin_part_drop: float = 0.4
+    """Probability that a thin rod (a leg, a book seen edge-on) is missing from the scan."""
+    floor_under_furniture: bool = True
+    """Drop the floor under furniture footprints (a scan never sees it)."""
+    hole_rate_per_m2: float = 0.06
+    """Random missing patches (discs of 5-25 cm radius) per square metre of surface."""
+    shading: float = 0.35
+    """Strength of the shading (a directional light and a slow exposure drift) in the colours."""
 
 
 @dataclass
@@ -88,8 +115,9 @@ class SynthRoom:
 class _MeshBuilder:
     """Accumulates primitives as grids of triangles with instance and segment ids."""
 
-    def __init__(self, rng: np.random.Generator, cfg: SynthConfig):
+    def __init__(self, rng: np.random.Generator, cfg: SynthConfig, scan_rng: np.random.Generator | None = None):
         self.rng, self.cfg = rng, cfg
+        self.scan_rng = scan_rng  # scanner effects only: the layout's stream stays the same
         self.xyz: list[np.ndarray] = []
         self.rgb: list[np.ndarray] = []
         self.faces: list[np.ndarray] = []
@@ -131,6 +159,10 @@ class _MeshBuilder:
         """An axis-aligned box (5 faces; the bottom only when asked: it rests on something)."""
         lo, hi = np.asarray(lo, float), np.asarray(hi, float)
         dx, dy, dz = hi - lo
+        if self.cfg.scanner_effects and self.scan_rng is not None:
+            sides = np.sort([dx, dy, dz])
+            if sides[1] < self.cfg.thin_part_m and self.scan_rng.random() < self.cfg.thin_part_drop:
+                return  # a thin rod the scan lost
         e = self.cfg.object_edge_m
         x, y, z = np.eye(3)
         self.quad(lo + z * dz, x * dx, y * dy, colour, instance, e)              # top
@@ -245,10 +277,11 @@ _AGAINST_WALL = {"cabinet", "bed", "sofa", "bookshelf", "counter", "desk", "refr
 def make_room(seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> SynthRoom:
     """Generate room `index` of the set drawn with `seed` (deterministic)."""
     rng = np.random.default_rng([seed, index])
+    scan_rng = np.random.default_rng([seed, index, 1])  # scanner effects: their own stream
     scene_id = f"scene{index:04d}_00"
     sx, sy = rng.uniform(*cfg.room_size_m, size=2)
     height = cfg.wall_height_m
-    mb = _MeshBuilder(rng, cfg)
+    mb = _MeshBuilder(rng, cfg, scan_rng)
     labels: list[str] = []
 
     def new_instance(name: str) -> int:
@@ -339,6 +372,9 @@ def make_room(seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> SynthR
     xyz, rgb, faces, seg, instance = mb.build()
     xyz, rgb, faces, seg, instance, labels = _keep_scanned(
         xyz, rgb, faces, seg, instance, labels, _scanner_positions(sx, sy, occupied, cfg))
+    if cfg.scanner_effects:
+        xyz, rgb, faces, seg, instance, labels = _scan_effects(
+            xyz, rgb, faces, seg, instance, labels, occupied, scan_rng, cfg)
     # the raw scan is not axis aligned: rotate about z and translate; axisAlignment undoes it
     angle = rng.uniform(-np.pi, np.pi)
     c, s = np.cos(angle), np.sin(angle)
@@ -360,6 +396,125 @@ def _scanner_positions(sx: float, sy: float, occupied, cfg: SynthConfig) -> np.n
     return np.asarray(positions, dtype=np.float32)
 
 
+def _keep_faces(xyz, rgb, faces, seg, instance, labels, keep):
+    """The mesh restricted to the faces `keep` (bool [F]) and their vertices, ids renumbered
+    (instances and segments that lose every vertex disappear)."""
+    faces = faces[keep]
+    used = np.zeros(len(xyz), dtype=bool)
+    used[faces.ravel()] = True
+    new_index = np.cumsum(used) - 1
+    faces = new_index[faces].astype(np.int32)
+    kept_instances, instance = np.unique(instance[used], return_inverse=True)
+    labels = [labels[i] for i in kept_instances]
+    _, seg = np.unique(seg[used], return_inverse=True)
+    return (xyz[used], rgb[used], faces, seg.astype(np.int32), instance.astype(np.int32), labels)
+
+
+def _vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    v = np.asarray(xyz, np.float64)
+    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
+    out = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(out, faces[:, k], fn)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def _scan_effects(xyz, rgb, faces, seg, instance, labels, occupied, rng: np.random.Generator, cfg: SynthConfig):
+    """What a reconstructed scan has and a clean generator lacks (see the module docstring):
+    missing floor under furniture and random holes, vertex noise, per-object quadric decimation
+    (uneven triangles), shading and colour noise. Ground truth (instances, shipped segments)
+    follows the vertices: decimation runs per instance, segments go to the nearest old vertex."""
+    from scipy.spatial import cKDTree
+
+    xyz = np.asarray(xyz, np.float64)
+    centroid = xyz[faces].mean(axis=1)
+    keep = np.ones(len(faces), dtype=bool)
+    if cfg.floor_under_furniture and occupied:
+        floor_inst = labels.index("floor") if "floor" in labels else -1
+        on_floor = instance[faces[:, 0]] == floor_inst
+        for x0, y0, x1, y1 in occupied:
+            inside = ((centroid[:, 0] > x0 + 0.03) & (centroid[:, 0] < x1 - 0.03)
+                      & (centroid[:, 1] > y0 + 0.03) & (centroid[:, 1] < y1 - 0.03))
+            keep &= ~(on_floor & inside)
+    area = 0.5 * np.linalg.norm(np.cross(xyz[faces[:, 1]] - xyz[faces[:, 0]], xyz[faces[:, 2]] - xyz[faces[:, 0]]), axis=1)
+    n_holes = int(rng.poisson(cfg.hole_rate_per_m2 * float(area.sum())))
+    if n_holes and len(faces):
+        centres = centroid[rng.choice(len(faces), size=n_holes, p=area / area.sum())]
+        radii = rng.uniform(0.05, 0.25, size=n_holes)
+        near = cKDTree(centres).query(centroid, k=1)
+        keep &= ~(near[0] < radii[near[1]])
+    xyz, rgb, faces, seg, instance, labels = _keep_faces(xyz, rgb, faces, seg, instance, labels, keep)
+
+    # noise: along the normal (depth noise), and in the plane (uneven triangles)
+    normal = _vertex_normals(xyz, faces)
+    edge = np.linalg.norm(xyz[faces[:, 0]] - xyz[faces[:, 1]], axis=1)
+    vertex_edge = np.zeros(len(xyz))
+    np.maximum.at(vertex_edge, faces[:, 0], edge)
+    jitter = rng.normal(0, 1, size=xyz.shape) * (cfg.vertex_jitter * vertex_edge / 2)[:, None]
+    jitter -= np.einsum("ij,ij->i", jitter, normal)[:, None] * normal
+    # smooth bumps: random Fourier features of wavelengths around bump_length_m
+    n_feat = 24
+    direction = rng.normal(0, 1, size=(n_feat, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    wave = direction * (2 * np.pi / (cfg.bump_length_m * rng.uniform(0.6, 1.6, size=(n_feat, 1))))
+    bumps = np.cos(xyz @ wave.T + rng.uniform(0, 2 * np.pi, size=n_feat)).sum(axis=1) * np.sqrt(2.0 / n_feat)
+    offset = cfg.bump_m * bumps + rng.normal(0, cfg.vertex_noise_m, size=len(xyz))
+    xyz = xyz + jitter + normal * offset[:, None]
+
+    if cfg.decimate_keep < 1.0:
+        xyz, rgb, faces, seg, instance = _decimate_per_instance(xyz, rgb, faces, seg, instance, cfg.decimate_keep)
+
+    # shading: a directional light (Lambert on the unsigned normal) and a slow exposure drift
+    if cfg.shading > 0:
+        normal = _vertex_normals(xyz, faces)
+        light = np.array([rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), 1.0])
+        light /= np.linalg.norm(light)
+        lambert = np.abs(normal @ light)
+        freq = rng.normal(0, 1.2, size=(3, 3))
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        drift = np.sin(xyz @ freq.T + phase).mean(axis=1)
+        factor = 1.0 - cfg.shading * (0.6 * (1.0 - lambert) + 0.4 * (0.5 - 0.5 * drift))
+        noise = rng.normal(0, cfg.colour_noise / 2, size=rgb.shape)
+        rgb = np.clip(rgb.astype(np.float64) * factor[:, None] * (1.0 + 0.15 * cfg.shading) + noise, 0, 255).astype(np.uint8)
+    return xyz.astype(np.float32), rgb, faces.astype(np.int32), seg, instance, labels
+
+
+def _decimate_per_instance(xyz, rgb, faces, seg, instance, keep: float):
+    """Quadric decimation (Open3D) of each instance's sub-mesh to `keep` of its triangles; colours
+    and shipped segments from the nearest original vertex of the same instance."""
+    import open3d as o3d
+    from scipy.spatial import cKDTree
+
+    out_xyz, out_rgb, out_faces, out_seg, out_inst = [], [], [], [], []
+    count = 0
+    face_inst = instance[faces[:, 0]]
+    for inst in np.unique(instance):
+        f = faces[face_inst == inst]
+        verts = np.unique(f.ravel())
+        local = np.full(len(xyz), -1, np.int64)
+        local[verts] = np.arange(len(verts))
+        v, f = xyz[verts], local[f]
+        target = int(len(f) * keep)
+        if target >= 16:
+            mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32)))
+            mesh = mesh.simplify_quadric_decimation(target, boundary_weight=10.0)
+            mesh.remove_unreferenced_vertices()
+            mesh.remove_degenerate_triangles()
+            new_v, new_f = np.asarray(mesh.vertices), np.asarray(mesh.triangles)
+            if len(new_f):
+                v, f = new_v, new_f
+        nearest = cKDTree(xyz[verts]).query(v, k=1)[1]
+        out_xyz.append(v)
+        out_rgb.append(rgb[verts][nearest])
+        out_seg.append(seg[verts][nearest])
+        out_inst.append(np.full(len(v), inst))
+        out_faces.append(f + count)
+        count += len(v)
+    _, seg_new = np.unique(np.concatenate(out_seg), return_inverse=True)
+    return (np.concatenate(out_xyz), np.concatenate(out_rgb), np.concatenate(out_faces).astype(np.int32),
+            seg_new.astype(np.int32), np.concatenate(out_inst).astype(np.int32))
+
+
 def _keep_scanned(xyz, rgb, faces, seg, instance, labels, positions):
     """Drop the surfaces that no scanner position sees (backs of furniture against walls, tops
     above eye height, faces hidden by other objects): a real scan has no such surfaces.
@@ -376,17 +531,7 @@ def _keep_scanned(xyz, rgb, faces, seg, instance, labels, positions):
         rays = np.concatenate([np.broadcast_to(origin, xyz.shape), delta / np.maximum(dist, 1e-9)[:, None]], 1)
         t_hit = scene.cast_rays(o3d.core.Tensor(rays.astype(np.float32)))["t_hit"].numpy()
         vertex_seen |= t_hit >= dist - 0.01
-    seen = vertex_seen[faces].any(axis=1)
-    faces = faces[seen]
-    used = np.zeros(len(xyz), dtype=bool)
-    used[faces.ravel()] = True
-    new_index = np.cumsum(used) - 1
-    faces = new_index[faces].astype(np.int32)
-    instance = instance[used]
-    kept_instances, instance = np.unique(instance, return_inverse=True)
-    labels = [labels[i] for i in kept_instances]
-    _, seg = np.unique(seg[used], return_inverse=True)
-    return (xyz[used], rgb[used], faces, seg.astype(np.int32), instance.astype(np.int32), labels)
+    return _keep_faces(xyz, rgb, faces, seg, instance, labels, vertex_seen[faces].any(axis=1))
 
 
 def write_scannet_layout(room: SynthRoom, out_dir: str | Path, *, variant: str = "v2") -> Path:

@@ -14,7 +14,7 @@ from ws3d_train.demo import DemoConfig, format_results, run_demo
 
 
 def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=2, val_scenes=1, room=SMALL, teacher_steps=15, teacher_seconds=4.0,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=2, val_scenes=1, corpus_rooms=2, room=SMALL, teacher_steps=15, teacher_seconds=4.0,
                      pretrain_steps=2, finetune_steps=2, voxel_size_m=0.1, max_voxels=5000, batch_size=1,
                      executor=ExecutorConfig(kind="sync"))
     lines: list[str] = []
@@ -24,8 +24,27 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     assert set(row) >= {"mIoU", "novel mIoU", "hIoU", "AP50", "box mAP@25"}
     assert 0.0 <= row["mIoU"]["mean"] <= 1.0
     assert written["val_scenes"] == 1 and written["train_scenes"] == 2
-    assert set(written["preprocess_seconds"]) >= {"ingest", "overseg", "render", "teacher", "embed"}
+    assert set(written["preprocess_seconds"]) >= {"ingest", "overseg", "render", "corpus", "teacher", "embed"}
     assert "+pretrain (full)" in format_results(results)
+    # one table from one prediction: mIoU is the calibrated prediction's, the semantic head apart
+    assert row["mIoU"]["mean"] == pytest.approx(written["metrics"]["open_vocab"]["combined"]["miou"])
+    assert row["sem-head mIoU"]["mean"] == pytest.approx(written["metrics"]["semantic"]["miou"])
+    assert written["metrics"]["instance"]["min_region_size"] == cfg.min_region_size
+    assert "instances of >= 20 points" in format_results(results)
+    # the 2D-fusion baseline row, no training
+    fusion = written["table"]["2d fusion"]
+    assert 0.0 <= fusion["mIoU"]["mean"] <= 1.0 and fusion["sem-head mIoU"]["mean"] is None
+    # the protocol: the teacher's corpus is its own rooms, never a 3D room
+    protocol = written["protocol"]
+    assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 2 and len(protocol["val_scenes"]) == 1
+    scenes_3d = set(protocol["train_scenes"]) | set(protocol["val_scenes"])
+    assert not set(protocol["teacher_scenes"]) & scenes_3d
+    assert protocol["teacher_store"] != str(tmp_path / "demo" / "store.zarr")
+    assert protocol["novel_classes"] == ["sofa", "bookshelf", "desk", "toilet"]
+    assert protocol["labelled_points_per_scene"] == 20
+    teacher = json.loads((tmp_path / "demo" / "teacher" / "teacher_corpus.json").read_text())
+    assert sorted(teacher["scenes"]) == sorted(protocol["teacher_scenes"])
+    assert set(written["teacher"]["crop_accuracy_3d_val"]) >= {"base", "novel"}
     pictures = sorted((tmp_path / "demo" / "report").glob("*.png"))
     names = {p.name.split("_")[0] for p in pictures}
     assert {"training", "views", "query"} <= names, pictures

@@ -64,6 +64,8 @@ def test_evaluate_returns_every_group_finite(run, store, tmp_path):
     table = format_table(result)
     for words in ("semantic", "open-vocab (CLIP head)", "open-vocab (calibrated)", "instances", "boxes", "chair *"):
         assert words in table
+    size = result["instance"]["min_region_size"]
+    assert f"instances (>= {size} pts)" in table and f"boxes (>= {size} pts)" in table  # AP states its region size
 
 
 def test_semantic_metrics_match_a_direct_computation(run, store):

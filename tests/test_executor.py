@@ -71,3 +71,71 @@ def test_cli_ingest_validate_info_and_rerun(tmp_path):
     assert result.exit_code == 1
     assert "FAILED scene0001_00" in result.output and "aggregation.json" in result.output
     assert Store.open(tmp_path / "t.zarr").scene_ids() == ["scene0000_00"]
+
+
+def _fake_bin(folder, **commands):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in commands.items():
+        path = folder / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return folder
+
+
+def test_a_cluster_without_its_submit_command_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from pipeline.executor import ClusterError
+    from pipeline.errors import UserError
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for kind, command in (("slurm", "sbatch"), ("pbs", "qsub")):
+        start = time.perf_counter()
+        with pytest.raises(ClusterError, match=command) as info:
+            run_scenes("ingest", str, ["scene0000_00"], ExecutorConfig(kind=kind), progress=False)
+        assert time.perf_counter() - start < 5 and isinstance(info.value, UserError)
+        assert "executor.kind=local" in str(info.value)
+
+
+def test_no_worker_joining_stops_with_the_command_queue_and_script(tmp_path, monkeypatch):
+    """A fake `sbatch` accepts the job but nothing ever starts (a wrong queue, a job stuck pending):
+    the run stops after worker_timeout_s naming sbatch, the queue and the job script."""
+    import os
+    import time
+
+    from pipeline.executor import ClusterError
+
+    fake = _fake_bin(tmp_path / "bin", sbatch='echo "Submitted batch job 4242"', scancel="exit 0", squeue="exit 0")
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    cfg = ExecutorConfig(kind="slurm", queue="gpu-nope", jobs=1, worker_timeout_s=2.0, job_dir=str(tmp_path / "jobs"))
+    start = time.perf_counter()
+    with pytest.raises(ClusterError) as info:
+        run_scenes("ingest", str, ["scene0000_00"], cfg, progress=False)
+    message = str(info.value)
+    assert time.perf_counter() - start < 60
+    script = tmp_path / "jobs" / "ws3d-slurm-job.sh"
+    assert "`sbatch`" in message and "gpu-nope" in message and str(script) in message and "waited 2 s" in message
+    assert script.is_file() and "#SBATCH" in script.read_text() and "gpu-nope" in script.read_text()
+
+
+def test_workflows_run_locally_unless_a_cluster_is_asked_for():
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.workflow import load_workflow
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("scannet", "s3dis", "semantickitti", "synthetic"):
+        assert load_workflow(root / "workflows" / f"{name}.yaml", []).executor.kind == "local", name
+    assert load_workflow(root / "workflows" / "scannet.slurm.yaml", []).executor.kind == "slurm"
+    assert load_workflow(root / "workflows" / "s3dis.pbs.yaml", []).executor.kind == "pbs"
+
+    def planned(*args):
+        out = subprocess.run(["make", "-n", "-s", "preprocess", *args], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert "workflows/scannet.yaml" in planned("DATASET=scannet") and "executor.kind" not in planned("DATASET=scannet")
+    line = planned("DATASET=scannet", "EXECUTOR=slurm")
+    assert "workflows/scannet.slurm.yaml" in line and "executor.kind=slurm" in line
+    line = planned("DATASET=synthetic", "EXECUTOR=slurm")  # no synthetic.slurm.yaml: the default with kind=slurm
+    assert "workflows/synthetic.yaml" in line and "executor.kind=slurm" in line

@@ -75,7 +75,9 @@ def _break_empty(raw, scene):
 
 
 def _break_missing(raw, scene):
-    path = raw / "scans" / scene / f"{scene}.aggregation.json"
+    # the aggregation names segments of segs.json: without it the annotation is broken (a scan
+    # with no aggregation at all ingests as unlabelled, see tests/test_readers_scannet.py)
+    path = raw / "scans" / scene / f"{scene}_vh_clean_2.0.010000.segs.json"
     path.unlink()
     return path, "missing"
 

@@ -515,3 +515,62 @@ def test_real_s3dis_sample_runs_and_validates():
     _validate(result, len(xyz))
     assert np.all(result.semantic_boundary == 255)  # no labels given
     assert 1 <= result.n_segments <= len(xyz)
+
+
+# --------------------------------------------------------------------------------------------
+# density invariance and the real sample
+# --------------------------------------------------------------------------------------------
+def test_density_sweep_gives_about_the_same_segments():
+    """The same surface as a mesh and as 4x / 12x denser clouds: counts within 1.5x, pure."""
+    from pipeline.scan_stats import sample_mesh_surface
+    from pipeline.synth import SynthConfig, make_room
+
+    room = make_room(3, 0, SynthConfig(room_size_m=(2.0, 2.5), min_objects=5, max_objects=6,
+                                        room_edge_m=0.04, object_edge_m=0.03))
+    counts, purities = [], []
+    for mult in (1, 4, 12):
+        if mult == 1:
+            xyz, rgb, inst, faces = room.xyz, room.rgb, room.instance, room.faces
+        else:
+            xyz, rgb, (inst,) = sample_mesh_surface(room.xyz, room.rgb, room.faces, mult * len(room.xyz),
+                                                    labels=(room.instance,), seed=mult)
+            faces = None
+        result = overseg_points(xyz, rgb, faces=faces)
+        counts.append(result.n_segments)
+        purities.append(purity(result.segment, inst))
+    assert max(counts) <= 1.5 * min(counts), counts
+    assert min(purities) >= 0.96, purities
+
+
+def test_surface_voxels_keep_the_two_sides_of_a_thin_slab_apart():
+    from pipeline.overseg import surface_voxels
+
+    top = np.stack(np.meshgrid(np.arange(0, 0.2, 0.01), np.arange(0, 0.2, 0.01), [0.015]), -1).reshape(-1, 3)
+    bottom = top - [0, 0, 0.01]  # 1 cm below: the same 2 cm cells
+    xyz = np.concatenate([top, bottom])
+    normal = np.concatenate([np.tile([0, 0, 1.0], (len(top), 1)), np.tile([0, 0, -1.0], (len(top), 1))])
+    inverse, first = surface_voxels(xyz, normal, 0.02)
+    assert not np.isin(inverse[: len(top)], inverse[len(top):]).any()
+    assert len(first) == inverse.max() + 1 and (inverse[first] == np.arange(len(first))).all()
+
+
+REAL_SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "scannet"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_SCAN / "scans" / "scene0470_00").is_dir(),
+                    reason=f"real ScanNet sample absent ({REAL_SCAN}/scans/scene0470_00)")
+def test_real_scan_purity_and_density_sweep():
+    """The real sample has semantics only (labels PLY): purity is measured against them."""
+    from pipeline.readers import scannet
+    from pipeline.scan_stats import felzenszwalb_mesh_segments, sample_mesh_surface
+
+    scene = scannet.read_scene(REAL_SCAN, "scene0470_00")
+    sem = np.where(scene.semantic >= 0, scene.semantic, -1)
+    reference = int(felzenszwalb_mesh_segments(scene.xyz, scene.faces).max()) + 1
+    mesh = overseg_points(scene.xyz, scene.rgb, faces=scene.faces)
+    assert purity(mesh.segment, sem) >= 0.96
+    assert 0.5 <= mesh.n_segments / reference <= 1.5, (mesh.n_segments, reference)
+    xyz, rgb, (sem12,) = sample_mesh_surface(scene.xyz, scene.rgb, scene.faces, 12 * len(scene.xyz), labels=(sem,))
+    dense = overseg_points(xyz, rgb)
+    assert dense.n_segments <= 1.5 * mesh.n_segments and purity(dense.segment, sem12) >= 0.96

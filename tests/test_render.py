@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cameras, render, schema
+from pipeline import cameras, parallel, render, schema
 from pipeline.executor import ExecutorConfig, run_scenes
 from pipeline.render import (
     RenderConfig,
@@ -484,14 +484,14 @@ def test_occlusion_probe_matches_the_closest_hit_rule() -> None:
 
 
 def test_serial_and_parallel_kernels_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    # kernels run serially below render.PARALLEL_MIN_ITEMS: both variants must give the same views
+    # kernels run serially below parallel.PARALLEL_MIN_ITEMS: both variants must give the same views
     xyz, rgb, faces = small_room(edge=0.2)
     cloud = point_cloud_of(xyz, faces, 4000)
     cloud_rgb = np.random.default_rng(0).integers(0, 255, (len(cloud), 3)).astype(np.uint8)
     cfg = RenderConfig(max_views=4, point_radius_m=0.05, **SMALL)
     runs = []
     for threshold in (1 << 40, 0):
-        monkeypatch.setattr(render, "PARALLEL_MIN_ITEMS", threshold)
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_ITEMS", threshold)
         runs.append([render_scene(xyz, rgb, faces, kind="mesh", cfg=cfg),
                      render_scene(cloud, cloud_rgb, None, kind="points", cfg=cfg)])
     for serial, parallel in zip(*runs):

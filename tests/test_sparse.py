@@ -2,7 +2,9 @@
 
 Every backend that can run here gets the same random sparse inputs on a small grid; the dense
 convolution holds the same weights; forward values and gradients (features and weights) must agree
-at the active sites. torchsparse runs only where it imports and CUDA is present.
+at the active sites. torch and spconv (its CPU build, installed by ``make install``) run on the CPU
+in the default run; the CUDA cases (torch, spconv, torchsparse) carry the ``gpu`` marker and skip
+without CUDA or without the library (``pytest -m gpu``; ``make gpu-check`` runs them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ws3d_train.sparse import (
+    AUTO_ORDER_CPU,
     BACKEND_ENV,
     SparseCache,
     SparseTensor,
@@ -21,7 +24,7 @@ from ws3d_train.sparse import (
     kernel_offsets,
     spatial_sort_order,
 )
-from ws3d_train.sparse import torch_backend, torchsparse_backend
+from ws3d_train.sparse import spconv_backend, torch_backend, torchsparse_backend
 from ws3d_train.sparse.nn import SparseBatchNorm, SparseConv3d, SparseReLU, sparse_cat
 
 GRID = 8
@@ -30,13 +33,21 @@ BATCHES = 2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors gain nothing from threads
 
-_TS_SKIP = pytest.mark.skipif(
-    not (torchsparse_backend.is_available() and torch.cuda.is_available()),
-    reason="torchsparse backend needs `import torchsparse` (installed from its own wheels) and CUDA",
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_NO_SPCONV = pytest.mark.skipif(
+    not spconv_backend.is_available(), reason="spconv backend needs `import spconv.pytorch` (pip install spconv)"
+)
+_NO_TS = pytest.mark.skipif(
+    not torchsparse_backend.is_available(),
+    reason="torchsparse backend needs `import torchsparse` (installed from its own wheels)",
 )
 BACKENDS = [
     pytest.param("torch", "cpu", id="torch"),
-    pytest.param("torchsparse", "cuda", id="torchsparse", marks=_TS_SKIP),
+    pytest.param("spconv", "cpu", id="spconv", marks=_NO_SPCONV),
+    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, _NO_CUDA]),
+    pytest.param("spconv", "cuda", id="spconv-cuda", marks=[pytest.mark.gpu, _NO_CUDA, pytest.mark.skipif(
+        not spconv_backend.has_cuda(), reason="needs a CUDA build of spconv (spconv-cu12x), not the CPU one")]),
+    pytest.param("torchsparse", "cuda", id="torchsparse", marks=[pytest.mark.gpu, _NO_CUDA, _NO_TS]),
 ]
 
 
@@ -308,7 +319,8 @@ def test_invalid_inputs_raise() -> None:
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert get_backend("torch").NAME == "torch"
-    assert get_backend("auto", device="cpu").NAME == "torch"  # torchsparse is never auto on the CPU
+    expected_cpu = next(n for n in AUTO_ORDER_CPU if n == "torch" or spconv_backend.is_available())
+    assert get_backend("auto", device="cpu").NAME == expected_cpu  # torchsparse is never auto on the CPU
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert get_backend().NAME == "torch"
     monkeypatch.setenv(BACKEND_ENV, "bogus")
@@ -320,6 +332,13 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torchsparse_backend.is_available():
         with pytest.raises(ImportError, match="torchsparse"):
             get_backend("torchsparse")
+    if spconv_backend.is_available():
+        assert get_backend("spconv").NAME == "spconv"
+        monkeypatch.setenv(BACKEND_ENV, "spconv")
+        assert get_backend().NAME == "spconv"
+    else:
+        with pytest.raises(ImportError, match="pip install spconv"):
+            get_backend("spconv")
 
 
 @pytest.mark.parametrize("v21", [True, False])
@@ -382,9 +401,12 @@ def test_bench_sparse_returns_plain_numbers() -> None:
     voxels = room_voxels(3000, seed=3)
     assert voxels.shape == (3000, 3) and voxels.dtype == torch.int32 and int(voxels.min()) >= 0
     assert torch.unique(voxels, dim=0).shape[0] == 3000
-    result = bench_sparse(n_voxels=1500, channels=8, dense_grid=16, repeats=1, threads=1)
-    assert result["n_voxels"] == 1500 and result["backend"] == "torch"
-    assert all(isinstance(v, (int, float, str)) for v in result.values())
-    assert result["subm_conv_voxels_per_s"] > 0 and result["tiny_net_voxels_per_s"] > 0
-    assert result["dense_n_active"] > 100
-    assert result["sparse_dense_max_abs_diff"] < 1e-4  # the bench's sparse and dense convs agree
+    result = bench_sparse(1500, channels=(8,), networks=("tiny",), backends=["torch"], dense_grid=16, repeats=1,
+                          threads=1)
+    assert result["sizes"] == [1500] and list(result["backends"]) == ["torch"]
+    res = result["backends"]["torch"]
+    rows = res["rows"]
+    assert rows["subm3_c8_n1500"]["voxels_per_s"] > 0 and rows["net_tiny_n1500"]["voxels_per_s"] > 0
+    assert all(isinstance(v, float) for row in rows.values() for v in row.values())
+    assert res["max_abs_diff_vs_dense"] < 1e-4  # the bench's sparse and dense convs agree
+    assert result["ratios"] == {}  # no other backend asked for

@@ -11,7 +11,14 @@ from pipeline import schema
 from pipeline.clip_model import load_encoder
 from pipeline.store import Store
 from pipeline.teacher import (
+    COLOUR_NAMES,
     TeacherConfig,
+    caption_phrases,
+    caption_texts,
+    check_teacher_corpus,
+    colour_index,
+    run_fit,
+    unit_colours,
     augment,
     collect_crops,
     fit_teacher,
@@ -57,7 +64,8 @@ TINY = TeacherConfig(
 def trained(tmp_path_factory):
     crops, labels = shape_crops(480)
     out = tmp_path_factory.mktemp("teacher")
-    result = fit_teacher(crops, labels, SHAPE_CLASSES, out, TINY, verbose=False)
+    colours = colour_index(SHAPE_COLOURS.astype(np.uint8))[labels]  # red, green, blue, yellow shapes
+    result = fit_teacher(crops, labels, SHAPE_CLASSES, out, TINY, colour_ids=colours, verbose=False)
     return out, result
 
 
@@ -133,7 +141,8 @@ def test_saved_teacher_reloads_identically(trained):
     prep = json.loads((out / "preprocessor_config.json").read_text())
     assert prep["crop_size"]["height"] == TINY.image_size and len(prep["image_mean"]) == 3
     report = json.loads((out / "teacher_report.json").read_text())
-    assert report["val_accuracy"] == pytest.approx(result.val_accuracy)
+    assert report["crop_accuracy_heldout"] == pytest.approx(result.val_accuracy)
+    assert not any("zero" in key for key in report)  # classification accuracy, named so
     # the embed stage's loader takes the folder as is
     encoder = load_encoder(str(out), device="cpu")
     assert encoder.image_size == TINY.image_size and encoder.dim == TINY.projection_dim
@@ -192,7 +201,8 @@ def _tiny_store(path):
 def test_collect_crops_from_store(tmp_path):
     rgb = _tiny_store(tmp_path / "store")
     cfg = TeacherConfig(crop_size=20, min_pixels=50, scales=(1.0,), views_per_object=2, max_crops_per_scene=0)
-    crops, ids = collect_crops(str(tmp_path / "store"), ["scene0"], cfg)
+    crops, ids, colours = collect_crops(str(tmp_path / "store"), ["scene0"], cfg)
+    assert colours.shape == ids.shape and (colours == colour_index(np.zeros((1, 3), np.uint8))[0]).all()  # black points
     # instances: chair (2 views); unlabelled instance skipped; segments: chair + wall (2 views each),
     # unlabelled segment skipped
     assert crops.shape == (6, 20, 20, 3) and crops.dtype == np.uint8
@@ -205,3 +215,64 @@ def test_collect_crops_from_store(tmp_path):
     only_instances = collect_crops(str(tmp_path / "store"), ["scene0"], TeacherConfig(
         crop_size=20, min_pixels=50, scales=(1.0, 2.0), sources=("instance",)))
     assert only_instances[1].tolist() == [1, 1, 1, 1]
+
+
+def test_colour_names_of_the_synthetic_palettes():
+    names = [name for name, _ in COLOUR_NAMES]
+    assert len(set(names)) == len(names)
+    rgb = np.array([[220, 60, 50], [50, 120, 200], [240, 200, 60], [60, 170, 90], [140, 100, 60], [30, 50, 80],
+                    [245, 245, 240], [40, 40, 45]], np.uint8)
+    got = [names[i] for i in colour_index(rgb)]
+    assert got == ["red", "blue", "yellow", "green", "brown", "navy blue", "white", "black"]
+
+
+def test_unit_colours_majority_and_share():
+    unit = np.array([0, 0, 0, 1, 1, 1, 1, -1])
+    colour = np.array([5, 5, 2, 1, 2, 3, 4, 0])
+    assert unit_colours(unit, colour, min_share=0.5).tolist() == [5, -1]
+    assert unit_colours(unit, colour, min_share=0.25).tolist() == [5, 1]
+
+
+def test_captions_include_colour_and_synonym_variants(trained):
+    navy = [name for name, _ in COLOUR_NAMES].index("navy blue")
+    assert caption_phrases("sofa", navy) == ["navy blue sofa", "navy blue couch"]
+    assert caption_phrases("sofa", -1) == ["sofa", "couch"]
+    texts = set(caption_texts(["chair", "sofa"], ("a photo of a {}.",)))
+    assert {"a photo of a red chair.", "a photo of a seat.", "a photo of a couch.", "a photo of a dark green couch."} <= texts
+    # the fitted teacher was trained on coloured captions: its tokenizer has the colour words, and
+    # its held-out colour accuracy is measured (4 colours among 21 names: chance < 0.05)
+    out, result = trained
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.tokenize("yellow") == ["yellow</w>"]
+    assert result.val_colour_accuracy > 3 / len(COLOUR_NAMES), result.report()  # > 3x chance
+
+
+def test_run_fit_opens_only_the_corpus_store_and_records_it(tmp_path, monkeypatch):
+    from pipeline import teacher as teacher_mod
+    from pipeline.config import ConfigError
+
+    _tiny_store(tmp_path / "corpus")
+    opened: list[str] = []
+    real_open = Store.open.__func__
+
+    def spy(cls, path):
+        opened.append(str(path))
+        return real_open(cls, path)
+
+    monkeypatch.setattr(teacher_mod.Store, "open", classmethod(spy))
+    cfg = TeacherConfig(**{**TINY.__dict__, "steps": 2, "crop_size": 20, "min_pixels": 50, "scales": (1.0,)})
+    report = run_fit(str(tmp_path / "corpus"), None, tmp_path / "teacher", cfg)
+    assert report["steps"] == 2
+    assert opened and all(p == str(tmp_path / "corpus") for p in opened), opened
+    record = json.loads((tmp_path / "teacher" / "teacher_corpus.json").read_text())
+    assert record["store"] == str((tmp_path / "corpus").resolve()) and record["scenes"] == ["scene0"]
+    assert record["caption_vocabulary"]["synonyms"]["chair"] == ["chair", "seat"]
+    # the trainers' check: refused on the corpus store itself or on a store sharing a scene
+    with pytest.raises(ConfigError, match="fitted on"):
+        check_teacher_corpus(record, tmp_path / "corpus", ["sceneX"])
+    with pytest.raises(ConfigError, match="shares 1 scene"):
+        check_teacher_corpus(record, tmp_path / "other", ["scene0", "scene1"])
+    check_teacher_corpus(record, tmp_path / "other", ["scene1"])
+    check_teacher_corpus(None, tmp_path / "corpus", ["scene0"])  # a real CLIP: no record, nothing to check

@@ -1,4 +1,7 @@
-"""The typed training batch and `collate` (per-scene samples -> one batch). No I/O.
+"""The typed per-scene sample, the typed training batch and `collate` (samples -> one batch). No I/O.
+
+`SceneSample` lives here rather than in ``ws3d_train.data`` (which makes samples from the store)
+so that this module imports nothing of the data path: ``data`` imports ``batch``, never the reverse.
 
 Conventions (the same everywhere in ``ws3d_train``):
 
@@ -15,14 +18,63 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ws3d_train.data import SceneSample
+__all__ = ["Batch", "SceneSample", "collate"]
 
-__all__ = ["Batch", "collate"]
+
+@dataclass
+class SceneSample:
+    """One scene ready for collation (NumPy, picklable across DataLoader workers).
+
+    Nv voxels after cropping, N points of the whole scene, S segments and V views kept, M kept
+    (view, voxel) pairs, D the CLIP width (0 when the stage reads no CLIP targets).
+    """
+
+    scene_id: str
+    coords: np.ndarray
+    """[Nv, 3] int32 voxel coordinates (x, y, z), >= 0."""
+    feats: np.ndarray
+    """[Nv, C] float32 network input of each voxel's representative point."""
+    voxel_semantic: np.ndarray
+    """[Nv] int64 majority label of the voxel's labelled points, IGNORE_INDEX if none."""
+    voxel_instance: np.ndarray
+    """[Nv] int64 instance of the representative point, -1 none."""
+    voxel_segment: np.ndarray
+    """[Nv] int64 segment in 0..S-1 of the representative point, -1 none."""
+    voxel_boundary: np.ndarray
+    """[Nv] uint8 1 where any point of the voxel is a geometric boundary."""
+    voxel_semantic_boundary: np.ndarray
+    """[Nv] int64 1/0 from the voxel's points with known semantic boundary, -1 unknown."""
+    segment_target: np.ndarray
+    """[S, D] float32 CLIP embedding of each kept segment."""
+    segment_seen: np.ndarray
+    """[S] bool, the segment has a CLIP embedding."""
+    segment_orig: np.ndarray
+    """[S] int64 the segment's id in the scene's ``overseg/segment``."""
+    view_ptr: np.ndarray
+    """[V+1] int64 CSR offsets into ``view_voxel``."""
+    view_voxel: np.ndarray
+    """[M] int64 voxels shown by each view (unique per view, sorted)."""
+    view_target: np.ndarray
+    """[V, D] float32 CLIP embedding of each kept view."""
+    view_orig: np.ndarray
+    """[V] int64 the view's index in the scene's ``views/``."""
+    point_xyz: np.ndarray
+    """[N, 3] float32 augmented point positions (metres)."""
+    point_to_voxel: np.ndarray
+    """[N] int64 voxel of each point, -1 where cropped away."""
+    point_semantic: np.ndarray
+    """[N] int64 label, IGNORE_INDEX where unlabelled."""
+    point_instance: np.ndarray
+    """[N] int64 instance, -1 where none."""
+    point_segment: np.ndarray
+    """[N] int64 kept segment (0..S-1) of each point, -1 where its segment was dropped."""
+    voxel_origin: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    """[3] int64: ``coords = floor(point_xyz / voxel_size) - voxel_origin`` for kept points."""
 
 
 @dataclass

@@ -3,8 +3,9 @@ reference measured in the same process where one exists.
 
 Sections (each from the stage owner's bench function): rendering vs bare ray casting,
 over-segmentation vs Open3D FPFH, CLIP embedding images/s, store read scenes/s, sparse
-convolution voxels/s and against a dense `nn.Conv3d`, peak memory per stage, and, on a GPU,
-training steps/s and peak GPU memory. Writes a JSON file and prints a table.
+convolution voxels/s of every installed backend side by side, each against a dense `nn.Conv3d`
+(`sparse.backends.<name>`), peak memory per stage, and, on a GPU, training steps/s and peak GPU
+memory. Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
 """
 from __future__ import annotations
 
@@ -72,8 +73,10 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
     tiny = size == "tiny"
     if name == "overseg":
         return {"n_points": 8_000 if tiny else 80_000}
-    if name == "sparse":
-        return {"n_voxels": 5_000 if tiny else 80_000}
+    if name == "sparse":  # every installed backend side by side (ws3d_train.bench_sparse)
+        if tiny:
+            return {"sizes": (3_000,), "channels": (8, 16), "net_sizes": (2_000,), "dense_grid": 16, "repeats": 1}
+        return {}  # 80k and 300k voxels, 32 and 64 channels, tiny and MinkUNet18 at 80k
     if name == "render":
         return {"tiny": True} if tiny else {}
     if name == "embed":

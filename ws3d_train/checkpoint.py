@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pipeline import schema
+from pipeline.errors import UserError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -46,7 +47,7 @@ CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from an incompatible format/schema."""
 
 

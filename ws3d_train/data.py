@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import schema
+from pipeline.errors import UserError
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
+from ws3d_train.batch import SceneSample, collate
 
 __all__ = [
     "DataConfig",
@@ -50,6 +52,8 @@ __all__ = [
     "SceneSample",
     "crop_box_xy",
     "default_voxel_size",
+    "drop_unlabelled",
+    "is_unlabelled",
     "make_loader",
     "make_sample",
     "read_scene_list",
@@ -80,7 +84,7 @@ SEMANTIC_BOUNDARY_UNKNOWN = 255
 """`overseg/semantic_boundary` value for "no labels around this point"."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A scene or store that cannot feed the trainer (missing stage, inconsistent arrays)."""
 
 
@@ -160,57 +164,6 @@ class SceneArrays:
     """[S, D] segment embeddings."""
     clip_segment_seen: np.ndarray | None = None
     """[S] uint8."""
-
-
-@dataclass
-class SceneSample:
-    """One scene ready for collation (NumPy, picklable across DataLoader workers).
-
-    Nv voxels after cropping, N points of the whole scene, S segments and V views kept, M kept
-    (view, voxel) pairs, D the CLIP width (0 when the stage reads no CLIP targets).
-    """
-
-    scene_id: str
-    coords: np.ndarray
-    """[Nv, 3] int32 voxel coordinates (x, y, z), >= 0."""
-    feats: np.ndarray
-    """[Nv, C] float32 network input of each voxel's representative point."""
-    voxel_semantic: np.ndarray
-    """[Nv] int64 majority label of the voxel's labelled points, IGNORE_INDEX if none."""
-    voxel_instance: np.ndarray
-    """[Nv] int64 instance of the representative point, -1 none."""
-    voxel_segment: np.ndarray
-    """[Nv] int64 segment in 0..S-1 of the representative point, -1 none."""
-    voxel_boundary: np.ndarray
-    """[Nv] uint8 1 where any point of the voxel is a geometric boundary."""
-    voxel_semantic_boundary: np.ndarray
-    """[Nv] int64 1/0 from the voxel's points with known semantic boundary, -1 unknown."""
-    segment_target: np.ndarray
-    """[S, D] float32 CLIP embedding of each kept segment."""
-    segment_seen: np.ndarray
-    """[S] bool, the segment has a CLIP embedding."""
-    segment_orig: np.ndarray
-    """[S] int64 the segment's id in the scene's ``overseg/segment``."""
-    view_ptr: np.ndarray
-    """[V+1] int64 CSR offsets into ``view_voxel``."""
-    view_voxel: np.ndarray
-    """[M] int64 voxels shown by each view (unique per view, sorted)."""
-    view_target: np.ndarray
-    """[V, D] float32 CLIP embedding of each kept view."""
-    view_orig: np.ndarray
-    """[V] int64 the view's index in the scene's ``views/``."""
-    point_xyz: np.ndarray
-    """[N, 3] float32 augmented point positions (metres)."""
-    point_to_voxel: np.ndarray
-    """[N] int64 voxel of each point, -1 where cropped away."""
-    point_semantic: np.ndarray
-    """[N] int64 label, IGNORE_INDEX where unlabelled."""
-    point_instance: np.ndarray
-    """[N] int64 instance, -1 where none."""
-    point_segment: np.ndarray
-    """[N] int64 kept segment (0..S-1) of each point, -1 where its segment was dropped."""
-    voxel_origin: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
-    """[3] int64: ``coords = floor(point_xyz / voxel_size) - voxel_origin`` for kept points."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +500,38 @@ def default_voxel_size(store: Store, scene_ids: Sequence[str] = ()) -> float:
     return INDOOR_VOXEL_M
 
 
+def is_unlabelled(store: Store, scene_id: str) -> bool:
+    """True for a scene ingested without labels (e.g. a ScanNet test scan): its ingest record's
+    ``label_source`` is ``"none"``, or (older stores) none of its points has a label."""
+    record = store.stage_record(scene_id, "ingest") or {}
+    source = record.get("label_source") or (record.get("stats") or {}).get("label_source")
+    if source is not None:
+        return source == "none"
+    stats = record.get("stats") or {}
+    if "labelled_fraction" in stats:
+        return float(stats["labelled_fraction"]) == 0.0
+    return not bool((store.read(scene_id, schema.SEMANTIC) != IGNORE_INDEX).any())
+
+
+def drop_unlabelled(store: Store, scene_ids: Sequence[str], *, purpose: str = "label losses") -> tuple[list[str], list[str]]:
+    """``(labelled, unlabelled)`` scene ids, in order; warns naming the unlabelled ones.
+
+    Raises:
+        DataError when every scene is unlabelled.
+    """
+    import warnings
+
+    labelled = [s for s in scene_ids if not is_unlabelled(store, s)]
+    unlabelled = [s for s in scene_ids if s not in set(labelled)]
+    if unlabelled and not labelled:
+        raise DataError(f"{store.path}: all {len(unlabelled)} scene(s) are unlabelled (e.g. {unlabelled[0]}); "
+                        f"{purpose} need labelled scenes")
+    if unlabelled:
+        warnings.warn(f"{store.path}: {len(unlabelled)} unlabelled scene(s) skipped for {purpose} "
+                      f"(e.g. {unlabelled[:3]})", stacklevel=2)
+    return labelled, unlabelled
+
+
 def read_scene_list(path: str | Path) -> list[str]:
     """Scene ids from a text file, one per line (blank lines and ``#`` comments skipped)."""
     lines = Path(path).read_text().splitlines()
@@ -703,8 +688,6 @@ def make_loader(
     (which would make a resumed run diverge from an uninterrupted one). ``collate_fn`` turns the
     dataset's items into a batch (default :func:`ws3d_train.batch.collate`).
     """
-    from ws3d_train.batch import collate
-
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, start_batch=start_batch)
     generator = torch.Generator()
     generator.manual_seed(int(seed))

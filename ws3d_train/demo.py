@@ -1,14 +1,31 @@
 """`ws3d demo` / `make demo`: the whole method end to end on synthetic rooms, honestly small.
 
+The protocol (recorded in results.json as `protocol`):
+
+- the offline teacher (the stand-in for CLIP) is fitted on its **own corpus**: rooms synthesised
+  from a separate seed namespace with their own scene ids (:mod:`pipeline.corpus`), rendered into
+  a separate store. It never opens the 3D store; the trainers refuse a teacher whose corpus is
+  their store or shares any of their scenes;
+- the 3D rooms are split into named train and validation lists; pre-training and fine-tuning read
+  only the train list, evaluation only the validation list; nothing is tuned on validation rooms;
+- novel classes get no label from the 3D rooms through any path (loss, boundary target, model
+  selection): fine-tuning sees `labels` points per scene of the base classes only;
+- one table from one prediction: mIoU, base, novel and harmonic-mean IoU all from the final
+  (calibrated) prediction; the semantic head alone is a separate column; AP and box mAP count
+  instances of at least `min_region_size` points;
+- a 2D-fusion row (the teacher's segment embeddings against the class texts, projected onto the
+  points through the stored pixel->point maps, no 3D training) shows what 3D training adds.
+
 Synthesises rooms (train + val) in the ScanNet raw layout, preprocesses them through the executor
-(ingest, over-segment, render), fits the offline teacher on the training scenes only, embeds,
+(ingest, over-segment, render), builds the teacher corpus and fits the teacher on it, embeds,
 pre-trains, fine-tunes with few labels on the base classes of the synthetic open-vocabulary split,
 evaluates on the validation rooms, and writes a results table (JSON + terminal) and pictures.
-With `ablation=True` it runs the miniature benchmark instead: the same budget under four settings
-(supervised only; + energy; + region contrast; + pre-training) over several seeds.
+With `ablation=True` it runs the miniature benchmark instead: the settings of `rows` (supervised
+only; + energy; + region contrast; + pre-training; all base labels; 2D fusion) over `seeds`,
+resumable per row and seed (each finished evaluation is kept in eval/<row>_s<seed>.json).
 
-Writes under `out/`: raw/, store.zarr, teacher/, pretrain[_sN]/, finetune_*/, results.json,
-report/ (PNGs).
+Writes under `out/`: raw/, store.zarr, corpus/ (raw/, store.zarr), teacher/, pretrain[_sN]/,
+finetune_*/, eval/, results.json, report/ (PNGs).
 """
 from __future__ import annotations
 
@@ -53,6 +70,9 @@ class DemoConfig:
     """Crop size of training samples."""
     network_preset: str = "tiny"
     """Sparse U-Net preset."""
+    corpus_rooms: int = 24
+    """Rooms of the teacher's own corpus at scale 1 (a separate seed namespace and scene ids; 20%
+    held out to measure the teacher)."""
     teacher_steps: int = 500
     """Training steps of the offline teacher (a step count, not a time budget, so that the demo's
     teacher does not depend on how busy the machine is)."""
@@ -67,9 +87,13 @@ class DemoConfig:
     lr: float = 2e-3
     """Peak learning rate of both loops."""
     ablation: bool = False
-    """Run the four-setting miniature benchmark instead of the single full run."""
+    """Run the miniature benchmark (the settings of `rows` over `seeds`) instead of the single full run."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds of the miniature benchmark (the rooms stay those of `seed`)."""
+    """Training seeds of the miniature benchmark (the rooms, corpus and labelled points stay those of `seed`)."""
+    rows: tuple[str, ...] = ("supervised", "+energy", "+region", "+pretrain (full)", "all base labels", "2d fusion")
+    """Rows of the miniature benchmark (keys of SETTINGS, and "2d fusion")."""
+    min_region_size: int = 20
+    """Smallest instance (points) counted by AP and box mAP (ScanNet: 100; the 8-cm demo rooms are small)."""
     embed: dict[str, Any] = field(default_factory=lambda: {"scales": [1.0, 2.0], "views_per_segment": 2})
     """EmbedConfig fields for the demo (fewer crops per segment than the default: CPU time)."""
     executor: ExecutorConfig = ExecutorConfig(kind="local")
@@ -87,8 +111,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # with pre-training, fine-tuning also keeps the segments aligned with the teacher (w_align):
     # the only signal the novel classes get, since their labels are removed
     "+pretrain (full)": {"init": True, "w_energy": 0.1, "w_region": 0.1, "w_align": 1.0},
+    # the upper bound of the label budget: every point of the base classes labelled (novel still none)
+    "all base labels": {"init": True, "w_energy": 0.1, "w_region": 0.1, "w_align": 1.0, "labels": "all"},
 }
-"""The miniature benchmark's four settings, each adding one part of the method."""
+"""The miniature benchmark's trained settings, each adding one part of the method, and the
+all-labels upper bound; the "2d fusion" row needs no training (:mod:`ws3d_train.fusion`)."""
+FUSION_ROW = "2d fusion"
 
 
 def _n(value: int, scale: float) -> int:
@@ -96,9 +124,12 @@ def _n(value: int, scale: float) -> int:
 
 
 def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Rooms -> a preprocessed store with a fitted teacher. Returns paths and scene lists."""
-    from pipeline.teacher import TeacherConfig, run_fit
+    """Rooms -> a preprocessed store; a corpus -> a fitted teacher; the store embedded with it.
+    Returns paths, scene lists and the teacher's numbers."""
+    from pipeline.corpus import CorpusConfig, build_corpus
+    from pipeline.teacher import TeacherConfig, crop_accuracy_on_store, run_fit
     from pipeline.workflow import WorkflowConfig, run_workflow
+    from ws3d_train.run import resolve_ov_split
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,25 +140,45 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     train_ids, val_ids = ids[:n_train], ids[n_train:]
     (out / "train.txt").write_text("\n".join(train_ids) + "\n")
     (out / "val.txt").write_text("\n".join(val_ids) + "\n")
-    echo(f"synth: {len(ids)} rooms ({n_train} train, {n_val} val) in {time.perf_counter() - t0:.0f} s")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"synth": time.perf_counter() - t0}
+    echo(f"synth: {len(ids)} rooms ({n_train} train, {n_val} val) in {timings['synth']:.0f} s")
     base = WorkflowConfig(dataset="synthetic", raw=str(raw), store=str(store), executor=cfg.executor,
                           stages=("ingest", "overseg", "render"))
-    t0 = time.perf_counter()
     reports = run_workflow(base, echo=echo)
     for report in reports:
         timings[report.stage] = report.seconds
         if not report.ok:
             raise RuntimeError(f"demo preprocessing failed:\n{report.summary()}")
-    teacher_dir = out / "teacher"
+
+    # the teacher's own corpus: other rooms (seed namespace, scene ids), another store
     t0 = time.perf_counter()
-    if not (teacher_dir / "config.json").exists():
-        tcfg = TeacherConfig(steps=_n(cfg.teacher_steps, max(1.0, cfg.scale)),
-                             max_seconds=cfg.teacher_seconds * max(1.0, cfg.scale), seed=cfg.seed)
-        fit = run_fit(str(store), train_ids, teacher_dir, tcfg)  # never sees the validation rooms
-        echo("teacher: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in fit.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    corpus = build_corpus(out / "corpus", CorpusConfig(rooms=_n(cfg.corpus_rooms, cfg.scale), seed=cfg.seed, room=cfg.room),
+                          executor=cfg.executor, echo=echo)
+    timings["corpus"] = time.perf_counter() - t0
+    shared = sorted(set(corpus["scenes"]) & set(ids))
+    if shared:  # by construction impossible; checked because every claim of the demo rests on it
+        raise RuntimeError(f"teacher corpus and 3D rooms share scene ids {shared[:3]}")
+    teacher_dir = out / "teacher"
+    tcfg = TeacherConfig(steps=_n(cfg.teacher_steps, max(1.0, cfg.scale)),
+                         max_seconds=cfg.teacher_seconds * max(1.0, cfg.scale), seed=cfg.seed)
+    t0 = time.perf_counter()
+    report_path = teacher_dir / "teacher_report.json"
+    if not (teacher_dir / "config.json").exists() or not report_path.exists():
+        fit = run_fit(corpus["store"], None, teacher_dir, tcfg)  # the corpus store only
+    else:
+        fit = json.loads(report_path.read_text())
     timings["teacher"] = time.perf_counter() - t0
+    echo("teacher (held-out corpus rooms): " + ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in fit.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    # the teacher on crops of the 3D validation rooms (evaluation only), by base and novel class
+    split = resolve_ov_split(cfg.ov_split, list(_class_names(str(store))), "synthetic")
+    # (200 crops a room: a measurement, not training data; it costs seconds, not a minute)
+    on_val = crop_accuracy_on_store(teacher_dir, str(store), val_ids, dataclasses.replace(tcfg, max_crops_per_scene=200),
+                                    base_ids=split.base,
+                                    novel_ids=split.novel, ignored_ids=split.ignored)
+    echo(f"teacher crop-classification accuracy on the 3D validation rooms: all {on_val['all']:.3f}, "
+         f"base {on_val['base']:.3f} ({on_val['n_base']} crops), novel {on_val['novel']:.3f} ({on_val['n_novel']} crops)")
     embed_cfg = dataclasses.replace(base, stages=("embed",), embed={**cfg.embed, "model": str(teacher_dir)})
     for report in run_workflow(embed_cfg, echo=echo):
         timings[report.stage] = report.seconds
@@ -135,7 +186,33 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
             raise RuntimeError(f"demo embedding failed:\n{report.summary()}")
     return {"raw": str(raw), "store": str(store), "teacher": str(teacher_dir), "train": train_ids,
             "val": val_ids, "train_list": str(out / "train.txt"), "val_list": str(out / "val.txt"),
-            "preprocess_seconds": timings}
+            "corpus_store": corpus["store"], "corpus_scenes": corpus["scenes"],
+            "teacher_fit": fit, "teacher_on_val": on_val, "split": split, "preprocess_seconds": timings}
+
+
+def _class_names(store_path: str) -> list[str]:
+    from pipeline.store import Store
+
+    return Store.open(store_path).class_names
+
+
+def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
+    """What the numbers rest on: teacher corpus, scene lists, class split, label budget."""
+    from ws3d_train.finetune import parse_label_budget
+
+    names = _class_names(prep["store"])
+    split = prep["split"]
+    kind, amount = parse_label_budget(cfg.labels)
+    return {
+        "teacher_store": prep["corpus_store"], "teacher_scenes": list(prep["corpus_scenes"]),
+        "teacher_seed_namespace": f"corpus_seed({cfg.seed})",
+        "train_scenes": list(prep["train"]), "val_scenes": list(prep["val"]),
+        "base_classes": [names[c] for c in split.base], "novel_classes": [names[c] for c in split.novel],
+        "ignored_classes": [names[c] for c in split.ignored],
+        "labels": cfg.labels, "labelled_points_per_scene": int(amount) if kind == "count" else None,
+        "label_classes": "base classes only", "label_seed": cfg.seed, "min_region_size": cfg.min_region_size,
+        "prediction": "calibrated (CLIP head decides base vs novel, semantic head splits the base mass)",
+    }
 
 
 def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
@@ -162,8 +239,7 @@ def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: di
                  init: str | None, echo: Callable[[str], None] = print) -> str:
     from ws3d_train.finetune import FinetuneConfig, finetune
 
-    slug = name.replace("+", "plus_").replace(" ", "_").replace("(", "").replace(")", "")
-    run = Path(cfg.out) / (f"finetune_{slug}_s{seed}" if cfg.ablation else "finetune")
+    run = Path(cfg.out) / (f"finetune_{_slug(name)}_s{seed}" if cfg.ablation else "finetune")
     steps = _n(cfg.finetune_steps, cfg.scale)
     values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"], "init": init,
               "labels": cfg.labels, "label_seed": cfg.seed, "ov_split": cfg.ov_split, "steps": steps,
@@ -182,7 +258,8 @@ def _brief(summary: dict[str, Any]) -> str:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of the results table from an `evaluate` result."""
+    """The numbers of the results table from an `evaluate` (or `evaluate_fusion`) result: mIoU,
+    base, novel and hIoU all from the final (combined) prediction; the semantic head alone apart."""
     sem = metrics.get("semantic", {})
     ov = (metrics.get("open_vocab", {}) or {}).get("combined", {}) or {}
     inst, box = metrics.get("instance", {}) or {}, metrics.get("box", {}) or {}
@@ -193,34 +270,87 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
                 return float(d[key])
         return float("nan")
 
-    return {"mIoU": pick(sem, "miou"), "base mIoU": pick(ov, "base_miou"), "novel mIoU": pick(ov, "novel_miou"),
-            "hIoU": pick(ov, "hiou"), "AP50": pick(inst, "ap50"), "AP25": pick(inst, "ap25"),
-            "box mAP@25": pick(box, "map@0.25", "map25"), "box mAP@50": pick(box, "map@0.5", "map50")}
+    return {"mIoU": pick(ov, "miou"), "base mIoU": pick(ov, "base_miou"), "novel mIoU": pick(ov, "novel_miou"),
+            "hIoU": pick(ov, "hiou"), "sem-head mIoU": pick(sem, "miou"), "AP50": pick(inst, "ap50"),
+            "AP25": pick(inst, "ap25"), "box mAP@25": pick(box, "map@0.25", "map25"),
+            "box mAP@50": pick(box, "map@0.5", "map50")}
+
+
+def _slug(name: str) -> str:
+    return name.replace("+", "plus_").replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, pre_run: Callable[[], str],
+                  echo: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    """One row and seed: train (resumable) and evaluate, or read the kept evaluation."""
+    from ws3d_train.evaluate import evaluate, json_safe
+    from ws3d_train.fusion import evaluate_fusion
+
+    kept = Path(cfg.out) / "eval" / f"{_slug(name)}_s{seed}.json"
+    if cfg.ablation and kept.is_file():
+        echo(f"{name} [seed {seed}]: kept evaluation {kept}")
+        return json.loads(kept.read_text()), None
+    run = None
+    if name == FUSION_ROW:
+        metrics = evaluate_fusion(prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=cfg.min_region_size)
+    else:
+        overrides = SETTINGS[name]
+        run = run_finetune(cfg, prep, name, overrides, seed, pre_run() if overrides["init"] else None, echo)
+        metrics = evaluate(run, prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=cfg.min_region_size)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(json_safe(metrics)))
+    return metrics, run
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo (or, with cfg.ablation, the miniature benchmark). Returns and writes results.json."""
-    from ws3d_train.evaluate import evaluate
-
     start = time.perf_counter()
     prep = prepare(cfg, echo)
-    results: dict[str, Any] = {"config": to_dict(cfg), "train_scenes": len(prep["train"]),
-                               "val_scenes": len(prep["val"]), "preprocess_seconds": prep["preprocess_seconds"],
-                               **chance_iou(prep["store"], prep["val"], cfg.ov_split)}
+    fit, on_val = prep["teacher_fit"], prep["teacher_on_val"]
+    results: dict[str, Any] = {
+        "config": to_dict(cfg), "train_scenes": len(prep["train"]), "val_scenes": len(prep["val"]),
+        "preprocess_seconds": prep["preprocess_seconds"], "protocol": protocol_record(cfg, prep),
+        "teacher": {
+            "crop_accuracy_heldout_corpus": fit.get("crop_accuracy_heldout"),
+            "crop_class_accuracy_heldout_corpus": fit.get("crop_class_accuracy_heldout"),
+            "majority_heldout_corpus": fit.get("majority_heldout"),
+            "colour_accuracy_heldout_corpus": fit.get("colour_accuracy_heldout"),
+            "crop_accuracy_3d_val": {k: on_val[k] for k in ("all", "base", "novel", "n_base", "n_novel")},
+            "steps": fit.get("steps"), "seconds": prep["preprocess_seconds"].get("teacher"),
+        },
+        **chance_iou(prep["store"], prep["val"], cfg.ov_split),
+    }
     rows: dict[str, list[dict[str, float]]] = {}
-    settings = SETTINGS if cfg.ablation else {"+pretrain (full)": SETTINGS["+pretrain (full)"]}
+    names = list(cfg.rows) if cfg.ablation else ["+pretrain (full)", FUSION_ROW]
+    unknown = [n for n in names if n not in SETTINGS and n != FUSION_ROW]
+    if unknown:
+        raise ValueError(f"DemoConfig.rows: unknown {unknown}; choose from {[*SETTINGS, FUSION_ROW]}")
     seeds = cfg.seeds if cfg.ablation else (cfg.seed,)
     last_run = None
+    row_seconds: dict[str, float] = {}
     for seed in seeds:
-        pre_run = run_pretrain(cfg, prep, seed, echo)
-        for name, overrides in settings.items():
-            run = run_finetune(cfg, prep, name, overrides, seed, pre_run if overrides["init"] else None, echo)
-            metrics = evaluate(run, prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=20)
+        pre: dict[str, str] = {}
+
+        def pre_run(seed: int = seed, pre: dict[str, str] = pre) -> str:  # once per seed, if a row needs it
+            if "run" not in pre:
+                pre["run"] = run_pretrain(cfg, prep, seed, echo)
+            return pre["run"]
+
+        for name in names:
+            if name == FUSION_ROW and seed != seeds[0]:
+                continue  # nothing is trained: the same for every seed
+            t0 = time.perf_counter()
+            metrics, run = _evaluate_row(cfg, prep, name, seed, pre_run, echo)
+            row_seconds[name] = row_seconds.get(name, 0.0) + time.perf_counter() - t0
             rows.setdefault(name, []).append(_headline(metrics))
-            last_run = run
-            if not cfg.ablation:
-                results["metrics"] = metrics
+            if name == "+pretrain (full)":
+                last_run = run or last_run
+                if not cfg.ablation:
+                    results["metrics"] = metrics
+            elif name == FUSION_ROW and not cfg.ablation:
+                results["fusion_metrics"] = metrics
     results["table"] = {name: _aggregate(values) for name, values in rows.items()}
+    results["row_seconds"] = row_seconds
     results["seconds"] = time.perf_counter() - start
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
@@ -279,16 +409,41 @@ def _json_safe(value: Any) -> Any:
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The results table (percentages; mean ± std over seeds where there are several)."""
+    """The results table (percentages; mean ± std over seeds where there are several), with the
+    protocol and the teacher's numbers above it."""
     table = results["table"]
-    cols = ["mIoU", "base mIoU", "novel mIoU", "hIoU", "AP50", "AP25", "box mAP@25", "box mAP@50"]
-    lines = [f"results on {results['val_scenes']} validation rooms (trained on {results['train_scenes']}; "
-             f"chance mIoU {100 * results['chance_miou']:.1f}, chance novel mIoU "
-             f"{100 * results['chance_novel_miou']:.1f}; percentages)",
-             f"{'setting':<20}" + "".join(f"{c:>14}" for c in cols)]
+    cols = ["mIoU", "base mIoU", "novel mIoU", "hIoU", "sem-head mIoU", "AP50", "AP25", "box mAP@25", "box mAP@50"]
+    protocol = results.get("protocol") or {}
+    min_size = protocol.get("min_region_size", (results.get("config") or {}).get("min_region_size"))
+    lines = []
+    if protocol:
+        lines.append(f"protocol: teacher fitted on {len(protocol['teacher_scenes'])} corpus rooms of its own "
+                     f"(no 3D room); trained on {len(protocol['train_scenes'])} rooms with {protocol['labels']} labelled "
+                     f"points per scene of {len(protocol['base_classes'])} base classes; novel "
+                     f"{', '.join(protocol['novel_classes'])} never labelled; evaluated on {len(protocol['val_scenes'])} "
+                     "validation rooms")
+    teacher = results.get("teacher") or {}
+    if teacher:
+        on_val = teacher["crop_accuracy_3d_val"]
+
+        def pct(v: Any) -> str:
+            return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+        lines.append(f"teacher crop-classification accuracy: held-out corpus rooms {pct(teacher['crop_accuracy_heldout_corpus'])} "
+                     f"(majority class {pct(teacher['majority_heldout_corpus'])}, mean class "
+                     f"{pct(teacher['crop_class_accuracy_heldout_corpus'])}, colour {pct(teacher['colour_accuracy_heldout_corpus'])}); "
+                     f"3D validation rooms base {pct(on_val['base'])}, novel {pct(on_val['novel'])}")
+    lines += [f"results on {results['val_scenes']} validation rooms (trained on {results['train_scenes']}; "
+              f"chance mIoU {100 * results['chance_miou']:.1f}, chance novel mIoU "
+              f"{100 * results['chance_novel_miou']:.1f}; percentages; mIoU/base/novel/hIoU from the final prediction; "
+              f"AP and box mAP over instances of >= {min_size} points)",
+              f"{'setting':<20}" + "".join(f"{c:>14}" for c in cols)]
     for name, stats in table.items():
         cells = []
         for c in cols:
+            if c not in stats:
+                cells.append("-")
+                continue
             m, s, n = stats[c]["mean"], stats[c]["std"], stats[c]["n"]
             cells.append("-" if not math.isfinite(m) else (f"{100 * m:.1f}±{100 * s:.1f}" if n > 1 else f"{100 * m:.1f}"))
         lines.append(f"{name:<20}" + "".join(f"{c:>14}" for c in cells))

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline import schema
+from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
 from ws3d_train.instances import boxes_from_instances
@@ -48,15 +49,8 @@ from ws3d_train.metrics import (
     open_vocab_metrics,
     semantic_metrics,
 )
-from ws3d_train.predict import (
-    STUFF_CLASSES,
-    CombineMode,
-    infer_scene,
-    load_run,
-    predict_classes,
-    predict_instances,
-    resolve_classes,
-)
+from ws3d_train.predict import STUFF_CLASSES, CombineMode, infer_scene, predict_classes, predict_instances
+from ws3d_train.run import load_run, resolve_classes
 
 __all__ = ["evaluate", "format_table", "json_safe", "write_json"]
 
@@ -88,7 +82,7 @@ def evaluate(
     store_path: str | Path,
     scene_ids: Sequence[str] | None = None,
     *,
-    vocab: str = "classes",
+    vocab: str | None = None,
     ov_split: str | None = None,
     combine: CombineMode = "calibrated",
     novel_bias: float = 0.0,
@@ -105,7 +99,8 @@ def evaluate(
         store_path: the store.
         scene_ids: scenes to evaluate (None: every scene of the store); see
             :func:`ws3d_train.finetune.resolve_scene_ids` for split names.
-        vocab: store vocabulary whose text embeddings the CLIP head is compared with.
+        vocab: None: the run's own text embeddings (else the store's ``classes``); a name: that
+            store vocabulary.
         ov_split: None: the run's own split; "none": no split; else a manifest name (``b15n4``)
             or ``novel=name,...``.
         combine: ``calibrated`` (default), ``clip`` or ``semantic``: the final prediction that
@@ -146,9 +141,13 @@ def evaluate(
     box_pred: list[Boxes] = []
     box_gt: list[Boxes] = []
     total_points = 0
-    for scene_id in tqdm(scene_ids, desc="eval", disable=not progress):
-        outputs = infer_scene(loaded, store, scene_id)
+    unlabelled: list[str] = []
+    for scene_id in progress_bar(scene_ids, desc="eval", unit="scene", enabled=progress):
         gt = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
+        if not (gt != IGNORE_INDEX).any():  # an unlabelled scan (e.g. a test scene): nothing to score
+            unlabelled.append(scene_id)
+            continue
+        outputs = infer_scene(loaded, store, scene_id)
         if ignored.size:
             gt[np.isin(gt, ignored)] = IGNORE_INDEX
         gt_instance = store.read(scene_id, schema.INSTANCE).astype(np.int64)
@@ -179,13 +178,17 @@ def evaluate(
         box_pred.append(Boxes(bounds, classes, scores))
         box_gt.append(_gt_boxes(outputs.xyz, gt_instance, gt, instance_ids))
 
+    if len(unlabelled) == len(scene_ids):
+        raise UserError(f"{store_path}: the {len(scene_ids)} scene(s) to evaluate are unlabelled (e.g. {unlabelled[0]}); "
+                        "use `ws3d predict --format scannet` to export predictions instead")
     base, novel = list(setup.base_ids), list(setup.novel_ids)
     instance_names = [names[c] for c in instance_ids]
     return {
         "run": str(loaded.checkpoint),
         "step": loaded.step,
         "store": str(store_path),
-        "scenes": len(scene_ids),
+        "scenes": len(scene_ids) - len(unlabelled),
+        "unlabelled_scenes": unlabelled,
         "points": total_points,
         "classes": names,
         "split": {
@@ -259,8 +262,9 @@ def format_table(results: dict[str, Any], *, per_class: bool = True) -> str:
         if has_split:
             row += f"   base {_pct(group['base_miou']):>5}   novel {_pct(group['novel_miou']):>5}   hIoU {_pct(group['hiou']):>5}"
         lines.append(row)
-    lines.append(f"{'instances':<30} AP {_pct(inst['ap']):>5}   AP50 {_pct(inst['ap50']):>5}   AP25 {_pct(inst['ap25']):>5}")
-    lines.append(f"{'boxes':<30} mAP@25 {_pct(box['map@0.25']):>5}   mAP@50 {_pct(box['map@0.5']):>5}")
+    size = f" (>= {inst['min_region_size']} pts)" if inst.get("min_region_size") is not None else ""
+    lines.append(f"{'instances' + size:<30} AP {_pct(inst['ap']):>5}   AP50 {_pct(inst['ap50']):>5}   AP25 {_pct(inst['ap25']):>5}")
+    lines.append(f"{'boxes' + size:<30} mAP@25 {_pct(box['map@0.25']):>5}   mAP@50 {_pct(box['map@0.5']):>5}")
     if per_class:
         novel = set(results["split"]["novel"])
         lines += ["", f"{'class':<20} {'IoU sem':>8} {'IoU ov':>8} {'AP50':>6} {'box@25':>7}"]

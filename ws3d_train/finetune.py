@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import re
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,22 +57,23 @@ from pipeline import manifests
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
+from pipeline.teacher import check_teacher_corpus
 from ws3d_train.batch import Batch, collate
-from ws3d_train import loop
-from ws3d_train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ws3d_train import distributed, loop
+from ws3d_train.checkpoint import load_checkpoint
 from ws3d_train.data import (
     DataConfig,
     DataError,
     SceneArrays,
     SceneDataset,
     SceneSample,
+    drop_unlabelled,
     make_loader,
     make_sample,
-    read_scene_list,
 )
 from ws3d_train.logging import MetricsLogger
 # pre-training's conventions for both loops: run layout, resume checks, optimiser, schedule
-from ws3d_train.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_device
+from ws3d_train.loop import CONFIG_FILE, resolve_device
 from ws3d_train.losses import (
     boundary_bce,
     energy_loss,
@@ -87,6 +87,14 @@ from ws3d_train.losses import (
 from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
 from ws3d_train.open_vocab import classify_open_vocab
 from ws3d_train.pretrain import load_pretrained
+# the run folder (checkpoints, label space) and scene/split resolution: ws3d_train.run
+from ws3d_train.run import (  # noqa: F401  (find_checkpoint, resolve_*: importable from here too)
+    find_checkpoint,
+    label_space_from_store,
+    resolve_ov_split,
+    resolve_scene_ids,
+    write_label_space,
+)
 from ws3d_train.sparse import SparseTensor
 
 __all__ = [
@@ -201,90 +209,6 @@ class FinetuneConfig(loop.LoopConfig):
 
 # ---------------------------------------------------------------------------------------------
 # which scenes, which classes, which labels
-
-
-def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
-    """Scene ids of a split name, a scene-list file, or (None) the whole store.
-
-    A manifest split (``train``, ``val``, ``lr1`` ...) of ``store.dataset`` is cut down to the
-    scenes the store holds (a warning says how many are missing; an error if none is there). A
-    file is taken strictly: every scene it lists must be in the store.
-
-    Raises:
-        ConfigError naming the split/file when it is unknown or selects no stored scene.
-    """
-    stored = store.scene_ids()
-    if spec is None or spec == "":
-        if not stored:
-            raise ConfigError(f"{store.path}: the store holds no ingested scene")
-        return stored
-    if Path(spec).is_file():
-        ids = read_scene_list(spec)
-        missing = sorted(set(ids) - set(stored))
-        if missing:
-            raise ConfigError(f"{spec}: {len(missing)} listed scene(s) are not in {store.path} (e.g. {missing[:3]})")
-        return ids
-    try:
-        ids = manifests.load_split(store.dataset, spec)
-    except (ValueError, manifests.ManifestError) as exc:
-        raise ConfigError(f"scenes {spec!r}: neither a file nor a split of dataset {store.dataset!r}: {exc}") from exc
-    known = set(stored)
-    present = [s for s in ids if s in known]
-    if not present:
-        raise ConfigError(f"split {spec!r} of {store.dataset}: none of its {len(ids)} scenes is in {store.path}")
-    if len(present) < len(ids):
-        warnings.warn(
-            f"split {spec!r}: {len(ids) - len(present)} of {len(ids)} scenes are not in {store.path}; using {len(present)}",
-            stacklevel=2,
-        )
-    return present
-
-
-def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str) -> manifests.OVSplit | None:
-    """Base, novel and ignored class ids of an open-vocabulary split.
-
-    Args:
-        spec: None (no split), a manifest name of ``dataset`` (``b15n4`` ...), or
-            ``novel=name,name[;ignored=name,...]`` naming the novel (and ignored) classes; all
-            others are base.
-        class_names: the store's class names (ids are positions in this list).
-        dataset: the store's dataset (for manifest names).
-
-    Raises:
-        ConfigError for an unknown split or class name, or a manifest whose classes are not the store's.
-    """
-    if spec is None or spec == "":
-        return None
-    names = list(class_names)
-    if spec.startswith("novel="):
-        parts = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
-        if set(parts) - {"novel", "ignored"} or spec.count("=") != len(parts):
-            raise ConfigError(f"ov_split {spec!r}: expected novel=name,...[;ignored=name,...]")
-        picked = {}
-        for key in ("novel", "ignored"):
-            chosen = [n.strip() for n in parts.get(key, "").split(",") if n.strip()]
-            unknown = [n for n in chosen if n not in names]
-            if unknown:
-                raise ConfigError(f"ov_split {spec!r}: unknown class name(s) {unknown}; classes are {names}")
-            picked[key] = tuple(sorted({names.index(n) for n in chosen}))
-        novel, ignored = picked["novel"], picked["ignored"]
-        if not novel or set(novel) & set(ignored):
-            raise ConfigError(f"ov_split {spec!r}: needs at least one novel class, none of them also ignored")
-        base = tuple(i for i in range(len(names)) if i not in novel and i not in ignored)
-        if not base:
-            raise ConfigError(f"ov_split {spec!r}: no base class left")
-        return manifests.OVSplit(base, novel, ignored)
-    try:
-        split = manifests.load_ov_split(dataset, spec)
-        manifest_classes = manifests.load_classes(dataset)
-    except (ValueError, manifests.ManifestError) as exc:
-        raise ConfigError(f"ov_split {spec!r}: {exc}") from exc
-    if list(manifest_classes) != names:
-        raise ConfigError(
-            f"ov_split {spec!r}: the {dataset} manifest classes {list(manifest_classes)[:4]}... are not the "
-            f"store's classes {names[:4]}...; use novel=name,... instead"
-        )
-    return split
 
 
 def parse_label_budget(labels: str | float) -> tuple[Literal["all", "count", "ratio"], float]:
@@ -585,25 +509,6 @@ def finetune_losses(
 # the run
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a run directory (latest of ``<run>/checkpoints/`` or of the
-    directory itself) or a checkpoint path.
-
-    Raises:
-        CheckpointError naming the path when there is none.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for directory in (path / CHECKPOINT_DIR, path):
-            found = latest_checkpoint(directory)
-            if found is not None:
-                return found
-        raise CheckpointError(f"{path}: a directory without checkpoints (expected {CHECKPOINT_DIR}/step_*.pt)")
-    raise CheckpointError(f"{path}: no such run directory or checkpoint")
-
-
 def _network_and_data(cfg: FinetuneConfig, store: Store, clip_dim: int) -> tuple[NetworkConfig, DataConfig, Path | None]:
     """The network config (the init checkpoint's, else cfg.network sized by the data) and the data
     config (voxel size defaulting to the init's)."""
@@ -653,7 +558,7 @@ def finetune(
     """
     out_dir = Path(out_dir)
     latest = loop.check_run_dir(cfg, out_dir, resume=resume)
-    device = resolve_device(cfg.device)
+    ctx, device = distributed.setup(cfg.device)  # one process, or this rank's under torchrun
 
     # --- scenes, classes, labels --------------------------------------------------------------
     store = Store.open(cfg.store)
@@ -664,13 +569,17 @@ def finetune(
         scene_ids = [s for s in scene_ids if s in limited]
         if not scene_ids:
             raise ConfigError(f"limited_scenes {cfg.limited_scenes!r}: no scene of {cfg.scenes or 'the store'} is in it")
+    # a scan without labels (e.g. a test scene) gives the label losses nothing: not trained on
+    scene_ids, unlabelled = drop_unlabelled(store, scene_ids, purpose="fine-tuning's label losses")
     split = resolve_ov_split(cfg.ov_split, class_names, store.dataset)
     supervised = list(split.base) if split is not None else list(range(len(class_names)))
     removed = sorted(set(range(len(class_names))) - set(supervised))
     try:
-        text_np, _ = store.read_vocab(cfg.vocab)
+        text_np, vocab_attrs = store.read_vocab(cfg.vocab)
     except KeyError as exc:
         raise ConfigError(str(exc)) from exc
+    # a teacher fitted on these scenes would hand their labels (novel classes included) to the network
+    check_teacher_corpus(vocab_attrs.get("teacher_corpus"), cfg.store, scene_ids, where="fine-tuning")
     if text_np.shape[0] != len(class_names):
         raise ConfigError(
             f"{cfg.store}: vocabulary {cfg.vocab!r} has {text_np.shape[0]} rows for {len(class_names)} classes; "
@@ -708,19 +617,26 @@ def finetune(
     if resume and latest is not None:
         start_step = loop.resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if ctx.is_main:  # under torchrun, rank 0 writes the run folder
+        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_label_space(out_dir, label_space_from_store(
+            store, vocab=cfg.vocab, base_ids=supervised, novel_ids=run_info["novel_ids"],
+            ignored_ids=run_info["ignored_ids"], ov_split=cfg.ov_split, extra={"init": run_info["init"]},
+        ))
 
-    loader = make_loader(
-        dataset, batch_size=cfg.batch_size, seed=cfg.seed, start_batch=start_step * cfg.accumulation,
+    loader = distributed.make_loader(  # this rank's share of each global batch
+        ctx, dataset, resumed_from=latest if start_step else None,
+        batch_size=cfg.batch_size, seed=cfg.seed, start_batch=start_step * cfg.accumulation,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_copies,
     )
     batches = iter(loader)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    logger = MetricsLogger(
+    logger = (MetricsLogger if ctx.is_main else distributed.NullLogger)(  # rank 0 writes the log
         out_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
         description="finetune",
     )
+    ddp_model = distributed.wrap_model(model, ctx)  # `model` itself for one process
     model.train()
     t_start = time.time()
     last: dict[str, Any] = {}
@@ -744,7 +660,7 @@ def finetune(
                 labelled += int((batch.voxel_semantic != IGNORE_INDEX).sum())
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with autocast:
-                    out = model(SparseTensor(feats=batch.feats, coords=batch.coords))
+                    out = ddp_model(SparseTensor(feats=batch.feats, coords=batch.coords))
                 # segment subsampling depends on (seed, step, micro-batch) only: resumable
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
                 terms = finetune_losses(
@@ -762,12 +678,14 @@ def finetune(
             optimizer.step()
 
             done = step + 1
+            sums = distributed.mean_over_ranks(sums, ctx)  # every rank's batch, averaged
+            voxels, labelled = (int(v) for v in distributed.all_reduce_sum([voxels, labelled], ctx))
             first_loss = sums["loss"] if first_loss is None else first_loss
             last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels, "labelled_voxels": labelled,
-                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4)}
+                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4), "world_size": ctx.world_size}
             saved = loop.log_and_checkpoint(
                 cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
-                optimizer=optimizer, config=resolved, extra={"metrics": last, "finetune": run_info},
+                optimizer=optimizer, config=resolved, extra={"metrics": last, "finetune": run_info, "world_size": ctx.world_size},
             ) or saved
 
     return {
@@ -776,7 +694,9 @@ def finetune(
             loss_keys=keys, seconds=time.time() - t_start, checkpoint=saved, device=device,
         ),
         "scenes": len(dataset),
+        "unlabelled_scenes_skipped": unlabelled,
         "voxel_size_m": dataset.voxel_size,
+        "world_size": ctx.world_size,
         **run_info,
     }
 

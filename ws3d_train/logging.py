@@ -1,5 +1,5 @@
 """Training metrics: a JSONL log (one object per logged step), TensorBoard when importable, a
-progress bar.
+progress bar (tqdm on a terminal, a plain line every few seconds in a log: `pipeline.progress`).
 
 Writes ``<out_dir>/metrics.jsonl`` and, when ``torch.utils.tensorboard`` imports (the optional
 ``tensorboard`` package), event files under ``<out_dir>/tensorboard/``. A resumed run first drops
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "progress_bar", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,7 +37,7 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """JSONL + optional TensorBoard + tqdm bar. Use as a context manager or call `close()`."""
+    """JSONL + optional TensorBoard + progress. Use as a context manager or call `close()`."""
 
     def __init__(
         self,
@@ -67,7 +67,8 @@ class MetricsLogger:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step or None)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc=description, disable=not progress, dynamic_ncols=True)
+        self._bar = progress_bar(total=total_steps, initial=start_step, desc=description, unit="step", enabled=progress,
+                                 dynamic_ncols=True)
         self._t0 = time.time()
 
     @property

@@ -30,9 +30,12 @@ from ws3d_train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ws3d_train import distributed
 from ws3d_train.data import DataConfig
 from ws3d_train.logging import MetricsLogger
 from ws3d_train.network import NetworkConfig
+# the run folder's layout (CHECKPOINT_DIR, CONFIG_FILE) is owned by ws3d_train.run
+from ws3d_train.run import CHECKPOINT_DIR, CONFIG_FILE
 from ws3d_train.schedule import lr_at
 
 __all__ = [
@@ -53,10 +56,6 @@ __all__ = [
     "set_lr",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
-"""Checkpoints live in ``<out_dir>/checkpoints/step_*.pt``."""
-CONFIG_FILE = "config.yaml"
-"""The resolved config of a run, ``<out_dir>/config.yaml``."""
 
 RUN_CONTROL_FIELDS = frozenset(
     {"steps", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
@@ -225,6 +224,8 @@ def log_and_checkpoint(
         logger.log(done, metrics)
     logger.advance()
     if not (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        return None
+    if not distributed.is_main_process():  # under torchrun only rank 0 writes checkpoints
         return None
     ckpt_dir = out_dir / CHECKPOINT_DIR
     saved = save_checkpoint(

@@ -1,10 +1,11 @@
 """Per-scene prediction and open-vocabulary queries with a trained run; PLY files to look at them.
 
-Reads a run (a checkpoint of ``ws3d pretrain`` or ``ws3d finetune``), the store (``points/xyz``
-and ``rgb`` for the network input; ``overseg/segment`` and ``overseg/adjacency`` for instances and
-query segments; a vocabulary's text embeddings) and, for :func:`query_scene`, the CLIP model that
-made the store's embeddings (through :mod:`pipeline.clip_model`, never downloaded). Writes only
-the PLY files it is asked for.
+Reads a run through :mod:`ws3d_train.run` (its checkpoint and label space: class names, split and
+the text embeddings it trained with), the store (``points/xyz`` and ``rgb`` for the network input;
+``overseg/segment`` and ``overseg/adjacency`` for instances and query segments; a store vocabulary
+only when the run records none or one is asked for) and, for :func:`query_scene`, the CLIP model
+that embedded the run's vocabulary (through :mod:`pipeline.clip_model`, never downloaded). Writes
+only the PLY files it is asked for (benchmark text files: :mod:`ws3d_train.export`).
 
 Inference (:func:`infer_scene`) runs on the whole scene at full resolution: no crop, no
 augmentation; every point takes the outputs of its voxel (the voxel -> point map of the batch).
@@ -24,26 +25,23 @@ over-segments of the same predicted class whose mean decoder features are simila
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from pipeline import schema
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError
 from pipeline.store import Store
 from ws3d_train.batch import collate
-from ws3d_train.checkpoint import load_checkpoint
-from ws3d_train.data import DataConfig, DataError, SceneDataset
-from ws3d_train.finetune import find_checkpoint, resolve_ov_split
+from ws3d_train.data import DataError, SceneDataset
 from ws3d_train.instances import instances_from_segments
-from ws3d_train.network import MinkUNet, NetworkConfig, build_network
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
-from ws3d_train.pretrain import resolve_device
+# the run folder (loading, label space, classes) lives in ws3d_train.run; re-exported here
+from ws3d_train.run import ClassSetup, LoadedRun, load_run, model_source, resolve_classes
 from ws3d_train.sparse import SparseTensor
 
 __all__ = [
@@ -94,62 +92,7 @@ _UNKNOWN_RGB = np.array([0, 0, 0], np.uint8)
 # loading a run
 
 
-@dataclass(frozen=True, eq=False)
-class LoadedRun:
-    """A network with the config it was trained with, ready for inference."""
-
-    model: MinkUNet
-    """The network in eval mode on `device`."""
-    checkpoint: Path
-    """The checkpoint file it came from."""
-    step: int
-    """Optimiser steps of that checkpoint."""
-    config: dict[str, Any]
-    """The run's resolved config (plain dict)."""
-    data: DataConfig
-    """The run's data config (voxel size, input features)."""
-    class_names: tuple[str, ...] | None
-    """Class names of a fine-tuning run; None for a pre-training checkpoint."""
-    base_ids: tuple[int, ...] | None
-    """Supervised classes of a fine-tuning run (None: not recorded)."""
-    novel_ids: tuple[int, ...]
-    """Novel classes of the run's open-vocabulary split (empty without one)."""
-    ignored_ids: tuple[int, ...]
-    """Ignored classes of the run's open-vocabulary split."""
-    device: torch.device
-    """Where the model runs."""
-
-
-def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
-    """Load a run directory (its latest checkpoint) or a checkpoint file for inference.
-
-    Raises:
-        CheckpointError naming the path: no checkpoint, or one of another format/schema.
-    """
-    if isinstance(run, LoadedRun):
-        return run
-    path = find_checkpoint(run)
-    torch_device = resolve_device(device)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    config = ckpt["config"]
-    network = from_dict(NetworkConfig, config["network"], where=f"{path}:network")
-    model = build_network(network)
-    model.load_state_dict(ckpt["model"])
-    model = model.to(torch_device).eval()
-    data = from_dict(DataConfig, config["data"], where=f"{path}:data")
-    info = (ckpt.get("extra") or {}).get("finetune") or {}
-    return LoadedRun(
-        model=model,
-        checkpoint=path,
-        step=int(ckpt["step"]),
-        config=config,
-        data=data,
-        class_names=tuple(info["class_names"]) if "class_names" in info else None,
-        base_ids=tuple(info["base_ids"]) if "base_ids" in info else None,
-        novel_ids=tuple(info.get("novel_ids", ())),
-        ignored_ids=tuple(info.get("ignored_ids", ())),
-        device=torch_device,
-    )
+# (LoadedRun and load_run: see ws3d_train.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,66 +148,7 @@ def infer_scene(run: LoadedRun, store: Store, scene_id: str) -> SceneOutputs:
     )
 
 
-@dataclass(frozen=True, eq=False)
-class ClassSetup:
-    """The classes a prediction chooses among, and their text embeddings."""
-
-    class_names: tuple[str, ...]
-    """The store's C class names."""
-    text: torch.Tensor
-    """[C, D] float32 text embedding of each class (vocabulary rows matched by name)."""
-    base_ids: tuple[int, ...]
-    """Classes the semantic head was supervised on."""
-    novel_ids: tuple[int, ...]
-    """Classes only the CLIP head can name."""
-    ignored_ids: tuple[int, ...]
-    """Classes neither predicted nor evaluated."""
-
-    @property
-    def has_split(self) -> bool:
-        return bool(self.novel_ids)
-
-
-def resolve_classes(
-    run: LoadedRun, store: Store, *, vocab: str = "classes", ov_split: str | None = None
-) -> ClassSetup:
-    """Class names, text embeddings and the base/novel/ignored split for predictions.
-
-    ``ov_split``: None takes the run's own split (none for a pre-training run); ``"none"`` drops
-    it; anything else is resolved by :func:`ws3d_train.finetune.resolve_ov_split`.
-
-    Raises:
-        ConfigError: the vocabulary lacks a class name, widths differ, or the run was trained on
-            other classes.
-    """
-    names = tuple(store.class_names)
-    if run.class_names is not None and tuple(run.class_names) != names:
-        raise ConfigError(f"{run.checkpoint}: trained on classes {list(run.class_names)[:4]}... but {store.path} has {list(names)[:4]}...")
-    try:
-        text_np, attrs = store.read_vocab(vocab)
-    except KeyError as exc:
-        raise ConfigError(str(exc)) from exc
-    vocab_names = list(attrs.get("names") or [])
-    if vocab_names == list(names) or (not vocab_names and text_np.shape[0] == len(names)):
-        rows = np.arange(len(names))
-    else:
-        missing = [n for n in names if n not in vocab_names]
-        if missing:
-            raise ConfigError(f"{store.path}: vocabulary {vocab!r} has no text embedding for classes {missing}")
-        rows = np.array([vocab_names.index(n) for n in names])
-    clip_dim = run.model.config.clip_dim
-    if text_np.shape[1] != clip_dim:
-        raise ConfigError(f"{store.path}: vocabulary {vocab!r} is {text_np.shape[1]}-d, the run's CLIP head {clip_dim}-d")
-    text = torch.from_numpy(text_np[rows].astype(np.float32)).to(run.device)
-    if ov_split is None and run.base_ids is not None:
-        base, novel, ignored = run.base_ids, run.novel_ids, run.ignored_ids
-    elif ov_split is None or ov_split.lower() == "none":
-        base, novel, ignored = tuple(range(len(names))), (), ()
-    else:
-        split = resolve_ov_split(ov_split, names, store.dataset)
-        assert split is not None
-        base, novel, ignored = split
-    return ClassSetup(names, text, tuple(base), tuple(novel), tuple(ignored))
+# (ClassSetup and resolve_classes: see ws3d_train.run)
 
 
 @torch.inference_mode()
@@ -378,7 +262,7 @@ def predict_scene(
     store_path: str | Path,
     scene_id: str,
     *,
-    vocab: str = "classes",
+    vocab: str | None = None,
     ov_split: str | None = None,
     combine: CombineMode = "calibrated",
     novel_bias: float = 0.0,
@@ -392,7 +276,8 @@ def predict_scene(
         run: a run directory, a checkpoint, or a :class:`LoadedRun`.
         store_path: the store.
         scene_id: the scene.
-        vocab: store vocabulary for the CLIP head's classes.
+        vocab: None: the run's own text embeddings (else the store's ``classes``); a name: that
+            store vocabulary (see :func:`ws3d_train.run.resolve_classes`).
         ov_split: see :func:`resolve_classes`.
         combine: how the heads decide (module docstring).
         novel_bias: calibrated-stacking margin for novel classes.
@@ -518,9 +403,6 @@ def write_heatmap_ply(path: str | Path, xyz: np.ndarray, values: np.ndarray, *, 
 # ---------------------------------------------------------------------------------------------
 # open-vocabulary queries
 
-_DIR_IDENTITY = re.compile(r"^dir:(.*?):[0-9a-f]{16}(?:/|$)")
-
-
 def clip_model_of_store(store: Store, vocab: str = "classes") -> str:
     """The CLIP model (folder or hub id) that embedded a store's vocabulary.
 
@@ -534,12 +416,7 @@ def clip_model_of_store(store: Store, vocab: str = "classes") -> str:
         _, attrs = store.read_vocab(vocab)
     except KeyError as exc:
         raise ConfigError(str(exc)) from exc
-    model = str(attrs.get("model") or "")
-    if model.startswith("dir:"):
-        match = _DIR_IDENTITY.match(model)
-        return match.group(1) if match else model[4:]
-    if model.startswith("hub:"):
-        return model[4:]
+    model = model_source(str(attrs.get("model") or ""))
     if not model:
         raise ConfigError(f"{store.path}: vocabulary {vocab!r} records no CLIP model; pass model_dir")
     return model
@@ -590,8 +467,9 @@ def query_scene(
 ) -> QueryResult:
     """Open-vocabulary query: how well each point of a scene matches ``text``.
 
-    The text is embedded by the text tower of the CLIP model that made the store (recorded in the
-    ``classes`` vocabulary; ``model_dir`` overrides it), loaded offline with
+    The text is embedded by the text tower of the CLIP model that embedded the run's vocabulary
+    (recorded in the run folder; for older runs, in the store's ``classes`` vocabulary;
+    ``model_dir`` overrides it), loaded offline with
     :func:`pipeline.clip_model.load_encoder`. With ``use_prompts`` the text is put into the
     vocabulary's prompt templates and the embeddings averaged (as class names were); otherwise it
     is embedded as written. Segments are scored by the mean similarity of their points.
@@ -617,11 +495,13 @@ def query_scene(
         raise ValueError("query_scene: empty query text")
     loaded = load_run(run, device=device)
     store = Store.open(store_path)
-    model = model_dir or clip_model_of_store(store)
+    recorded = model_source(loaded.labels.text_model) if loaded.labels is not None else ""
+    model = model_dir or recorded or clip_model_of_store(store)
     encoder = load_encoder(model, device=str(loaded.device), allow_download=False)
     texts = [text]
     if use_prompts:
-        templates = list(store.read_vocab("classes")[1].get("prompts") or [])
+        templates = list(loaded.labels.prompts) if loaded.labels is not None and loaded.labels.prompts else \
+            list(store.read_vocab("classes")[1].get("prompts") or [])
         texts = [t.format(text) for t in templates if "{}" in t] or texts
     query = encoder.encode_texts(texts).mean(axis=0)
     query = query / max(float(np.linalg.norm(query)), 1e-12)

@@ -38,8 +38,9 @@ import yaml
 from pipeline import schema
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.store import Store
+from pipeline.teacher import check_teacher_corpus
 from ws3d_train.batch import Batch
-from ws3d_train import loop
+from ws3d_train import distributed, loop
 from ws3d_train.checkpoint import load_checkpoint
 from ws3d_train.data import SceneDataset, make_loader, read_scene_list
 from ws3d_train.logging import MetricsLogger
@@ -47,6 +48,7 @@ from ws3d_train.logging import MetricsLogger
 from ws3d_train.loop import CHECKPOINT_DIR, CONFIG_FILE, RUN_CONTROL_FIELDS, resolve_device  # noqa: F401
 from ws3d_train.losses import distill_kl, segment_cosine, segment_mean, view_infonce
 from ws3d_train.network import MinkUNet, NetworkConfig, build_network
+from ws3d_train.run import label_space_from_store, write_label_space
 from ws3d_train.sparse import SparseTensor
 
 __all__ = [
@@ -159,16 +161,20 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     """
     out_dir = Path(out_dir)
     latest = loop.check_run_dir(cfg, out_dir, resume=resume)
-    device = resolve_device(cfg.device)
+    ctx, device = distributed.setup(cfg.device)  # one process, or this rank's under torchrun
 
     # --- data and the config it resolves ------------------------------------------------------
     store = Store.open(cfg.store)
-    scene_ids = read_scene_list(cfg.scenes) if cfg.scenes else store.scene_ids()
+    from ws3d_train.run import resolve_scene_ids  # a split name (train, ...) or a file, as fine-tuning takes
+
+    scene_ids = resolve_scene_ids(store, cfg.scenes)
     dataset = SceneDataset(cfg.store, scene_ids, cfg=cfg.data, split="train", seed=cfg.seed)
     try:
-        text_np, _ = store.read_vocab(cfg.vocab)
+        text_np, vocab_attrs = store.read_vocab(cfg.vocab)
     except KeyError as exc:
         raise ConfigError(str(exc)) from exc
+    # a teacher fitted on these scenes would hand their labels (novel classes included) to the network
+    check_teacher_corpus(vocab_attrs.get("teacher_corpus"), cfg.store, scene_ids, where="pre-training")
     cfg = _resolve_config(cfg, store, dataset, text_np)
     resolved = to_dict(cfg)
     text = torch.from_numpy(text_np.astype(np.float32)).to(device)
@@ -181,10 +187,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     if resume and latest is not None:
         start_step = loop.resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if ctx.is_main:  # under torchrun, rank 0 writes the run folder
+        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        # the vocabulary travels with the run (semantic head untrained: no supervised classes)
+        write_label_space(out_dir, label_space_from_store(store, vocab=cfg.vocab, base_ids=None))
 
-    loader = make_loader(
+    loader = distributed.make_loader(  # this rank's share of each global batch
+        ctx,
         dataset,
+        resumed_from=latest if start_step else None,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         start_batch=start_step * cfg.accumulation,
@@ -194,10 +205,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     batches = iter(loader)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    logger = MetricsLogger(
+    logger = (MetricsLogger if ctx.is_main else distributed.NullLogger)(  # rank 0 writes the log
         out_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
         description="pretrain",
     )
+    ddp_model = distributed.wrap_model(model, ctx)  # `model` itself for one process
     model.train()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -224,7 +236,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 voxels += batch.coords.shape[0]
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with autocast:
-                    out = model(SparseTensor(feats=batch.feats, coords=batch.coords))
+                    out = ddp_model(SparseTensor(feats=batch.feats, coords=batch.coords))
                 # the losses normalise and exponentiate: keep them in float32 whatever autocast did
                 terms = pretrain_losses(out.clip.float(), batch, text, cfg)
                 if not torch.isfinite(terms["loss"]):
@@ -236,12 +248,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             optimizer.step()
 
             done = step + 1
+            sums, voxels = distributed.mean_over_ranks(sums, ctx), int(distributed.all_reduce_sum([voxels], ctx)[0])
             first_loss = sums["loss"] if first_loss is None else first_loss
             last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels,
-                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4)}
+                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4), "world_size": ctx.world_size}
             saved = loop.log_and_checkpoint(
                 cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
-                optimizer=optimizer, config=resolved, extra={"metrics": last},
+                optimizer=optimizer, config=resolved, extra={"metrics": last, "world_size": ctx.world_size},
             ) or saved
 
     return {
@@ -252,6 +265,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         "parameters": sum(p.numel() for p in model.parameters()),
         "scenes": len(dataset),
         "voxel_size_m": dataset.voxel_size,
+        "world_size": ctx.world_size,
     }
 
 

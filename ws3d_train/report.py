@@ -132,11 +132,27 @@ def query_heatmap(store: Store, scene_id: str, similarity: np.ndarray, text: str
     return path
 
 
+def _eval_file(run: Path, store: str | Path) -> Path | None:
+    """The newest evaluation of ``store`` in the run folder (``eval/<store>.*.json``, see
+    :func:`ws3d_train.run.eval_path`), else any newest evaluation, else a legacy ``eval.json``."""
+    from ws3d_train.run import eval_path
+
+    run_dir = run if run.is_dir() else run.parent
+    own = eval_path(run_dir, store, None)  # RUN/eval/<store>.all.json
+    store_prefix = own.name[: -len("all.json")]
+    mine = sorted(own.parent.glob(f"{store_prefix}*.json"), key=lambda p: p.stat().st_mtime)
+    others = sorted((run_dir / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    legacy = [run_dir / "eval.json"] if (run_dir / "eval.json").is_file() else []
+    found = mine or others or legacy
+    return found[-1] if found else None
+
+
 def write_report(run: str | Path, out: str | Path, *, store: str | None = None, scene: str | None = None,
                  query: str | None = None) -> list[Path]:
     """All pictures of a run. `store` defaults to the one in the run's config, `scene` to the
-    first scene of `eval.json` or of the store, `query` to a novel class name of the run's split."""
-    from ws3d_train.predict import load_run, predict_scene, query_scene
+    first scene of the store, `query` to a novel class name of the run's split."""
+    from ws3d_train.predict import predict_scene, query_scene
+    from ws3d_train.run import load_run, resolve_ov_split
 
     run, out = Path(run), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,11 +170,11 @@ def write_report(run: str | Path, out: str | Path, *, store: str | None = None, 
     if not store_path:
         raise ValueError(f"{run}: no store recorded in the run; pass --store")
     st = Store.open(store_path)
-    eval_path = run / "eval.json"
-    results = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    eval_file = _eval_file(run, store_path)
+    results = json.loads(eval_file.read_text()) if eval_file is not None else None
     if results:
         written.append(plot_table(results, out / "results_table.png"))
-    scene = scene or (results.get("scenes", [None])[0] if results and results.get("scenes") else st.scene_ids()[0])
+    scene = scene or st.scene_ids()[0]
     prediction = predict_scene(loaded, store_path, scene)
     written.append(views_gt_vs_prediction(st, scene, prediction.pred_class, prediction.class_names,
                                           out / f"views_{scene}.png"))
@@ -166,8 +182,6 @@ def write_report(run: str | Path, out: str | Path, *, store: str | None = None, 
         split = config.get("ov_split") if isinstance(config, dict) else None
         novel = []
         if split:
-            from ws3d_train.finetune import resolve_ov_split
-
             ov = resolve_ov_split(split, st.class_names, st.dataset)
             novel = [st.class_names[i] for i in (ov.novel if ov else [])]
         present = set(np.unique(st.read(scene, schema.SEMANTIC)).tolist())

@@ -49,6 +49,9 @@ class RawScene:
     """The raw files read, for provenance."""
     warnings: list[str] = field(default_factory=list)
     """Things a person should know (labels missing from a table, skipped lines), with counts."""
+    label_source: str = "annotations"
+    """Where the labels came from: "annotations" (the dataset's own), "aggregation" or
+    "labels-ply" (ScanNet: semantics only), "none" (unlabelled: IGNORE_INDEX, no instances)."""
 
     def validate(self) -> None:
         """Raise SceneError if arrays disagree or hold non-finite / empty data."""

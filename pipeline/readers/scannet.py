@@ -6,6 +6,12 @@ Reads, per scene: `<scene>_vh_clean_2.ply` (vertices with colour, faces), the ov
 the label table `scannetv2-labels.combined.tsv` (`raw_category` -> `nyu40id`), which maps
 labels onto the 20 benchmark classes. Labels missing from the table are ignored and counted in
 a warning.
+
+Where the labels come from (`RawScene.label_source`, kept in the ingest record):
+- "aggregation": the aggregation + segs.json (semantics and instances);
+- "labels-ply": no aggregation, but `<scene>_vh_clean_2.labels.ply` (per-vertex NYU40 ids in its
+  `label` property): semantics only, every instance -1;
+- "none": neither (e.g. a test scan): unlabelled, semantic IGNORE_INDEX everywhere, no instances.
 """
 from __future__ import annotations
 
@@ -119,8 +125,42 @@ def read_ply_mesh(scene_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, np
     return xyz, rgb, faces
 
 
+def read_labels_ply(scene_id: str, path: Path, xyz: np.ndarray) -> np.ndarray:
+    """int16 [N] training ids from `<scene>_vh_clean_2.labels.ply` (NYU40 ids in `label`).
+
+    NYU40 ids outside the 20 benchmark classes (and 0, unannotated) become IGNORE_INDEX. The file
+    must describe the same vertices as the mesh (count and positions, before axis alignment).
+    """
+    try:
+        try:
+            ply = PlyData.read(str(path), known_list_len={"face": {"vertex_indices": 3}})
+        except Exception:  # non-triangle faces or no faces: the vertices are all we need
+            ply = PlyData.read(str(path))
+        vertex = ply["vertex"].data
+        names = vertex.dtype.names or ()
+        if "label" not in names:
+            raise SceneError(scene_id, path, f"labels PLY has no 'label' vertex property (has: {', '.join(names)})")
+        nyu = np.asarray(vertex["label"], dtype=np.int64)
+        pos = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1).astype(np.float32)
+    except SceneError:
+        raise
+    except Exception as exc:  # plyfile raises its own parse errors on garbage
+        raise SceneError(scene_id, path, f"unreadable labels PLY: {type(exc).__name__}: {exc}") from None
+    if len(nyu) != len(xyz):
+        raise SceneError(scene_id, path, f"labels PLY has {len(nyu)} vertices for the mesh's {len(xyz)} (count mismatch)")
+    if len(xyz) and float(np.abs(pos - xyz).max()) > 1e-3:
+        raise SceneError(scene_id, path, "labels PLY vertices differ from the mesh's (not the same scan?)")
+    lut = np.full(max(int(nyu.max(initial=0)) + 1, max(NYU40_IDS) + 1), IGNORE_INDEX, dtype=np.int16)
+    lut[list(NYU40_IDS)] = np.arange(len(NYU40_IDS), dtype=np.int16)
+    return lut[np.clip(nyu, 0, None)]
+
+
 def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig = ScanNetReaderConfig()) -> RawScene:
-    """Read one ScanNet scan into a RawScene (semantics on the 20 classes, instances, faces)."""
+    """Read one ScanNet scan into a RawScene (semantics on the 20 classes, instances, faces).
+
+    Labels from the aggregation, else the labels PLY (semantics only), else none (unlabelled);
+    see the module docstring.
+    """
     check_scene_id(scene_id)
     raw_dir = Path(raw_dir)
     folder = raw_dir / cfg.scans_subdir / scene_id
@@ -138,11 +178,17 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
     segs_path = folder / f"{scene_id}_vh_clean_2.0.010000.segs.json"
     agg_candidates = [folder / f"{scene_id}.aggregation.json", folder / f"{scene_id}_vh_clean.aggregation.json"]
     agg_path = next((p for p in agg_candidates if p.exists()), None)
-    if agg_path is None:
-        if cfg.scans_subdir == "scans":
-            raise SceneError(scene_id, agg_candidates[0], "aggregation file is missing (also looked for the v1 name)")
-        warnings.append("no annotations (test scan): all points ignored")
+    labels_ply_path = folder / f"{scene_id}_vh_clean_2.labels.ply"
+    if agg_path is None and labels_ply_path.exists():
+        label_source = "labels-ply"
+        semantic = read_labels_ply(scene_id, labels_ply_path, xyz)
+        files.append(str(labels_ply_path))
+        warnings.append("semantics from the labels PLY (no aggregation): no instances")
+    elif agg_path is None:
+        label_source = "none"
+        warnings.append("no annotations (no aggregation, no labels PLY): unlabelled, all points ignored")
     else:
+        label_source = "aggregation"
         table_path = cfg.label_table or str(raw_dir / LABEL_TABLE)
         table = load_label_table(table_path)
         segs = _read_json(scene_id, segs_path)
@@ -187,6 +233,7 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
         if alignment is not None:
             xyz = (xyz.astype(np.float64) @ alignment[:3, :3].T + alignment[:3, 3]).astype(np.float32)
             files.append(str(txt_path))
-    scene = RawScene(scene_id, xyz, rgb, semantic, instance, "mesh", faces=faces, source_files=files, warnings=warnings)
+    scene = RawScene(scene_id, xyz, rgb, semantic, instance, "mesh", faces=faces, source_files=files,
+                     warnings=warnings, label_source=label_source)
     scene.validate()
     return scene

@@ -8,7 +8,9 @@ rows and are the same for every backend. Reads and writes nothing on disk.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,10 +83,45 @@ class SparseConv3d(nn.Module):
 
 
 class SparseBatchNorm(nn.BatchNorm1d):
-    """``BatchNorm1d`` over the feature rows (statistics over all voxels of the batch)."""
+    """``BatchNorm1d`` over the feature rows (statistics over all voxels of the batch).
+
+    With :attr:`process_group` set (``ws3d_train.distributed.wrap_model`` does it under torchrun),
+    training-mode statistics are over the voxels of every rank (sums all-reduced, gradients
+    flowing back through the all-reduce), so a data-parallel step normalises like one process on
+    the global batch. ``torch.nn.SyncBatchNorm`` is not used: it runs on GPUs only and takes
+    ``[N, C, ...]`` tensors, not sparse rows.
+    """
+
+    process_group: Any = None
 
     def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        if self.training and self.process_group is not None:
+            return x.replace_feats(self._synced(x.feats))
         return x.replace_feats(super().forward(x.feats))
+
+    def _synced(self, feats: torch.Tensor) -> torch.Tensor:
+        import torch.distributed.nn.functional as dist_fn
+
+        x = feats.float() if feats.dtype in (torch.float16, torch.bfloat16) else feats
+        c = x.shape[1]
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
+        with warnings.catch_warnings():  # deprecated for _functional_collectives, which has no autograd
+            warnings.simplefilter("ignore", FutureWarning)
+            total = dist_fn.all_reduce(local, group=self.process_group)  # backward: all-reduce of grads
+        count = total[2 * c]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp_min(1.0))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(feats.dtype)
 
 
 class SparseReLU(nn.Module):
