@@ -258,7 +258,9 @@ def embed(store: Path = STORE,
           overrides: Optional[list[str]] = OVERRIDES) -> None:
     """CLIP embeddings of views, segments and the class vocabulary."""
     from pipeline import embed as embed_mod
+    from pipeline.workflow import check_model
 
+    check_model(model, load=True)  # a model that is not there fails once here, not once per scene
     run_store_stage("embed", store, scenes, shard, executor, config, force, overrides, model=model)
     if shard is None or shard.startswith("0/"):
         st = _open_store(store)

@@ -7,7 +7,14 @@ in this process:
 - Open3D's `compute_fpfh_feature` alone on the same points (`KDTreeSearchParamHybrid(radius=0.05,
   max_nn=100)`; normals estimated beforehand and not timed);
 - point-weighted purity against the ground-truth instances, and the segment count against the
-  shipped over-segmentation (the `segs.json` of the ScanNet layout).
+  shipped over-segmentation (the `segs.json` of the ScanNet layout) and against a graph-based
+  segmentation in the manner of ScanNet's Segmentator (`scan_stats.felzenszwalb_mesh_segments`);
+- a density sweep: the same surface as the mesh (1x) and as clouds sampled 4x and 12x as densely
+  (`scan_stats.sample_mesh_surface`): segment counts, purity and seconds at each density;
+- the same on the real ScanNet sample (`../shared/data/scannet/scans/scene0470_00`) when present:
+  it has semantics only (the labels PLY), so purity there is against the semantic labels;
+- edge-length, normal-noise and curvature statistics of the synthetic room against the real scan
+  (`scan_stats.mesh_statistics`): how scan-like the generated rooms are.
 
 `python -m pipeline.bench_overseg [N]` prints the result.
 """
@@ -22,7 +29,11 @@ import numba
 import numpy as np
 
 from pipeline.overseg import OversegConfig, overseg_points, purity
+from pipeline.scan_stats import felzenszwalb_mesh_segments, mesh_statistics, sample_mesh_surface
 from pipeline.synth import SynthConfig, SynthRoom, make_room
+
+SCANNET_RAW = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/scannet"
+SCANNET_SCENE = "scene0470_00"
 
 _TYPICAL_POINTS = 65_000
 """Rough vertex count of a room of `bench_room`'s size at the synthetic default edge lengths."""
@@ -95,7 +106,7 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
     fpfh = _time_fpfh(room.xyz, repeats)
     reference = int(len(np.unique(room.seg)))
     segments = result.n_segments
-    return {
+    out = {
         "points": int(len(room.xyz)),
         "stage_s": round(float(stage_best), 4),
         "fpfh_s": round(fpfh, 4),
@@ -109,6 +120,65 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
         "points_per_segment": round(len(room.xyz) / max(1, segments), 1),
         "threads": int(numba.get_num_threads()),
     }
+    fh = int(felzenszwalb_mesh_segments(room.xyz, room.faces).max()) + 1
+    out.update(segmentator_segments=fh, segment_ratio_vs_segmentator=round(segments / max(1, fh), 3))
+    tiny = n_points < 20_000
+    sweep = (1, 4) if tiny else (1, 4, 12)
+    out["density_sweep"] = density_sweep(room.xyz, room.rgb, room.faces, room.instance, sweep, cfg=cfg,
+                                         truth="instances")
+    real = SCANNET_RAW / "scans" / SCANNET_SCENE
+    if real.is_dir() and not tiny:
+        from pipeline.readers import scannet
+
+        scene = scannet.read_scene(SCANNET_RAW, SCANNET_SCENE)
+        sem = np.where(scene.semantic >= 0, scene.semantic, -1)
+        result = overseg_points(scene.xyz, scene.rgb, faces=scene.faces, cfg=cfg)
+        fh = int(felzenszwalb_mesh_segments(scene.xyz, scene.faces).max()) + 1
+        out["real_scan"] = {
+            "scene": SCANNET_SCENE, "points": int(len(scene.xyz)), "segments": result.n_segments,
+            "purity_vs_semantics": round(purity(result.segment, sem), 5),
+            "segmentator_segments": fh, "segment_ratio_vs_segmentator": round(result.n_segments / max(1, fh), 3),
+            "density_sweep": density_sweep(scene.xyz, scene.rgb, scene.faces, sem, sweep, cfg=cfg, truth="semantics"),
+        }
+        out["synth_vs_real_mesh"] = {"synthetic": mesh_statistics(room.xyz, room.faces),
+                                     "real": mesh_statistics(scene.xyz, scene.faces)}
+        syn, rl = out["synth_vs_real_mesh"]["synthetic"], out["synth_vs_real_mesh"]["real"]
+        out["synth_vs_real_mesh"]["ratios_synthetic_over_real"] = {
+            k: round(syn[k] / rl[k], 3) for k in ("edge_m_p50", "edge_cv", "dihedral_deg_p50", "dihedral_deg_p90",
+                                                   "curvature_p50", "curvature_p90") if rl[k]}
+    else:
+        out["real_scan"] = {"skipped": f"{real} absent" if not tiny else "tiny"}
+    return out
+
+
+def density_sweep(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray, truth_labels: np.ndarray,
+                  multiples: tuple[int, ...], *, cfg: OversegConfig, truth: str) -> dict[str, Any]:
+    """Over-segment the mesh (1x) and clouds sampled `m` times as densely from its surface.
+
+    Returns per density: points, segments, purity (against `truth_labels`, per vertex: instances
+    or semantics, said in `truth`), seconds and, for clouds up to 300k points, the time of Open3D's
+    FPFH alone on the same cloud; plus the ratio of the largest to the smallest count.
+    """
+    rows: dict[str, Any] = {}
+    counts = []
+    for m in multiples:
+        if m == 1:
+            pts, col, lab, f = xyz, rgb, truth_labels, faces
+        else:
+            pts, col, (lab,) = sample_mesh_surface(xyz, rgb, faces, m * len(xyz), labels=(truth_labels,), seed=m)
+            f = None
+        start = time.perf_counter()
+        result = overseg_points(pts, col, faces=f, cfg=cfg)
+        seconds = time.perf_counter() - start
+        row = {"points": int(len(pts)), "segments": result.n_segments,
+               f"purity_vs_{truth}": round(purity(result.segment, lab), 5), "seconds": round(seconds, 3)}
+        if m > 1 and len(pts) <= 300_000:  # FPFH on denser clouds takes minutes (r = 5 cm, 100 nn)
+            fpfh = _time_fpfh(pts, 1)
+            row.update(fpfh_s=round(fpfh, 3), stage_over_fpfh=round(seconds / fpfh, 3))
+        rows[f"x{m}"] = row
+        counts.append(result.n_segments)
+    rows["count_max_over_min"] = round(max(counts) / max(1, min(counts)), 3)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,17 @@
 """Benchmark of the render stage (`make bench`): measured against a reference in the same process.
 
-Reads: a generated room (`pipeline.synth`, or a box room built here when that is absent) and, if
-present, the real SemanticKITTI scan under `../shared/data` (else a synthetic LiDAR-like cloud).
+Reads: a generated room (`pipeline.synth`, or a box room built here when that is absent), the
+real ScanNet scan `../shared/data/scannet/scans/scene0470_00` when present, and the real
+SemanticKITTI scan under `../shared/data` (else a synthetic LiDAR-like cloud).
 Writes: only a temporary store, deleted afterwards. Returns a dict of numbers (JSON-safe).
 
 Measured:
+- exactness of the lists (`audit_mesh_views`, on the synthetic room and under `real_scan`): the
+  share of listed (view, point) entries that a ray from the camera finds hidden (the exact test,
+  a ray for every point in the frustum, no pre-test), the recall of exactly visible points, the
+  same share for the former rule (the depth at the point's own pixel, 2 % + 2 cm band) and how
+  far behind its hidden points lie, and the distance between the surface point a pixel sees and
+  the vertex it records (also for the former max-barycentric choice); coverage and view count;
 - the whole stage through `run_scene` (read inputs, choose cameras, cast, colour, point indices,
   visibility lists, write to the store) in output rays (V x H x W pixels) per second, against the
   bare Open3D `cast_rays` rate for the same mesh and the same chosen cameras: "cold" builds a
@@ -24,11 +31,108 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cameras, render, schema
+from pipeline import cameras, parallel, render, schema
 from pipeline.render import RenderConfig, build_raycaster, cast, render_scene, run_scene, splat_points
 from pipeline.store import Store
 
 KITTI_SCAN = Path(__file__).resolve().parents[1].parent / "shared/data/semantickitti/sequences/08/velodyne/000000.bin"
+SCANNET_RAW = Path(__file__).resolve().parents[1].parent / "shared/data/scannet"
+SCANNET_SCENE = "scene0470_00"
+
+
+def audit_mesh_views(xyz: np.ndarray, faces: np.ndarray, res: "render.RenderResult", cfg: RenderConfig) -> dict[str, Any]:
+    """How exact a mesh render's correspondences are (see the module docstring); JSON-safe dict."""
+    from pipeline.visibility import exact_visible, points_visibility
+
+    xyz = np.ascontiguousarray(xyz, np.float32)
+    faces = np.ascontiguousarray(faces, np.int32)
+    poses, K = res.pose.astype(np.float64), res.K[0].astype(np.float64)
+    H, W = cfg.height, cfg.width
+    raycaster = build_raycaster(xyz, faces)
+    exact = exact_visible(raycaster, xyz, poses, K, H, W, tol_m=cfg.visibility_tol_m)
+    listed = np.zeros_like(exact)
+    for v in range(len(poses)):
+        listed[v, res.visible_ids[res.visible_ptr[v]:res.visible_ptr[v + 1]]] = True
+    out: dict[str, Any] = {
+        "views": int(len(poses)), "coverage": res.stats["coverage"],
+        "listed_entries": int(listed.sum()), "exact_entries": int(exact.sum()),
+        "listed_occluded_share": round(float((listed & ~exact).sum() / max(1, listed.sum())), 5),
+        "exact_recall": round(float((listed & exact).sum() / max(1, exact.sum())), 5),
+    }
+    # the same views through the former rule: the depth at the point's own pixel, 2 % + 2 cm
+    rays = render.make_rays(K, poses, H, W).reshape(-1, 6)
+    hits = cast(raycaster, rays)
+    t = hits["t_hit"]
+    depth = np.where(np.isfinite(t), t, 0.0).astype(np.float32)
+    loose = points_visibility(xyz, poses, K, depth, H, W, tol_m=0.02, rel_tol=0.02)
+    wrong = loose & ~exact
+    out["former_rule_occluded_share"] = round(float(wrong.sum() / max(1, loose.sum())), 5)
+    v_idx, p_idx = np.nonzero(wrong)
+    if len(v_idx):  # how far behind the first surface those points lie
+        centres = cameras.camera_centres(poses)
+        d = xyz[p_idx].astype(np.float64) - centres[v_idx]
+        dist = np.linalg.norm(d, axis=1)
+        first = cast(raycaster, np.concatenate([centres[v_idx], d / dist[:, None]], 1).astype(np.float32))["t_hit"]
+        behind = dist - first
+        out["former_rule_hidden_by_over_5cm_share"] = round(float((behind > 0.05).sum() / loose.sum()), 5)
+        out["former_rule_hidden_by_over_10cm_share"] = round(float((behind > 0.10).sum() / loose.sum()), 5)
+    # pixel -> point: distance from the surface point a pixel sees to the vertex it records
+    index = res.point_index.reshape(-1)
+    rec = (index >= 0) & np.isfinite(t)
+    hit_pt = rays[rec, :3].astype(np.float64) + t[rec, None] * rays[rec, 3:].astype(np.float64)
+    dist = np.linalg.norm(xyz[index[rec]].astype(np.float64) - hit_pt, axis=1)
+    out["pixel_point_m_p50"] = round(float(np.median(dist)), 5) if len(dist) else None
+    out["pixel_point_m_p90"] = round(float(np.percentile(dist, 90)), 5) if len(dist) else None
+    corners = faces[hits["primitive_ids"][rec]]
+    uv = hits["primitive_uvs"][rec].astype(np.float64)
+    bary = np.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], 1)
+    maxbary = corners[np.arange(len(corners)), bary.argmax(1)]
+    d_max = np.linalg.norm(xyz[maxbary].astype(np.float64) - hit_pt, axis=1)
+    out["former_max_barycentric_m_p50"] = round(float(np.median(d_max)), 5) if len(d_max) else None
+    out["pixel_point_over_former"] = round(float(np.median(dist) / max(np.median(d_max), 1e-12)), 4) if len(dist) else None
+    out["unseen"] = res.stats.get("unseen")
+    return out
+
+
+def _stage_vs_bare(store: Store, name: str, xyz, rgb, faces, cfg: RenderConfig, repeats: int) -> tuple[dict[str, Any], Any]:
+    """The whole stage (`run_scene`) against a fresh build + one `cast_rays` of the same rays."""
+    import open3d as o3d
+
+    stage_s, cold_s, warm_s, run_stats = [], [], [], []
+    for r in range(repeats):
+        scene_id = f"{name}{r}"
+        _ingest(store, scene_id, xyz, rgb, faces, "mesh")  # a fresh scene: no old group to replace
+        t0 = time.perf_counter()
+        result = run_scene(str(store.path), scene_id, cfg)
+        stage_s.append(time.perf_counter() - t0)
+        run_stats.append(result.stats)
+        poses = store.read(scene_id, schema.VIEW_POSE).astype(np.float64)
+        K = store.read(scene_id, schema.VIEW_K)[0].astype(np.float64)
+        rays = render.make_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6)
+        tensor = o3d.core.Tensor.from_numpy(rays)
+        t0 = time.perf_counter()
+        raycaster = build_raycaster(xyz, faces)
+        raycaster.cast_rays(tensor, nthreads=cfg.threads)
+        cold_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        raycaster.cast_rays(tensor, nthreads=cfg.threads)
+        warm_s.append(time.perf_counter() - t0)
+        del rays, tensor, raycaster
+    n_rays = int(len(poses) * cfg.height * cfg.width)
+    stage, cold, warm = min(stage_s), min(cold_s), min(warm_s)
+    stats = run_stats[int(np.argmin(stage_s))]
+    return {
+        "vertices": int(len(xyz)), "triangles": int(len(faces)),
+        "views": int(len(poses)), "output_rays": n_rays, "rays_cast_by_stage": int(stats["rays_cast"]),
+        "coverage": stats["coverage"], "coverage_of_observable": stats["coverage_of_observable"],
+        "stage_seconds": round(stage, 4), "stage_mrays_per_s": round(n_rays / stage / 1e6, 3),
+        "bare_cold_seconds": round(cold, 4), "bare_cold_mrays_per_s": round(n_rays / cold / 1e6, 3),
+        "bare_warm_seconds": round(warm, 4),
+        "ratio_vs_cold": round(cold / stage, 3), "ratio_vs_warm": round(warm / stage, 3),
+        "ratio_vs_cold_without_write": round(cold / max(stage - stats["seconds_write"], 1e-9), 3),
+        "stage_breakdown_s": {k: stats[k] for k in ("seconds_choose", "seconds_render", "seconds_visibility", "seconds_write")},
+        "stage_runs_s": [round(s, 4) for s in stage_s], "bare_cold_runs_s": [round(s, 4) for s in cold_s],
+    }, stats
 
 
 def _box_room(edge: float = 0.04, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,66 +205,52 @@ def _warm_up(cfg: RenderConfig) -> None:
     """Compile (or load from numba's cache) every kernel, serial and parallel, on a tiny scene, and
     start Open3D's ray caster, outside the timings (both sides of the comparison use Open3D)."""
     xyz, rgb, faces = _box_room(edge=0.5)
-    default = render.PARALLEL_MIN_ITEMS
+    default = parallel.PARALLEL_MIN_ITEMS
     try:
         for threshold in (0, default):  # 0: every kernel takes its parallel variant
-            render.PARALLEL_MIN_ITEMS = threshold
+            parallel.PARALLEL_MIN_ITEMS = threshold
             render_scene(xyz, rgb, faces, kind="mesh", cfg=RenderConfig(width=32, height=24, max_views=2))
             render_scene(xyz, rgb, None, kind="points", cfg=RenderConfig(width=32, height=24, max_views=2))
             render_scene(xyz, rgb, None, kind="lidar", cfg=RenderConfig(width=32, height=24))
     finally:
-        render.PARALLEL_MIN_ITEMS = default
+        parallel.PARALLEL_MIN_ITEMS = default
 
 
-def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig()) -> dict[str, Any]:
-    """Run the render benchmark; returns the measured numbers (best of `repeats` for each timing)."""
-    import open3d as o3d
+def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig(), tiny: bool = False) -> dict[str, Any]:
+    """Run the render benchmark; returns the measured numbers (best of `repeats` for each timing).
 
+    `tiny`: a small box room, small images, one repeat, no real scans (for tests)."""
+    import dataclasses
+
+    if tiny:
+        repeats, cfg = 1, dataclasses.replace(cfg, width=64, height=48, max_views=4)
     _warm_up(cfg)
-    xyz, rgb, faces, mesh_name = bench_mesh()
-    out: dict[str, Any] = {"mesh": mesh_name, "vertices": int(len(xyz)), "triangles": int(len(faces)),
-                           "image": f"{cfg.width}x{cfg.height}"}
-    stage_s, cold_s, warm_s, run_stats = [], [], [], []
+    if tiny:
+        xyz, rgb, faces = _box_room(edge=0.2)
+        mesh_name = "box room (tiny)"
+    else:
+        xyz, rgb, faces, mesh_name = bench_mesh()
+    out: dict[str, Any] = {"mesh": mesh_name, "image": f"{cfg.width}x{cfg.height}"}
     with tempfile.TemporaryDirectory(prefix="ws3d-bench-render-") as tmp:
         store = Store.create(Path(tmp) / "store", dataset="bench", class_names=["thing"])
-        for r in range(repeats):
-            scene_id = f"bench{r}"
-            _ingest(store, scene_id, xyz, rgb, faces, "mesh")  # a fresh scene: no old group to replace
-            t0 = time.perf_counter()
-            result = run_scene(str(store.path), scene_id, cfg)
-            stage_s.append(time.perf_counter() - t0)
-            run_stats.append(result.stats)
-            # the bare reference on the same mesh and the cameras the stage chose, same process
-            poses = store.read(scene_id, schema.VIEW_POSE).astype(np.float64)
-            K = store.read(scene_id, schema.VIEW_K)[0].astype(np.float64)
-            # the very rays the stage cast (its kernel; `cameras.pixel_rays` gives the same up to rounding)
-            rays = render.make_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6)
-            tensor = o3d.core.Tensor.from_numpy(rays)
-            t0 = time.perf_counter()
-            raycaster = build_raycaster(xyz, faces)
-            raycaster.cast_rays(tensor, nthreads=cfg.threads)
-            cold_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            raycaster.cast_rays(tensor, nthreads=cfg.threads)
-            warm_s.append(time.perf_counter() - t0)
-            del rays, tensor, raycaster
-        n_rays = int(len(poses) * cfg.height * cfg.width)
-        stage, cold, warm = min(stage_s), min(cold_s), min(warm_s)
-        stats = run_stats[int(np.argmin(stage_s))]  # the breakdown of the best run
-        out.update(
-            views=int(len(poses)), output_rays=n_rays, rays_cast_by_stage=int(stats["rays_cast"]),
-            coverage=stats["coverage"], coverage_of_observable=stats["coverage_of_observable"],
-            stage_seconds=round(stage, 4), stage_mrays_per_s=round(n_rays / stage / 1e6, 3),
-            bare_cold_seconds=round(cold, 4), bare_cold_mrays_per_s=round(n_rays / cold / 1e6, 3),
-            bare_warm_seconds=round(warm, 4), bare_warm_mrays_per_s=round(n_rays / warm / 1e6, 3),
-            ratio_vs_cold=round(cold / stage, 3), ratio_vs_warm=round(warm / stage, 3),
-            # the store write (zarr + blosc zstd, pipeline.store) alone costs about a cold cast
-            ratio_vs_cold_without_write=round(cold / max(stage - stats["seconds_write"], 1e-9), 3),
-            stage_breakdown_s={k: stats[k] for k in ("seconds_choose", "seconds_render", "seconds_visibility", "seconds_write")},
-            stage_runs_s=[round(s, 4) for s in stage_s], bare_cold_runs_s=[round(s, 4) for s in cold_s],
-        )
+        timing, _ = _stage_vs_bare(store, "bench", xyz, rgb, faces, cfg, repeats)
+        out.update(timing)
+        res = render_scene(xyz, rgb, faces, kind="mesh", cfg=cfg)
+        out["exact"] = audit_mesh_views(xyz, faces, res, cfg)
+        real = SCANNET_RAW / "scans" / SCANNET_SCENE
+        if real.is_dir() and not tiny:
+            from pipeline.readers import scannet
+
+            scene = scannet.read_scene(SCANNET_RAW, SCANNET_SCENE)
+            timing, _ = _stage_vs_bare(store, "real", scene.xyz, scene.rgb, scene.faces, cfg, repeats)
+            res = render_scene(scene.xyz, scene.rgb, scene.faces, kind="mesh", cfg=cfg)
+            out["real_scan"] = {"scene": SCANNET_SCENE, **timing, "exact": audit_mesh_views(scene.xyz, scene.faces, res, cfg)}
+        else:
+            out["real_scan"] = {"skipped": f"{real} absent" if not tiny else "tiny"}
         # splatting: the LiDAR scan from its sensor, the stage's six cameras
         scan_xyz, scan_rgb, scan_name = lidar_scan()
+        if tiny:
+            scan_xyz, scan_rgb = scan_xyz[::20], scan_rgb[::20]
         res = render_scene(scan_xyz, scan_rgb, None, kind="lidar", cfg=cfg)
         poses = res.pose.astype(np.float64)
         K = res.K[0].astype(np.float64)

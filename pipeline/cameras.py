@@ -224,7 +224,7 @@ def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position,
 
 
 def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
-                 allowed: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+                 allowed: np.ndarray | None = None, min_gain: int = 1) -> tuple[list[int], np.ndarray]:
     """Choose candidates greedily by how many not-yet-covered samples each adds.
 
     Args:
@@ -233,6 +233,7 @@ def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np
         target: stop once this fraction of the S samples is covered.
         covered: bool [S] samples already covered (default none).
         allowed: bool [C] candidates that may be chosen (default all).
+        min_gain: stop when the best candidate adds fewer new samples than this.
 
     Returns:
         chosen candidate ids in order, and the covered mask [S] afterwards.
@@ -248,7 +249,7 @@ def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np
     n_covered = int(np.count_nonzero(covered))
     while len(chosen) < max_views and n_covered / n_samples < target and allowed.any():
         best = int(np.argmax(np.where(allowed, gain, -1)))
-        if not allowed[best] or gain[best] <= 0:
+        if not allowed[best] or gain[best] < max(1, min_gain):
             break
         chosen.append(best)
         allowed[best] = False
@@ -324,14 +325,16 @@ def reach(xyz: np.ndarray, cfg: Any) -> float:
 def probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, cand: np.ndarray,
                       positions: np.ndarray, samples: np.ndarray, *, cfg: Any,
                       reach: float) -> tuple[np.ndarray, np.ndarray]:
-    """Meshes: two questions about the candidates in one `test_occlusions` call (any hit, cheaper
-    than `cast_rays`' closest hit with all its outputs).
+    """Meshes: two questions about the candidates, by `test_occlusions` (any hit, cheaper than
+    `cast_rays`' closest hit with all its outputs): first tiny renders, then exact occlusion rays
+    from the positions inside the scan only (see `min_hit_fraction`; the others see nothing).
 
     Returns:
         low_hit: bool [C, h_low * w_low], the low-resolution pixels of each candidate [C, 4, 4]
         that show a surface (directions have camera z = 1, scaled so t = 1 is `reach` metres away
         or more: every surface of the scene);
-        clear: bool [P, S], nothing hides sample s [S, 3] from position p [P, 3] (`pipeline.visibility.unoccluded_from`).
+        clear: bool [P, S], nothing hides sample s [S, 3] from position p [P, 3]
+        (`pipeline.visibility.unoccluded_from`); False for positions outside the scan.
     """
     import open3d as o3d
 
@@ -339,12 +342,20 @@ def probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, 
     from pipeline.visibility import _segment_rays
 
     n_low = len(cand) * h_low * w_low
-    rays = np.empty((n_low + len(positions) * len(samples), 6), np.float32)
+    rays = np.empty((n_low, 6), np.float32)
     _make_rays(np.ascontiguousarray(K_low, dtype=np.float64), np.ascontiguousarray(cand, dtype=np.float64),
-               h_low, w_low, rays[:n_low], cfg.threads)
-    rays[:n_low, 3:] *= np.float32(reach)
+               h_low, w_low, rays, cfg.threads)
+    rays[:, 3:] *= np.float32(reach)
+    low_hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
+                                        nthreads=cfg.threads).numpy().reshape(len(cand), -1)
+    fraction = low_hit.reshape(len(positions), -1).mean(1)
+    inside = fraction >= cfg.min_hit_fraction
+    if not inside.any():
+        inside[int(np.argmax(fraction))] = True
+    clear = np.zeros((len(positions), len(samples)), np.bool_)
+    seg = np.empty((int(inside.sum()) * len(samples), 6), np.float32)
     # the exact visibility rule of the stage (no relative band, `visibility_tol_m`)
-    near = _segment_rays(positions, samples, 0.0, cfg.visibility_tol_m, rays[n_low:])
-    hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
-                                    nthreads=cfg.threads).numpy()
-    return hit[:n_low].reshape(len(cand), -1), near | ~hit[n_low:].reshape(near.shape)
+    near = _segment_rays(positions[inside], samples, 0.0, cfg.visibility_tol_m, seg)
+    hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(seg), tnear=0.0, tfar=1.0, nthreads=cfg.threads).numpy()
+    clear[inside] = near | ~hit.reshape(near.shape)
+    return low_hit, clear

@@ -302,22 +302,22 @@ def run_scenes(
     # a bar on a terminal, a plain line every few seconds in a log (a cluster job's output stays readable)
     bar = progress_bar(total=len(ids), desc=stage, unit="scene", enabled=progress, leave=False)
     results: list[SceneResult] = []
-    if cfg.kind == "sync" or not ids:
-        import dask
+    with bar:  # closed also when the cluster cannot start
+        if cfg.kind == "sync" or not ids:
+            import dask
 
-        for scene_id in ids:
-            results.append(dask.delayed(run_guarded)(fn, scene_id).compute(scheduler="synchronous"))
-            bar.update()
-    else:
-        from distributed import as_completed
-
-        with dask_client(cfg) as client:
-            # pure=False: a rerun must execute again rather than reuse a cached result
-            futures = [client.submit(run_guarded, fn, s, key=f"{stage}-{s}", pure=False) for s in ids]
-            for future in as_completed(futures):
-                results.append(future.result())
+            for scene_id in ids:
+                results.append(dask.delayed(run_guarded)(fn, scene_id).compute(scheduler="synchronous"))
                 bar.update()
-    bar.close()
+        else:
+            from distributed import as_completed
+
+            with dask_client(cfg) as client:
+                # pure=False: a rerun must execute again rather than reuse a cached result
+                futures = [client.submit(run_guarded, fn, s, key=f"{stage}-{s}", pure=False) for s in ids]
+                for future in as_completed(futures):
+                    results.append(future.result())
+                    bar.update()
     order = {s: i for i, s in enumerate(ids)}
     results.sort(key=lambda r: order[r.scene_id])
     return RunReport(stage, results, time.perf_counter() - start)

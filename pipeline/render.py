@@ -74,20 +74,23 @@ class RenderConfig:
     max_views: int = 20
     """Most views per indoor scene."""
     coverage_target: float = 0.95
-    """Stop adding indoor views once this fraction of the observable points is seen (observable:
-    seen by some candidate; points under furniture or against walls no eye-height camera sees)."""
-    eye_height_m: tuple[float, float] = (1.2, 1.6)
-    """Range of camera heights above the floor (each candidate position draws one)."""
-    clearance_m: float = 0.3
+    """Stop adding indoor views once this fraction of the points is seen, or all the observable
+    ones (seen by some candidate: points under furniture or against walls may be seen by none)."""
+    min_view_gain: float = 0.001
+    """A view is added only if it newly shows at least this fraction of the sampled points."""
+    eye_height_m: tuple[float, float] = (0.5, 1.6)
+    """Range of camera heights above the floor (each candidate position draws one): low ones
+    see under tables and between chairs, as a handheld scanner did."""
+    clearance_m: float = 0.2
     """Candidate positions keep at least this distance from every surface."""
     headings: int = 8
     """Headings per candidate position, evenly spaced around the vertical."""
-    pitches_deg: tuple[float, ...] = (-15.0, -45.0)
+    pitches_deg: tuple[float, ...] = (-10.0, -40.0, -70.0)
     """Pitches of indoor cameras (negative = looking down): the steeper one sees the floor
     between furniture and the tops of low objects, which an eye-height level view misses."""
-    grid_step_m: float = 0.5
+    grid_step_m: float = 0.25
     """Finest spacing of the candidate position grid (coarser in big scenes, see max_positions)."""
-    max_positions: int = 32
+    max_positions: int = 96
     """Most candidate positions per scene (spread out by farthest-point sampling)."""
     candidate_width: int = 8
     """Meshes: width of the tiny candidate renders (height keeps the aspect) that find positions
@@ -101,8 +104,11 @@ class RenderConfig:
     scan (e.g. beyond a wall) and is dropped."""
     coverage_samples: int = 2048
     """Points sampled to score candidates and estimate coverage during the greedy choice."""
-    refine_rounds: int = 1
-    """After rendering, rounds of extra views chosen against what the full-size views missed."""
+    refine_rounds: int = 4
+    """After rendering, rounds of extra views chosen for a fresh sample of the points the
+    full-size views missed (the first sample's greedy choice overfits it)."""
+    refine_samples: int = 512
+    """Points sampled from those still unseen for each refinement round."""
     floor_percentile: float = 1.0
     """The floor height is this percentile of the points' z."""
     lidar_headings: int = 6
@@ -270,9 +276,15 @@ def _render_scene(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None, ki
             spacing = cameras.spacing_of_mesh(xyz, faces, rng)
             radius: float | np.ndarray = 0.0
 
+            from scipy.spatial import cKDTree
+
+            vertex_tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
+
             def clearance(q: np.ndarray) -> np.ndarray:
-                import open3d as o3d
-                return raycaster.compute_distance(o3d.core.Tensor(q.astype(np.float32)), nthreads=cfg.threads).numpy()
+                # distance to the nearest vertex, less half an edge: a lower bound of the distance
+                # to the surface within the mesh's edge length (Open3D's exact distance query
+                # builds a second BVH, which costs more than the whole camera choice)
+                return vertex_tree.query(q, k=1, workers=-1)[0] - 0.5 * spacing
         else:
             from scipy.spatial import cKDTree
 
@@ -305,15 +317,31 @@ def _render_scene(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None, ki
             # (a low-resolution depth image misses thin occluders and overestimates coverage)
             low_hit, clear = cameras.probe_candidates(raycaster, K_low, h_low, w_low, cand, positions, samples,
                                                       cfg=cfg, reach=cameras.reach(xyz, cfg))
-            rays_cast += low_hit.size + clear.size
-            seen = np.zeros((len(cand), len(samples)), np.bool_)
-            kernel = cameras._candidate_seen_par if use_parallel(seen.size, cfg.threads) else cameras._candidate_seen_ser
-            kernel(samples, cand, K, H, W, float(cfg.near_m), clear, per_position, seen)
+            rays_cast += low_hit.size + int(clear.any(1).sum()) * clear.shape[1]
+
+            def score(sample_xyz: np.ndarray, clear_ps: np.ndarray) -> np.ndarray:
+                seen_cs = np.zeros((len(cand), len(sample_xyz)), np.bool_)
+                kernel = cameras._candidate_seen_par if use_parallel(seen_cs.size, cfg.threads) else cameras._candidate_seen_ser
+                kernel(sample_xyz, cand, K, H, W, float(cfg.near_m), clear_ps, per_position, seen_cs)
+                return seen_cs
+
+            def rescore(sample_xyz: np.ndarray) -> tuple[np.ndarray, int]:
+                clear_ps = np.zeros((len(positions), len(sample_xyz)), np.bool_)  # outside: sees nothing
+                clear_ps[inside] = unoccluded_from(raycaster, positions[inside], sample_xyz, rel_tol=0.0,
+                                                   abs_tol_m=cfg.visibility_tol_m, threads=cfg.threads)
+                return score(sample_xyz, clear_ps), int(inside.sum()) * len(sample_xyz)
+
+            seen = score(samples, clear)
         else:
             depth_low = low_depth(cand)
             low_hit = (depth_low > 0).reshape(len(cand), -1)
-            seen = sample_visibility(samples, cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
-                                     abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m, threads=cfg.threads)
+
+            def rescore(sample_xyz: np.ndarray) -> tuple[np.ndarray, int]:
+                return sample_visibility(sample_xyz, cand, K_low, depth_low, rel_tol=cfg.occlusion_rel_tol,
+                                         abs_tol_m=cfg.occlusion_abs_tol_m, near_m=cfg.near_m,
+                                         threads=cfg.threads), 0
+
+            seen, _ = rescore(samples)
         # positions looking mostly at nothing are outside the scan (behind a wall)
         hit_fraction = low_hit.reshape(len(positions), -1).mean(1)
         inside = hit_fraction >= cfg.min_hit_fraction
@@ -321,12 +349,14 @@ def _render_scene(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None, ki
             inside[int(np.argmax(hit_fraction))] = True
             fallback = True
         allowed = np.repeat(inside, per_position)
-        # some points no candidate can see (floor under furniture, backs against walls):
-        # the target is a fraction of the points some allowed candidate sees
+        # some points no candidate can see (floor under furniture, backs against walls): the
+        # target is coverage_target of all points, or all the points some allowed candidate sees
         observable = seen[allowed].any(0)
         observable_fraction = float(observable.mean()) if len(observable) else 0.0
-        target = cfg.coverage_target * observable_fraction
-        chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=target, allowed=allowed)
+        target = min(cfg.coverage_target, observable_fraction)
+        min_gain = max(1, int(np.ceil(cfg.min_view_gain * len(samples))))
+        chosen, covered = greedy_cover(seen, max_views=cfg.max_views, target=target, allowed=allowed,
+                                       min_gain=min_gain)
         if not chosen:  # nothing seen by the estimate: still give one view from the best position
             chosen = [int(np.argmax(np.where(allowed, low_hit.mean(1), -1)))]
         estimate = float(covered.mean()) if len(covered) else 0.0
@@ -346,13 +376,21 @@ def _render_scene(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None, ki
         rays_cast += n_occ
         for _ in range(cfg.refine_rounds):
             seen_now = visible.any(0)
-            if np.count_nonzero(seen_now) >= target * n_points or len(chosen) >= cfg.max_views:
+            n_seen = int(np.count_nonzero(seen_now))
+            if n_seen >= target * n_points or len(chosen) >= cfg.max_views:
                 break
-            # what the full-size views really show replaces the estimate; choose more views
+            # what the full-size views really show replaces the estimate: a fresh sample of the
+            # points they miss is scored against the candidates, and views chosen for it
+            unseen_ids = np.flatnonzero(~seen_now)
+            sub = np.sort(rng.choice(unseen_ids, size=min(len(unseen_ids), cfg.refine_samples), replace=False))
+            seen_sub, n_probe = rescore(xyz[sub])
+            rays_cast += n_probe
+            weight = len(unseen_ids) / len(sub)  # points each sample stands for
             mask = allowed.copy()
             mask[chosen] = False
-            extra, _ = greedy_cover(seen, max_views=cfg.max_views - len(chosen), target=target,
-                                    covered=seen_now[sample_ids], allowed=mask)
+            want = (target * n_points - n_seen) / len(unseen_ids)  # share of the unseen still wanted
+            extra, _ = greedy_cover(seen_sub, max_views=cfg.max_views - len(chosen), target=min(1.0, want),
+                                    allowed=mask, min_gain=int(np.ceil(cfg.min_view_gain * n_points / weight)))
             if not extra:
                 break
             more = render(cand[extra])
@@ -413,11 +451,13 @@ def unseen_statistics(xyz: np.ndarray, faces: np.ndarray | None, unseen: np.ndar
     if floor_z is not None:
         out["near_floor"] = round(float(np.mean(pts[:, 2] < floor_z + 0.25)), 4)
     if faces is not None and len(faces):
+        touch = faces[unseen[faces].any(axis=1)]  # only the faces at unseen vertices
         v = xyz.astype(np.float64)
-        fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
-        normal = np.zeros_like(v)
+        fn = np.cross(v[touch[:, 1]] - v[touch[:, 0]], v[touch[:, 2]] - v[touch[:, 0]])
+        normal = np.zeros((len(xyz), 3))
         for k in range(3):
-            np.add.at(normal, faces[:, k], fn)
+            for d in range(3):
+                normal[:, d] += np.bincount(touch[:, k], weights=fn[:, d], minlength=len(xyz))
         nz = normal[unseen, 2] / np.maximum(np.linalg.norm(normal[unseen], axis=1), 1e-12)
         out["facing_down"] = round(float(np.mean(nz < -0.5)), 4)
         out["facing_sideways"] = round(float(np.mean(np.abs(nz) <= 0.5)), 4)

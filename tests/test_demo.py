@@ -56,3 +56,10 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
 def test_demo_config_is_strict():
     with pytest.raises(ValueError):
         from_dict(DemoConfig, {"sclae": 2})
+
+
+def test_demo_refuses_unknown_benchmark_rows_before_any_work(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), ablation=True, rows=("supervised", "+magic"))
+    with pytest.raises(ValueError, match=r"\+magic"):
+        run_demo(cfg, echo=lambda _: None)
+    assert not (tmp_path / "demo").exists()

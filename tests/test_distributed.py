@@ -180,3 +180,29 @@ def test_single_process_setup_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         distributed.setup("cpu")
+
+
+@pytest.mark.slow
+def test_torchrun_cli_pretrain_on_two_cpu_ranks(tiny_store: Path, tmp_path: Path) -> None:
+    """The documented command line: torchrun --standalone --nproc_per_node=2 --no-python ws3d pretrain ..."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ws3d_train.logging import read_metrics
+
+    ws3d = shutil.which("ws3d", path=str(Path(sys.executable).parent))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if ws3d is None or torchrun is None:
+        pytest.skip("ws3d / torchrun console scripts not installed beside this python")
+    run = tmp_path / "run"
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={WORLD}", "--no-python", ws3d, "pretrain",
+           "--store", str(tiny_store), "--out", str(run), "--scenes", "all", "steps=2", "batch_size=1",
+           "device=cpu", "num_workers=0", "progress=false", "tensorboard=false", "data.voxel_size_m=0.1",
+           "network.preset=tiny", "network.backend=torch", "warmup_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2] and all(r["world_size"] == WORLD for r in records)
+    assert (run / "checkpoints" / "step_00000002.pt").is_file()

@@ -216,6 +216,23 @@ def test_state_subsamples_above_the_budget(store):
     np.testing.assert_array_equal(small.colours, small.colours_full[small.display_index])
 
 
+def test_state_on_an_ingest_only_scene(tmp_path):
+    from tests.conftest import make_tiny_scene
+
+    rng = np.random.default_rng(0)
+    arrays = make_tiny_scene(400, rng, rng.standard_normal((len(TINY_CLASSES), 8)))
+    s = Store.create(tmp_path / "store", dataset="synthetic", class_names=TINY_CLASSES)
+    s.write_stage("scene_a", "ingest", arrays["ingest"], {"config": {}, "config_hash": "a", "stats": {}})
+    only = ViewerState(tmp_path / "store")
+    assert only.available_modes() == ["rgb", "gt class", "gt instance"]
+    assert only.scene.cameras == [] and only.scene.segment is None and only.prediction is None
+    with pytest.raises(core.ViewerError, match="--run"):
+        only.query("a chair")
+    with pytest.raises(core.ViewerError, match="no scene 'nope'"):
+        only.set_scene("nope")
+    assert only.scene.scene_id == "scene_a" and only.points.shape == (only.scene.num_points, 3)  # unchanged
+
+
 def test_query_matches_ws3d_query(state, store, run):
     from ws3d_train.predict import query_scene
 
@@ -233,6 +250,7 @@ def test_query_matches_ws3d_query(state, store, run):
     grey = state.similarity < (lo + hi) / 2
     assert 0 < grey.sum() < grey.size
     np.testing.assert_array_equal(state.colours[grey], np.tile(BELOW_THRESHOLD_RGB, (int(grey.sum()), 1)))
+    assert state.legend[-1].name.startswith("below") and state.legend[-1].points == int(grey.sum())
     ranked = rank_segments(state.similarity, state.scene.segment, state.scene.xyz, top_k=3)
     assert [m.segment for m in ranked] == [m.segment for m in reference.segments[:3]]
 
@@ -266,6 +284,13 @@ def test_server_serves_the_page_and_widgets_drive_the_scene(app, state):
 
     app.select_view(2)
     assert app.gui_image.visible and app.gui_image.label.startswith("view 2")
+
+    encoder, state.run._encoder, state.run.model_dir = state.run._encoder, None, "/nonexistent/clip"
+    try:  # a model that cannot be loaded offline: the page says so, the server goes on
+        app.gui_query.value = "a lamp"
+        assert "/nonexistent/clip" in app.gui_notice.content and state.query_text == "a table"
+    finally:
+        state.run._encoder, state.run.model_dir = encoder, None
 
     other = state.scene_ids[1]
     app.gui_scene.value = other
@@ -393,7 +418,6 @@ def test_headless_browser_on_a_synthesised_room(tmp_path):
     CLIP), a one-step run, ground-truth classes on the mesh with vertex colours, a view's image."""
     pytest.importorskip("viser")
     from pipeline.executor import ExecutorConfig
-    from pipeline.readers.scannet import CLASS_NAMES
     from pipeline.workflow import WorkflowConfig, run_workflow
     from tests.synthdata import small_raw
     from tests.test_predict import make_tiny_clip
@@ -416,7 +440,7 @@ def test_headless_browser_on_a_synthesised_room(tmp_path):
         app.gui_mode.value = "gt class"
         app.select_view(1)
         semantic = app.state.scene.semantic
-        colours = class_palette(len(CLASS_NAMES))[np.unique(semantic[semantic >= 0])]
+        colours = class_palette(len(app.state.scene.class_names))[np.unique(semantic[semantic >= 0])]
         shot = tmp_path / "viewer.png"
 
         def done(png: bytes) -> bool:

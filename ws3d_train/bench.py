@@ -79,8 +79,8 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
         return {}  # 80k and 300k voxels, 32 and 64 channels, tiny and MinkUNet18 at 80k
     if name == "render":
         return {"tiny": True} if tiny else {}
-    if name == "embed":
-        return {"tiny": True} if tiny else {}
+    if name == "embed":  # bench_embed has no `tiny` switch: small batches and views instead
+        return {"batch_sizes": (2,), "view_hw": (48, 64), "verbose": False} if tiny else {}
     if name in ("store_read", "train_step"):
         return {"store_path": store}
     return {}

@@ -4,7 +4,9 @@ nothing, returns numbers.
 Every installed backend (:func:`ws3d_train.sparse.available_backends`) runs in one process on the
 same inputs: ScanNet-sized scenes (surface voxels of a 6 x 6 x 3 m room with furniture at 2 cm,
 cropped to ``n`` voxels around a point, like the trainer's crop). Rows, each forward + backward
-with its kernel map cached (the map build is its own row), median of ``repeats`` after a warm-up:
+with its kernel map cached (the map build is its own row), median of ``repeats`` after a warm-up,
+the backends interleaved row by row (order AB, BA, AB, ...) so that a load that comes and goes on a shared
+machine falls on all of them alike:
 
 - ``subm3_c{C}_n{N}``: one 3x3x3 submanifold convolution, C -> C channels, N voxels;
 - ``kmap_subm3_n{N}``: building that kernel map (a fresh cache each time);
@@ -85,23 +87,18 @@ def room_voxels(
     return voxels[keep].to(torch.int32)
 
 
-def _time(fn: Callable[[], None], *, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds (all threads) of ``fn`` after a warm-up.
+def _time_once(fn: Callable[[], None], *, device: torch.device) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds (all threads) of one call of ``fn``.
 
     The CPU time stays meaningful on a machine shared with other jobs, where wall time is not.
     """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def _dense_weight(w: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -127,6 +124,10 @@ def bench_sparse(
 ) -> dict[str, Any]:
     """Time every installed sparse backend side by side and hold each to the dense oracle.
 
+    Rows are timed interleaved: for each row every backend is warmed up, then the repetitions
+    alternate between backends (AB, BA, AB, ...), so load that comes and goes on a shared
+    machine falls on all of them alike.
+
     Args:
         n_voxels: shorthand for ``sizes=(n_voxels,)`` and ``net_sizes=(n_voxels,)`` (quick runs).
         sizes: scene sizes (voxels) of the convolution rows.
@@ -136,13 +137,13 @@ def bench_sparse(
         backends: backend names (default: every one that runs on ``device``).
         device: where to run.
         dense_grid: edge of the dense oracle grid (voxels).
-        repeats: timed repetitions (median reported) after one warm-up.
+        repeats: timed repetitions per backend and row (median reported) after one warm-up.
         threads: CPU threads for the run (restored afterwards); None keeps torch's setting.
     Returns:
         ``{"device", "threads", "sizes", "channels", "repeats", "auto_backend", "backends": {name:
         {"max_abs_diff_vs_dense", "oracle": {...}, "rows": {row: {"fwd_bwd_s", "fwd_bwd_cpu_s",
-        "voxels_per_s"}}, ...}}, "ratios": {name: {row: time over torch}}}``. A backend that fails
-        is reported as ``{"error": ...}`` and the others still run.
+        "voxels_per_s"}}, ...}}, "ratios": {...}}``. A backend that fails is reported as
+        ``{"error": ...}`` and the others still run.
     """
     if n_voxels is not None:
         sizes, net_sizes = (int(n_voxels),), (int(n_voxels),)
@@ -156,15 +157,48 @@ def bench_sparse(
         result: dict[str, Any] = {
             "device": str(dev), "threads": torch.get_num_threads(), "sizes": list(sizes),
             "channels": list(channels), "net_sizes": list(net_sizes), "repeats": repeats,
-            "auto_backend": get_backend("auto", device=dev).NAME, "backends": {},
+            "auto_backend": get_backend("auto", device=dev).NAME, "timing": "interleaved",
         }
-        inputs = _Inputs(sizes, channels, net_sizes, networks, dev, dense_grid)
+        inp = _Inputs(sizes, channels, net_sizes, networks, dev, dense_grid)
+        out: dict[str, dict[str, Any]] = {name: {"rows": {}} for name in backends}
+
+        def fail(name: str, exc: Exception) -> None:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
         for name in backends:
             try:
-                result["backends"][name] = _bench_backend(name, inputs, repeats)
+                oracle = _oracle_diffs(get_backend(name, device=dev), inp)
+                out[name].update(max_abs_diff_vs_dense=max(oracle.values()), oracle=oracle)
             except Exception as exc:  # one broken backend is reported; the others still run
-                result["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-        result["ratios"] = _ratios(result["backends"])
+                fail(name, exc)
+        for key, n, make in _rows(inp):
+            fns: dict[str, Callable[[], None]] = {}
+            for name in backends:
+                if "error" in out[name]:
+                    continue
+                try:
+                    fns[name] = make(get_backend(name, device=dev), name)
+                    fns[name]()  # warm-up (and the kernel-map cache where the row keeps one)
+                except Exception as exc:
+                    fns.pop(name, None)
+                    fail(name, exc)
+            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+            for r in range(repeats):
+                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    samples[name].append(_time_once(fns[name], device=dev))
+            for name, got in samples.items():
+                wall = statistics.median(w for w, _ in got)
+                cpu = statistics.median(c for _, c in got)
+                out[name]["rows"][key] = {"fwd_bwd_s": wall, "fwd_bwd_cpu_s": cpu, "voxels_per_s": n / wall}
+        for name in backends:  # networks on the same weights and input give the same outputs
+            if "error" in out[name] or name == "torch" or "torch" not in backends:
+                continue
+            out[name]["max_abs_diff_vs_torch"] = {
+                f"net_{preset}_n{n_req}": _net_diff(inp, preset, n_req, name) for preset in inp.networks
+                for n_req in inp.net_sizes
+            }
+        result["backends"] = out
+        result["ratios"] = _ratios(out)
         return result
     finally:
         torch.set_num_threads(previous_threads)
@@ -191,102 +225,85 @@ class _Inputs:
             torch.manual_seed(0)
             net = build_network(NetworkConfig(preset=preset, in_channels=6, num_classes=20, clip_dim=512, backend="torch"))
             self.net_states[preset] = {k: v.to(dev) for k, v in net.state_dict().items()}
-        self.net_reference: dict[tuple[str, int], torch.Tensor] = {}
         # the dense oracle: the dense_grid^3 corner of a room
         small = room_voxels(10**9, seed=1)
         self.small = small[(small < dense_grid).all(dim=1)].to(dev)
         self.dense_grid = dense_grid
         self.small_feats = torch.randn(self.small.shape[0], self.channels[0], generator=g).to(dev)
-        self.coarse_feats_seed = 5
+
+    def network(self, preset: str, backend: str) -> torch.nn.Module:
+        net = build_network(NetworkConfig(preset=preset, in_channels=6, num_classes=20, clip_dim=512, backend=backend))
+        net.load_state_dict(self.net_states[preset])
+        return net.to(self.dev)
 
 
-def _bench_backend(name: str, inp: _Inputs, repeats: int) -> dict[str, Any]:
-    be = get_backend(name, device=inp.dev)
-    dev = inp.dev
-    rows: dict[str, dict[str, float]] = {}
-
-    def row(key: str, fn: Callable[[], None], n: int) -> None:
-        wall, cpu = _time(fn, device=dev, repeats=repeats)
-        rows[key] = {"fwd_bwd_s": wall, "fwd_bwd_cpu_s": cpu, "voxels_per_s": n / wall}
-
+def _rows(inp: _Inputs) -> list[tuple[str, int, Callable[[Any, str], Callable[[], None]]]]:
+    """(row key, voxels, make(backend module, backend name) -> the timed step) for every row."""
+    rows: list[tuple[str, int, Callable[[Any, str], Callable[[], None]]]] = []
+    c0 = inp.channels[0]
     for n_req in inp.sizes:
         xyz = inp.scenes[n_req]
         n = xyz.shape[0]
         for c in inp.channels:
-            feats = inp.feats[:n, :c].clone().requires_grad_(True)
-            w3 = inp.weights[(3, c)].clone().requires_grad_(True)
-            x = collate_sparse([xyz], [feats])
+            def subm(be, _name, xyz=xyz, n=n, c=c):
+                x = collate_sparse([xyz], [inp.feats[:n, :c].clone().requires_grad_(True)])
+                w3 = inp.weights[(3, c)].clone().requires_grad_(True)
+                return lambda: be.conv3d(x, w3, kernel_size=3).feats.sum().backward()  # map cached
 
-            def subm_step(x=x, w3=w3) -> None:
-                be.conv3d(x, w3, kernel_size=3).feats.sum().backward()
+            rows.append((f"subm3_c{c}_n{n_req}", n, subm))
 
-            row(f"subm3_c{c}_n{n_req}", subm_step, n)
-        c = inp.channels[0]
-        w3 = inp.weights[(3, c)]
+        def kmap(be, _name, xyz=xyz, n=n):
+            w3 = inp.weights[(3, c0)]
+            return lambda: be.conv3d(collate_sparse([xyz], [inp.feats[:n, :c0]]), w3, kernel_size=3)  # fresh cache
 
-        def build_map(xyz=xyz, c=c, w3=w3) -> None:
-            fresh = collate_sparse([xyz], [inp.feats[: xyz.shape[0], :c]])
-            be.conv3d(fresh, w3, kernel_size=3)
+        rows.append((f"kmap_subm3_n{n_req}", n, kmap))
 
-        t_map = _time(build_map, device=dev, repeats=repeats)
-        rows[f"kmap_subm3_n{n_req}"] = {"fwd_bwd_s": t_map[0], "fwd_bwd_cpu_s": t_map[1], "voxels_per_s": n / t_map[0]}
+        def down(be, _name, xyz=xyz, n=n):
+            x = collate_sparse([xyz], [inp.feats[:n, :c0].clone().requires_grad_(True)])
+            w2 = inp.weights[(2, c0)].clone().requires_grad_(True)
+            return lambda: be.conv3d(x, w2, kernel_size=2, stride=2).feats.sum().backward()
 
-        feats = inp.feats[:n, :c].clone().requires_grad_(True)
-        w2 = inp.weights[(2, c)].clone().requires_grad_(True)
-        x = collate_sparse([xyz], [feats])
+        rows.append((f"stride2_c{c0}_n{n_req}", n, down))
 
-        def down_step(x=x, w2=w2) -> None:
-            be.conv3d(x, w2, kernel_size=2, stride=2).feats.sum().backward()
+        def up(be, _name, xyz=xyz, n=n):
+            x = collate_sparse([xyz], [inp.feats[:n, :c0]])
+            with torch.no_grad():
+                coarse = be.conv3d(x, inp.weights[(2, c0)], kernel_size=2, stride=2)
+            g = torch.Generator().manual_seed(5)
+            cf = torch.randn(coarse.num_voxels, c0, generator=g).to(inp.dev).requires_grad_(True)
+            coarse_x = coarse.replace_feats(cf)
+            wt = inp.weights[(2, c0)].clone().requires_grad_(True)
+            return lambda: be.conv3d(coarse_x, wt, kernel_size=2, stride=2, transposed=True).feats.sum().backward()
 
-        row(f"stride2_c{c}_n{n_req}", down_step, n)
-        with torch.no_grad():
-            coarse = be.conv3d(x, w2.detach(), kernel_size=2, stride=2)
-        coarse_feats = torch.randn(coarse.num_voxels, c, generator=torch.Generator().manual_seed(inp.coarse_feats_seed))
-        coarse_feats = coarse_feats.to(dev).requires_grad_(True)
-        coarse_x = coarse.replace_feats(coarse_feats)
-        wt = inp.weights[(2, c)].clone().requires_grad_(True)
-
-        def up_step(coarse_x=coarse_x, wt=wt) -> None:
-            be.conv3d(coarse_x, wt, kernel_size=2, stride=2, transposed=True).feats.sum().backward()
-
-        row(f"transposed_c{c}_n{n_req}", up_step, n)
-
-    net_diffs: dict[str, float] = {}
+        rows.append((f"transposed_c{c0}_n{n_req}", n, up))
     for preset in inp.networks:
-        net = build_network(NetworkConfig(preset=preset, in_channels=6, num_classes=20, clip_dim=512, backend=name))
-        net.load_state_dict(inp.net_states[preset])
-        net = net.to(dev)
         for n_req in inp.net_sizes:
             xyz = inp.scenes[n_req]
             n = xyz.shape[0]
-            nf = inp.net_feats[:n]
 
-            def net_step(net=net, xyz=xyz, nf=nf) -> None:
-                out = net(collate_sparse([xyz], [nf]))
-                (out.semantic.mean() + out.clip.mean() + out.boundary.mean()).backward()
+            def net_row(_be, name, preset=preset, xyz=xyz, n=n):
+                net = inp.network(preset, name)
+                nf = inp.net_feats[:n]
 
-            row(f"net_{preset}_n{n_req}", net_step, n)
-            net.eval()  # running statistics moved during timing: compare in eval mode
-            with torch.no_grad():
-                clip_out = net(collate_sparse([xyz], [nf])).clip
-            net.train()
-            # the reference: the torch backend's output with the same weights, after the same
-            # training-mode passes on the same input (so the running statistics agree too)
-            key = (preset, n_req)
-            if name == "torch":
-                inp.net_reference[key] = clip_out
-            elif key in inp.net_reference:
-                net_diffs[f"net_{preset}_n{n_req}"] = float((clip_out - inp.net_reference[key]).abs().max())
+                def step() -> None:  # a fresh cache per step, as in training
+                    out = net(collate_sparse([xyz], [nf]))
+                    (out.semantic.mean() + out.clip.mean() + out.boundary.mean()).backward()
 
-    oracle = _oracle_diffs(be, inp)
-    out: dict[str, Any] = {
-        "max_abs_diff_vs_dense": max(oracle.values()),
-        "oracle": oracle,
-        "rows": rows,
-    }
-    if net_diffs:
-        out["max_abs_diff_vs_torch"] = net_diffs
-    return out
+                return step
+
+            rows.append((f"net_{preset}_n{n_req}", n, net_row))
+    return rows
+
+
+def _net_diff(inp: _Inputs, preset: str, n_req: int, name: str) -> float:
+    """Largest |CLIP head of backend ``name`` - the torch backend's| on the same weights and input
+    (eval mode: the stored running statistics)."""
+    xyz = inp.scenes[n_req]
+    nf = inp.net_feats[: xyz.shape[0]]
+    with torch.no_grad():
+        ref = inp.network(preset, "torch").eval()(collate_sparse([xyz], [nf])).clip
+        other = inp.network(preset, name).eval()(collate_sparse([xyz], [nf])).clip
+    return float((other - ref).abs().max())
 
 
 def _oracle_diffs(be: Any, inp: _Inputs) -> dict[str, float]:

@@ -305,6 +305,10 @@ def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, p
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo (or, with cfg.ablation, the miniature benchmark). Returns and writes results.json."""
     start = time.perf_counter()
+    names = list(cfg.rows) if cfg.ablation else ["+pretrain (full)", FUSION_ROW]
+    unknown = [n for n in names if n not in SETTINGS and n != FUSION_ROW]
+    if unknown:  # before hours of preprocessing
+        raise ValueError(f"DemoConfig.rows: unknown {unknown}; choose from {[*SETTINGS, FUSION_ROW]}")
     prep = prepare(cfg, echo)
     fit, on_val = prep["teacher_fit"], prep["teacher_on_val"]
     results: dict[str, Any] = {
@@ -321,10 +325,6 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
         **chance_iou(prep["store"], prep["val"], cfg.ov_split),
     }
     rows: dict[str, list[dict[str, float]]] = {}
-    names = list(cfg.rows) if cfg.ablation else ["+pretrain (full)", FUSION_ROW]
-    unknown = [n for n in names if n not in SETTINGS and n != FUSION_ROW]
-    if unknown:
-        raise ValueError(f"DemoConfig.rows: unknown {unknown}; choose from {[*SETTINGS, FUSION_ROW]}")
     seeds = cfg.seeds if cfg.ablation else (cfg.seed,)
     last_run = None
     row_seconds: dict[str, float] = {}

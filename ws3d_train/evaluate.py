@@ -98,7 +98,7 @@ def evaluate(
         run: a run directory (latest checkpoint) or a checkpoint file.
         store_path: the store.
         scene_ids: scenes to evaluate (None: every scene of the store); see
-            :func:`ws3d_train.finetune.resolve_scene_ids` for split names.
+            :func:`ws3d_train.run.resolve_scene_ids` for split names.
         vocab: None: the run's own text embeddings (else the store's ``classes``); a name: that
             store vocabulary.
         ov_split: None: the run's own split; "none": no split; else a manifest name (``b15n4``)

@@ -59,7 +59,11 @@ AUTO_ORDER_CUDA = ("torchsparse", "spconv", "torch")
 """``auto`` on CUDA: torchsparse (fastest published kernels), then spconv, then pure PyTorch."""
 AUTO_ORDER_CPU = ("torch", "spconv")
 """``auto`` on a CPU: the faster first, as measured (``ws3d bench --section sparse``, same process,
-same inputs). PLACEHOLDER_CPU_MEASUREMENT"""
+same inputs, README "Sparse backends"): on 1 thread the U-Nets tie (spconv/torch CPU time 0.98-0.99
+for ``tiny`` and ``MinkUNet18`` at 80k voxels, rows interleaved), spconv's CPU build is faster on large
+single convolutions (0.62-0.83 at 300k voxels) and torch on 80k-voxel submanifold rows and kernel-map
+builds (1.03-1.07). Neither wins every row; torch stays first (the training networks tie, and torch is
+the reference the other backends are tested against)."""
 
 
 class SparseBackend(Protocol):

@@ -145,8 +145,8 @@ class LegendEntry:
 
     name: str
     rgb: tuple[int, int, int]
-    points: int
-    """Points of the whole scene with this entry (not only those drawn)."""
+    points: int | None
+    """Points of the whole scene with this entry (not only those drawn); None: not a count."""
 
 
 def class_legend(labels: np.ndarray, class_names: Sequence[str], *, unknown: str = "ignored") -> list[LegendEntry]:
@@ -174,7 +174,7 @@ def legend_markdown(entries: Sequence[LegendEntry], *, max_rows: int = 40) -> st
         rows.append(
             f'<div style="font-size:0.85em"><span style="display:inline-block;width:0.9em;height:0.9em;'
             f'background:rgb({r},{g},{b});margin-right:0.4em;border:1px solid #444"></span>'
-            f"{_escape(entry.name)} <span style=\"color:#888\">{entry.points}</span></div>"
+            f"{_escape(entry.name)} <span style=\"color:#888\">{'' if entry.points is None else entry.points}</span></div>"
         )
     if len(entries) > max_rows:
         rows.append(f'<div style="font-size:0.85em;color:#888">... {len(entries) - max_rows} more</div>')
@@ -525,9 +525,12 @@ class ViewerState:
 
     # -- setters -----------------------------------------------------------------------------
     def set_scene(self, scene_id: str) -> None:
-        """Load a scene (and the run's predictions on it); keeps the mode when it still applies."""
-        self.scene = load_scene(self.store, scene_id)
-        self.prediction = self.run.predict(scene_id) if self.run is not None else None
+        """Load a scene (and the run's predictions on it); keeps the mode when it still applies.
+        On an error (UserError: no such scene, no over-segments for the run's instances) the
+        state stays on the previous scene."""
+        scene = load_scene(self.store, scene_id)
+        prediction = self.run.predict(scene_id) if self.run is not None else None
+        self.scene, self.prediction = scene, prediction
         self.similarity, self.query_text, self.matches, self.threshold = None, None, [], None
         self.display_index = subsample_indices(self.scene.num_points, self.point_budget)
         xyz = self.scene.xyz
@@ -620,11 +623,12 @@ class ViewerState:
             ]
         if mode == "query":
             lo, hi = self.similarity_range()
-            above = int((self.similarity >= self.threshold).sum()) if self.threshold is not None else s.num_points
-            return heatmap_colours(self.similarity, self.threshold), [
-                LegendEntry(f"high {hi:.3f}", (122, 4, 3), above),
-                LegendEntry(f"low {lo:.3f}", (48, 18, 59), s.num_points - above),
-            ]
+            rows = [LegendEntry(f"high: cosine {hi:.3f}", (122, 4, 3), None),
+                    LegendEntry(f"low: cosine {lo:.3f}", (48, 18, 59), None)]
+            if self.threshold is not None:
+                below = int((self.similarity < self.threshold).sum())
+                rows.append(LegendEntry(f"below {self.threshold:.3f} (greyed)", tuple(int(v) for v in BELOW_THRESHOLD_RGB), below))
+            return heatmap_colours(self.similarity, self.threshold), rows
         raise ValueError(f"unknown colour mode {mode!r}; one of {MODES}")
 
 

@@ -106,8 +106,13 @@ class ViewerApp:
                 self.gui_notice.content = f"loading {value} ..."
             try:
                 setter(value)
-            except ValueError as exc:  # a user's choice that does not apply: say so on the page
+            except (UserError, ValueError) as exc:  # a choice that does not apply: say so on the page
                 self.gui_notice.content = f"**{exc}**"
+                self._updating = True
+                try:  # the widgets go back to what is shown
+                    self.gui_scene.value, self.gui_mode.value = self.state.scene.scene_id, self.state.mode
+                finally:
+                    self._updating = False
                 return
             self.show_scene() if rebuild else self.refresh()
 
@@ -215,7 +220,7 @@ class ViewerApp:
         with self._lock:
             try:
                 self.state.query(text)
-            except ValueError as exc:
+            except (UserError, ValueError) as exc:  # e.g. the CLIP model is not there offline
                 self.gui_notice.content = f"**{exc}**"
                 return
             self.refresh()
