@@ -410,3 +410,24 @@ def test_bench_sparse_returns_plain_numbers() -> None:
     assert all(isinstance(v, float) for row in rows.values() for v in row.values())
     assert res["max_abs_diff_vs_dense"] < 1e-4  # the bench's sparse and dense convs agree
     assert result["ratios"] == {}  # no other backend asked for
+
+
+@_NO_SPCONV
+def test_spconv_cpu_is_exact_with_several_threads():
+    """spconv 2.3.8's CPU kernels race under torch's parallel_for; the backend must pin one thread."""
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique(torch.randint(0, 60, (20_000, 3), generator=g), dim=0)
+    coords = torch.cat([torch.zeros(len(xyz), 1, dtype=xyz.dtype), xyz], 1).int()
+    feats = torch.randn(len(xyz), 32, generator=g)
+    weight = torch.randn(27, 32, 32, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = [
+            backend.conv3d(SparseTensor(feats=feats, coords=coords, stride=1, cache=SparseCache()), weight, kernel_size=3)
+            for backend in (spconv_backend, torch_backend)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert (outs[0].feats - outs[1].feats).abs().max().item() < 1e-4
