@@ -184,21 +184,6 @@ class RenderResult:
         }
 
 
-# --- numba kernels ------------------------------------------------------------------------------
-# No fastmath: the splatting kernel must agree bit for bit with its numpy oracle.
-#
-# The per-pixel and per-point kernels come in pairs, a serial and a parallel driver around one
-# inlined body: starting a parallel region costs ~0.05 ms on an idle machine but up to a scheduler
-# time slice (~10 ms) when the cores are shared with other work, which is about what a serial pass
-# over a few hundred thousand items takes (`_parallel` picks). (One Python function compiled both
-# ways would share numba's on-disk cache entry, so the drivers are separate functions.)
-
-PARALLEL_MIN_ITEMS = 1 << 20
-"""Kernels over fewer items (pixels, point x view tests) than this run on one thread: on two
-shared cores the break-even of the parallel variants is between ~0.4 and 1 million items (five
-320x240 views are 384k pixels; 24 views 1.8 million)."""
-
-
 def _as_stored(a: np.ndarray) -> np.ndarray:
     """Round cameras to the stored float32 before rendering, so the stored K and pose reproduce
     every projection the renderer made (the oracle tests rely on it)."""

@@ -680,15 +680,18 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    batch_sampler: Any | None = None,
 ) -> DataLoader:
     """An endless DataLoader of :class:`ws3d_train.batch.Batch` from ``start_batch`` on.
 
     Deterministic per seed whatever ``num_workers`` is (batches come back in sampler order). The
     loader has its own torch.Generator, so creating it never draws from the global torch RNG
     (which would make a resumed run diverge from an uninterrupted one). ``collate_fn`` turns the
-    dataset's items into a batch (default :func:`ws3d_train.batch.collate`).
+    dataset's items into a batch (default :func:`ws3d_train.batch.collate`); ``batch_sampler``
+    replaces the single-process sampler (a rank's share under data-parallel training).
     """
-    sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, start_batch=start_batch)
+    sampler = batch_sampler if batch_sampler is not None else ResumableBatchSampler(
+        len(dataset), batch_size, seed=seed, shuffle=shuffle, start_batch=start_batch)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     return DataLoader(

@@ -269,7 +269,6 @@ def make_loader(
     ``resumed_from``: the checkpoint the run resumes from (its world size decides where the data
     continues, :func:`resume_start_batch`)."""
     from ws3d_train import data
-    from ws3d_train.batch import collate
 
     start_batch = resume_start_batch(resumed_from, ctx, num_items=len(dataset), batch_size=batch_size,
                                      start_batch=start_batch)
@@ -278,19 +277,9 @@ def make_loader(
                                 num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn)
     sampler = RankBatchSampler(len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
                                shuffle=shuffle, start_batch=start_batch)
-    generator = torch.Generator()
-    generator.manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate if collate_fn is None else collate_fn,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        worker_init_fn=data.worker_init_fn if num_workers > 0 else None,
-        generator=generator,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
+    return data.make_loader(dataset, batch_size=batch_size, seed=seed, start_batch=start_batch, shuffle=shuffle,
+                            num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
+                            batch_sampler=sampler)
 
 
 class NullLogger:

@@ -68,12 +68,11 @@ from ws3d_train.data import (
     SceneDataset,
     SceneSample,
     drop_unlabelled,
-    make_loader,
     make_sample,
 )
 from ws3d_train.logging import MetricsLogger
 # pre-training's conventions for both loops: run layout, resume checks, optimiser, schedule
-from ws3d_train.loop import CONFIG_FILE, resolve_device
+from ws3d_train.loop import CONFIG_FILE
 from ws3d_train.losses import (
     boundary_bce,
     energy_loss,

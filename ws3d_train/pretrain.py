@@ -42,7 +42,7 @@ from pipeline.teacher import check_teacher_corpus
 from ws3d_train.batch import Batch
 from ws3d_train import distributed, loop
 from ws3d_train.checkpoint import load_checkpoint
-from ws3d_train.data import SceneDataset, make_loader, read_scene_list
+from ws3d_train.data import SceneDataset
 from ws3d_train.logging import MetricsLogger
 # defined here before ws3d_train.loop held them: still importable from here (predict, bench_data)
 from ws3d_train.loop import CHECKPOINT_DIR, CONFIG_FILE, RUN_CONTROL_FIELDS, resolve_device  # noqa: F401
