@@ -472,7 +472,7 @@ def report(run: Path = RUN, out: Path = typer.Option(..., "--out", "-o"),
 @app.command()
 def demo(out: Path = typer.Option(Path("data/demo"), "--out", "-o"),
          scale: float = typer.Option(1.0, "--scale", help="Multiplies scene counts and steps (DEMO_SCALE)."),
-         ablation: bool = typer.Option(False, "--ablation", help="The four-setting miniature benchmark over seeds."),
+         ablation: bool = typer.Option(False, "--ablation", help="The miniature benchmark: the settings of `rows` over `seeds`."),
          config: Optional[Path] = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """The whole method on synthetic rooms: preprocess, teacher, pre-train, fine-tune, evaluate, pictures."""
     from ws3d_train.demo import DemoConfig, run_demo
