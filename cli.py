@@ -375,6 +375,7 @@ def eval_cmd(run: Path = RUN, store: Path = STORE,
              ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
              combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
              min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
+             ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Per point, the 3D CLIP feature or the scene's fused 2D one, whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:
     """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
     from ws3d_train.evaluate import evaluate, format_table, write_json
@@ -382,7 +383,8 @@ def eval_cmd(run: Path = RUN, store: Path = STORE,
 
     st = _open_store(store)
     ids = resolve_scene_ids(st, split) if split != "all" else None
-    results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size, progress=True)
+    results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size,
+                       ensemble_2d=ensemble_2d, progress=True)
     typer.echo(format_table(results))
     target = out or eval_path(run, store, split if split != "all" else None)  # one file per store and split
     write_json(results, target)
@@ -396,7 +398,8 @@ def predict(run: Path = RUN, store: Path = STORE,
             fmt: str = typer.Option("ply", "--format", help="ply | scannet (semantic benchmark) | scannet-instance"),
             out: Path = typer.Option(..., "--out", "-o", help="PLY file (ply) or folder (scannet formats)."),
             raw: Optional[Path] = typer.Option(None, "--raw", help="Raw ScanNet folder: check vertex counts against its PLYs."),
-            min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points.")) -> None:
+            min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points."),
+            ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Combine the CLIP head with the scene's fused 2D features (as `ws3d eval --ensemble-2d`).")) -> None:
     """Write a scene coloured by predicted class (PLY), or scenes in the ScanNet benchmark formats."""
     from ws3d_train.predict import predict_scene, write_prediction_ply
 
@@ -405,14 +408,15 @@ def predict(run: Path = RUN, store: Path = STORE,
         from ws3d_train.run import resolve_scene_ids
 
         ids = [scene] if scene else resolve_scene_ids(_open_store(store), scenes)
-        paths = export_scenes(run, store, ids, out, fmt=fmt, raw=raw, min_instance_points=min_region_size, progress=True)
+        paths = export_scenes(run, store, ids, out, fmt=fmt, raw=raw, min_instance_points=min_region_size,
+                              ensemble_2d=ensemble_2d, progress=True)
         typer.echo(f"wrote {len(paths)} scene file(s) in the {fmt} format to {out}")
         return
     if fmt != "ply":
         fail(f"--format {fmt!r}: expected ply, scannet or scannet-instance")
     if scene is None:
         fail("--format ply writes one scene: pass --scene SCENE_ID (or --format scannet for many)")
-    prediction = predict_scene(run, store, scene)
+    prediction = predict_scene(run, store, scene, ensemble_2d=ensemble_2d)
     write_prediction_ply(out, prediction)
     counts = np.bincount(prediction.pred_class, minlength=len(prediction.class_names))
     top = ", ".join(f"{prediction.class_names[c]} {counts[c]}" for c in np.argsort(-counts)[:6] if counts[c])

@@ -33,6 +33,11 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     # the 2D-fusion baseline row, no training
     fusion = written["table"]["2d fusion"]
     assert 0.0 <= fusion["mIoU"]["mean"] <= 1.0 and fusion["sem-head mIoU"]["mean"] is None
+    # the 2D-3D ensemble: the full run's checkpoint, scored with the scenes' fused 2D features
+    ensemble = written["table"]["full + 2d-3d ensemble"]
+    assert 0.0 <= ensemble["mIoU"]["mean"] <= 1.0
+    assert ensemble["sem-head mIoU"]["mean"] == pytest.approx(row["sem-head mIoU"]["mean"])  # same network
+    assert set(written["ratios"]) >= {"full_novel_over_base", "ensemble_novel_over_chance"}
     # the protocol: the teacher's corpus is its own rooms, never a 3D room
     protocol = written["protocol"]
     assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 2 and len(protocol["val_scenes"]) == 1
@@ -62,3 +67,19 @@ def test_demo_refuses_unknown_benchmark_rows_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"\+magic"):
         run_demo(cfg, echo=lambda _: None)
     assert not (tmp_path / "demo").exists()
+
+
+def test_anchor_ratios_from_table_means():
+    from ws3d_train.demo import anchor_ratios
+
+    def row(miou, base, novel):
+        return {"mIoU": {"mean": miou}, "base mIoU": {"mean": base}, "novel mIoU": {"mean": novel}}
+
+    table = {"supervised": row(0.10, 0.12, 0.04), "+pretrain (full)": row(0.16, 0.18, 0.09),
+             "all base labels": row(0.32, 0.36, 0.10)}
+    ratios = anchor_ratios(table, chance=0.02)
+    assert ratios["full_novel_over_base"] == pytest.approx(0.5)
+    assert ratios["full_novel_over_chance"] == pytest.approx(4.5)
+    assert ratios["full_over_all_base_labels"] == pytest.approx(0.5)
+    assert ratios["full_minus_supervised_miou"] == pytest.approx(6.0)
+    assert not any(k.startswith("ensemble") for k in ratios)  # no such row, no such ratio

@@ -136,3 +136,46 @@ def test_ignored_classes_are_ignored_in_ground_truth(run, store):
     assert result["semantic"]["num_points"] == counted
     for group in (result["semantic"], result["open_vocab"]["clip"], result["open_vocab"]["combined"]):
         assert math.isnan(group["iou"]["wall"]), "wall was predicted or counted"
+
+
+def test_ensemble_features_take_the_more_confident_side():
+    from ws3d_train.fusion import ensemble_features
+
+    text = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    feat_3d = torch.tensor([[2.0, 0.1, 0], [0.5, 0.5, 1.0]])  # row 0 confident, row 1 not
+    feat_2d = torch.tensor([[0.6, 0.8, 0], [0, 3.0, 0.1]])
+    out, took_2d = ensemble_features(feat_3d, feat_2d, text)
+    assert took_2d.tolist() == [False, True]
+    assert torch.allclose(out.norm(dim=1), torch.ones(2))
+    assert torch.allclose(out[0], torch.nn.functional.normalize(feat_3d[0], dim=0))
+    assert torch.allclose(out[1], torch.nn.functional.normalize(feat_2d[1], dim=0))
+
+
+def test_evaluate_with_the_2d_ensemble_uses_the_scenes_fused_features(run, store):
+    from ws3d_train.fusion import fused_embeddings
+
+    plain = evaluate(run, store, min_region_size=20, device="cpu")
+    mixed = evaluate(run, store, min_region_size=20, device="cpu", ensemble_2d=True)
+    assert plain["open_vocab"]["share_2d"] == 0.0 and not plain["open_vocab"]["ensemble_2d"]
+    share = mixed["open_vocab"]["share_2d"]
+    assert 0.0 < share <= 1.0
+    # the semantic head is untouched by the ensemble; the CLIP head's prediction is not
+    assert mixed["semantic"]["miou"] == pytest.approx(plain["semantic"]["miou"])
+    # the same per-point choice by hand on one scene
+    opened = Store.open(store)
+    scene = opened.scene_ids()[0]
+    loaded = load_run(run, device="cpu")
+    from ws3d_train.predict import infer_scene, point_heads
+    from ws3d_train.run import resolve_classes
+
+    setup = resolve_classes(loaded, opened)
+    outputs = infer_scene(loaded, opened, scene)
+    _, clip, _ = point_heads(outputs, setup, opened, ensemble_2d=True)
+    fused = torch.from_numpy(fused_embeddings(opened, scene))
+    feat_3d = torch.nn.functional.normalize(outputs.to_points(outputs.clip), dim=1)
+    text = torch.nn.functional.normalize(setup.text.float(), dim=1)
+    wins_2d = (fused @ text.T).max(1).values > (feat_3d @ text.T).max(1).values
+    expect = torch.where(wins_2d[:, None], fused, feat_3d)
+    assert torch.allclose(clip, expect, atol=1e-6)
+    pred = predict_scene(run, store, scene, ensemble_2d=True, device="cpu")
+    assert np.allclose(pred.clip, expect.numpy(), atol=1e-5)

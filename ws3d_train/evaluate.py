@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import schema
+from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.schema import IGNORE_INDEX
@@ -49,10 +50,11 @@ from ws3d_train.metrics import (
     open_vocab_metrics,
     semantic_metrics,
 )
-from ws3d_train.predict import STUFF_CLASSES, CombineMode, infer_scene, predict_classes, predict_instances
-from ws3d_train.run import load_run, resolve_classes
+from ws3d_train.fusion import fuse_scene
+from ws3d_train.predict import STUFF_CLASSES, CombineMode, infer_scene, point_heads, predict_classes, predict_instances
+from ws3d_train.run import load_run, resolve_classes, resolve_ov_split
 
-__all__ = ["evaluate", "format_table", "json_safe", "write_json"]
+__all__ = ["evaluate", "evaluate_fusion", "format_table", "json_safe", "write_json"]
 
 
 def _gt_boxes(xyz: np.ndarray, instance: np.ndarray, semantic: np.ndarray, class_ids: np.ndarray) -> Boxes:
@@ -89,6 +91,7 @@ def evaluate(
     sim_threshold: float = 0.9,
     min_region_size: int = 100,
     instance_ignore: Sequence[str] | None = None,
+    ensemble_2d: bool = False,
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -110,6 +113,9 @@ def evaluate(
         min_region_size: smallest ground-truth / predicted instance in points (ScanNet: 100).
         instance_ignore: class names without instances (default: wall/floor-like, see
             :data:`ws3d_train.predict.STUFF_CLASSES`).
+        ensemble_2d: the CLIP head per point is the 3D feature or the scene's fused 2D feature,
+            whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage's
+            ``clip/segment`` of the scenes); ``open_vocab.share_2d`` says how often 2D won.
         device: ``auto``, ``cpu``, ``cuda`` ...
         progress: show a progress bar over scenes.
 
@@ -141,6 +147,7 @@ def evaluate(
     box_pred: list[Boxes] = []
     box_gt: list[Boxes] = []
     total_points = 0
+    points_2d = 0.0
     unlabelled: list[str] = []
     for scene_id in progress_bar(scene_ids, desc="eval", unit="scene", enabled=progress):
         gt = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
@@ -153,23 +160,22 @@ def evaluate(
         gt_instance = store.read(scene_id, schema.INSTANCE).astype(np.int64)
         total_points += gt.shape[0]
 
-        def to_points(values):
-            return outputs.to_points(values).cpu().numpy()
-
-        sem_cls, _ = predict_classes(outputs.semantic, outputs.clip, setup, mode="semantic")
-        clip_cls, _ = predict_classes(outputs.semantic, outputs.clip, setup, mode="clip", novel_bias=novel_bias)
-        comb_cls, comb_score = predict_classes(outputs.semantic, outputs.clip, setup, mode=combine, novel_bias=novel_bias)
-        cm_semantic.update(to_points(sem_cls), gt)
-        cm_clip.update(to_points(clip_cls), gt)
-        pred = to_points(comb_cls)
-        score = to_points(comb_score).astype(np.float64)
+        semantic, clip, share_2d = point_heads(outputs, setup, store, ensemble_2d)
+        points_2d += share_2d * gt.shape[0]
+        sem_cls, _ = predict_classes(semantic, clip, setup, mode="semantic")
+        clip_cls, _ = predict_classes(semantic, clip, setup, mode="clip", novel_bias=novel_bias)
+        comb_cls, comb_score = predict_classes(semantic, clip, setup, mode=combine, novel_bias=novel_bias)
+        cm_semantic.update(sem_cls.cpu().numpy(), gt)
+        cm_clip.update(clip_cls.cpu().numpy(), gt)
+        pred = comb_cls.cpu().numpy()
+        score = comb_score.cpu().numpy().astype(np.float64)
         cm_combined.update(pred, gt)
 
         if not store.has(scene_id, schema.SEGMENT):
             raise ValueError(f"{store_path}: scene {scene_id} has no overseg/segment; run `ws3d overseg` first")
         instance, inst_class, inst_score = predict_instances(
             store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY), pred,
-            to_points(outputs.feats), score, names, sim_threshold=sim_threshold, min_points=min_region_size,
+            outputs.to_points(outputs.feats).cpu().numpy(), score, names, sim_threshold=sim_threshold, min_points=min_region_size,
             ignore_classes=list(stuff),
         )
         inst_pred.append(InstancePrediction.from_instance_ids(instance, inst_class, inst_score))
@@ -201,6 +207,8 @@ def evaluate(
             "vocab": vocab,
             "combine": combine,
             "novel_bias": novel_bias,
+            "ensemble_2d": ensemble_2d,
+            "share_2d": points_2d / max(total_points, 1),
             "clip": _group_metrics(cm_clip.matrix, names, base, novel),
             "combined": _group_metrics(cm_combined.matrix, names, base, novel),
         },
@@ -209,6 +217,77 @@ def evaluate(
             "sim_threshold": sim_threshold,
             **instance_ap(inst_pred, inst_gt, class_ids=instance_ids, class_names=instance_names, min_region_size=min_region_size),
         },
+        "box": box_map(box_pred, box_gt, (0.25, 0.5), class_ids=instance_ids.tolist(), class_names=instance_names),
+        "seconds": round(time.time() - t0, 3),
+    }
+
+
+def evaluate_fusion(
+    store_path: str | Path,
+    scene_ids: Sequence[str],
+    *,
+    ov_split: str | None,
+    vocab: str = "classes",
+    sim_threshold: float = 0.9,
+    min_region_size: int = 100,
+) -> dict[str, Any]:
+    """The 2D-fusion baseline on scenes of a store (:mod:`ws3d_train.fusion`: the teacher's
+    segment embeddings against the class texts, no 3D training), scored like a run.
+
+    Returns:
+        the keys of :func:`ws3d_train.evaluate.evaluate` (``semantic`` is NaN: there is no
+        semantic head) with ``"run": "2d-fusion"``.
+    """
+    t0 = time.time()
+    store = Store.open(store_path)
+    names = store.class_names
+    C = len(names)
+    try:
+        text, attrs = store.read_vocab(vocab)
+    except KeyError as exc:
+        raise ConfigError(str(exc)) from exc
+    vocab_names = list(attrs.get("names") or names)
+    text = text[[vocab_names.index(n) for n in names]]
+    split = resolve_ov_split(ov_split, names, store.dataset)
+    base = list(split.base) if split is not None else list(range(C))
+    novel = list(split.novel) if split is not None else []
+    ignored = np.asarray(list(split.ignored) if split is not None else [], np.int64)
+    instance_ids = np.array([c for c in range(C) if names[c] not in STUFF_CLASSES and c not in set(ignored.tolist())], np.int64)
+    cm = ConfusionMatrix(C)
+    inst_pred, inst_gt, box_pred, box_gt = [], [], [], []
+    points = 0
+    for scene_id in scene_ids:
+        gt = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
+        if ignored.size:
+            gt[np.isin(gt, ignored)] = IGNORE_INDEX
+        pred, score, embed = fuse_scene(store, scene_id, text, base + novel)
+        cm.update(pred, gt)
+        points += len(gt)
+        gt_instance = store.read(scene_id, schema.INSTANCE).astype(np.int64)
+        xyz = store.read(scene_id, schema.XYZ)
+        instance, inst_class, inst_score = predict_instances(
+            store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY), pred, embed,
+            score.astype(np.float64), names, sim_threshold=sim_threshold, min_points=min_region_size,
+            ignore_classes=list(STUFF_CLASSES),
+        )
+        inst_pred.append(InstancePrediction.from_instance_ids(instance, inst_class, inst_score))
+        inst_gt.append(InstanceGroundTruth(instance=gt_instance, semantic=gt))
+        bounds, classes, scores = boxes_from_instances(xyz, instance, inst_class, inst_score)
+        box_pred.append(Boxes(bounds, classes, scores))
+        box_gt.append(_gt_boxes(xyz, gt_instance, gt, instance_ids))
+    combined = _group_metrics(cm.matrix, names, base, novel)
+    instance_names = [names[c] for c in instance_ids]
+    nan_sem = {"head": "none", "miou": float("nan")}
+    return {
+        "run": "2d-fusion", "step": 0, "store": str(store_path), "scenes": len(scene_ids), "points": points,
+        "classes": names,
+        "split": {"base": [names[c] for c in base], "novel": [names[c] for c in novel],
+                  "ignored": [names[c] for c in ignored.tolist()]},
+        "semantic": nan_sem,
+        "open_vocab": {"vocab": vocab, "combine": "2d-fusion", "novel_bias": 0.0, "clip": combined, "combined": combined},
+        "instance": {"min_region_size": min_region_size, "sim_threshold": sim_threshold,
+                     **instance_ap(inst_pred, inst_gt, class_ids=instance_ids, class_names=instance_names,
+                                   min_region_size=min_region_size)},
         "box": box_map(box_pred, box_gt, (0.25, 0.5), class_ids=instance_ids.tolist(), class_names=instance_names),
         "seconds": round(time.time() - t0, 3),
     }

@@ -124,10 +124,12 @@ def export_scenes(
     fmt: ExportFormat = "scannet",
     raw: str | Path | None = None,
     min_instance_points: int = MIN_REGION_SIZE,
+    ensemble_2d: bool = False,
     device: str = "auto",
     progress: bool = False,
 ) -> list[Path]:
     """Predict scenes with a run and write them in a benchmark format (module docstring).
+    ``ensemble_2d``: as :func:`ws3d_train.predict.predict_scene`.
 
     ``raw``: the raw ScanNet folder; when given, each scene's ``<scene>_vh_clean_2.ply`` vertex
     count is checked against the store's point count (a mismatch would misalign every line).
@@ -157,7 +159,8 @@ def export_scenes(
         n = store.shape(scene_id, schema.XYZ)[0]
         if raw is not None:
             _check_vertex_count(Path(raw), scene_id, n)
-        pred = predict_scene(loaded, store_path, scene_id, min_instance_points=min_instance_points, device=device)
+        pred = predict_scene(loaded, store_path, scene_id, min_instance_points=min_instance_points,
+                             ensemble_2d=ensemble_2d, device=device)
         if fmt == "scannet":
             written.append(write_semantic_txt(out_dir / f"{scene_id}.txt", nyu[pred.pred_class]))
         else:

@@ -38,6 +38,7 @@ from pipeline.config import ConfigError
 from pipeline.store import Store
 from ws3d_train.batch import collate
 from ws3d_train.data import DataError, SceneDataset
+from ws3d_train.fusion import ensemble_features, fused_embeddings
 from ws3d_train.instances import instances_from_segments
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
 # the run folder (loading, label space, classes) lives in ws3d_train.run; re-exported here
@@ -120,6 +121,26 @@ class SceneOutputs:
     def to_points(self, values: torch.Tensor) -> torch.Tensor:
         """Per-voxel [Nv, ...] -> per-point [N, ...]."""
         return values[self.point_to_voxel.to(values.device)]
+
+
+def point_heads(outputs: SceneOutputs, setup: ClassSetup, store: Store | None = None,
+                ensemble_2d: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-point semantic logits [N, C] and CLIP-space features [N, D] of a scene, and the share
+    of points whose CLIP feature came from 2D fusion.
+
+    With `ensemble_2d`, each point's CLIP feature is the 3D one or the fused 2D one of `store`
+    (its scene's own images through the teacher), whichever is more confident over the
+    predictable classes (OpenScene's 2D-3D ensemble, :func:`ws3d_train.fusion.ensemble_features`).
+    """
+    semantic, clip = outputs.to_points(outputs.semantic), outputs.to_points(outputs.clip)
+    if not ensemble_2d:
+        return semantic, clip, 0.0
+    if store is None:
+        raise ValueError("ensemble_2d needs the store that holds the scene's 2D features")
+    keep = torch.tensor(sorted(setup.base_ids + setup.novel_ids), dtype=torch.long)
+    feat_2d = torch.from_numpy(fused_embeddings(store, outputs.scene_id)).to(clip.device)
+    clip, took_2d = ensemble_features(clip, feat_2d, setup.text[keep.to(setup.text.device)])
+    return semantic, clip, float(took_2d.float().mean())
 
 
 @torch.inference_mode()
@@ -268,6 +289,7 @@ def predict_scene(
     novel_bias: float = 0.0,
     sim_threshold: float = 0.9,
     min_instance_points: int = 20,
+    ensemble_2d: bool = False,
     device: str = "auto",
 ) -> ScenePrediction:
     """Classes, instances and CLIP features of every point of a scene.
@@ -283,6 +305,7 @@ def predict_scene(
         novel_bias: calibrated-stacking margin for novel classes.
         sim_threshold: cosine threshold for merging segments into instances.
         min_instance_points: smallest instance kept.
+        ensemble_2d: combine the CLIP head with the scene's fused 2D features (:func:`point_heads`).
         device: ``auto``, ``cpu``, ``cuda`` ...
 
     Returns:
@@ -292,15 +315,16 @@ def predict_scene(
     store = Store.open(store_path)
     setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
     outputs = infer_scene(loaded, store, scene_id)
-    cls_v, score_v = predict_classes(outputs.semantic, outputs.clip, setup, mode=combine, novel_bias=novel_bias)
-    pred = outputs.to_points(cls_v).cpu().numpy()
-    score = outputs.to_points(score_v).cpu().numpy().astype(np.float32)
+    semantic, clip_points, _ = point_heads(outputs, setup, store, ensemble_2d)
+    cls_p, score_p = predict_classes(semantic, clip_points, setup, mode=combine, novel_bias=novel_bias)
+    pred = cls_p.cpu().numpy()
+    score = score_p.cpu().numpy().astype(np.float32)
     segment, adjacency = _read_overseg(store, scene_id)
     instance, inst_class, inst_score = predict_instances(
         segment, adjacency, pred, outputs.to_points(outputs.feats).cpu().numpy(), score, setup.class_names,
         sim_threshold=sim_threshold, min_points=min_instance_points,
     )
-    clip = torch.nn.functional.normalize(outputs.to_points(outputs.clip), dim=1).cpu().numpy()
+    clip = torch.nn.functional.normalize(clip_points, dim=1).cpu().numpy()
     return ScenePrediction(
         scene_id=scene_id, xyz=outputs.xyz, pred_class=pred, score=score, instance=instance,
         instance_class=inst_class, instance_score=inst_score, clip=clip, class_names=setup.class_names,
