@@ -190,37 +190,87 @@ def heading_grid(positions: np.ndarray, yaw: np.ndarray, pitches_rad: Sequence[f
 
 
 @njit(inline="always")
-def _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen):
-    p = c // per_position
+def _candidate_seen_position(p, xyz, poses, K, height, width, near, clear, per_position, seen):
+    """Candidates p * per_position ... of position p: each sample unoccluded from p is loaded once
+    and projected into each of them."""
     for s in range(xyz.shape[0]):
         if not clear[p, s]:
             continue
         x = np.float64(xyz[s, 0])
         y = np.float64(xyz[s, 1])
         z = np.float64(xyz[s, 2])
-        cz = poses[c, 2, 0] * x + poses[c, 2, 1] * y + poses[c, 2, 2] * z + poses[c, 2, 3]
-        if cz <= near:
-            continue
-        cx = poses[c, 0, 0] * x + poses[c, 0, 1] * y + poses[c, 0, 2] * z + poses[c, 0, 3]
-        cy = poses[c, 1, 0] * x + poses[c, 1, 1] * y + poses[c, 1, 2] * z + poses[c, 1, 3]
-        col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
-        row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
-        seen[c, s] = col >= 0 and col < width and row >= 0 and row < height
+        for c in range(p * per_position, (p + 1) * per_position):
+            cz = poses[c, 2, 0] * x + poses[c, 2, 1] * y + poses[c, 2, 2] * z + poses[c, 2, 3]
+            if cz <= near:
+                continue
+            cx = poses[c, 0, 0] * x + poses[c, 0, 1] * y + poses[c, 0, 2] * z + poses[c, 0, 3]
+            col = math.floor(K[0, 0] * cx / cz + K[0, 2] + 0.5)
+            if col < 0 or col >= width:
+                continue
+            cy = poses[c, 1, 0] * x + poses[c, 1, 1] * y + poses[c, 1, 2] * z + poses[c, 1, 3]
+            row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
+            seen[c, s] = row >= 0 and row < height
 
 
 @njit(parallel=True, cache=True)
 def _candidate_seen_par(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
     """seen[c, s] (zeroed by the caller): sample s is unoccluded from candidate c's position
-    (clear[c // per_position, s]) and projects into c's image in front of the near plane."""
-    for c in prange(poses.shape[0]):
-        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
+    (clear[c // per_position, s]) and projects into c's image in front of the near plane.
+    Candidates come position-major, per_position of them at each position."""
+    for p in prange(poses.shape[0] // per_position):
+        _candidate_seen_position(p, xyz, poses, K, height, width, near, clear, per_position, seen)
 
 
 @njit(cache=True)
 def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position, seen):  # pragma: no cover
     """Serial `_candidate_seen_par`."""
-    for c in range(poses.shape[0]):
-        _candidate_seen_row(c, xyz, poses, K, height, width, near, clear, per_position, seen)
+    for p in range(poses.shape[0] // per_position):
+        _candidate_seen_position(p, xyz, poses, K, height, width, near, clear, per_position, seen)
+
+
+@njit(cache=True)
+def _greedy_cover_kernel(seen, covered, allowed, max_views, target, min_gain, chosen):  # pragma: no cover
+    """See `greedy_cover`: covered, allowed updated in place; chosen int64 [max_views] filled;
+    returns how many were chosen. Gains are kept up to date by subtracting, for each choice,
+    what it newly covers (a few columns a round: C x S work in all, not C x S a round)."""
+    n_cand, n_samples = seen.shape
+    gain = np.zeros(n_cand, np.int64)
+    for c in range(n_cand):
+        g = 0
+        for s in range(n_samples):  # sums, not branches: seen is too irregular to predict
+            g += np.int64(seen[c, s] & ~covered[s])
+        gain[c] = g
+    n_covered = 0
+    for s in range(n_samples):
+        if covered[s]:
+            n_covered += 1
+    new = np.empty(n_samples, np.int64)
+    n_chosen = 0
+    while n_chosen < max_views and n_covered / n_samples < target:
+        best = -1
+        best_gain = -1
+        for c in range(n_cand):  # the first of the largest gains among the allowed
+            if allowed[c] and gain[c] > best_gain:
+                best = c
+                best_gain = gain[c]
+        if best < 0 or best_gain < max(1, min_gain):
+            break
+        chosen[n_chosen] = best
+        n_chosen += 1
+        allowed[best] = False
+        n_new = 0
+        for s in range(n_samples):
+            if seen[best, s] and not covered[s]:
+                new[n_new] = s
+                n_new += 1
+                covered[s] = True
+        for c in range(n_cand):
+            g = 0
+            for k in range(n_new):
+                g += np.int64(seen[c, new[k]])
+            gain[c] -= g
+        n_covered += n_new
+    return n_chosen
 
 
 def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np.ndarray | None = None,
@@ -236,28 +286,17 @@ def greedy_cover(seen: np.ndarray, *, max_views: int, target: float, covered: np
         min_gain: stop when the best candidate adds fewer new samples than this.
 
     Returns:
-        chosen candidate ids in order, and the covered mask [S] afterwards.
+        chosen candidate ids in order (ties: the lowest id), and the covered mask [S] afterwards.
     """
+    seen = np.ascontiguousarray(seen, dtype=np.bool_)
     n_cand, n_samples = seen.shape
-    covered = np.zeros(n_samples, bool) if covered is None else covered.copy()
-    allowed = np.ones(n_cand, bool) if allowed is None else allowed.copy()
-    chosen: list[int] = []
-    if not n_samples:
-        return chosen, covered
-    # gains kept up to date by subtracting what each choice newly covers (few columns a round)
-    gain = np.count_nonzero(seen & ~covered, axis=1)
-    n_covered = int(np.count_nonzero(covered))
-    while len(chosen) < max_views and n_covered / n_samples < target and allowed.any():
-        best = int(np.argmax(np.where(allowed, gain, -1)))
-        if not allowed[best] or gain[best] < max(1, min_gain):
-            break
-        chosen.append(best)
-        allowed[best] = False
-        new = seen[best] & ~covered
-        gain -= np.count_nonzero(seen[:, new], axis=1)
-        covered |= new
-        n_covered += int(np.count_nonzero(new))
-    return chosen, covered
+    covered = np.zeros(n_samples, np.bool_) if covered is None else np.array(covered, dtype=np.bool_)
+    allowed = np.ones(n_cand, np.bool_) if allowed is None else np.array(allowed, dtype=np.bool_)
+    if not n_samples or max_views <= 0:
+        return [], covered
+    chosen = np.empty(max_views, np.int64)
+    n = _greedy_cover_kernel(seen, covered, allowed, int(max_views), float(target), int(min_gain), chosen)
+    return [int(c) for c in chosen[:n]], covered
 
 
 def _farthest_points(xy: np.ndarray, k: int) -> np.ndarray:

@@ -56,7 +56,7 @@ def _make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: 
 
 
 @njit(inline="always")
-def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, xyz, rgb, visible, out_rgb, out_index):
+def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index):
     """Pixel p of a batch: the barycentric colour of the hit (black on a miss), and the hit
     triangle's corner nearest to the hit point that is visible in the pixel's view
     (visible[view, vertex]), else the next nearest; -1 if none or nothing drawn."""
@@ -76,7 +76,7 @@ def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, xyz, rgb, vis
     for ch in range(3):
         val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
         out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
-    if depth_q[p] <= 0.0:
+    if depth_bits[p] == 0:  # float16 depth 0: nothing drawn (nonzero bits of a depth >= 0: > 0)
         return
     wb = np.float64(u)
     wc = np.float64(v)
@@ -90,45 +90,38 @@ def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, xyz, rgb, vis
         da += (h - xyz[a, k]) ** 2
         db += (h - xyz[b, k]) ** 2
         dc += (h - xyz[c, k]) ** 2
-    # corners by distance, ascending (ties in the face's order)
-    if da <= db:
-        if db <= dc:
-            i0, i1, i2 = a, b, c
-        elif da <= dc:
-            i0, i1, i2 = a, c, b
-        else:
-            i0, i1, i2 = c, a, b
-    else:
-        if da <= dc:
-            i0, i1, i2 = b, a, c
-        elif db <= dc:
-            i0, i1, i2 = b, c, a
-        else:
-            i0, i1, i2 = c, b, a
-    if visible[view, i0]:
-        out_index[p] = i0
-    elif visible[view, i1]:
-        out_index[p] = i1
-    elif visible[view, i2]:
-        out_index[p] = i2
+    # the nearest visible corner, ties in the face's order (= the first visible one of the
+    # corners sorted stably by distance)
+    best = -1
+    d_best = np.inf
+    if visible[view, a]:
+        best = a
+        d_best = da
+    if visible[view, b] and db < d_best:
+        best = b
+        d_best = db
+    if visible[view, c] and dc < d_best:
+        best = c
+    out_index[p] = best
 
 
 @njit(parallel=True, cache=True)
-def _shade_assign_par(t_hit, prim, uvs, depth_q, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
-    """`_shade_assign_pixel` for every pixel of a batch of views [V * H * W], a row at a time."""
+def _shade_assign_par(t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
+    """`_shade_assign_pixel` for every pixel of a batch of views [V * H * W], a row at a time
+    (depth_bits: the stored float16 depths viewed as uint16)."""
     for r in prange(t_hit.shape[0] // width):
         view = r // height
         for p in range(r * width, (r + 1) * width):
-            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, xyz, rgb, visible, out_rgb, out_index)
+            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index)
 
 
 @njit(cache=True)
-def _shade_assign_ser(t_hit, prim, uvs, depth_q, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
+def _shade_assign_ser(t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
     """Serial `_shade_assign_par`."""
     hw = height * width
     for view in range(t_hit.shape[0] // hw):
         for p in range(view * hw, (view + 1) * hw):
-            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_q, faces, xyz, rgb, visible, out_rgb, out_index)
+            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index)
 
 
 
@@ -239,13 +232,13 @@ def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, 
         _make_rays(K, poses[start:stop], H, W, rays[:n_pix], threads)
         hits = cast(raycaster, rays[:n_pix], threads=threads)
         t_hit = hits["t_hit"]
+        dq = np.where(np.isfinite(t_hit), t_hit, np.float32(0.0))  # full precision, for the visibility
         d16 = out_depth[start:stop].reshape(-1)
-        d16[...] = np.where(np.isfinite(t_hit), t_hit, np.float32(0.0))
-        dq = np.where(np.isfinite(t_hit), t_hit, np.float32(0.0)).astype(np.float32)  # full precision
+        d16[...] = dq
         occlusion_rays += visibility.mesh_visibility(
             raycaster, xyz, poses[start:stop], K, dq, H, W, tol_m=visibility_tol_m, pre_rel=tol[0], pre_abs_m=tol[1],
             near_m=tol[2], threads=threads, out=visible[start:stop])[1]
         kernel = _shade_assign_par if parallel.use_parallel(n_pix, threads) else _shade_assign_ser
-        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], d16.astype(np.float32), faces, xyz, rgb,
+        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], d16.view(np.uint16), faces, xyz, rgb,
                visible[start:stop], H, W, out_rgb[start:stop].reshape(-1, 3), out_index[start:stop].reshape(-1))
     return out_rgb, out_depth, out_index, visible, occlusion_rays

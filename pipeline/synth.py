@@ -593,15 +593,31 @@ def write_label_table(out_dir: str | Path) -> Path:
     return path
 
 
+SYNTH_RECORD = ".ws3d_synth.json"
+"""Written last into each generated room's folder: what it was generated from (a rerun with the
+same seed, index and config keeps the room instead of generating it again)."""
+
+
 def synthesise(out_dir: str | Path, n_scenes: int, *, seed: int = 0, start: int = 0,
                cfg: SynthConfig = SynthConfig()) -> list[str]:
-    """Generate `n_scenes` rooms (indices start..start+n-1) into `out_dir`; return their ids."""
+    """Generate `n_scenes` rooms (indices start..start+n-1) into `out_dir`; return their ids.
+
+    Resumable: a room whose folder holds the record of the same (seed, index, config) is kept."""
+    from pipeline.config import to_dict
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_label_table(out_dir)
     ids = []
     for index in range(start, start + n_scenes):
+        record = json.dumps({"seed": int(seed), "index": int(index), "config": to_dict(cfg)}, sort_keys=True)
+        scene_id = f"scene{index:04d}_00"
+        marker = out_dir / "scans" / scene_id / SYNTH_RECORD
+        if marker.is_file() and marker.read_text() == record:
+            ids.append(scene_id)
+            continue
         room = make_room(seed, index, cfg)
-        write_scannet_layout(room, out_dir, variant="v1" if index % 4 == 3 else "v2")
+        folder = write_scannet_layout(room, out_dir, variant="v1" if index % 4 == 3 else "v2")
+        (folder / SYNTH_RECORD).write_text(record)
         ids.append(room.scene_id)
     return ids

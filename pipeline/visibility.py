@@ -89,6 +89,12 @@ def _reachable_point(i, xyz, poses, K, depth_q, height, width, rel, abs_tol, nea
         row = math.floor(K[1, 1] * cy / cz + K[1, 2] + 0.5)
         if col < 0 or col >= width or row < 0 or row >= height:
             continue
+        # the own pixel first: a miss there, or a depth the point is not behind, passes already
+        # (the 3x3 maximum is at least that depth), which settles most points in view
+        d = depth_q[v * hw + row * width + col]
+        if d <= 0.0 or cz <= d * (1.0 + rel) + abs_tol:
+            mask[v, i] = True
+            continue
         dmax = 0.0
         miss = False
         for r in range(max(0, row - 1), min(height, row + 2)):

@@ -170,3 +170,31 @@ def test_real_label_table_maps_nyu40(tmp_path):
     assert table["wall"] == 0 and table["floor"] == 1
     assert table["kitchen cabinets"] == scannet.CLASS_NAMES.index("cabinet")
     assert table["ceiling"] == schema.IGNORE_INDEX  # NYU40 class outside the benchmark 20
+
+
+def test_set_torch_threads_undoes_numba_openmp_raising_torch_threads(monkeypatch):
+    import numba
+    import numpy as np
+    import torch
+
+    from ws3d_train.loop import set_torch_threads
+
+    @numba.njit(parallel=True)
+    def total(x):
+        s = 0.0
+        for i in numba.prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        total(np.ones(1000))  # may raise torch's count to numba's (shared OpenMP runtime)
+        assert set_torch_threads(0) == 1 and torch.get_num_threads() == 1
+        assert set_torch_threads(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        import os
+
+        assert set_torch_threads(0) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

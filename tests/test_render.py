@@ -486,6 +486,30 @@ def test_greedy_cover_matches_brute_force() -> None:
         np.testing.assert_array_equal(got_cov, want_cov)
 
 
+def test_candidate_scores_match_projection() -> None:
+    # seen[c, s]: sample s is clear from c's position and falls into c's image in front of the
+    # near plane, computed position by position; the oracle projects with cameras.project
+    rng = np.random.default_rng(3)
+    positions = rng.uniform(-1, 1, (5, 3))
+    yaw = 2 * np.pi * np.arange(8) / 8
+    cand = cameras.heading_grid(positions, yaw, np.deg2rad([-10.0, -40.0, -70.0]))
+    samples = rng.uniform(-3, 3, (300, 3)).astype(np.float32)
+    clear = rng.random((len(positions), len(samples))) < 0.7
+    K = cameras.intrinsics(64, 48, 90.0)
+    per_position = len(cand) // len(positions)
+    want = np.zeros((len(cand), len(samples)), bool)
+    for c, pose in enumerate(cand):
+        uv, z = cameras.project(samples, K, pose)
+        ok = z > 0.05
+        px = cameras.pixel_of(np.where(ok[:, None], uv, 0.0))
+        want[c] = ok & (px[:, 0] >= 0) & (px[:, 0] < 64) & (px[:, 1] >= 0) & (px[:, 1] < 48) & clear[c // per_position]
+    for kernel in (cameras._candidate_seen_ser, cameras._candidate_seen_par):
+        got = np.zeros_like(want)
+        kernel(samples, cand, K, 48, 64, 0.05, clear, per_position, got)
+        assert want.any() and (~want).any()
+        assert (got != want).mean() < 1e-3  # the oracle's float rounding may differ at a pixel border
+
+
 def test_occlusion_probe_matches_the_closest_hit_rule() -> None:
     # unoccluded_from tests any hit before a scaled ray's t = 1; the rule it stands for is on the
     # closest hit t (cast_rays) along the unscaled segment eye -> sample

@@ -299,6 +299,23 @@ def test_kernel_map_pairs_match_brute_force() -> None:
     assert brute > len(c)
 
 
+def test_merge_match_equals_searchsorted() -> None:
+    """The CPU kernel-map lookup (a merge of sorted lists) finds what ``torch.searchsorted`` finds
+    (the lookup CUDA tensors use), in the same order."""
+    g = torch.Generator().manual_seed(92)
+    target = torch_backend.CoordinateHash.build(_random_sparse(seed=92, channels=1, device="cpu", grid=12)[0])
+    keys = target.sorted_keys
+    noise = torch.randint(-5, int(keys.max()) + 5, (300,), generator=g)
+    base = torch.unique(torch.cat([keys[::2], keys[1::3] - 65536, noise]))
+    off = torch.tensor([-70000, -1, 0, 1, 65536, 70000, 1 << 40], dtype=torch.int64)
+    counts, j, pos = torch_backend._merge_match(target.sorted_keys.numpy(), base.numpy(), off.numpy())
+    found, rows = target.lookup(base[None, :] + off[:, None])
+    k_idx, j_ref = torch.nonzero(found, as_tuple=True)
+    assert counts.tolist() == found.sum(dim=1).tolist() and sum(counts) > 50
+    assert torch.equal(torch.from_numpy(j), j_ref)
+    assert torch.equal(target.order[torch.from_numpy(pos)], rows[k_idx, j_ref])
+
+
 def test_invalid_inputs_raise() -> None:
     coords = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]], dtype=torch.int32)
     with pytest.raises(ValueError, match="duplicate"):
@@ -410,6 +427,85 @@ def test_bench_sparse_returns_plain_numbers() -> None:
     assert all(isinstance(v, float) for row in rows.values() for v in row.values())
     assert res["max_abs_diff_vs_dense"] < 1e-4  # the bench's sparse and dense convs agree
     assert result["ratios"] == {}  # no other backend asked for
+
+
+@pytest.mark.parametrize("kind", ["submanifold", "stride2", "transposed"])
+def test_torch_backend_offsets_in_chunks_match_whole_offsets(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The CPU path splits every kernel offset into cache-sized chunks (64 pairs here): values and
+    gradients equal the whole-offset computation (the one the dense-oracle tests hold)."""
+    coords, feats = _random_sparse(seed=97, channels=8, device="cpu", grid=16, density=0.4)
+    w = _random_weight(seed=98, kernel_size=3 if kind == "submanifold" else 2, c_in=8, c_out=6, like=feats)
+    down = _random_weight(seed=99, kernel_size=2, c_in=8, c_out=8, like=feats).detach()
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x = SparseTensor(feats, coords)
+        if kind == "submanifold":
+            out = torch_backend.conv3d(x, w, kernel_size=3)
+        elif kind == "stride2":
+            out = torch_backend.conv3d(x, w, kernel_size=2, stride=2)
+        else:
+            coarse = torch_backend.conv3d(x, down, kernel_size=2, stride=2)
+            out = torch_backend.conv3d(coarse, w, kernel_size=2, stride=2, transposed=True)
+        probe = torch.linspace(-1, 1, out.feats.numel(), dtype=out.feats.dtype).reshape(out.feats.shape)
+        return (out.feats, *torch.autograd.grad((out.feats * probe).sum(), [feats, w]))
+
+    whole = run()
+    monkeypatch.setattr(torch_backend, "_CHUNK_BYTES", 1)  # 64-pair chunks
+    subm = kind == "submanifold"
+    kmap = torch_backend.get_kernel_map(
+        SparseTensor(feats.detach(), coords), kernel_size=3 if subm else 2, stride=1 if subm else 2
+    )
+    assert torch_backend._buffer_rows(kmap, torch_backend._chunk_rows(feats, w)) == 64
+    assert max(b - a for a, b in zip(kmap.bounds, kmap.bounds[1:])) > 3 * 64  # several chunks per offset
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+def test_auto_slower_rows_needs_every_repetition_slower() -> None:
+    from ws3d_train.bench_sparse import _auto_slower_rows, _ratio_range
+
+    timed = {  # (wall, cpu) per repetition
+        "torch": {"a": [(2.0, 2.0), (2.1, 2.0), (2.2, 2.1)], "b": [(1.0, 1.0), (1.2, 0.9), (1.0, 1.0)]},
+        "spconv": {"a": [(1.0, 1.0), (1.0, 1.0), (1.0, 1.0)], "b": [(1.1, 1.1), (1.1, 1.1), (1.1, 1.1)]},
+    }
+    assert _auto_slower_rows("torch", timed) == {"time": ["a (vs spconv)"], "cpu_time": ["a (vs spconv)"]}
+    assert _auto_slower_rows("spconv", timed) == {"time": [], "cpu_time": ["b (vs torch)"]}  # wall: a tie
+    assert _ratio_range(timed["spconv"]["b"], timed["torch"]["b"], 0) == pytest.approx([1.1 / 1.2, 1.1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_scatter_add_equals_index_add_bit_for_bit(dtype: torch.dtype) -> None:
+    """The numba scatter of the torch backend adds in index_add_'s order (rows repeat here)."""
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(50, 33, generator=g, dtype=torch.float64).to(dtype)
+    rows = torch.randint(0, 50, (400,), generator=g)
+    src = torch.randn(400, 33, generator=g, dtype=torch.float64).to(dtype)
+    ref = out.clone().index_add_(0, rows, src)
+    torch_backend._scatter_add(out, rows, src)
+    assert torch.equal(out, ref)
+
+
+def test_torch_backend_cpu_loops_run_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU loops run with one intra-op thread (OpenMP barriers on shared cores, see
+    ``torch_backend._one_cpu_thread``) and leave the caller's thread count as it was."""
+    coords, feats = _random_sparse(seed=99, channels=4, device="cpu")
+    w = _random_weight(seed=100, kernel_size=3, c_in=4, c_out=4, like=feats)
+    seen: list[int] = []
+    scatter = torch_backend._scatter_add
+    monkeypatch.setattr(
+        torch_backend, "_scatter_add", lambda *a: (seen.append(torch.get_num_threads()), scatter(*a))
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch_backend.conv3d(SparseTensor(feats, coords), w, kernel_size=3).feats.sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}  # forward and backward scatters
+    assert feats.grad is not None and w.grad is not None
 
 
 @_NO_SPCONV

@@ -39,3 +39,17 @@ def test_floor_under_furniture_is_missing():
 def test_rooms_are_deterministic():
     a, b = make_room(5, 1, SMALL), make_room(5, 1, SMALL)
     assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.faces, b.faces) and np.array_equal(a.rgb, b.rgb)
+
+
+def test_synthesise_keeps_rooms_generated_with_the_same_record(tmp_path):
+    from pipeline.synth import SYNTH_RECORD, synthesise
+    from tests.synthdata import SMALL
+
+    ids = synthesise(tmp_path, 2, seed=3, cfg=SMALL)
+    ply = tmp_path / "scans" / ids[0] / f"{ids[0]}_vh_clean_2.ply"
+    first = ply.stat().st_mtime_ns
+    assert synthesise(tmp_path, 2, seed=3, cfg=SMALL) == ids
+    assert ply.stat().st_mtime_ns == first  # kept, not generated again
+    (tmp_path / "scans" / ids[0] / SYNTH_RECORD).write_text("{}")  # another record: generated again
+    synthesise(tmp_path, 2, seed=3, cfg=SMALL)
+    assert ply.stat().st_mtime_ns != first

@@ -20,7 +20,10 @@ weights, on the corner of a room that fits a ``dense_grid^3`` grid): submanifold
 transposed; ``max_abs_diff_vs_dense`` is the largest of the three. Networks are compared with the
 torch backend on the same weights and input (``max_abs_diff_vs_torch``). ``ratios`` holds, per
 other backend and row, its wall time and its process CPU time over the torch backend's (< 1: faster
-than torch; the CPU time stays meaningful on a machine shared with other jobs, wall time less so).
+than torch; the CPU time stays meaningful on a machine shared with other jobs, wall time less so):
+medians, bests, and the range of the per-repetition ratios (the noise of the run).
+``auto_slower_rows`` lists the rows where the backend ``auto`` picks was slower than another in
+every repetition (empty: the choice is no slower anywhere, within the noise of the run).
 Run ``python -m ws3d_train.bench_sparse [threads]`` for a JSON line.
 """
 
@@ -142,8 +145,9 @@ def bench_sparse(
     Returns:
         ``{"device", "threads", "sizes", "channels", "repeats", "auto_backend", "backends": {name:
         {"max_abs_diff_vs_dense", "oracle": {...}, "rows": {row: {"fwd_bwd_s", "fwd_bwd_cpu_s",
-        "voxels_per_s"}}, ...}}, "ratios": {...}}``. A backend that fails is reported as
-        ``{"error": ...}`` and the others still run.
+        "voxels_per_s", "fwd_bwd_best_s", "fwd_bwd_cpu_best_s"}}, ...}}, "ratios": {...},
+        "auto_slower_rows": {"time": [...], "cpu_time": [...]}}``. A backend that fails is reported
+        as ``{"error": ...}`` and the others still run.
     """
     if n_voxels is not None:
         sizes, net_sizes = (int(n_voxels),), (int(n_voxels),)
@@ -161,6 +165,7 @@ def bench_sparse(
         }
         inp = _Inputs(sizes, channels, net_sizes, networks, dev, dense_grid)
         out: dict[str, dict[str, Any]] = {name: {"rows": {}} for name in backends}
+        timed: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in backends}
 
         def fail(name: str, exc: Exception) -> None:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -187,9 +192,13 @@ def bench_sparse(
                 for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                     samples[name].append(_time_once(fns[name], device=dev))
             for name, got in samples.items():
+                timed[name][key] = got
                 wall = statistics.median(w for w, _ in got)
                 cpu = statistics.median(c for _, c in got)
-                out[name]["rows"][key] = {"fwd_bwd_s": wall, "fwd_bwd_cpu_s": cpu, "voxels_per_s": n / wall}
+                out[name]["rows"][key] = {
+                    "fwd_bwd_s": wall, "fwd_bwd_cpu_s": cpu, "voxels_per_s": n / wall,
+                    "fwd_bwd_best_s": min(w for w, _ in got), "fwd_bwd_cpu_best_s": min(c for _, c in got),
+                }
         for name in backends:  # networks on the same weights and input give the same outputs
             if "error" in out[name] or name == "torch" or "torch" not in backends:
                 continue
@@ -198,7 +207,8 @@ def bench_sparse(
                 for n_req in inp.net_sizes
             }
         result["backends"] = out
-        result["ratios"] = _ratios(out)
+        result["ratios"] = _ratios(out, timed)
+        result["auto_slower_rows"] = _auto_slower_rows(result["auto_backend"], timed)
         return result
     finally:
         torch.set_num_threads(previous_threads)
@@ -338,19 +348,51 @@ def _oracle_diffs(be: Any, inp: _Inputs) -> dict[str, float]:
     return {"subm3": d_sub, "stride2": d_down, "transposed": d_up}
 
 
-def _ratios(backends: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _ratios(backends: dict[str, Any], timed: dict[str, dict[str, list[tuple[float, float]]]]) -> dict[str, Any]:
+    """Per other backend and row, its time over the torch backend's: ratio of the medians
+    (``_time``, ``_cpu_time``), of the bests (``_best_time``, ``_best_cpu_time``), and the [lowest,
+    highest] ratio of one repetition's two timings (``_time_range``, ``_cpu_time_range``: the
+    repetitions are interleaved, so this is the spread that load coming and going leaves)."""
     ref = backends.get("torch", {}).get("rows")
     if not ref:
         return {}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {}
     for name, res in backends.items():
         if name == "torch" or "rows" not in res:
             continue
-        for suffix, field in (("time", "fwd_bwd_s"), ("cpu_time", "fwd_bwd_cpu_s")):
-            out[f"{name}_over_torch_{suffix}"] = {
-                row: res["rows"][row][field] / ref[row][field] for row in res["rows"] if row in ref
-            }
+        rows = [row for row in res["rows"] if row in ref]
+        for suffix, field in (("time", "fwd_bwd_s"), ("cpu_time", "fwd_bwd_cpu_s"),
+                              ("best_time", "fwd_bwd_best_s"), ("best_cpu_time", "fwd_bwd_cpu_best_s")):
+            out[f"{name}_over_torch_{suffix}"] = {row: res["rows"][row][field] / ref[row][field] for row in rows}
+        for suffix, col in (("time_range", 0), ("cpu_time_range", 1)):
+            out[f"{name}_over_torch_{suffix}"] = {row: _ratio_range(timed[name][row], timed["torch"][row], col)
+                                                  for row in rows}
     return out
+
+
+def _ratio_range(a: list[tuple[float, float]], b: list[tuple[float, float]], col: int) -> list[float]:
+    """[min, max] over repetitions r of a[r][col] / b[r][col]."""
+    per_repeat = [x[col] / max(y[col], 1e-12) for x, y in zip(a, b)]
+    return [min(per_repeat), max(per_repeat)]
+
+
+def _auto_slower_rows(auto: str, timed: dict[str, dict[str, list[tuple[float, float]]]]) -> dict[str, list[str]]:
+    """Rows where the ``auto`` backend was slower than another backend in EVERY interleaved
+    repetition (wall time under ``time``, process CPU time under ``cpu_time``): the bench's test of
+    the CPU choice. A tie within the noise leaves some repetitions on each side and is not listed."""
+    found: dict[str, list[str]] = {"time": [], "cpu_time": []}
+    if auto not in timed:
+        return found
+    for name, rows in timed.items():
+        if name == auto:
+            continue
+        for row, got in rows.items():
+            if row not in timed[auto]:
+                continue
+            for label, col in (("time", 0), ("cpu_time", 1)):
+                if _ratio_range(timed[auto][row], got, col)[0] > 1.0:
+                    found[label].append(f"{row} (vs {name})")
+    return found
 
 
 if __name__ == "__main__":

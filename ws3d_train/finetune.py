@@ -606,6 +606,7 @@ def finetune(
 
     # --- model, optimiser, and where we start -------------------------------------------------
     loop.seed_everything(cfg.seed)
+    loop.set_torch_threads(cfg.threads)
     if init_path is not None:
         model, _ = load_pretrained(init_path, num_classes=len(class_names))
     else:

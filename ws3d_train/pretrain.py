@@ -181,6 +181,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
 
     # --- model, optimiser, and where we start -------------------------------------------------
     loop.seed_everything(cfg.seed)
+    loop.set_torch_threads(cfg.threads)
     model = build_network(cfg.network).to(device)
     optimizer = loop.make_optimizer(model, cfg)
     start_step = 0

@@ -1,7 +1,7 @@
 """Sparse convolution behind one small interface, with three backends.
 
-- ``torch``: pure PyTorch (coordinate hashing, cached kernel maps, gather-matmul-scatter); always
-  available, CPU or GPU.
+- ``torch``: PyTorch (coordinate hashing, cached kernel maps, gather-matmul-scatter; on a CPU the
+  kernel-map lookup and the scatter-add are numba loops); always available, CPU or GPU.
 - ``spconv``: spconv 2.x when it imports (``pip install spconv`` is the CPU build that ``make
   install`` installs; ``spconv-cu12x`` wheels for GPUs).
 - ``torchsparse``: torchsparse 2.0 / 2.1 when it imports (installed by the user from its wheels).
@@ -59,11 +59,12 @@ AUTO_ORDER_CUDA = ("torchsparse", "spconv", "torch")
 """``auto`` on CUDA: torchsparse (fastest published kernels), then spconv, then pure PyTorch."""
 AUTO_ORDER_CPU = ("torch", "spconv")
 """``auto`` on a CPU: the faster first, as measured (``ws3d bench --section sparse``, same process,
-same inputs, README "Sparse backends"): on 1 thread the U-Nets tie (spconv/torch CPU time 0.98-0.99
-for ``tiny`` and ``MinkUNet18`` at 80k voxels, rows interleaved), spconv's CPU build is faster on large
-single convolutions (0.62-0.83 at 300k voxels) and torch on 80k-voxel submanifold rows and kernel-map
-builds (1.03-1.07). Neither wins every row; torch stays first (the training networks tie, and torch is
-the reference the other backends are tested against)."""
+same inputs, rows interleaved, 5 repetitions, README "Sparse backends"): with 1 thread the torch
+backend is at least as fast as spconv's CPU build on every row (spconv/torch CPU time, medians:
+1.05-1.55 on the single convolutions at 80k and 300k voxels, 1.63-2.10 on kernel-map builds, 1.16
+``tiny`` and 1.44 ``MinkUNet18``; with 2 threads 1.07-2.44 over all rows), and the bench's
+``auto_slower_rows`` (rows where ``auto`` lost in every repetition) is empty in both runs.
+Re-measure with that bench after changing either backend."""
 
 
 class SparseBackend(Protocol):
