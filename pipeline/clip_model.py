@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.parallel import pin_torch_threads
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """CLIP's pixel mean (RGB, 0..1), used when a folder has no preprocessor_config.json."""
@@ -193,6 +194,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
         """pixel_values float [B, 3, S, S] (normalised) -> float32 [B, D] unit embeddings (device)."""
+        if self.device.type == "cpu":
+            pin_torch_threads()  # numba kernels before this may have raised torch's thread count
         out = []
         for start in range(0, len(pixel_values), batch_size):
             chunk = pixel_values[start:start + batch_size].to(self.device, self.dtype)

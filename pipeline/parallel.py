@@ -20,3 +20,22 @@ shared cores the break-even of the parallel variants is between ~0.4 and 1 milli
 def use_parallel(items: int, threads: int) -> bool:
     """Whether a kernel over `items` items should run on several threads (`threads`: the config's)."""
     return threads != 1 and numba.get_num_threads() > 1 and items >= PARALLEL_MIN_ITEMS
+
+
+def pin_torch_threads() -> None:
+    """Give torch back the thread count OMP_NUM_THREADS asks for (Dask's worker processes set it
+    to their threads), if numba's OpenMP layer changed it.
+
+    numba's OpenMP threading layer shares the OpenMP runtime with torch on Linux: the first numba
+    parallel region of a process raises torch's intra-op threads to numba's (1 -> 2 on two
+    cores), so two single-threaded workers ran the CLIP encoder on four threads of two cores.
+    Called before CPU work in torch that follows numba kernels (the embed stage's encoder)."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if torch is None or not env.isdigit() or int(env) < 1:
+        return
+    if torch.get_num_threads() != int(env):
+        torch.set_num_threads(int(env))

@@ -198,3 +198,22 @@ def test_set_torch_threads_undoes_numba_openmp_raising_torch_threads(monkeypatch
         assert set_torch_threads(0) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_pin_torch_threads_follows_omp_num_threads(monkeypatch):
+    import torch
+
+    from pipeline.parallel import pin_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        pin_torch_threads()
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(2)
+        pin_torch_threads()  # nothing asked: left alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

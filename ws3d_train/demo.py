@@ -108,6 +108,10 @@ class DemoConfig:
     """Where preprocessing runs."""
     num_workers: int = 0
     """DataLoader workers of the trainer (0 on 2-core machines: the main process decodes)."""
+    train_threads: int = 1
+    """torch threads of pre-training and fine-tuning (the sparse convolutions run on
+    one CPU thread anyway; the rest of a tiny U-Net's step gains little from a second thread and
+    loses much when the cores are shared)."""
     report: bool = True
     """Write pictures of the run."""
 
@@ -236,7 +240,8 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
 def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
     return {"data": {"voxel_size_m": cfg.voxel_size_m, "max_voxels": cfg.max_voxels},
             "network": {"preset": cfg.network_preset}, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "seed": seed, "num_workers": cfg.num_workers, "progress": True, "tensorboard": False}
+            "seed": seed, "num_workers": cfg.num_workers, "threads": cfg.train_threads, "progress": True,
+            "tensorboard": False}
 
 
 def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callable[[str], None] = print) -> str:
