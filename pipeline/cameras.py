@@ -20,8 +20,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numba import njit, prange
 
-from pipeline import parallel
-
 WORLD_UP = np.array([0.0, 0.0, 1.0])
 """The store's up axis (z up, metres)."""
 
