@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 def _join(rank: int, port: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
 
@@ -104,7 +105,9 @@ def _pretrain_worker(rank: int, port: int, store: str, out_dir: str) -> None:
     from tests.conftest import tiny_run_config
     from ws3d_train.pretrain import PretrainConfig, pretrain
 
-    cfg = tiny_run_config(PretrainConfig, store, steps=2, batch_size=1, warmup_steps=1, checkpoint_every=1, device="cpu")
+    # one thread per forked rank: torch's OpenMP pool is not fork-safe
+    cfg = tiny_run_config(PretrainConfig, store, steps=2, batch_size=1, warmup_steps=1, checkpoint_every=1, device="cpu",
+                          threads=1)
     summary = pretrain(cfg, Path(out_dir) / "run")
     # what each rank trained (rank 0's checkpoint must hold the same weights as every rank's model)
     torch.save({"steps": summary["steps"], "world_size": summary["world_size"]}, Path(out_dir) / f"pre{rank}.pt")

@@ -196,6 +196,8 @@ def test_set_torch_threads_undoes_numba_openmp_raising_torch_threads(monkeypatch
         import os
 
         assert set_torch_threads(0) == len(os.sched_getaffinity(0))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * len(os.sched_getaffinity(0))))
+        assert set_torch_threads(0) == 1  # torchrun ranks of one node share its cores, at least one each
     finally:
         torch.set_num_threads(before)
 

@@ -111,7 +111,8 @@ class LoopConfig:
     num_workers: int = 4
     """DataLoader worker processes (0: load in the main process)."""
     threads: int = 0
-    """torch intra-op threads on a CPU; 0: OMP_NUM_THREADS when set, else one per available core.
+    """torch intra-op threads on a CPU; 0: OMP_NUM_THREADS when set, else the available cores
+    shared among the processes of this node (LOCAL_WORLD_SIZE under torchrun).
     Set at the start of the loop (see :func:`set_torch_threads`)."""
     tensorboard: bool = True
     """Also write TensorBoard events when the `tensorboard` package is installed."""
@@ -151,7 +152,7 @@ def check_run_dir(cfg: LoopConfig, out_dir: Path, *, resume: bool) -> Path | Non
 
 def set_torch_threads(threads: int = 0) -> int:
     """Set torch's intra-op thread count for a loop and return it: `threads`, else OMP_NUM_THREADS,
-    else one per core this process may use.
+    else the cores this process may use divided among the node's ranks (LOCAL_WORLD_SIZE).
 
     Needed because numba's OpenMP threading layer (the pipeline's parallel kernels) shares the
     OpenMP runtime with torch on Linux: the first numba parallel region in a process silently
@@ -162,7 +163,9 @@ def set_torch_threads(threads: int = 0) -> int:
 
     if threads <= 0:
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+        threads = int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // ranks)
     torch.set_num_threads(threads)
     return threads
 
