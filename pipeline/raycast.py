@@ -56,73 +56,84 @@ def _make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: 
 
 
 @njit(inline="always")
-def _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index):
-    """Pixel p of a batch: the barycentric colour of the hit (black on a miss), and the hit
-    triangle's corner nearest to the hit point that is visible in the pixel's view
-    (visible[view, vertex]), else the next nearest; -1 if none or nothing drawn."""
-    out_index[p] = -1
-    if not np.isfinite(t_hit[p]):
-        out_rgb[p, 0] = 0
-        out_rgb[p, 1] = 0
-        out_rgb[p, 2] = 0
-        return
-    f = prim[p]
-    a = faces[f, 0]
-    b = faces[f, 1]
-    c = faces[f, 2]
-    u = uvs[p, 0]
-    v = uvs[p, 1]
-    w = 1.0 - u - v
-    for ch in range(3):
-        val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
-        out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
-    if depth_bits[p] == 0:  # float16 depth 0: nothing drawn (nonzero bits of a depth >= 0: > 0)
-        return
-    wb = np.float64(u)
-    wc = np.float64(v)
-    wa = 1.0 - wb - wc
-    # the hit point from its barycentric coordinates, and its squared distance to each corner
-    da = 0.0
-    db = 0.0
-    dc = 0.0
-    for k in range(3):
-        h = wa * xyz[a, k] + wb * xyz[b, k] + wc * xyz[c, k]
-        da += (h - xyz[a, k]) ** 2
-        db += (h - xyz[b, k]) ** 2
-        dc += (h - xyz[c, k]) ** 2
-    # the nearest visible corner, ties in the face's order (= the first visible one of the
-    # corners sorted stably by distance)
-    best = -1
-    d_best = np.inf
-    if visible[view, a]:
-        best = a
-        d_best = da
-    if visible[view, b] and db < d_best:
-        best = b
-        d_best = db
-    if visible[view, c] and dc < d_best:
-        best = c
-    out_index[p] = best
+def _shade_assign_span(lo, hi, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible_row, out_rgb, out_index):
+    """Pixels lo..hi of one view in a batch: the barycentric colour of the hit (black on a
+    miss), and the hit triangle's corner nearest to the hit point that is visible in the view
+    (visible_row[vertex], the view's row of the mask), else the next nearest; -1 if none or
+    nothing drawn. (A loop over pixels, not an inlined function a pixel: the serial driver
+    around a per-pixel body ran at half this speed.)"""
+    for p in range(lo, hi):
+        if depth_bits[p] == 0 and not np.isfinite(t_hit[p]):  # a miss (the depth bits: cheaper first)
+            out_index[p] = -1
+            out_rgb[p, 0] = 0
+            out_rgb[p, 1] = 0
+            out_rgb[p, 2] = 0
+            continue
+        f = prim[p]
+        a = faces[f, 0]
+        b = faces[f, 1]
+        c = faces[f, 2]
+        u = uvs[p, 0]
+        v = uvs[p, 1]
+        w = 1.0 - u - v
+        for ch in range(3):
+            val = w * rgb[a, ch] + u * rgb[b, ch] + v * rgb[c, ch] + 0.5
+            out_rgb[p, ch] = np.uint8(min(255.0, max(0.0, val)))
+        if depth_bits[p] == 0:  # float16 depth 0: nothing drawn (nonzero bits of a depth >= 0: > 0)
+            out_index[p] = -1
+            continue
+        va = visible_row[a]
+        vb = visible_row[b]
+        vc = visible_row[c]
+        if not (va or vb or vc):
+            out_index[p] = -1
+            continue
+        wb = np.float64(u)
+        wc = np.float64(v)
+        wa = 1.0 - wb - wc
+        # the hit point from its barycentric coordinates, and its squared distance to each corner
+        da = 0.0
+        db = 0.0
+        dc = 0.0
+        for k in range(3):
+            xa = xyz[a, k]
+            xb = xyz[b, k]
+            xc = xyz[c, k]
+            h = wa * xa + wb * xb + wc * xc
+            da += (h - xa) ** 2
+            db += (h - xb) ** 2
+            dc += (h - xc) ** 2
+        # the nearest visible corner, ties in the face's order (= the first visible one of the
+        # corners sorted stably by distance)
+        best = -1
+        d_best = np.inf
+        if va:
+            best = a
+            d_best = da
+        if vb and db < d_best:
+            best = b
+            d_best = db
+        if vc and dc < d_best:
+            best = c
+        out_index[p] = best
 
 
 @njit(parallel=True, cache=True)
 def _shade_assign_par(t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
-    """`_shade_assign_pixel` for every pixel of a batch of views [V * H * W], a row at a time
-    (depth_bits: the stored float16 depths viewed as uint16)."""
+    """`_shade_assign_span` for every pixel of a batch of views [V * H * W], a row at a time
+    (depth_bits: the stored float16 depths viewed as uint16; visible bool [V, N])."""
     for r in prange(t_hit.shape[0] // width):
-        view = r // height
-        for p in range(r * width, (r + 1) * width):
-            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index)
+        _shade_assign_span(r * width, (r + 1) * width, t_hit, prim, uvs, depth_bits, faces, xyz, rgb,
+                           visible[r // height], out_rgb, out_index)
 
 
 @njit(cache=True)
 def _shade_assign_ser(t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, height, width, out_rgb, out_index):
-    """Serial `_shade_assign_par`."""
+    """Serial `_shade_assign_par`, a view at a time."""
     hw = height * width
     for view in range(t_hit.shape[0] // hw):
-        for p in range(view * hw, (view + 1) * hw):
-            _shade_assign_pixel(p, view, t_hit, prim, uvs, depth_bits, faces, xyz, rgb, visible, out_rgb, out_index)
-
+        _shade_assign_span(view * hw, (view + 1) * hw, t_hit, prim, uvs, depth_bits, faces, xyz, rgb,
+                           visible[view], out_rgb, out_index)
 
 
 def build_raycaster(xyz: np.ndarray, faces: np.ndarray) -> Any:

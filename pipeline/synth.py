@@ -575,7 +575,7 @@ def write_scannet_layout(room: SynthRoom, out_dir: str | Path, *, variant: str =
     (folder / agg_name).write_text(json.dumps({
         "sceneId": scene_ref, "appId": app, "segGroups": groups,
         "segmentsFile": f"scannet.{segs_name}" if variant == "v2" else segs_name}))
-    lines = [f"colorHeight = 968", f"colorWidth = 1296", f"numColorFrames = 0", f"sceneType = Synthetic"]
+    lines = ["colorHeight = 968", "colorWidth = 1296", "numColorFrames = 0", "sceneType = Synthetic"]
     if variant == "v2":
         lines.insert(0, "axisAlignment = " + " ".join(f"{v:.9g}" for v in room.alignment.ravel()))
     (folder / f"{scene}.txt").write_text("\n".join(lines) + "\n")

@@ -122,26 +122,46 @@ def _reachable_mask_ser(xyz, poses, K, depth_q, height, width, rel, abs_tol, nea
 
 
 @njit(cache=True)
-def _occlusion_rays_kernel(xyz, centres, view, point, tol, rays, short):  # pragma: no cover
-    """rays[q] from view[q]'s camera centre towards point[q], scaled so that t = 1 lies `tol`
-    metres short of the point; short[q]: the point is within `tol` of the camera (never hidden)."""
+def _occlusion_rays_kernel(xyz, centres, mask, tol, rays, short, view, point):  # pragma: no cover
+    """One ray for each (v, i) with mask[v, i], in np.nonzero's order (view-major, ids ascending):
+    view[q], point[q] the pair; rays[q] from view v's camera centre towards point i, scaled so
+    that t = 1 lies `tol` metres short of the point; short[q]: the point is within `tol` of the
+    camera (never hidden). (Scanning the mask here, not np.nonzero first: one pass, no index
+    arrays of int64.)"""
+    q = 0
+    for v in range(mask.shape[0]):
+        c0 = centres[v, 0]
+        c1 = centres[v, 1]
+        c2 = centres[v, 2]
+        for i in range(mask.shape[1]):
+            if not mask[v, i]:
+                continue
+            d0 = np.float64(xyz[i, 0]) - c0
+            d1 = np.float64(xyz[i, 1]) - c1
+            d2 = np.float64(xyz[i, 2]) - c2
+            dist = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+            scale = (dist - tol) / dist if dist > tol else 0.0
+            short[q] = not scale > 0.0
+            if short[q]:
+                scale = 1.0
+            rays[q, 0] = c0
+            rays[q, 1] = c1
+            rays[q, 2] = c2
+            rays[q, 3] = d0 * scale
+            rays[q, 4] = d1 * scale
+            rays[q, 5] = d2 * scale
+            view[q] = v
+            point[q] = i
+            q += 1
+
+
+@njit(cache=True)
+def _drop_hidden(mask, view, point, hidden, short):  # pragma: no cover
+    """mask[view[q], point[q]] = False where the occlusion ray q hit something (hidden[q]) and
+    the point is not within the tolerance of the camera (short[q])."""
     for q in range(view.shape[0]):
-        v = view[q]
-        i = point[q]
-        d0 = np.float64(xyz[i, 0]) - centres[v, 0]
-        d1 = np.float64(xyz[i, 1]) - centres[v, 1]
-        d2 = np.float64(xyz[i, 2]) - centres[v, 2]
-        dist = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-        scale = (dist - tol) / dist if dist > tol else 0.0
-        short[q] = not scale > 0.0
-        if short[q]:
-            scale = 1.0
-        rays[q, 0] = centres[v, 0]
-        rays[q, 1] = centres[v, 1]
-        rays[q, 2] = centres[v, 2]
-        rays[q, 3] = d0 * scale
-        rays[q, 4] = d1 * scale
-        rays[q, 5] = d2 * scale
+        if hidden[q] and not short[q]:
+            mask[view[q], point[q]] = False
 
 
 @njit(cache=True)
@@ -233,15 +253,17 @@ def mesh_visibility(raycaster: Any, xyz: np.ndarray, poses: np.ndarray, K: np.nd
     mask = np.empty((len(poses), len(xyz)), np.bool_) if out is None else out
     kernel = _reachable_mask_par if parallel.use_parallel(mask.size, threads) else _reachable_mask_ser
     kernel(xyz, poses, K, depth_q, height, width, float(pre_rel), float(pre_abs_m), float(near_m), mask)
-    view, point = np.nonzero(mask)
-    if len(view):
-        rays = np.empty((len(view), 6), np.float32)
-        short = np.empty(len(view), np.bool_)
-        _occlusion_rays_kernel(xyz, camera_centres(poses), view, point, float(tol_m), rays, short)
+    n_rays = int(np.count_nonzero(mask))
+    if n_rays:
+        rays = np.empty((n_rays, 6), np.float32)
+        short = np.empty(n_rays, np.bool_)
+        view = np.empty(n_rays, np.int32)
+        point = np.empty(n_rays, np.int32)
+        _occlusion_rays_kernel(xyz, camera_centres(poses), mask, float(tol_m), rays, short, view, point)
         hidden = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
-                                           nthreads=threads).numpy() & ~short
-        mask[view[hidden], point[hidden]] = False
-    return mask, int(len(view))
+                                           nthreads=threads).numpy()
+        _drop_hidden(mask, view, point, hidden, short)
+    return mask, n_rays
 
 
 def exact_visible(raycaster: Any, xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, height: int, width: int, *,

@@ -83,3 +83,20 @@ def test_anchor_ratios_from_table_means():
     assert ratios["full_over_all_base_labels"] == pytest.approx(0.5)
     assert ratios["full_minus_supervised_miou"] == pytest.approx(6.0)
     assert not any(k.startswith("ensemble") for k in ratios)  # no such row, no such ratio
+
+
+def test_every_benchmark_setting_is_a_valid_finetune_config_and_diagnostics_change_one_term():
+    from ws3d_train.demo import SETTINGS
+    from ws3d_train.finetune import FinetuneConfig
+
+    for name, overrides in SETTINGS.items():  # a typo in a field name would be refused here, not after an hour
+        from_dict(FinetuneConfig, {"store": "s", **{k: v for k, v in overrides.items() if k != "init"}}, where=name)
+
+    def differs(a: str, b: str) -> set[str]:
+        keys = set(SETTINGS[a]) | set(SETTINGS[b])
+        return {k for k in keys if SETTINGS[a].get(k) != SETTINGS[b].get(k)}
+
+    assert differs("+boundary only", "+energy") == {"w_energy"}
+    assert differs("+energy x10", "+energy") == {"w_energy"}
+    assert differs("full without energy", "+pretrain (full)") == {"w_energy"}
+    assert differs("+boundary only", "supervised") == {"w_boundary"}  # the boundary head alone

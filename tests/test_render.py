@@ -768,6 +768,84 @@ def test_pixels_record_the_nearest_visible_corner() -> None:
     assert total > 3000 and agree / total > 0.99, (agree, total)
 
 
+def _shade_reference(t_hit, prim, uvs, depth16, faces, xyz, rgb, visible, hw):
+    """Per-pixel numpy version of the fused shading pass: barycentric colour (black on a miss) and
+    the hit triangle's nearest corner visible in the pixel's view (-1: none, or depth 0)."""
+    n = len(t_hit)
+    out_rgb = np.zeros((n, 3), np.uint8)
+    out_index = np.full(n, -1, np.int32)
+    for p in range(n):
+        if not np.isfinite(t_hit[p]):
+            continue
+        corners = faces[prim[p]]
+        u, v = float(uvs[p, 0]), float(uvs[p, 1])
+        w = np.array([1.0 - u - v, u, v])
+        out_rgb[p] = np.clip(w @ rgb[corners].astype(np.float64) + 0.5, 0, 255).astype(np.uint8)
+        if depth16[p] == 0:
+            continue
+        bary = np.array([1.0 - np.float64(uvs[p, 0]) - np.float64(uvs[p, 1]), uvs[p, 0], uvs[p, 1]])
+        hit = bary @ xyz[corners].astype(np.float64)
+        dist = ((hit - xyz[corners]) ** 2).sum(1)
+        dist = np.where(visible[p // hw, corners], dist, np.inf)
+        if np.isfinite(dist.min()):
+            out_index[p] = corners[int(np.argmin(dist))]
+    return out_rgb, out_index
+
+
+def test_shading_kernels_match_a_per_pixel_reference() -> None:
+    from pipeline import raycast
+
+    xyz, rgb, faces = _oracle_scene()
+    K, poses = _oracle_views()
+    H, W = 12, 16
+    K = np.asarray(cameras.intrinsics(W, H, 90.0), np.float32).astype(np.float64)
+    hits = cast(build_raycaster(xyz, faces), render.make_rays(K, poses, H, W).reshape(-1, 6))
+    t_hit = hits["t_hit"]
+    depth = np.where(np.isfinite(t_hit), t_hit, 0.0).astype(np.float16)
+    depth[::7] = 0  # hits whose stored depth is 0: coloured, no point
+    rng = np.random.default_rng(0)
+    visible = rng.random((len(poses), len(xyz))) < 0.6  # some pixels with no visible corner at all
+    want_rgb, want_index = _shade_reference(t_hit, hits["primitive_ids"], hits["primitive_uvs"], depth,
+                                            faces.astype(np.int32), xyz, rgb, visible, H * W)
+    assert (~np.isfinite(t_hit)).any() and (want_index == -1).sum() > (depth == 0).sum()
+    for kernel in (raycast._shade_assign_ser, raycast._shade_assign_par):
+        out_rgb = np.empty((len(t_hit), 3), np.uint8)
+        out_index = np.empty(len(t_hit), np.int32)
+        kernel(t_hit, hits["primitive_ids"], hits["primitive_uvs"], depth.view(np.uint16), faces.astype(np.int32),
+               xyz, rgb, visible, H, W, out_rgb, out_index)
+        np.testing.assert_array_equal(out_rgb, want_rgb)
+        np.testing.assert_array_equal(out_index, want_index)
+
+
+def test_occlusion_rays_follow_the_mask_in_nonzero_order() -> None:
+    from pipeline import visibility
+
+    rng = np.random.default_rng(1)
+    xyz = rng.uniform(-2, 2, (300, 3)).astype(np.float32)
+    centres = rng.uniform(-2, 2, (3, 3))
+    centres[1] = xyz[5]  # a point at a camera centre: within the tolerance, never hidden
+    mask = rng.random((3, 300)) < 0.3
+    mask[1, 5] = True
+    n = int(mask.sum())
+    rays, short = np.empty((n, 6), np.float32), np.empty(n, np.bool_)
+    view, point = np.empty(n, np.int32), np.empty(n, np.int32)
+    visibility._occlusion_rays_kernel(xyz, centres, mask, 0.01, rays, short, view, point)
+    want_view, want_point = np.nonzero(mask)
+    np.testing.assert_array_equal(view, want_view)
+    np.testing.assert_array_equal(point, want_point)
+    d = xyz[want_point].astype(np.float64) - centres[want_view]
+    dist = np.linalg.norm(d, axis=1)
+    scale = np.where(dist > 0.01, (dist - 0.01) / np.maximum(dist, 1e-300), 1.0)
+    np.testing.assert_allclose(rays[:, :3], centres[want_view].astype(np.float32))
+    np.testing.assert_allclose(rays[:, 3:], (d * scale[:, None]).astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(short, dist <= 0.01)
+    assert short.sum() == 1
+    # what the rays hit clears the mask, except where the point is at the camera
+    hidden = np.ones(n, np.bool_)
+    visibility._drop_hidden(mask, view, point, hidden, short)
+    assert mask.sum() == 1 and mask[1, 5]
+
+
 def make_rays_for_test(K, poses, H, W) -> np.ndarray:
     return render.make_rays(K, poses, H, W)
 

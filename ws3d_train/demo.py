@@ -130,6 +130,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # choose a default (they are scored on the validation rooms)
     "+boundary only": {"init": False, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
     "+energy x10": {"init": False, "w_energy": 1.0, "w_region": 0.0, "two_copies": False},
+    # the energy term left out of the full method (boundary head kept): its effect where it is used
+    "full without energy": {"init": True, "w_energy": 0.0, "w_region": 0.1, "w_align": 1.0},
 }
 """The miniature benchmark's trained settings, each adding one part of the method, and the
 all-labels upper bound; the "2d fusion" row needs no training (:mod:`ws3d_train.fusion`)."""
