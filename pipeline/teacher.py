@@ -241,12 +241,8 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | Path, *, vocab_size: in
     )
     tok.train_from_iterator(list(texts), trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    # word-final bytes the captions never showed: without them such words would map to unk
-    for ch in sorted(alphabet):
-        for piece in (ch, ch + "</w>"):
-            vocab.setdefault(piece, len(vocab))
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in model["merges"]]
+    vocab = _canonical_vocab(model["vocab"], merges, alphabet)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +253,25 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | Path, *, vocab_size: in
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
     return tokenizer
+
+
+def _canonical_vocab(trained: dict[str, int], merges: Sequence[tuple[str, str]], alphabet: Sequence[str]) -> dict[str, int]:
+    """The trained vocabulary with ids that do not depend on the run: bos, eos, every byte, every
+    byte + `</w>` (also those the captions never showed: without them such words would map to
+    unk), then each merge's token in merge order (CLIP's layout, specials first).
+
+    The BPE trainer of `tokenizers` numbers its word-final tokens (`e</w>` ...) in hash-map
+    iteration order, so the same captions gave different ids from one process to the next
+    (huggingface/tokenizers#1794, fix proposed in #2066), hence a different teacher from the same
+    seed. The merges themselves (what tokenisation does) come out the same."""
+    vocab: dict[str, int] = {}
+    for piece in (BOS_TOKEN, EOS_TOKEN, *sorted(alphabet), *(ch + "</w>" for ch in sorted(alphabet)),
+                  *(a + b for a, b in merges)):
+        vocab.setdefault(piece, len(vocab))
+    missing = set(trained) - set(vocab)
+    if missing:  # a token neither a byte, a special nor a merge: the trainer changed its rules
+        raise RuntimeError(f"tokenizer training produced tokens outside bytes and merges: {sorted(missing)[:5]}")
+    return vocab
 
 
 # --- augmentation ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,25 @@ def test_tokenizer_round_trip(tmp_path):
     first_merge = (tmp_path / "merges.txt").read_text().splitlines()[1]
     assert len(first_merge.split(" ")) == 2
     assert loaded.decode(loaded("a photo of a chair")["input_ids"], skip_special_tokens=True) == "a photo of a chair"
+
+
+def test_tokenizer_ids_are_the_same_in_every_process(tmp_path):
+    """The BPE trainer numbers word-final tokens in hash-map order (a new order per process):
+    three fresh processes must still write the same vocabulary."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.teacher import train_tokenizer; "
+            "train_tokenizer(['a photo of a red chair.', 'a blue table in a room.', 'a dark green sofa.', "
+            "'an old wooden desk, by the bed.'], sys.argv[1], vocab_size=400)")
+    vocabs = []
+    for k in range(3):
+        out = tmp_path / f"tok{k}"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=Path(__file__).resolve().parents[1])
+        vocabs.append(json.loads((out / "vocab.json").read_text()))
+        assert (out / "merges.txt").read_text() == (tmp_path / "tok0" / "merges.txt").read_text()
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    assert list(vocabs[0])[:2] == ["<|startoftext|>", "<|endoftext|>"]
 
 
 def test_augment_shapes_and_range():
