@@ -263,7 +263,9 @@ def _canonical_vocab(trained: dict[str, int], merges: Sequence[tuple[str, str]],
     The BPE trainer of `tokenizers` numbers its word-final tokens (`e</w>` ...) in hash-map
     iteration order, so the same captions gave different ids from one process to the next
     (huggingface/tokenizers#1794, fix proposed in #2066), hence a different teacher from the same
-    seed. The merges themselves (what tokenisation does) come out the same."""
+    seed. The merges (what tokenisation does) came out the same on the demo's captions; the trainer
+    breaks ties between equal-count pairs by those ids, so on other captions they might not (the
+    test compares both across processes)."""
     vocab: dict[str, int] = {}
     for piece in (BOS_TOKEN, EOS_TOKEN, *sorted(alphabet), *(ch + "</w>" for ch in sorted(alphabet)),
                   *(a + b for a, b in merges)):
