@@ -469,26 +469,27 @@ def run_scene(store_path: str, scene_id: str, cfg: RenderConfig = RenderConfig()
     kind = ingest_stats.get("kind")
     if kind not in ("mesh", "points", "lidar"):
         raise SceneError(scene_id, None, f"ingest stats 'kind' must be mesh, points or lidar, got {kind!r}")
-    xyz = store.read(scene_id, schema.XYZ)
-    rgb = store.read(scene_id, schema.RGB)
-    faces = None
-    if kind == "mesh":
-        if not store.has(scene_id, schema.FACES):
-            raise SceneError(scene_id, None, "kind is 'mesh' but the scene has no mesh/faces")
-        faces = store.read(scene_id, schema.FACES)
-        if len(faces) == 0:
-            raise SceneError(scene_id, None, "kind is 'mesh' but mesh/faces is empty")
+    if kind == "mesh" and not store.has(scene_id, schema.FACES):
+        raise SceneError(scene_id, None, "kind is 'mesh' but the scene has no mesh/faces")
+    # one read for all inputs; the labels only say which classes stay unseen
+    wanted = [schema.XYZ, schema.RGB] + [schema.FACES] * (kind == "mesh")
+    labelled = store.has(scene_id, schema.SEMANTIC)
+    inputs = store.read_many(scene_id, wanted + [schema.SEMANTIC] * labelled)
+    xyz, rgb = inputs[0], inputs[1]
+    faces = inputs[2] if kind == "mesh" else None
+    semantic = inputs[-1] if labelled else None
+    if faces is not None and len(faces) == 0:
+        raise SceneError(scene_id, None, "kind is 'mesh' but mesh/faces is empty")
     if len(xyz) == 0:
         raise SceneError(scene_id, None, "scene has no points")
     origin = ingest_stats.get("sensor_origin")
     result = render_scene(xyz, rgb, faces, kind=kind, cfg=cfg,
                           sensor_origin=None if origin is None else np.asarray(origin, dtype=np.float64))
     unseen = result.view_count == 0
-    if unseen.any() and store.has(scene_id, schema.SEMANTIC):  # which classes stay unseen
-        semantic = store.read(scene_id, schema.SEMANTIC)
-        labelled = semantic[unseen][semantic[unseen] >= 0].astype(np.int64)
-        if len(labelled):
-            counts = np.bincount(labelled, minlength=len(store.class_names))
+    if unseen.any() and semantic is not None:  # which classes stay unseen
+        classes = semantic[unseen][semantic[unseen] >= 0].astype(np.int64)
+        if len(classes):
+            counts = np.bincount(classes, minlength=len(store.class_names))
             share = counts / max(1, int(unseen.sum()))
             top = np.argsort(-counts, kind="stable")[:5]
             result.stats["unseen"]["by_class"] = {store.class_names[c]: round(float(share[c]), 4)

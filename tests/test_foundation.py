@@ -86,6 +86,60 @@ def test_store_round_trip_and_reader_truth(tmp_path):
     assert not (store.path / ".tmp").exists()  # no temporary debris after complete writes
 
 
+@pytest.mark.parametrize("batch_bytes", [1, 256 << 20])
+def test_store_write_matches_zarr_local_store_file_for_file(tmp_path, monkeypatch, batch_bytes):
+    """The store encodes a stage in memory and writes the files itself: the directory it leaves is
+    what zarr's own LocalStore writes, file for file and byte for byte, also when the arrays go
+    in several memory batches (batch_bytes=1: one array a batch)."""
+    from pathlib import Path
+
+    from pipeline import store as store_module
+    from zarr.storage import LocalStore
+
+    monkeypatch.setattr(store_module, "_BATCH_BYTES", batch_bytes)
+    rng = np.random.default_rng(0)
+    n = 5000
+    arrays = {schema.XYZ: rng.normal(size=(n, 3)).astype(np.float32), schema.RGB: rng.integers(0, 255, (n, 3)).astype(np.uint8),
+              schema.SEMANTIC: np.zeros(n, np.int16), schema.INSTANCE: rng.integers(-1, 9, n).astype(np.int32),
+              schema.FACES: rng.integers(0, n, (2 * n, 3)).astype(np.int32)}
+    store = Store.create(tmp_path / "s", dataset="d", class_names=["a"])
+    store.write_stage("scene0000_00", "ingest", arrays, {"config_hash": "h", "stats": {"kind": "mesh"}})
+    views = {schema.VIEW_K: np.eye(3, dtype=np.float32)[None].repeat(2, 0),
+             schema.VIEW_POSE: np.eye(4, dtype=np.float32)[None].repeat(2, 0),
+             schema.VIEW_RGB: rng.integers(0, 255, (2, 6, 8, 3)).astype(np.uint8),
+             schema.VIEW_DEPTH: rng.uniform(0, 4, (2, 6, 8)).astype(np.float16),
+             schema.VIEW_POINT_INDEX: rng.integers(-1, n, (2, 6, 8)).astype(np.int32),
+             schema.VISIBLE_PTR: np.array([0, 3, 5]), schema.VISIBLE_IDS: np.array([1, 2, 3, 0, 4], np.int32),
+             schema.VIEW_COUNT: np.zeros(n, np.uint16)}
+    store.write_stage("scene0000_00", "render", views, {"config_hash": "r", "stats": {}})
+    scene = store.scene_dir("scene0000_00")
+    ingest_record = {"ws3d_stage": store.stage_record("scene0000_00", "ingest")}
+    render_record = {"ws3d_stage": store.stage_record("scene0000_00", "render")}
+    assert ingest_record["ws3d_stage"]["stats"] == {"kind": "mesh"} and render_record["ws3d_stage"]["config_hash"] == "r"
+    # the reference: the same hierarchy through zarr's LocalStore
+    ref = tmp_path / "ref"
+    root = zarr.open_group(LocalStore(ref), mode="w", attributes=ingest_record)
+    for spec, data in [*arrays.items(), *views.items()]:
+        group = root.require_group(spec.group)
+        if spec.group == "views":
+            group.attrs.update(render_record)
+        group.create_array(spec.name, data=schema.coerce(spec, data), chunks=tuple(max(1, c) for c in spec.chunks(data.shape)),
+                           compressors=store_module._compressors(spec), fill_value=0, dimension_names=[str(d) for d in spec.dims])
+
+    def files(top: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(top)): p.read_bytes() for p in sorted(top.rglob("*")) if p.is_file()}
+
+    ours, theirs = files(scene), files(ref)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        if name.endswith("zarr.json"):  # same JSON (key order may differ)
+            assert json.loads(ours[name]) == json.loads(theirs[name]), name
+        else:
+            assert ours[name] == theirs[name], name
+    for spec, data in [*arrays.items(), *views.items()]:
+        assert np.array_equal(store.read("scene0000_00", spec), schema.coerce(spec, data)), spec.name
+
+
 def test_annotation_release_variants(tmp_path):
     write_label_table(tmp_path)
     room = make_room(3, 1, SMALL)
