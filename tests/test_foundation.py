@@ -136,8 +136,13 @@ def test_store_write_matches_zarr_local_store_file_for_file(tmp_path, monkeypatc
             assert json.loads(ours[name]) == json.loads(theirs[name]), name
         else:
             assert ours[name] == theirs[name], name
-    for spec, data in [*arrays.items(), *views.items()]:
-        assert np.array_equal(store.read("scene0000_00", spec), schema.coerce(spec, data)), spec.name
+    specs = [*arrays, *views]
+    for spec, got in zip(specs, store.read_many("scene0000_00", specs)):
+        data = schema.coerce(spec, {**arrays, **views}[spec])
+        assert got.dtype == data.dtype and np.array_equal(got, data), spec.name
+        assert np.array_equal(store.read("scene0000_00", spec), data), spec.name
+    with pytest.raises(KeyError, match="overseg/segment"):
+        store.read_many("scene0000_00", [schema.XYZ, schema.SEGMENT])
 
 
 def test_annotation_release_variants(tmp_path):
