@@ -92,10 +92,10 @@ def _write_arrays(root: Path, attributes: dict[str, Any], arrays: Mapping[ArrayS
         if k > 0:  # later batches add arrays to groups already on disk: their metadata from there
             for key in ["zarr.json", *(f"{name}/zarr.json" for name in {spec.group for spec, _ in batch})]:
                 objects[key] = _memory_buffer((root / key).read_bytes())
-        written = set(objects)
+        preloaded = set(objects)
         sync(encode(batch, k == 0, objects))
         for key, buffer in objects.items():
-            if key in written:
+            if key in preloaded:  # already on disk
                 continue
             path = root / key
             if path.parent not in made:
@@ -215,12 +215,16 @@ class Store:
         record = self.stage_record(scene_id, stage)
         return record is not None and record.get("config_hash") == config_hash
 
-    def read(self, scene_id: str, spec: ArraySpec) -> np.ndarray:
-        """Read one whole array of a scene as NumPy (KeyError naming the path if absent)."""
+    def _array_dir(self, scene_id: str, spec: ArraySpec) -> Path:
+        """The folder of a stored array (KeyError naming the path if absent)."""
         array_dir = self.scene_dir(scene_id) / spec.group / spec.name
         if not (array_dir / "zarr.json").is_file():
             raise KeyError(f"{self.path}: scene {scene_id} has no {spec.group}/{spec.name}")
-        return zarr.open_array(LocalStore(array_dir, read_only=True), mode="r")[...]
+        return array_dir
+
+    def read(self, scene_id: str, spec: ArraySpec) -> np.ndarray:
+        """Read one whole array of a scene as NumPy (KeyError naming the path if absent)."""
+        return zarr.open_array(LocalStore(self._array_dir(scene_id, spec), read_only=True), mode="r")[...]
 
     def read_many(self, scene_id: str, specs: Sequence[ArraySpec]) -> list[np.ndarray]:
         """Read several whole arrays of a scene in one call (like `read` each; the arrays are
@@ -229,10 +233,7 @@ class Store:
 
         from zarr.core.sync import sync
 
-        dirs = [self.scene_dir(scene_id) / spec.group / spec.name for spec in specs]
-        for spec, array_dir in zip(specs, dirs):
-            if not (array_dir / "zarr.json").is_file():
-                raise KeyError(f"{self.path}: scene {scene_id} has no {spec.group}/{spec.name}")
+        dirs = [self._array_dir(scene_id, spec) for spec in specs]
 
         async def read_one(array_dir: Path) -> np.ndarray:
             array = await zarr.api.asynchronous.open_array(store=LocalStore(array_dir, read_only=True), mode="r")
