@@ -61,16 +61,18 @@ def _write_arrays(root: Path, attributes: dict[str, Any], arrays: Mapping[ArrayS
     from zarr.core.sync import sync
     from zarr.storage import MemoryStore
 
-    coerced = [(spec, schema.coerce(spec, data)) for spec, data in arrays.items()]
+    # batches by the size each array has in its stored dtype; each is cast when its batch is
+    # written, so at most one batch of cast copies exists at a time
     batches: list[list[tuple[ArraySpec, np.ndarray]]] = [[]]
     size = 0
-    for spec, data in coerced:
-        if batches[-1] and size + data.nbytes > _BATCH_BYTES:
+    for spec, data in arrays.items():
+        nbytes = np.dtype(spec.dtype).itemsize * int(np.size(data))
+        if batches[-1] and size + nbytes > _BATCH_BYTES:
             batches.append([])
             size = 0
         batches[-1].append((spec, data))
-        size += data.nbytes
-    group_names = sorted({spec.group for spec, _ in coerced} | set(group_attributes or {}))
+        size += nbytes
+    group_names = sorted({spec.group for spec in arrays} | set(group_attributes or {}))
 
     async def encode(batch: list[tuple[ArraySpec, np.ndarray]], first: bool, objects: dict[str, Any]) -> None:
         api = zarr.api.asynchronous
@@ -81,10 +83,11 @@ def _write_arrays(root: Path, attributes: dict[str, Any], arrays: Mapping[ArrayS
                 await top.create_group(name, attributes=(group_attributes or {}).get(name, {}))
         groups = {name: await api.open_group(store=store, path=name, mode="r+")
                   for name in {spec.group for spec, _ in batch}}
+        coerced = [(spec, schema.coerce(spec, data)) for spec, data in batch]
         await asyncio.gather(*(groups[spec.group].create_array(
             spec.name, data=data, chunks=tuple(max(1, c) for c in spec.chunks(data.shape)),
             compressors=_compressors(spec), fill_value=0, dimension_names=[str(d) for d in spec.dims],
-        ) for spec, data in batch))
+        ) for spec, data in coerced))
 
     made: set[Path] = set()
     for k, batch in enumerate(batches):
