@@ -59,7 +59,7 @@ bench-accuracy: install
 GPU_CHECK_OUT ?= $(DATA)/gpu_check.json
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
-	$(GPU_PYTHON) -m ws3d_train.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
+	$(GPU_PYTHON) -m ws3d_train.bench.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:
 	rm -rf $(DATA)/demo $(DATA)/bench_accuracy

@@ -1,8 +1,10 @@
 """The `ws3d` command line: every stage and loop as a subcommand.
 
 The CLI parses, resolves configs (defaults < --config YAML < key=value overrides), and calls the
-stage runners through `pipeline.executor`. Heavy imports happen inside commands so that
-`ws3d --help` is instant and a missing optional dependency is reported by the command needing it.
+library. The per-scene stage commands (`ingest`, `overseg`, `render`, `embed`) are built from
+`pipeline.stages.STAGES`, the list the workflow runner uses too, and run through
+`pipeline.stage.run_stage`. Stage declarations are light, and heavy imports happen inside commands,
+so that `ws3d --help` is quick and a missing optional dependency is reported by the command needing it.
 """
 from __future__ import annotations
 
@@ -50,13 +52,6 @@ manifests_app = _App(help="Scene lists, splits and class lists.", no_args_is_hel
 app.add_typer(views_app, name="views")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(manifests_app, name="manifests")
-
-# stage name -> (module, config class) ; every module has run_scene(store, scene, cfg, force)
-STAGES = {
-    "overseg": ("pipeline.overseg", "OversegConfig"),
-    "render": ("pipeline.render", "RenderConfig"),
-    "embed": ("pipeline.embed", "EmbedConfig"),
-}
 
 STORE = typer.Option(..., "--store", "-s", help="Path of the ws3d store (a Zarr v3 folder).")
 SCENES = typer.Option(None, "--scenes", help="Text file of scene ids (one a line); default: all.")
@@ -109,21 +104,6 @@ def _scene_ids(store_scenes: list[str], scenes: Path | None, shard: str | None) 
     return []
 
 
-def _report(report: Any, log: Path | None = None) -> None:
-    typer.echo(report.summary())
-    if log is not None:
-        report.append_log(log)
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-def _log_file(store: Path, stage: str) -> Path:
-    """``<store>.logs/<stage>.jsonl``: beside the store, where Zarr does not look."""
-    from pipeline.store import log_dir
-
-    return log_dir(store) / f"{stage}.jsonl"
-
-
 def _open_store(path: Path) -> Any:
     from pipeline.store import Store, StoreError
 
@@ -133,26 +113,43 @@ def _open_store(path: Path) -> Any:
         fail(str(exc))
 
 
-def run_store_stage(stage: str, store: Path, scenes: Path | None, shard: str | None, executor: str | None,
-                    config: Path | None, force: bool, overrides: list[str] | None, **extra: Any) -> None:
-    """Resolve the stage's config and run its `run_scene` over the store's scenes."""
-    import importlib
+def _stage_command(stage: Any) -> None:
+    """Register `ws3d <stage>` for a `pipeline.stage.Stage`: the common options (store, scenes,
+    shard, executor, config, force, overrides) and the stage's own (`Stage.options`), all running
+    through `pipeline.stage.run_stage`, the path a workflow's stage takes too."""
+    import inspect
 
-    from pipeline.executor import run_scenes
+    common = [
+        ("store", Path, STORE), ("scenes", Optional[Path], SCENES), ("shard", Optional[str], SHARD),
+        ("executor", Optional[str], EXECUTOR), ("config", Optional[Path], CONFIG), ("force", bool, FORCE),
+    ]
+    own = [(o.name, Path if o.raw else str, typer.Option(... if o.required else None, *o.flags, help=o.help))
+           for o in stage.options]
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+              for name, kind, default in [*own, *common]]
+    params.append(inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, default=OVERRIDES,
+                                    annotation=Optional[list[str]]))
 
-    module_name, config_name = STAGES[stage]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        fail(f"stage {stage} is unavailable: {exc}")
-    stage_overrides, exec_overrides = _split_overrides(overrides)
-    stage_overrides = [f"{k}={v}" for k, v in extra.items() if v is not None] + stage_overrides
-    cfg = _resolve(getattr(module, config_name), config, stage_overrides, section=stage if config else None)
-    st = _open_store(store)
-    ids = _scene_ids(st.scene_ids(), scenes, shard)
-    exec_cfg = _executor_config(executor, shard, config, exec_overrides)
-    fn = functools.partial(module.run_scene, str(store), cfg=cfg, force=force)
-    _report(run_scenes(stage, fn, ids, exec_cfg), _log_file(store, stage))
+    def command(**kw: Any) -> None:
+        from pipeline.stage import StageRun, run_stage
+
+        raw = next((kw[o.name] for o in stage.options if o.raw), None)
+        stage_overrides, exec_overrides = _split_overrides(kw["overrides"])
+        given = [f"{o.name}={kw[o.name]}" for o in stage.options if not o.raw and kw[o.name] is not None]
+        cfg = _resolve(stage.config, kw["config"], given + stage_overrides, section=stage.name if kw["config"] else None)
+        exec_cfg = _executor_config(kw["executor"], kw["shard"], kw["config"], exec_overrides)
+        run = StageRun(store=str(kw["store"]), cfg=cfg, raw=None if raw is None else str(raw), force=kw["force"],
+                       scenes=None if kw["scenes"] is None else str(kw["scenes"]), shard=kw["shard"])
+        report = run_stage(stage, run, executor=exec_cfg, echo=typer.echo)
+        typer.echo(report.summary())
+        if not report.ok:
+            raise typer.Exit(1)
+
+    command.__name__ = stage.name
+    command.__doc__ = stage.help
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    app.command(stage.name)(command)
 
 
 @app.command()
@@ -164,44 +161,21 @@ def synth(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Generate synthetic rooms in the ScanNet raw layout."""
-    from pipeline.synth import SynthConfig, synthesise
+    from pipeline.datasets.synthetic import SynthConfig, synthesise
 
     cfg = _resolve(SynthConfig, None, overrides or [])
     ids = synthesise(out, scenes, seed=seed, start=start, cfg=cfg)
     typer.echo(f"wrote {len(ids)} rooms to {out}/scans ({ids[0]} .. {ids[-1]})")
 
 
-@app.command()
-def ingest(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="scannet | synthetic | s3dis | semantickitti"),
-    raw: Path = typer.Option(..., "--raw", "-r", help="The dataset's raw release folder."),
-    store: Path = STORE,
-    scenes: Optional[Path] = SCENES,
-    shard: Optional[str] = SHARD,
-    executor: Optional[str] = EXECUTOR,
-    config: Optional[Path] = CONFIG,
-    force: bool = FORCE,
-    overrides: Optional[list[str]] = OVERRIDES,
-) -> None:
-    """Read raw scans into the store (one atomic scene group per scan)."""
-    from pipeline import ingest as ingest_mod
-    from pipeline.executor import run_scenes
-    from pipeline.store import Store, StoreError
+def _register_stage_commands() -> None:
+    from pipeline.stages import STAGES
 
-    stage_overrides, exec_overrides = _split_overrides(overrides)
-    cfg = _resolve(ingest_mod.IngestConfig, config, [f"dataset={dataset}", *stage_overrides],
-                   section="ingest" if config else None)
-    if not raw.is_dir():
-        fail(f"{raw}: raw folder not found")
-    try:
-        cfg.reader_config()
-        ids = _scene_ids(ingest_mod.list_raw_scenes(raw, cfg), scenes, shard)
-        Store.create(store, dataset=dataset, class_names=ingest_mod.class_names(dataset))
-    except (StoreError, OSError, ValueError) as exc:
-        fail(str(exc))
-    exec_cfg = _executor_config(executor, shard, config, exec_overrides)
-    fn = functools.partial(ingest_mod.run_scene, str(store), str(raw), cfg=cfg, force=force)
-    _report(run_scenes("ingest", fn, ids, exec_cfg), _log_file(store, "ingest"))
+    for stage in STAGES:
+        _stage_command(stage)
+
+
+_register_stage_commands()
 
 
 @app.command()
@@ -233,45 +207,11 @@ def info(store: Path = STORE, as_json: bool = typer.Option(False, "--json", help
     typer.echo(format_summary(summary))
 
 
-@app.command()
-def overseg(store: Path = STORE, scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
-            executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
-            overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Over-segment scenes: normals, PFH, region growing, boundaries, segment graph."""
-    run_store_stage("overseg", store, scenes, shard, executor, config, force, overrides)
-
-
-@app.command()
-def render(store: Path = STORE, scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
-           executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
-           overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Render views with exact pixel -> point correspondence (ray casting / splatting)."""
-    run_store_stage("render", store, scenes, shard, executor, config, force, overrides)
-
-
-@app.command()
-def embed(store: Path = STORE,
-          model: str = typer.Option(..., "--model", "-m", help="CLIP folder (offline) or hub id."),
-          scenes: Optional[Path] = SCENES, shard: Optional[str] = SHARD,
-          executor: Optional[str] = EXECUTOR, config: Optional[Path] = CONFIG, force: bool = FORCE,
-          overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """CLIP embeddings of views, segments and the class vocabulary."""
-    from pipeline import embed as embed_mod
-    from pipeline.workflow import check_model
-
-    check_model(model, load=True)  # a model that is not there fails once here, not once per scene
-    run_store_stage("embed", store, scenes, shard, executor, config, force, overrides, model=model)
-    if shard is None or shard.startswith("0/"):
-        st = _open_store(store)
-        embed_mod.run_vocabulary(str(store), model, st.class_names, vocab_name="classes")
-        typer.echo(f"vocabulary 'classes' ({len(st.class_names)} names) embedded")
-
-
 @views_app.command("export")
 def views_export(store: Path = STORE, scene: str = typer.Option(..., "--scene"),
                  out: Path = typer.Option(..., "--out", "-o")) -> None:
     """Write PNGs of a scene's views and a contact sheet."""
-    from pipeline.views_export import export_views
+    from pipeline.render.export import export_views
 
     paths = export_views(str(store), scene, out)
     typer.echo(f"wrote {len(paths)} files to {out}")
@@ -283,7 +223,7 @@ def teacher_corpus(out: Path = typer.Option(..., "--out", "-o", help="Folder for
                    seed: int = typer.Option(0, "--seed", help="Seed of the 3D rooms it goes with (the corpus uses its own namespace)."),
                    executor: Optional[str] = EXECUTOR) -> None:
     """Build the teacher's own corpus: synthetic rooms from a separate seed namespace, rendered into their own store."""
-    from pipeline.corpus import CorpusConfig, build_corpus
+    from pipeline.teacher.corpus import CorpusConfig, build_corpus
 
     result = build_corpus(out, CorpusConfig(rooms=rooms, seed=seed), executor=_executor_config(executor, None, None, []),
                           echo=typer.echo)
@@ -296,7 +236,8 @@ def teacher_fit(corpus: Path = typer.Option(..., "--corpus", help="The teacher's
                 scenes: Optional[Path] = SCENES, config: Optional[Path] = CONFIG,
                 overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Train a small CLIP-architecture teacher on captioned crops of its corpus (offline stand-in for CLIP)."""
-    from pipeline.teacher import TeacherConfig, run_fit
+    from pipeline.teacher.config import TeacherConfig
+    from pipeline.teacher.fit import run_fit
 
     cfg = _resolve(TeacherConfig, config, overrides or [], section="teacher" if config else None)
     st = _open_store(corpus)
@@ -325,7 +266,7 @@ def preprocess(workflow: Path = typer.Option(..., "--workflow", "-w", help="work
 def manifests_check(dataset: str = typer.Option(..., "--dataset", "-d"), raw: Path = typer.Option(..., "--raw", "-r"),
                     split: str = typer.Option("all", "--split", help="Which list to compare (all, train, val, ...).")) -> None:
     """Scenes listed in the manifests but missing on disk, and the reverse."""
-    from pipeline.manifests import check_raw
+    from pipeline.datasets import check_raw
 
     missing, extra = check_raw(dataset, raw, split)
     typer.echo(f"{len(missing)} listed but missing on disk, {len(extra)} on disk but not listed")
@@ -346,7 +287,7 @@ def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
              config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Hierarchical 2D-3D alignment pre-training (scene views, segments, KL over the vocabulary)."""
-    from ws3d_train.pretrain import PretrainConfig, pretrain as pretrain_loop
+    from ws3d_train.train.pretrain import PretrainConfig, pretrain as pretrain_loop
 
     extra = [f"store={store}"] + ([f"scenes={scenes}"] if scenes != "all" else [])
     cfg = _resolve(PretrainConfig, config, extra + list(overrides or []), section="pretrain" if config else None)
@@ -361,7 +302,7 @@ def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
              config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Fine-tune with few labels (labels=la20|lr..., ov_split=b15n4, loss switches and weights)."""
-    from ws3d_train.finetune import FinetuneConfig, finetune as finetune_loop
+    from ws3d_train.train.finetune import FinetuneConfig, finetune as finetune_loop
 
     extra = [f"store={store}"] + ([f"init={init}"] if init else []) + ([f"scenes={scenes}"] if scenes != "all" else [])
     cfg = _resolve(FinetuneConfig, config, extra + list(overrides or []), section="finetune" if config else None)
@@ -378,7 +319,7 @@ def eval_cmd(run: Path = RUN, store: Path = STORE,
              ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Per point, the 3D CLIP feature or the scene's fused 2D one, whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:
     """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
-    from ws3d_train.evaluate import evaluate, format_table, write_json
+    from ws3d_train.infer.evaluate import evaluate, format_table, write_json
     from ws3d_train.run import eval_path, resolve_scene_ids
 
     st = _open_store(store)
@@ -401,10 +342,10 @@ def predict(run: Path = RUN, store: Path = STORE,
             min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points."),
             ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Combine the CLIP head with the scene's fused 2D features (as `ws3d eval --ensemble-2d`).")) -> None:
     """Write a scene coloured by predicted class (PLY), or scenes in the ScanNet benchmark formats."""
-    from ws3d_train.predict import predict_scene, write_prediction_ply
+    from ws3d_train.infer.predict import predict_scene, write_prediction_ply
 
     if fmt in ("scannet", "scannet-instance"):
-        from ws3d_train.export import export_scenes
+        from ws3d_train.infer.export import export_scenes
         from ws3d_train.run import resolve_scene_ids
 
         ids = [scene] if scene else resolve_scene_ids(_open_store(store), scenes)
@@ -430,7 +371,7 @@ def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".')
           model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the run's vocabulary)."),
           top_k: int = typer.Option(5, "--top-k")) -> None:
     """Per-point similarity to a text query (heatmap PLY) and the best-matching segments."""
-    from ws3d_train.predict import format_query, query_scene
+    from ws3d_train.infer.predict import format_query, query_scene
     from ws3d_train.run import query_path
 
     target = out or query_path(run, text, scene)
@@ -466,7 +407,7 @@ def report(run: Path = RUN, out: Path = typer.Option(..., "--out", "-o"),
            store: Optional[Path] = typer.Option(None, "--store", "-s", help="Default: the run's store."),
            scene: Optional[str] = typer.Option(None, "--scene"), query_text: Optional[str] = typer.Option(None, "--query")) -> None:
     """Pictures of a run: curves, results table, views GT vs prediction, a query heatmap."""
-    from ws3d_train.report import write_report
+    from ws3d_train.infer.report import write_report
 
     paths = write_report(run, out, store=str(store) if store else None, scene=scene, query=query_text)
     for path in paths:

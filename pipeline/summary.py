@@ -1,4 +1,5 @@
-"""`ws3d info`: a summary of a store (scenes, points, classes, instances, stages, segments).
+"""`ws3d info`: a summary of a store (scenes, points, classes, instances, stages, segments), with
+each stage's own figures over the store (`Stage.summarise`).
 
 Reads stage records (attrs) and a few small arrays; writes nothing.
 """
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import schema
+from pipeline.stages import STAGES
 from pipeline.store import Store
 
 
@@ -43,6 +45,7 @@ def summarise_store(store: Store) -> dict[str, Any]:
         "classes_present": present, "class_points": dict(zip(store.class_names, class_points.tolist())),
         "vocabularies": store.vocab_names(), "per_scene": rows,
         "label_sources": {src: sum(1 for r in rows if r["labels"] == src) for src in sorted({r["labels"] for r in rows})},
+        "stage_summaries": {stage.name: stage.summarise(store) for stage in STAGES if stage.summarise is not None},
     }
 
 

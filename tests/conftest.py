@@ -7,6 +7,7 @@ floor tiles / wall halves / box faces with their boundaries and adjacency, a han
 embeddings correlated with the classes (segments: their class's text embedding plus noise;
 views: the class mix they show plus noise), so that pre-training has something to learn.
 
+`make_tiny_clip(folder)` saves a randomly initialised tiny CLIP folder (tokenizer included).
 `tiny_run_config(cls, store, ...)` is a training config for a few CPU steps on such a store; the
 `one_torch_thread` fixture (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) keeps a
 test module's torch on one thread.
@@ -230,7 +231,7 @@ def tiny_run_config(cls: type[C], store: str | Path, **overrides: Any) -> C:
     """A training config ``cls`` (PretrainConfig or FinetuneConfig) for a few CPU steps on a tiny
     store: the tiny network on the torch backend, 10 cm voxels (at most 2000 a scene), data loaded in
     the main process, no progress bar or TensorBoard; ``overrides`` set any other field."""
-    from ws3d_train.data import DataConfig  # imported here: most test modules need no torch
+    from ws3d_train.data.dataset import DataConfig  # imported here: most test modules need no torch
     from ws3d_train.network import NetworkConfig
 
     values: dict[str, Any] = dict(
@@ -250,3 +251,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_tiny_clip(out_dir, *, projection_dim: int = TINY_CLIP_DIM, seed: int = 0):
+    """A randomly initialised CLIPModel + BPE tokenizer saved like a real model folder (no download)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipeline.teacher.captions import train_tokenizer
+
+    texts = [f"a {c} in a scene" for c in TINY_CLASSES] + ["a red chair", "a photo of a table."]
+    tok = train_tokenizer(texts, out_dir, vocab_size=300, max_length=16)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        },
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(out_dir)
+    return out_dir

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A store, a 1-step run on it, an old-style run (no label space) and a store without vocabulary."""
-    from ws3d_train.finetune import FinetuneConfig, finetune
+    from ws3d_train.train.finetune import FinetuneConfig, finetune
     from ws3d_train.run import LABELS_FILE
 
     base = tmp_path_factory.mktemp("cli_errors")

@@ -87,7 +87,7 @@ def test_anchor_ratios_from_table_means():
 
 def test_every_benchmark_setting_is_a_valid_finetune_config_and_diagnostics_change_one_term():
     from ws3d_train.demo import SETTINGS
-    from ws3d_train.finetune import FinetuneConfig
+    from ws3d_train.train.finetune import FinetuneConfig
 
     for name, overrides in SETTINGS.items():  # a typo in a field name would be refused here, not after an hour
         from_dict(FinetuneConfig, {"store": "s", **{k: v for k, v in overrides.items() if k != "init"}}, where=name)

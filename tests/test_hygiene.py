@@ -39,7 +39,7 @@ def test_a_stage_leaves_no_zarr_warning_and_logs_beside_the_store(tmp_path):
 
 
 def test_logs_an_older_version_left_inside_the_store_are_moved_out(tmp_path):
-    from pipeline.readers import scannet
+    from pipeline.datasets import scannet
     from pipeline.store import Store, log_dir
 
     path = tmp_path / "old.zarr"

@@ -3,7 +3,7 @@
 The protocol (recorded in results.json as `protocol`):
 
 - the offline teacher (the stand-in for CLIP) is fitted on its **own corpus**: rooms synthesised
-  from a separate seed namespace with their own scene ids (:mod:`pipeline.corpus`), rendered into
+  from a separate seed namespace with their own scene ids (:mod:`pipeline.teacher.corpus`), rendered into
   a separate store. It never opens the 3D store; the trainers refuse a teacher whose corpus is
   their store or shares any of their scenes;
 - the 3D rooms are split into named train and validation lists; pre-training and fine-tuning read
@@ -36,15 +36,16 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.config import from_dict, to_dict
+from pipeline.embed.config import EmbedConfig
 from pipeline.executor import ExecutorConfig
-from pipeline.synth import SynthConfig, synthesise
+from pipeline.datasets.synthetic import SynthConfig, synthesise
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class DemoConfig:
     """Rows of the miniature benchmark (keys of SETTINGS, "full + 2d-3d ensemble" and "2d fusion")."""
     min_region_size: int = 20
     """Smallest instance (points) counted by AP and box mAP (ScanNet: 100; the 8-cm demo rooms are small)."""
-    embed: dict[str, Any] = field(default_factory=lambda: {"scales": [1.0, 2.0], "views_per_segment": 2})
+    embed: EmbedConfig = EmbedConfig(scales=(1.0, 2.0), views_per_segment=2)
     """EmbedConfig fields for the demo (fewer crops per segment than the default: CPU time)."""
     executor: ExecutorConfig = ExecutorConfig(kind="local")
     """Where preprocessing runs."""
@@ -134,7 +135,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "full without energy": {"init": True, "w_energy": 0.0, "w_region": 0.1, "w_align": 1.0},
 }
 """The miniature benchmark's trained settings, each adding one part of the method, and the
-all-labels upper bound; the "2d fusion" row needs no training (:mod:`ws3d_train.fusion`)."""
+all-labels upper bound; the "2d fusion" row needs no training (:mod:`ws3d_train.infer.fusion`)."""
 FUSION_ROW = "2d fusion"
 ENSEMBLE_ROW = "full + 2d-3d ensemble"
 """The full run's network, its CLIP head ensembled per point with the scene's fused 2D features
@@ -149,8 +150,10 @@ def _n(value: int, scale: float) -> int:
 def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Rooms -> a preprocessed store; a corpus -> a fitted teacher; the store embedded with it.
     Returns paths, scene lists and the teacher's numbers."""
-    from pipeline.corpus import CorpusConfig, build_corpus
-    from pipeline.teacher import TeacherConfig, crop_accuracy_on_store, run_fit
+    from pipeline.teacher.config import TeacherConfig
+    from pipeline.teacher.corpus import CorpusConfig, build_corpus
+    from pipeline.teacher.evaluate import crop_accuracy_on_store
+    from pipeline.teacher.fit import run_fit
     from pipeline.workflow import WorkflowConfig, run_workflow
     from ws3d_train.run import resolve_ov_split
 
@@ -203,7 +206,7 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
                                     novel_ids=split.novel, ignored_ids=split.ignored)
     echo(f"teacher crop-classification accuracy on the 3D validation rooms: all {on_val['all']:.3f}, "
          f"base {on_val['base']:.3f} ({on_val['n_base']} crops), novel {on_val['novel']:.3f} ({on_val['n_novel']} crops)")
-    embed_cfg = dataclasses.replace(base, stages=("embed",), embed={**cfg.embed, "model": str(teacher_dir)})
+    embed_cfg = dataclasses.replace(base, stages=("embed",), embed=dataclasses.replace(cfg.embed, model=str(teacher_dir)))
     for report in run_workflow(embed_cfg, echo=echo):
         timings[report.stage] = report.seconds
         if not report.ok:
@@ -222,7 +225,7 @@ def _class_names(store_path: str) -> list[str]:
 
 def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     """What the numbers rest on: teacher corpus, scene lists, class split, label budget."""
-    from ws3d_train.finetune import parse_label_budget
+    from ws3d_train.data.labels import parse_label_budget
 
     names = _class_names(prep["store"])
     split = prep["split"]
@@ -247,7 +250,7 @@ def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callable[[str], None] = print) -> str:
-    from ws3d_train.pretrain import PretrainConfig, pretrain
+    from ws3d_train.train.pretrain import PretrainConfig, pretrain
 
     run = Path(cfg.out) / (f"pretrain_s{seed}" if cfg.ablation else "pretrain")
     steps = _n(cfg.pretrain_steps, cfg.scale)
@@ -262,7 +265,7 @@ def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callabl
 
 def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: dict[str, Any], seed: int,
                  init: str | None, echo: Callable[[str], None] = print) -> str:
-    from ws3d_train.finetune import FinetuneConfig, finetune
+    from ws3d_train.train.finetune import FinetuneConfig, finetune
 
     run = Path(cfg.out) / (f"finetune_{_slug(name)}_s{seed}" if cfg.ablation else "finetune")
     steps = _n(cfg.finetune_steps, cfg.scale)
@@ -308,7 +311,7 @@ def _slug(name: str) -> str:
 def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, pre_run: Callable[[], str],
                   echo: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
     """One row and seed: train (resumable) and evaluate, or read the kept evaluation."""
-    from ws3d_train.evaluate import evaluate, evaluate_fusion, json_safe
+    from ws3d_train.infer.evaluate import evaluate, evaluate_fusion, json_safe
 
     kept = Path(cfg.out) / "eval" / f"{_slug(name)}_s{seed}.json"
     if cfg.ablation and kept.is_file():
@@ -384,7 +387,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
     echo(format_results(results))
     if cfg.report and last_run is not None and not cfg.ablation:
         try:
-            from ws3d_train.report import write_report
+            from ws3d_train.infer.report import write_report
 
             write_report(last_run, out / "report", store=prep["store"], scene=prep["val"][0])
             echo(f"pictures: {out / 'report'}")
@@ -398,7 +401,8 @@ def chance_iou(store_path: str, scene_ids: list[str], ov_split: str) -> dict[str
     E[IoU_c] = (n_c / C) / (n_c + N / C - n_c / C) for a class with n_c of the N labelled points;
     averaged over the classes present (all, and the novel ones of the split). The targets
     ("novel mIoU >= 3x chance") are measured against these."""
-    from pipeline import manifests, schema
+    from pipeline import schema
+    from pipeline.datasets import load_ov_split
     from pipeline.store import Store
 
     store = Store.open(store_path)
@@ -411,7 +415,7 @@ def chance_iou(store_path: str, scene_ids: list[str], ov_split: str) -> dict[str
     expected = (counts / num_classes) / np.maximum(counts + total / num_classes - counts / num_classes, 1e-12)
     present = counts > 0
     novel = np.zeros(num_classes, dtype=bool)
-    novel[list(manifests.load_ov_split(store.dataset, ov_split).novel)] = True
+    novel[list(load_ov_split(store.dataset, ov_split).novel)] = True
     return {"chance_miou": float(expected[present].mean()),
             "chance_novel_miou": float(expected[present & novel].mean()) if (present & novel).any() else float("nan")}
 
@@ -505,15 +509,16 @@ def format_results(results: dict[str, Any]) -> str:
 def build_store_for_bench(folder: Path, n_scenes: int = 4) -> str:
     """A small preprocessed synthetic store (ingest, overseg, render, embed with a randomly
     initialised teacher-sized CLIP) for the trainer-side benchmarks."""
-    from pipeline.teacher import TeacherConfig, random_teacher
+    from pipeline.teacher.config import TeacherConfig
+    from pipeline.teacher.fit import random_teacher
     from pipeline.workflow import WorkflowConfig, run_workflow
 
     raw, store = folder / "raw", folder / "store.zarr"
     synthesise(raw, n_scenes, seed=0)
-    from pipeline.readers.scannet import CLASS_NAMES
+    from pipeline.datasets.scannet import CLASS_NAMES
 
     model_dir = random_teacher(folder / "clip", CLASS_NAMES, TeacherConfig())
     wf = WorkflowConfig(dataset="synthetic", raw=str(raw), store=str(store), executor=ExecutorConfig(kind="sync"),
-                        stages=("ingest", "overseg", "render", "embed"), embed={"model": str(model_dir)})
+                        stages=("ingest", "overseg", "render", "embed"), embed=EmbedConfig(model=str(model_dir)))
     run_workflow(wf, echo=lambda _: None)
     return str(store)

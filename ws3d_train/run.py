@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import manifests
+from pipeline import datasets
 from pipeline.config import ConfigError, from_dict
 from pipeline.store import Store
 from ws3d_train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from ws3d_train.data import DataConfig, read_scene_list
+from ws3d_train.data.dataset import DataConfig, read_scene_list
 from ws3d_train.network import MinkUNet, NetworkConfig, build_network
 
 __all__ = [
@@ -382,7 +382,7 @@ def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
     """
     if isinstance(run, LoadedRun):
         return run
-    from ws3d_train.loop import resolve_device  # the loops import this module: import lazily
+    from ws3d_train.device import resolve_device
 
     path = find_checkpoint(run)
     torch_device = resolve_device(device)
@@ -516,8 +516,8 @@ def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
             raise ConfigError(f"{spec}: {len(missing)} listed scene(s) are not in {store.path} (e.g. {missing[:3]})")
         return ids
     try:
-        ids = manifests.load_split(store.dataset, spec)
-    except (ValueError, manifests.ManifestError) as exc:
+        ids = datasets.load_split(store.dataset, spec)
+    except (ValueError, datasets.ManifestError) as exc:
         raise ConfigError(f"scenes {spec!r}: neither a file nor a split of dataset {store.dataset!r}: {exc}") from exc
     known = set(stored)
     present = [s for s in ids if s in known]
@@ -531,7 +531,7 @@ def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
     return present
 
 
-def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str) -> manifests.OVSplit | None:
+def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str) -> datasets.OVSplit | None:
     """Base, novel and ignored class ids of an open-vocabulary split.
 
     Args:
@@ -564,11 +564,11 @@ def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str)
         base = tuple(i for i in range(len(names)) if i not in novel and i not in ignored)
         if not base:
             raise ConfigError(f"ov_split {spec!r}: no base class left")
-        return manifests.OVSplit(base, novel, ignored)
+        return datasets.OVSplit(base, novel, ignored)
     try:
-        split = manifests.load_ov_split(dataset, spec)
-        manifest_classes = manifests.load_classes(dataset)
-    except (ValueError, manifests.ManifestError) as exc:
+        split = datasets.load_ov_split(dataset, spec)
+        manifest_classes = datasets.load_classes(dataset)
+    except (ValueError, datasets.ManifestError) as exc:
         raise ConfigError(f"ov_split {spec!r}: {exc}") from exc
     if list(manifest_classes) != names:
         raise ConfigError(

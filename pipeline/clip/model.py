@@ -9,7 +9,7 @@ pad to the model's `image_size`, then normalise with the mean/std of the folder'
 
 In transformers 5, `get_image_features`/`get_text_features` return a `BaseModelOutputWithPooling`
 whose `pooler_output` is the *projected* embedding (`visual_projection(vision_model(x).pooler_output)`;
-checked in tests/test_embed.py), which is what CLIP compares across modalities.
+checked in tests/pipeline/embed/test_embed.py), which is what CLIP compares across modalities.
 
 Reads: a model folder or the hub cache. Writes nothing.
 """
@@ -27,27 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.clip.defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, is_local_model
 from pipeline.errors import UserError
 from pipeline.parallel import pin_torch_threads
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-"""CLIP's pixel mean (RGB, 0..1), used when a folder has no preprocessor_config.json."""
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-"""CLIP's pixel standard deviation (RGB, 0..1)."""
-
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a {} in a room.",
-    "a photo of a {} in a room.",
-    "a rendering of a {}.",
-    "there is a {} in the scene.",
-    "a close-up photo of a {}.",
-    "a photo of the {}.",
-    "a cropped photo of a {}.",
-)
-"""Prompt templates for class names: shared by the text vocabulary and the teacher's captions,
-so that the teacher is trained on exactly the prompts it is queried with."""
-
 
 class ModelLoadError(UserError, RuntimeError):
     """A model folder or hub id that cannot be loaded (names what was tried and why)."""
@@ -63,12 +45,6 @@ class Preprocess:
     """Per-channel mean, RGB, 0..1."""
     std: tuple[float, float, float]
     """Per-channel standard deviation, RGB, 0..1."""
-
-
-def is_local_model(model: str) -> bool:
-    """True when `model` names a folder: an existing directory, or a path-like string (hub ids are
-    `name` or `org/name`, never start with '.', '/' or '~' and hold at most one '/')."""
-    return Path(model).expanduser().is_dir() or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _file_digest(path: Path, *, edge_bytes: int = 1 << 20) -> str:
@@ -300,3 +276,19 @@ def cached_encoder(model: str, *, device: str = "auto", dtype: str = "auto", all
 def _cached_encoder(model: str, identity: str, device: str, dtype: str, allow_download: bool) -> ClipEncoder:
     del identity  # part of the cache key only
     return load_encoder(model, device=device, dtype=dtype, allow_download=allow_download)
+
+
+def embed_vocabulary(names: Sequence[str], templates: Sequence[str], encoder: ClipEncoder) -> np.ndarray:
+    """Text embeddings of a vocabulary: every name in every template, averaged, normalised.
+
+    Returns:
+        float32 [C, D] unit rows, C = len(names).
+    """
+    if not names or not templates:
+        raise ValueError("embed_vocabulary needs at least one name and one template")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
+    texts = [template.format(name) for name in names for template in templates]
+    emb = encoder.encode_texts(texts).reshape(len(names), len(templates), -1).mean(axis=1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)

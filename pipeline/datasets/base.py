@@ -1,28 +1,21 @@
-"""What every dataset reader returns: a `RawScene` in the project's conventions.
+"""What a dataset is to ws3d (:class:`Dataset`) and what its reader returns (:class:`RawScene`).
 
-Readers read raw release files only (no store I/O); `pipeline.ingest` writes their output.
+One module per dataset under `pipeline/datasets/` declares a :class:`Dataset`: its name, how a
+scene id looks, its reader (listing and reading raw release files into :class:`RawScene`, no store
+I/O) with the reader's config, and how its manifests under `data_manifests/<name>/` are read (scene
+lists and splits, the raw label -> training id map). `pipeline.datasets` registers them in one
+place; `pipeline.datasets.ingest` writes what the readers return.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
-
-class SceneError(Exception):
-    """A scene that cannot be read: names the scene, the file and what was wrong."""
-
-    def __init__(self, scene_id: str, file: str | Path | None, message: str):
-        self.scene_id = scene_id
-        self.file = str(file) if file is not None else None
-        self.message = message
-        where = f" ({self.file})" if self.file else ""
-        super().__init__(f"scene {scene_id}{where}: {message}")
-
-    def __reduce__(self):  # keep the fields through pickling (Dask workers)
-        return (SceneError, (self.scene_id, self.file, self.message))
+from pipeline.errors import SceneError
 
 
 @dataclass
@@ -72,3 +65,34 @@ class RawScene:
                 )
         if self.faces is not None and len(self.faces) and (self.faces.min() < 0 or self.faces.max() >= n):
             raise SceneError(self.scene_id, file, "faces index vertices out of range")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset, declared once in its own module and registered in `pipeline.datasets`."""
+
+    name: str
+    """Its name (`--dataset`, the store's `dataset` attribute, its folder in `data_manifests/`)."""
+    scene_id: re.Pattern[str]
+    """What one of its scene ids looks like (on top of `pipeline.schema.check_scene_id`)."""
+    reader_config: type | None = None
+    """The frozen config dataclass of its reader (`ingest.reader.*` options); None: no reader
+    (a label space with manifests only, e.g. ScanNet200)."""
+    list_scenes: Callable[[Path, Any], list[str]] | None = None
+    """`list_scenes(raw_dir, reader_cfg)`: the scene ids a raw release folder holds, sorted."""
+    read_scene: Callable[..., RawScene] | None = None
+    """`read_scene(raw_dir, scene_id, cfg=reader_cfg)`: one scene in the project's conventions."""
+    scene_lists: Callable[[Path], dict[str, tuple[str, ...]]] | None = None
+    """`scene_lists(folder)`: every named scene list (split) of its manifest folder, validated
+    together, with "all"; None: no official lists (e.g. synthetic rooms)."""
+    label_map: Callable[[Path, tuple[str, ...]], list[tuple[Any, int]]] | None = None
+    """`label_map(folder, class_names)`: (raw label, training id or IGNORE_INDEX) pairs."""
+    scenes_folder: str = ""
+    """Manifest folder of its scene lists when it borrows another dataset's (ScanNet200 uses
+    ScanNet's); empty: its own."""
+
+    @property
+    def readable(self) -> bool:
+        """Whether raw files of this dataset can be ingested."""
+        return self.read_scene is not None
+

@@ -1,7 +1,8 @@
-"""Ingest: raw dataset files -> the `points/` and `mesh/` groups of a scene in the store.
+"""The ingest stage: raw dataset files -> the `points/` and `mesh/` groups of a scene in the store.
 
-Reads raw files through `pipeline.readers`; writes `schema.XYZ, RGB, SEMANTIC, INSTANCE` and
-`FACES` (meshes) in one atomic scene write, with the reader's warnings and stats in the record.
+Reads raw files through the dataset's reader (`pipeline.datasets`); writes `schema.XYZ, RGB,
+SEMANTIC, INSTANCE` and `FACES` (meshes) in one atomic scene write, with the reader's warnings and
+stats in the record. Its config hash covers the config and the raw folder it read.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import schema
-from pipeline.config import config_hash, from_dict, to_dict
-from pipeline.executor import SceneResult
-from pipeline.readers import get_reader
-from pipeline.readers.base import RawScene, SceneError
+from pipeline.config import ConfigError, from_dict
+from pipeline.datasets import get_dataset, readable_datasets
+from pipeline.datasets.base import RawScene
+from pipeline.errors import SceneError
+from pipeline.stage import Stage, StageOption, StageOutput, StageRun
 from pipeline.store import Store
-
 
 LABEL_SOURCE_TEXT = {
     "aggregation": "aggregation",
@@ -44,25 +45,21 @@ class IngestConfig:
     """Drop exact duplicate points of point clouds (not meshes), counted in a warning."""
 
     def reader_config(self) -> Any:
-        _, cls = get_reader(self.dataset)
-        return from_dict(cls, dict(self.reader), where="ingest.reader")
+        """The dataset's reader config from `reader` (strict: an unknown option raises ConfigError)."""
+        dataset = get_dataset(self.dataset, readable=True)
+        return from_dict(dataset.reader_config, dict(self.reader), where="ingest.reader")
 
 
 def class_names(dataset: str) -> list[str]:
-    module, _ = get_reader(dataset)
-    return list(module.CLASS_NAMES)
+    """The training class names of a dataset's store."""
+    from pipeline.datasets import load_classes
+
+    return list(load_classes(dataset))
 
 
 def list_raw_scenes(raw_dir: str | Path, cfg: IngestConfig) -> list[str]:
-    module, _ = get_reader(cfg.dataset)
-    return module.list_scenes(Path(raw_dir), cfg.reader_config()) if _takes_cfg(module.list_scenes) \
-        else module.list_scenes(Path(raw_dir))
-
-
-def _takes_cfg(fn) -> bool:
-    import inspect
-
-    return len(inspect.signature(fn).parameters) > 1
+    """The scene ids a raw release folder holds."""
+    return get_dataset(cfg.dataset, readable=True).list_scenes(Path(raw_dir), cfg.reader_config())
 
 
 def clean_scene(scene: RawScene, cfg: IngestConfig) -> RawScene:
@@ -85,6 +82,7 @@ def clean_scene(scene: RawScene, cfg: IngestConfig) -> RawScene:
 
 
 def scene_arrays(scene: RawScene) -> dict[schema.ArraySpec, np.ndarray]:
+    """The store arrays of a scene (faces for meshes only)."""
     arrays = {schema.XYZ: scene.xyz, schema.RGB: scene.rgb, schema.SEMANTIC: scene.semantic,
               schema.INSTANCE: scene.instance}
     if scene.faces is not None:
@@ -92,14 +90,10 @@ def scene_arrays(scene: RawScene) -> dict[schema.ArraySpec, np.ndarray]:
     return arrays
 
 
-def run_scene(store_path: str, raw_dir: str, scene_id: str, cfg: IngestConfig, force: bool = False) -> SceneResult:
-    """Read one raw scene and write it into the store (skipped when complete with this config)."""
-    store = Store.open(store_path)
-    h = config_hash(cfg, str(Path(raw_dir).resolve()))
-    if not force and store.is_complete(scene_id, "ingest", h):
-        return SceneResult(scene_id, "skipped")
-    module, _ = get_reader(cfg.dataset)
-    scene = clean_scene(module.read_scene(Path(raw_dir), scene_id, cfg=cfg.reader_config()), cfg)
+def compute(store: Store, scene_id: str, cfg: IngestConfig, run: StageRun) -> StageOutput:
+    """Read one raw scene through its dataset's reader and check it."""
+    dataset = get_dataset(cfg.dataset, readable=True)
+    scene = clean_scene(dataset.read_scene(Path(run.raw), scene_id, cfg=cfg.reader_config()), cfg)
     n_classes = len(store.class_names)
     labelled = scene.semantic[scene.semantic != schema.IGNORE_INDEX]
     if len(labelled) and (labelled.min() < 0 or labelled.max() >= n_classes):
@@ -118,6 +112,33 @@ def run_scene(store_path: str, raw_dir: str, scene_id: str, cfg: IngestConfig, f
         "warnings": list(scene.warnings),
         "source_files": list(scene.source_files),
     }
-    store.write_stage(scene_id, "ingest", scene_arrays(scene),
-                      {"config": to_dict(cfg), "config_hash": h, "stats": stats, "label_source": scene.label_source})
-    return SceneResult(scene_id, "done", stats={"points": stats["points"], "warnings": scene.warnings})
+    return StageOutput(scene_arrays(scene), stats, record={"label_source": scene.label_source},
+                       result_stats={"points": stats["points"], "warnings": scene.warnings})
+
+
+def _raw_folder(run: StageRun) -> tuple[str, ...]:
+    return (str(Path(run.raw).resolve()),)
+
+
+def _list_scenes(run: StageRun) -> list[str]:
+    return list_raw_scenes(run.raw, run.cfg)
+
+
+def _prepare(run: StageRun) -> None:
+    """Check the raw folder and the reader options; create the store for the dataset's classes."""
+    if run.raw is None or not Path(run.raw).is_dir():
+        raise ConfigError(f"{run.raw}: raw folder not found")
+    run.cfg.reader_config()
+    Store.create(run.store, dataset=run.cfg.dataset, class_names=class_names(run.cfg.dataset))
+
+
+INGEST = Stage(
+    name="ingest", config=IngestConfig, help="Read raw scans into the store (one atomic scene group per scan).",
+    reads=(), writes=schema.STAGE_GROUPS["ingest"], compute=compute, hash_inputs=_raw_folder,
+    list_scenes=_list_scenes, prepare=_prepare,
+    options=(
+        StageOption("dataset", ("--dataset", "-d"), " | ".join(readable_datasets()), required=True),
+        StageOption("raw", ("--raw", "-r"), "The dataset's raw release folder.", raw=True, required=True),
+    ),
+)
+"""The ingest stage."""

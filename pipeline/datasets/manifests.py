@@ -1,33 +1,19 @@
-"""Dataset manifests: scene lists, class lists, label maps, limited-label and open-vocabulary splits.
+"""Manifest files under `data_manifests/`: the readers every dataset module shares.
 
-Reads the plain files under `data_manifests/` (one folder per dataset; `data_manifests/PROVENANCE.md`
-says where each file comes from) and, for `limited_annotation_mask`, a user's official
-limited-annotation file. Writes nothing.
-
-Layout read here (all text a person can diff)::
-
-    data_manifests/
-      scannet/      classes.csv (train_index,nyu40_id,name)   scenes/<split>.txt   ov_splits.yaml
-      scannet200/   classes.csv (train_index,scannet_category_id,name,...)  (scenes: ../scannet)
-      s3dis/        classes.csv   label_map.csv (raw,class)   rooms.csv (area,room)
-                    splits.yaml (split -> areas)   ov_splits.yaml
-      semantickitti/ classes.csv   label_map.csv (raw_id,raw_name,class)   sequences.csv (sequence,split,scans)
-      synthetic/    classes.csv   ov_splits.yaml
-
-Scene ids (`SCENE_ID_PATTERNS`): ScanNet `scene0000_00`; S3DIS `Area_1_office_2` (the release's
-`Area_1/office_2`, joined with `_` like PointNet's `all_data_label.txt`); SemanticKITTI one scan,
-`<sequence>_<frame>` e.g. `08_000000`.
-
-Every file is validated when first loaded (then cached): an unknown class, an unknown scene, a
-duplicate scene, overlapping train/val(/test) lists, a malformed scene id (path separators, `..`;
-see `pipeline.schema.check_scene_id`) raise `ManifestError` naming the file and line.
+`data_manifests/` holds one folder per dataset (`data_manifests/PROVENANCE.md` says where each
+file comes from): `classes.csv` (train_index, name, ...), scene lists or the files they are built
+from, label maps and `ov_splits.yaml`. This module reads those files strictly (an unknown class, a
+duplicate scene, overlapping splits, a malformed scene id raise :class:`ManifestError` naming the
+file and line) and holds what is the same for every dataset: class lists, open-vocabulary splits,
+limited-annotation budgets and their deterministic point choice. How one dataset's scene lists and
+label map are laid out is its own module's business (`pipeline.datasets.<name>`); the dataset-aware
+entry points (`load_split("scannet", "val")`, ...) are in `pipeline.datasets`. Writes nothing.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import hashlib
-import importlib
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,23 +21,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
-from pipeline.readers.base import SceneError
-from pipeline.schema import IGNORE_INDEX, check_scene_id
+from pipeline.errors import SceneError
+from pipeline.schema import check_scene_id
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data_manifests"
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "data_manifests"
 """The project's manifests folder (the repository's `data_manifests/`)."""
-
-DATASETS: tuple[str, ...] = ("scannet", "scannet200", "s3dis", "semantickitti", "synthetic")
-"""Datasets with a manifest folder. `scannet200` shares ScanNet's scene lists."""
-
-SCENE_ID_PATTERNS: dict[str, re.Pattern[str]] = {
-    "scannet": re.compile(r"^scene\d{4}_\d{2}$"),
-    "scannet200": re.compile(r"^scene\d{4}_\d{2}$"),
-    "s3dis": re.compile(r"^Area_[1-6]_[A-Za-z]+_\d+$"),
-    "semantickitti": re.compile(r"^\d{2}_\d{6}$"),
-    "synthetic": re.compile(r"^.+$"),  # the generator's own names; check_scene_id still applies
-}
-"""What a scene id of each dataset looks like (on top of `schema.check_scene_id`)."""
 
 LIMITED_RECONSTRUCTION_NAMES: tuple[str, ...] = ("lr1", "lr5", "lr10", "lr20")
 """ScanNet limited-reconstruction scene lists: 1/5/10/20 % of the training scenes."""
@@ -59,8 +33,9 @@ LIMITED_RECONSTRUCTION_NAMES: tuple[str, ...] = ("lr1", "lr5", "lr10", "lr20")
 LIMITED_ANNOTATION_NAMES: tuple[str, ...] = ("la20", "la50", "la100", "la200")
 """Limited-annotation settings: 20/50/100/200 labelled points per scene."""
 
-_SCENE_FOLDER = {"scannet200": "scannet"}
-_OFFICIAL_SPLITS = ("train", "val", "test")
+OFFICIAL_SPLITS = ("train", "val", "test")
+"""The official split names of a benchmark with held-out test scenes."""
+
 _LA_NAME = re.compile(r"^la(\d+)$")
 _OV_NAME = re.compile(r"^b(\d+)n(\d+)$")
 
@@ -90,17 +65,7 @@ class OVSplit(NamedTuple):
 # --- small file readers ---------------------------------------------------------------------
 
 
-def _root(root: str | Path | None) -> str:
-    return str(Path(root).resolve()) if root is not None else str(DEFAULT_ROOT)
-
-
-def _check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    return dataset
-
-
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -109,9 +74,9 @@ def _read_text(path: Path) -> str:
         raise ManifestError(path, f"cannot read: {exc}") from exc
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV with a header, as (line number, row); raise if a required column is absent."""
-    lines = _read_text(path).splitlines()
+    lines = read_text(path).splitlines()
     reader = csv.DictReader(lines)
     header = reader.fieldnames or []
     missing = [c for c in required if c not in header]
@@ -125,9 +90,9 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str
     return rows
 
 
-def _read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """A YAML mapping and the line of each top-level key."""
-    text = _read_text(path)
+    text = read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -141,15 +106,14 @@ def _read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return {str(k): v for k, v in data.items()}, lines
 
 
-def _parse_scene_lines(path: Path, dataset: str) -> list[tuple[int, str]]:
+def parse_scene_lines(path: Path, dataset: str, pattern: re.Pattern[str]) -> list[tuple[int, str]]:
     """(line, scene id) of a scene-list file: one id a line; blank lines and `#` comments skipped.
 
-    Checks each id (safe plain name, the dataset's pattern) and duplicates.
+    Checks each id (safe plain name, the dataset's scene-id `pattern`) and duplicates.
     """
-    pattern = SCENE_ID_PATTERNS[dataset]
     out: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(_read_text(path).splitlines(), start=1):
+    for number, raw in enumerate(read_text(path).splitlines(), start=1):
         scene = raw.split("#", 1)[0].strip()
         if not scene:
             continue
@@ -172,10 +136,11 @@ def _parse_scene_lines(path: Path, dataset: str) -> list[tuple[int, str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _classes(root: str, dataset: str) -> tuple[str, ...]:
-    path = Path(root) / dataset / "classes.csv"
+def read_classes(folder: str) -> tuple[str, ...]:
+    """The training class names of `<folder>/classes.csv`, index = training id (0..C-1)."""
+    path = Path(folder) / "classes.csv"
     names: list[str] = []
-    for line, row in _read_csv(path, ("train_index", "name")):
+    for line, row in read_csv(path, ("train_index", "name")):
         if row["train_index"] != str(len(names)):
             raise ManifestError(
                 path, f"train_index must count 0,1,2,...; expected {len(names)}, got {row['train_index']!r}", line
@@ -191,45 +156,27 @@ def _classes(root: str, dataset: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def load_classes(dataset: str, *, root: str | Path | None = None) -> tuple[str, ...]:
-    """The dataset's training class names, index = training id (0..C-1).
-
-    ScanNet: the 20 benchmark classes of NYU40; ScanNet200: 200; S3DIS: 13; SemanticKITTI: 19;
-    synthetic: ScanNet's 20.
-    """
-    return _classes(_root(root), _check_dataset(dataset))
-
-
-@functools.lru_cache(maxsize=None)
-def _label_map(root: str, dataset: str) -> tuple[tuple[Any, int], ...]:
-    classes = _classes(root, dataset)
-    index = {name: i for i, name in enumerate(classes)}
-    folder = Path(root) / dataset
+def class_column_map(folder: Path, column: str) -> list[tuple[Any, int]]:
+    """(raw id, training id) pairs from an integer column of `<folder>/classes.csv` (ScanNet's
+    `nyu40_id`, ScanNet200's `scannet_category_id`)."""
+    path = folder / "classes.csv"
     pairs: list[tuple[Any, int]] = []
-    if dataset in ("scannet", "synthetic", "scannet200"):
-        column = "scannet_category_id" if dataset == "scannet200" else "nyu40_id"
-        path = folder / "classes.csv"
-        for line, row in _read_csv(path, ("train_index", column, "name")):
-            if not row[column].isdigit():
-                raise ManifestError(path, f"{column} must be an integer, got {row[column]!r}", line)
-            pairs.append((int(row[column]), int(row["train_index"])))
-    elif dataset == "s3dis":
-        path = folder / "label_map.csv"
-        for line, row in _read_csv(path, ("raw", "class")):
-            if row["class"] not in index:
-                raise ManifestError(path, f"unknown class {row['class']!r}; expected one of {list(classes)}", line)
-            pairs.append((row["raw"], index[row["class"]]))
-    elif dataset == "semantickitti":
-        path = folder / "label_map.csv"
-        for line, row in _read_csv(path, ("raw_id", "class")):
-            if not row["raw_id"].isdigit():
-                raise ManifestError(path, f"raw_id must be an integer, got {row['raw_id']!r}", line)
-            cls = row["class"]
-            if cls and cls not in index:
-                raise ManifestError(
-                    path, f"unknown class {cls!r}; expected one of {list(classes)} or empty (ignored)", line
-                )
-            pairs.append((int(row["raw_id"]), index[cls] if cls else IGNORE_INDEX))
+    for line, row in read_csv(path, ("train_index", column, "name")):
+        if not row[column].isdigit():
+            raise ManifestError(path, f"{column} must be an integer, got {row[column]!r}", line)
+        pairs.append((int(row[column]), int(row["train_index"])))
+    return pairs
+
+
+def shipped_label_map(name: str, label_map: Any, class_names: tuple[str, ...]) -> dict[Any, int]:
+    """A reader's label map from the project's own `data_manifests/<name>/` (`label_map` is the
+    dataset's `label_map(folder, class_names)`), checked."""
+    folder = DEFAULT_ROOT / name
+    return dict(check_label_pairs(folder, label_map(folder, class_names)))
+
+
+def check_label_pairs(folder: Path, pairs: list[tuple[Any, int]]) -> tuple[tuple[Any, int], ...]:
+    """The pairs of a label map, checked for raw labels listed twice."""
     keys = [k for k, _ in pairs]
     dupes = sorted({k for k in keys if keys.count(k) > 1}, key=str)
     if dupes:
@@ -237,34 +184,10 @@ def _label_map(root: str, dataset: str) -> tuple[tuple[Any, int], ...]:
     return tuple(pairs)
 
 
-def load_label_map(dataset: str, *, root: str | Path | None = None) -> dict[Any, int]:
-    """Raw label -> training id (or `IGNORE_INDEX`); raw labels not in the map are ignored.
-
-    Keys: ScanNet and synthetic NYU40 ids (int); ScanNet200 raw ScanNet category ids (the `id`
-    column of `scannetv2-labels.combined.tsv`); S3DIS annotation class names (str, including
-    `stairs` -> clutter); SemanticKITTI raw semantic ids (int, the official `learning_map`, moving
-    classes onto their static class, `unlabeled`/`outlier`/... onto `IGNORE_INDEX`).
-    """
-    return dict(_label_map(_root(root), _check_dataset(dataset)))
-
-
 # --- scene lists ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _scene_lists(root: str, dataset: str) -> dict[str, tuple[str, ...]]:
-    """Every split of a dataset, validated together (so an error shows whatever split is asked)."""
-    folder = Path(root) / _SCENE_FOLDER.get(dataset, dataset)
-    if dataset in ("scannet", "scannet200"):
-        return _scannet_lists(folder / "scenes", dataset)
-    if dataset == "s3dis":
-        return _s3dis_lists(folder)
-    if dataset == "semantickitti":
-        return _kitti_lists(folder)
-    return {}
-
-
-def _check_disjoint(lists: dict[str, list[tuple[int, str]]], files: dict[str, Path], names: tuple[str, ...]) -> None:
+def check_disjoint(lists: dict[str, list[tuple[int, str]]], files: dict[str, Path], names: tuple[str, ...]) -> None:
     for i, a in enumerate(names):
         where_a = {scene: line for line, scene in lists[a]}
         for b in names[i + 1 :]:
@@ -278,153 +201,15 @@ def _check_disjoint(lists: dict[str, list[tuple[int, str]]], files: dict[str, Pa
                     )
 
 
-def _scannet_lists(folder: Path, dataset: str) -> dict[str, tuple[str, ...]]:
-    files = {p.stem: p for p in sorted(folder.glob("*.txt"))}
-    for name in _OFFICIAL_SPLITS:
-        if name not in files:
-            raise ManifestError(folder / f"{name}.txt", "missing manifest file (official split)")
-    if "all" in files:
-        raise ManifestError(files["all"], "'all' is reserved (the union of train, val and test)")
-    lists = {name: _parse_scene_lines(path, dataset) for name, path in files.items()}
-    _check_disjoint(lists, files, _OFFICIAL_SPLITS)
-    train = {scene for _, scene in lists["train"]}
-    full = {scene for name in _OFFICIAL_SPLITS for _, scene in lists[name]}
-    for name, entries in lists.items():
-        if name in _OFFICIAL_SPLITS:
-            continue
-        # Limited-reconstruction lists are drawn from the training scenes; other extra lists need
-        # only be real scenes.
-        allowed, what = (train, "train") if name.startswith("lr") else (full, "train/val/test")
-        for line, scene in entries:
-            if scene not in allowed:
-                kind = "unknown scene" if scene not in full else "scene outside train"
-                raise ManifestError(files[name], f"{kind} {scene!r}: not in {what}", line)
-    out = {name: tuple(scene for _, scene in entries) for name, entries in lists.items()}
-    out["all"] = tuple(scene for name in _OFFICIAL_SPLITS for scene in out[name])
-    return out
-
-
-def _s3dis_lists(folder: Path) -> dict[str, tuple[str, ...]]:
-    rooms_path = folder / "rooms.csv"
-    by_area: dict[int, list[str]] = {k: [] for k in range(1, 7)}
-    seen: dict[str, int] = {}
-    for line, row in _read_csv(rooms_path, ("area", "room")):
-        match = re.fullmatch(r"Area_([1-6])", row["area"])
-        if not match:
-            raise ManifestError(rooms_path, f"unknown area {row['area']!r}; expected Area_1..Area_6", line)
-        scene = f"{row['area']}_{row['room']}"
-        try:
-            check_scene_id(scene)
-        except ValueError as exc:
-            raise ManifestError(rooms_path, str(exc), line) from None
-        if not SCENE_ID_PATTERNS["s3dis"].match(scene):
-            raise ManifestError(rooms_path, f"unknown scene {scene!r}: room names are <kind>_<n>, e.g. office_2", line)
-        if scene in seen:
-            raise ManifestError(rooms_path, f"duplicate scene {scene!r} (first at line {seen[scene]})", line)
-        seen[scene] = line
-        by_area[int(match.group(1))].append(scene)
-
-    splits_path = folder / "splits.yaml"
-    data, lines = _read_yaml_mapping(splits_path)
-    out: dict[str, tuple[str, ...]] = {}
-    areas_of: dict[str, list[int]] = {}
-    for name, areas in data.items():
-        if name == "all":
-            raise ManifestError(splits_path, "'all' is reserved (every room)", lines.get(name))
-        if not isinstance(areas, list) or not all(isinstance(a, int) and 1 <= a <= 6 for a in areas):
-            raise ManifestError(
-                splits_path, f"split {name!r}: expected a list of areas 1..6, got {areas!r}", lines.get(name)
-            )
-        if len(set(areas)) != len(areas):
-            raise ManifestError(splits_path, f"split {name!r}: duplicate area in {areas}", lines.get(name))
-        areas_of[name] = areas
-        out[name] = tuple(scene for a in areas for scene in by_area[a])
-    for name in areas_of:
-        if name == "train" or name.endswith("_train"):
-            val = "val" if name == "train" else name[: -len("train")] + "val"
-            if val in areas_of:
-                both = sorted(set(areas_of[name]) & set(areas_of[val]))
-                if both:
-                    raise ManifestError(
-                        splits_path, f"overlapping {name}/{val}: area(s) {both} in both", lines.get(val)
-                    )
-    out["all"] = tuple(seen)
-    return out
-
-
-def _kitti_lists(folder: Path) -> dict[str, tuple[str, ...]]:
-    path = folder / "sequences.csv"
-    out: dict[str, list[str]] = {name: [] for name in _OFFICIAL_SPLITS}
-    seen: dict[str, int] = {}
-    for line, row in _read_csv(path, ("sequence", "split", "scans")):
-        seq, split, scans = row["sequence"], row["split"], row["scans"]
-        if not re.fullmatch(r"\d{2}", seq):
-            raise ManifestError(path, f"unknown sequence {seq!r}; expected two digits, e.g. 08", line)
-        if seq in seen:
-            raise ManifestError(
-                path, f"duplicate sequence {seq!r} (first at line {seen[seq]}): overlapping splits", line
-            )
-        if split not in out:
-            raise ManifestError(path, f"unknown split {split!r}; expected one of {_OFFICIAL_SPLITS}", line)
-        if not scans.isdigit() or int(scans) < 1:
-            raise ManifestError(path, f"scans must be a positive integer, got {scans!r}", line)
-        seen[seq] = line
-        out[split].extend(f"{seq}_{frame:06d}" for frame in range(int(scans)))
-    lists = {name: tuple(v) for name, v in out.items()}
-    lists["all"] = tuple(scene for name in _OFFICIAL_SPLITS for scene in lists[name])
-    return lists
-
-
-def list_splits(dataset: str, *, root: str | Path | None = None) -> tuple[str, ...]:
-    """Names accepted by `load_split` for this dataset (sorted; empty for `synthetic`)."""
-    return tuple(sorted(_scene_lists(_root(root), _check_dataset(dataset))))
-
-
-def load_split(dataset: str, name: str, *, root: str | Path | None = None) -> list[str]:
-    """The scene ids of one split, in file order.
-
-    ScanNet: `train` (1201), `val` (312), `test` (100), `all`, `lr1`/`lr5`/`lr10`/`lr20`
-    (limited reconstructions, subsets of train). S3DIS: `train` (areas 1-4, 6) and `val` (area 5),
-    `fold<k>_train`/`fold<k>_val` (6-fold, val = area k), `area<k>`, `all`. SemanticKITTI:
-    `train` (sequences 00-07, 09-10), `val` (08), `test` (11-21), `all`, one scene per scan.
-    """
-    lists = _scene_lists(_root(root), _check_dataset(dataset))
-    if name not in lists:
-        raise ManifestError(
-            Path(_root(root)) / _SCENE_FOLDER.get(dataset, dataset),
-            f"unknown split {name!r} for {dataset}; available: {sorted(lists) or 'none'}",
-        )
-    return list(lists[name])
-
-
-def read_scene_list(path: str | Path, dataset: str, *, root: str | Path | None = None) -> list[str]:
-    """A user's scene-list file (one id a line, `#` comments), checked against the dataset.
-
-    Raises ManifestError for malformed ids, duplicates and (where the dataset has full lists)
-    scenes that are not part of it.
-    """
-    path = Path(path)
-    entries = _parse_scene_lines(path, _check_dataset(dataset))
-    lists = _scene_lists(_root(root), dataset)
-    if "all" in lists:
-        full = set(lists["all"])
-        for line, scene in entries:
-            if scene not in full:
-                raise ManifestError(path, f"unknown scene {scene!r}: not in the {dataset} scene lists", line)
-    return [scene for _, scene in entries]
-
-
 # --- open-vocabulary splits -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _ov_splits(root: str, dataset: str) -> dict[str, OVSplit]:
-    path = Path(root) / dataset / "ov_splits.yaml"
+def read_ov_splits(path: Path, classes: tuple[str, ...]) -> dict[str, OVSplit]:
+    """The open-vocabulary splits of an `ov_splits.yaml` over `classes` (empty without the file)."""
     if not path.exists():
         return {}
-    classes = _classes(root, dataset)
     index = {name: i for i, name in enumerate(classes)}
-    data, lines = _read_yaml_mapping(path)
+    data, lines = read_yaml_mapping(path)
     out: dict[str, OVSplit] = {}
     for name, spec in data.items():
         line = lines.get(name)
@@ -465,22 +250,6 @@ def _ov_splits(root: str, dataset: str) -> dict[str, OVSplit]:
             )
         out[name] = OVSplit(*(tuple(sorted(parts[p])) for p in ("base", "novel", "ignored")))
     return out
-
-
-def list_ov_splits(dataset: str, *, root: str | Path | None = None) -> tuple[str, ...]:
-    """Names accepted by `load_ov_split` (e.g. ScanNet b15n4, b12n7, b10n9; S3DIS b8n4, b6n6)."""
-    return tuple(_ov_splits(_root(root), _check_dataset(dataset)))
-
-
-def load_ov_split(dataset: str, name: str, *, root: str | Path | None = None) -> OVSplit:
-    """Base, novel and ignored training class ids (each ascending) of an open-vocabulary split."""
-    splits = _ov_splits(_root(root), _check_dataset(dataset))
-    if name not in splits:
-        raise ManifestError(
-            Path(_root(root)) / dataset / "ov_splits.yaml",
-            f"unknown open-vocabulary split {name!r} for {dataset}; available: {sorted(splits) or 'none'}",
-        )
-    return splits[name]
 
 
 # --- limited annotations ----------------------------------------------------------------------
@@ -608,33 +377,7 @@ def limited_annotation_mask(
     return mask
 
 
-# --- raw data check ---------------------------------------------------------------------------
-
-_READER_OF = {
-    "scannet": "scannet",
-    "scannet200": "scannet",
-    "synthetic": "scannet",
-    "s3dis": "s3dis",
-    "semantickitti": "semantickitti",
-}
-
-
-def check_raw(
-    dataset: str, raw_dir: str | Path, split: str = "all", *, root: str | Path | None = None
-) -> tuple[list[str], list[str]]:
-    """Compare a split with the scenes a raw download holds (for `ws3d manifests check`).
-
-    Returns:
-        (listed but missing on disk, in split order; on disk but not in the split, sorted).
-    """
-    listed = load_split(dataset, split, root=root)
-    reader = importlib.import_module(f"pipeline.readers.{_READER_OF[_check_dataset(dataset)]}")
-    on_disk = list(reader.list_scenes(Path(raw_dir)))
-    disk_set, listed_set = set(on_disk), set(listed)
-    return [s for s in listed if s not in disk_set], sorted(s for s in on_disk if s not in listed_set)
-
-
 def clear_cache() -> None:
-    """Forget loaded manifests (after editing files in a running process)."""
-    for fn in (_classes, _label_map, _scene_lists, _ov_splits, _official_file):
+    """Forget files read by this module (after editing them in a running process)."""
+    for fn in (read_classes, _official_file):
         fn.cache_clear()

@@ -1,4 +1,5 @@
-"""S3DIS reader: one room of the release -> `RawScene` (a coloured point cloud, z up, metres).
+"""S3DIS: its reader (one room of the release -> `RawScene`, a coloured point cloud, z up, metres),
+its rooms, areas and splits, and its label map.
 
 Reads, under `raw_dir` (the release root, e.g. `Stanford3dDataset_v1.2_Aligned_Version/`):
 
@@ -19,9 +20,14 @@ parsed; its line count is compared with the annotated points and a difference is
 Some release files are damaged (`Area_5/hallway_6/Annotations/ceiling_1.txt` has a stray
 non-numeric byte on line 180389): lines with a non-numeric character or the wrong number of
 columns are skipped and reported in `RawScene.warnings` with file and line numbers.
+
+Manifests (`data_manifests/s3dis/`): `classes.csv`, `label_map.csv` (annotation class name ->
+class), `rooms.csv` (area, room) and `splits.yaml` (split -> areas: `train`/`val`, the 6 folds,
+`area<k>`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -30,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifests import load_classes, load_label_map
-from pipeline.readers.base import RawScene, SceneError
+from pipeline.datasets import manifests
+from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.manifests import ManifestError
+from pipeline.errors import SceneError
 from pipeline.schema import check_scene_id
 
-CLASS_NAMES: tuple[str, ...] = load_classes("s3dis")
+CLASS_NAMES: tuple[str, ...] = manifests.read_classes(str(manifests.DEFAULT_ROOT / "s3dis"))
 """ceiling floor wall beam column window door table chair sofa bookcase board clutter."""
 
 _SCENE_ID = re.compile(r"^(Area_\d+)_(.+)$")
@@ -73,7 +81,7 @@ def split_scene_id(scene_id: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def list_scenes(raw_dir: Path) -> list[str]:
+def list_scenes(raw_dir: Path, cfg: S3DISReaderConfig | None = None) -> list[str]:
     """Scene ids of every room with an `Annotations/` folder under `raw_dir`, sorted."""
     raw_dir = Path(raw_dir)
     scenes = []
@@ -187,7 +195,7 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
     files = sorted(ann_dir.glob("*.txt"), key=_natural_key)
     if not files:
         raise SceneError(scene_id, ann_dir, "no <class>_<i>.txt files in Annotations")
-    label_map = load_label_map("s3dis")
+    label_map = _default_label_map()
 
     blocks: list[np.ndarray] = []
     labels: list[int] = []
@@ -260,3 +268,83 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
         source_files=source_files,
         warnings=scene_warnings,
     )
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+SCENE_ID = re.compile(r"^Area_[1-6]_[A-Za-z]+_\d+$")
+"""An S3DIS scene id: `Area_1_office_2`."""
+
+
+def scene_lists(folder: Path) -> dict[str, tuple[str, ...]]:
+    """The rooms of `rooms.csv` grouped into the splits of `splits.yaml` (train/val disjoint), and "all"."""
+    rooms_path = folder / "rooms.csv"
+    by_area: dict[int, list[str]] = {k: [] for k in range(1, 7)}
+    seen: dict[str, int] = {}
+    for line, row in manifests.read_csv(rooms_path, ("area", "room")):
+        match = re.fullmatch(r"Area_([1-6])", row["area"])
+        if not match:
+            raise ManifestError(rooms_path, f"unknown area {row['area']!r}; expected Area_1..Area_6", line)
+        scene = f"{row['area']}_{row['room']}"
+        try:
+            check_scene_id(scene)
+        except ValueError as exc:
+            raise ManifestError(rooms_path, str(exc), line) from None
+        if not SCENE_ID.match(scene):
+            raise ManifestError(rooms_path, f"unknown scene {scene!r}: room names are <kind>_<n>, e.g. office_2", line)
+        if scene in seen:
+            raise ManifestError(rooms_path, f"duplicate scene {scene!r} (first at line {seen[scene]})", line)
+        seen[scene] = line
+        by_area[int(match.group(1))].append(scene)
+
+    splits_path = folder / "splits.yaml"
+    data, lines = manifests.read_yaml_mapping(splits_path)
+    out: dict[str, tuple[str, ...]] = {}
+    areas_of: dict[str, list[int]] = {}
+    for name, areas in data.items():
+        if name == "all":
+            raise ManifestError(splits_path, "'all' is reserved (every room)", lines.get(name))
+        if not isinstance(areas, list) or not all(isinstance(a, int) and 1 <= a <= 6 for a in areas):
+            raise ManifestError(
+                splits_path, f"split {name!r}: expected a list of areas 1..6, got {areas!r}", lines.get(name)
+            )
+        if len(set(areas)) != len(areas):
+            raise ManifestError(splits_path, f"split {name!r}: duplicate area in {areas}", lines.get(name))
+        areas_of[name] = areas
+        out[name] = tuple(scene for a in areas for scene in by_area[a])
+    for name in areas_of:
+        if name == "train" or name.endswith("_train"):
+            val = "val" if name == "train" else name[: -len("train")] + "val"
+            if val in areas_of:
+                both = sorted(set(areas_of[name]) & set(areas_of[val]))
+                if both:
+                    raise ManifestError(
+                        splits_path, f"overlapping {name}/{val}: area(s) {both} in both", lines.get(val)
+                    )
+    out["all"] = tuple(seen)
+    return out
+
+
+def label_map(folder: Path, class_names: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(annotation class name, training id) from `label_map.csv` (`stairs` -> clutter)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    path = folder / "label_map.csv"
+    pairs: list[tuple[str, int]] = []
+    for line, row in manifests.read_csv(path, ("raw", "class")):
+        if row["class"] not in index:
+            raise ManifestError(path, f"unknown class {row['class']!r}; expected one of {list(class_names)}", line)
+        pairs.append((row["raw"], index[row["class"]]))
+    return pairs
+
+
+@functools.lru_cache(maxsize=1)
+def _default_label_map() -> dict[str, int]:
+    return manifests.shipped_label_map("s3dis", label_map, CLASS_NAMES)
+
+
+DATASET = Dataset(
+    name="s3dis", scene_id=SCENE_ID, reader_config=S3DISReaderConfig, list_scenes=list_scenes,
+    read_scene=read_scene, scene_lists=scene_lists, label_map=label_map,
+)
+"""S3DIS (Stanford3dDataset_v1.2_Aligned_Version), 13 classes."""
+

@@ -1,4 +1,5 @@
-"""ScanNet v2 raw release reader (`scans/<scene>/`), also used for the synthetic rooms.
+"""ScanNet v2: its raw release reader (`scans/<scene>/`, also read for the synthetic rooms), its
+scene lists and label map, and the ScanNet200 label space (manifests only).
 
 Reads, per scene: `<scene>_vh_clean_2.ply` (vertices with colour, faces), the over-segmentation
 `<scene>_vh_clean_2.0.010000.segs.json`, the aggregation (`<scene>.aggregation.json` or the v1-era
@@ -12,19 +13,28 @@ Where the labels come from (`RawScene.label_source`, kept in the ingest record):
 - "labels-ply": no aggregation, but `<scene>_vh_clean_2.labels.ply` (per-vertex NYU40 ids in its
   `label` property): semantics only, every instance -1;
 - "none": neither (e.g. a test scan): unlabelled, semantic IGNORE_INDEX everywhere, no instances.
+
+Manifests (`data_manifests/scannet/`): `classes.csv` (train_index, nyu40_id, name) and
+`scenes/<split>.txt`: the official `train`, `val` and `test` lists (disjoint) and the
+limited-reconstruction lists `lr1`...`lr20` (subsets of train). `data_manifests/scannet200/` holds
+ScanNet200's 200 classes (raw ScanNet category ids) over ScanNet's scene lists.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from plyfile import PlyData
 
-from pipeline.readers.base import RawScene, SceneError
+from pipeline.datasets import manifests
+from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.manifests import ManifestError
+from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -50,9 +60,9 @@ class ScanNetReaderConfig:
     """Folder of the raw dir holding one folder per scene (`scans` or `scans_test`)."""
 
 
-def list_scenes(raw_dir: str | Path, cfg: ScanNetReaderConfig = ScanNetReaderConfig()) -> list[str]:
+def list_scenes(raw_dir: str | Path, cfg: ScanNetReaderConfig | None = None) -> list[str]:
     """Scene ids found under `raw_dir/scans/` (folders holding a `_vh_clean_2.ply`)."""
-    base = Path(raw_dir) / cfg.scans_subdir
+    base = Path(raw_dir) / (cfg or ScanNetReaderConfig()).scans_subdir
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: no such folder; expected the ScanNet layout <raw>/scans/<scene>/")
     return sorted(p.name for p in base.iterdir() if (p / f"{p.name}_vh_clean_2.ply").exists())
@@ -237,3 +247,60 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
                      warnings=warnings, label_source=label_source)
     scene.validate()
     return scene
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+SCENE_ID = re.compile(r"^scene\d{4}_\d{2}$")
+"""A ScanNet scene id: `scene0000_00`."""
+
+
+def scene_lists(folder: Path) -> dict[str, tuple[str, ...]]:
+    """The scene lists of `<folder>/scenes/*.txt` (official splits disjoint, `lr*` within train) and "all"."""
+    folder = folder / "scenes"
+    files = {p.stem: p for p in sorted(folder.glob("*.txt"))}
+    for name in manifests.OFFICIAL_SPLITS:
+        if name not in files:
+            raise ManifestError(folder / f"{name}.txt", "missing manifest file (official split)")
+    if "all" in files:
+        raise ManifestError(files["all"], "'all' is reserved (the union of train, val and test)")
+    lists = {name: manifests.parse_scene_lines(path, "scannet", SCENE_ID) for name, path in files.items()}
+    manifests.check_disjoint(lists, files, manifests.OFFICIAL_SPLITS)
+    train = {scene for _, scene in lists["train"]}
+    full = {scene for name in manifests.OFFICIAL_SPLITS for _, scene in lists[name]}
+    for name, entries in lists.items():
+        if name in manifests.OFFICIAL_SPLITS:
+            continue
+        # Limited-reconstruction lists are drawn from the training scenes; other extra lists need
+        # only be real scenes.
+        allowed, what = (train, "train") if name.startswith("lr") else (full, "train/val/test")
+        for line, scene in entries:
+            if scene not in allowed:
+                kind = "unknown scene" if scene not in full else "scene outside train"
+                raise ManifestError(files[name], f"{kind} {scene!r}: not in {what}", line)
+    out = {name: tuple(scene for _, scene in entries) for name, entries in lists.items()}
+    out["all"] = tuple(scene for name in manifests.OFFICIAL_SPLITS for scene in out[name])
+    return out
+
+
+def label_map(folder: Path, class_names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(NYU40 id, training id) of the 20 benchmark classes (`classes.csv`'s `nyu40_id`)."""
+    return manifests.class_column_map(folder, "nyu40_id")
+
+
+def scannet200_label_map(folder: Path, class_names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(raw ScanNet category id, training id) of the 200 classes (`scannet_category_id`)."""
+    return manifests.class_column_map(folder, "scannet_category_id")
+
+
+DATASET = Dataset(
+    name="scannet", scene_id=SCENE_ID, reader_config=ScanNetReaderConfig, list_scenes=list_scenes,
+    read_scene=read_scene, scene_lists=scene_lists, label_map=label_map,
+)
+"""ScanNet v2 with the 20 benchmark classes."""
+SCANNET200 = Dataset(
+    name="scannet200", scene_id=SCENE_ID, list_scenes=list_scenes, scene_lists=scene_lists,
+    label_map=scannet200_label_map, scenes_folder="scannet",
+)
+"""ScanNet200's label space over ScanNet's scans and scene lists (manifests only: no reader yet)."""
+

@@ -1,4 +1,5 @@
-"""SemanticKITTI reader: one LiDAR scan (optionally with the scans before it) -> `RawScene`.
+"""SemanticKITTI: its reader (one LiDAR scan, optionally with the scans before it -> `RawScene`),
+its sequences and splits, and its label map.
 
 Reads, under `raw_dir` (the folder holding `sequences/`):
 
@@ -20,6 +21,9 @@ every point ignored, and a warning says so. Intensity becomes a grey colour.
 Merging: with `merge_scans = n`, scene `XX_k` holds scans k-n+1..k (fewer at the start of a
 sequence), moved into scan k's sensor frame with the KITTI poses (`poses.txt`, left camera) and
 the velodyne-to-camera transform `Tr` of `calib.txt`: T_velo = Tr^-1 · P · Tr.
+
+Manifests (`data_manifests/semantickitti/`): `classes.csv`, `label_map.csv` (raw id -> class) and
+`sequences.csv` (sequence, split, scans): one scene per scan.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.manifests import load_classes, load_label_map
-from pipeline.readers.base import RawScene, SceneError
+from pipeline.datasets import manifests
+from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.manifests import ManifestError
+from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
 
-CLASS_NAMES: tuple[str, ...] = load_classes("semantickitti")
+CLASS_NAMES: tuple[str, ...] = manifests.read_classes(str(manifests.DEFAULT_ROOT / "semantickitti"))
 """car bicycle motorcycle truck other-vehicle person bicyclist motorcyclist road parking sidewalk
 other-ground building fence vegetation trunk terrain pole traffic-sign (training ids 0..18)."""
 
@@ -71,7 +77,7 @@ def split_scene_id(scene_id: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def list_scenes(raw_dir: Path) -> list[str]:
+def list_scenes(raw_dir: Path, cfg: SemanticKITTIReaderConfig | None = None) -> list[str]:
     """Scene ids of every `sequences/XX/velodyne/NNNNNN.bin` under `raw_dir`, sorted."""
     scenes = []
     for path in sorted(Path(raw_dir).glob("sequences/*/velodyne/*.bin")):
@@ -134,7 +140,7 @@ def _resolve_label_map(raw_dir: Path, cfg: SemanticKITTIReaderConfig) -> tuple[d
     default = raw_dir / "semantic-kitti.yaml"
     if default.exists():
         return load_learning_map(default), str(default)
-    return load_label_map("semantickitti"), None
+    return _default_label_map(), None
 
 
 def decode_labels(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,3 +318,61 @@ def read_scene(
         source_files=source_files,
         warnings=scene_warnings,
     )
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+SCENE_ID = re.compile(r"^\d{2}_\d{6}$")
+"""A SemanticKITTI scene id: `<sequence>_<frame>`, e.g. `08_000000`."""
+
+
+def scene_lists(folder: Path) -> dict[str, tuple[str, ...]]:
+    """One scene per scan of every sequence of `sequences.csv`, by official split, and "all"."""
+    path = folder / "sequences.csv"
+    out: dict[str, list[str]] = {name: [] for name in manifests.OFFICIAL_SPLITS}
+    seen: dict[str, int] = {}
+    for line, row in manifests.read_csv(path, ("sequence", "split", "scans")):
+        seq, split, scans = row["sequence"], row["split"], row["scans"]
+        if not re.fullmatch(r"\d{2}", seq):
+            raise ManifestError(path, f"unknown sequence {seq!r}; expected two digits, e.g. 08", line)
+        if seq in seen:
+            raise ManifestError(
+                path, f"duplicate sequence {seq!r} (first at line {seen[seq]}): overlapping splits", line
+            )
+        if split not in out:
+            raise ManifestError(path, f"unknown split {split!r}; expected one of {manifests.OFFICIAL_SPLITS}", line)
+        if not scans.isdigit() or int(scans) < 1:
+            raise ManifestError(path, f"scans must be a positive integer, got {scans!r}", line)
+        seen[seq] = line
+        out[split].extend(f"{seq}_{frame:06d}" for frame in range(int(scans)))
+    lists = {name: tuple(v) for name, v in out.items()}
+    lists["all"] = tuple(scene for name in manifests.OFFICIAL_SPLITS for scene in lists[name])
+    return lists
+
+
+def label_map(folder: Path, class_names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(raw semantic id, training id or IGNORE_INDEX) from `label_map.csv` (the official learning map)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    path = folder / "label_map.csv"
+    pairs: list[tuple[int, int]] = []
+    for line, row in manifests.read_csv(path, ("raw_id", "class")):
+        if not row["raw_id"].isdigit():
+            raise ManifestError(path, f"raw_id must be an integer, got {row['raw_id']!r}", line)
+        cls = row["class"]
+        if cls and cls not in index:
+            raise ManifestError(path, f"unknown class {cls!r}; expected one of {list(class_names)} or empty (ignored)", line)
+        pairs.append((int(row["raw_id"]), index[cls] if cls else IGNORE_INDEX))
+    return pairs
+
+
+@functools.lru_cache(maxsize=1)
+def _default_label_map() -> dict[int, int]:
+    return manifests.shipped_label_map("semantickitti", label_map, CLASS_NAMES)
+
+
+DATASET = Dataset(
+    name="semantickitti", scene_id=SCENE_ID, reader_config=SemanticKITTIReaderConfig, list_scenes=list_scenes,
+    read_scene=read_scene, scene_lists=scene_lists, label_map=label_map,
+)
+"""SemanticKITTI, 19 classes, one scene per LiDAR scan."""
+

@@ -1,4 +1,5 @@
-"""Procedural indoor rooms written in the ScanNet raw layout (the demo's and the tests' data).
+"""The synthetic dataset: procedural indoor rooms written in the ScanNet raw layout (the demo's and
+the tests' data), read back by ScanNet's reader, labelled with ScanNet's 20 classes.
 
 Each room: a floor, four walls and 8-20 objects of ScanNet classes built from boxes and
 cylinders with class-typical sizes and colours (with variation), sampled into a vertex-coloured
@@ -13,18 +14,23 @@ scan (binary `_vh_clean_2.ply`, `segs.json`, an aggregation file, `<scene>.txt` 
 Both annotation releases are produced (v2 by default, v1-era for every fourth room). Everything
 is deterministic per (seed, room index).
 
-Writes: `<out>/scans/<scene>/...` and `<out>/scannetv2-labels.combined.tsv`.
+Writes: `<out>/scans/<scene>/...` and `<out>/scannetv2-labels.combined.tsv`. Manifests
+(`data_manifests/synthetic/`): `classes.csv` and `ov_splits.yaml`; no official scene lists (a run
+names its own, e.g. the demo's train and validation rooms).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from plyfile import PlyData, PlyElement
 
-from pipeline.readers.scannet import CLASS_NAMES, NYU40_IDS
+from pipeline.datasets import scannet
+from pipeline.datasets.base import Dataset
+from pipeline.datasets.scannet import CLASS_NAMES, NYU40_IDS
 
 # class -> (size ranges (w, d, h) in metres, palette of RGB colours, placement)
 _PALETTES = {
@@ -621,3 +627,12 @@ def synthesise(out_dir: str | Path, n_scenes: int, *, seed: int = 0, start: int 
         (folder / SYNTH_RECORD).write_text(record)
         ids.append(room.scene_id)
     return ids
+
+
+DATASET = Dataset(
+    name="synthetic", scene_id=re.compile(r"^.+$"),  # the generator's own names; check_scene_id still applies
+    reader_config=scannet.ScanNetReaderConfig, list_scenes=scannet.list_scenes, read_scene=scannet.read_scene,
+    label_map=scannet.label_map,
+)
+"""Rooms of `synthesise`, in the ScanNet layout (read by ScanNet's reader)."""
+

@@ -1,7 +1,7 @@
 """Statistics that tell a scanned mesh from a clean one: edge lengths, normal noise, curvature.
 
 Pure functions over arrays (no I/O). `make bench` compares a synthetic room with the real ScanNet
-sample through `mesh_statistics`, so that the generator's scanner effects (`pipeline.synth`) can
+sample through `mesh_statistics`, so that the generator's scanner effects (`pipeline.datasets.synthetic`) can
 be checked against what a real scan has.
 """
 from __future__ import annotations

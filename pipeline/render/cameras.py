@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numba import njit, prange
 
+from pipeline.parallel import use_parallel
+
 WORLD_UP = np.array([0.0, 0.0, 1.0])
 """The store's up axis (z up, metres)."""
 
@@ -226,6 +228,17 @@ def _candidate_seen_ser(xyz, poses, K, height, width, near, clear, per_position,
         _candidate_seen_position(p, xyz, poses, K, height, width, near, clear, per_position, seen)
 
 
+def candidate_seen(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, height: int, width: int, *,
+                   near_m: float, clear: np.ndarray, per_position: int, threads: int = 0) -> np.ndarray:
+    """bool [C, S]: sample s [S, 3] is unoccluded from candidate c's position (clear [P, S], the
+    candidates [C, 4, 4] position-major, `per_position` at each) and projects into c's image
+    (K [3, 3], height x width) in front of `near_m`."""
+    seen = np.zeros((len(poses), len(sample_xyz)), np.bool_)
+    kernel = _candidate_seen_par if use_parallel(seen.size, threads) else _candidate_seen_ser
+    kernel(sample_xyz, poses, K, height, width, float(near_m), clear, per_position, seen)
+    return seen
+
+
 @njit(cache=True)
 def _greedy_cover_kernel(seen, covered, allowed, max_views, target, min_gain, chosen):  # pragma: no cover
     """See `greedy_cover`: covered, allowed updated in place; chosen int64 [max_views] filled;
@@ -371,16 +384,16 @@ def probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, 
         that show a surface (directions have camera z = 1, scaled so t = 1 is `reach` metres away
         or more: every surface of the scene);
         clear: bool [P, S], nothing hides sample s [S, 3] from position p [P, 3]
-        (`pipeline.visibility.unoccluded_from`); False for positions outside the scan.
+        (`pipeline.render.visibility.unoccluded_from`); False for positions outside the scan.
     """
     import open3d as o3d
 
-    from pipeline.raycast import _make_rays
-    from pipeline.visibility import _segment_rays
+    from pipeline.render.raycast import fill_rays
+    from pipeline.render.visibility import segment_rays
 
     n_low = len(cand) * h_low * w_low
     rays = np.empty((n_low, 6), np.float32)
-    _make_rays(np.ascontiguousarray(K_low, dtype=np.float64), np.ascontiguousarray(cand, dtype=np.float64),
+    fill_rays(np.ascontiguousarray(K_low, dtype=np.float64), np.ascontiguousarray(cand, dtype=np.float64),
                h_low, w_low, rays, cfg.threads)
     rays[:, 3:] *= np.float32(reach)
     low_hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0,
@@ -392,7 +405,7 @@ def probe_candidates(raycaster: Any, K_low: np.ndarray, h_low: int, w_low: int, 
     clear = np.zeros((len(positions), len(samples)), np.bool_)
     seg = np.empty((int(inside.sum()) * len(samples), 6), np.float32)
     # the exact visibility rule of the stage (no relative band, `visibility_tol_m`)
-    near = _segment_rays(positions[inside], samples, 0.0, cfg.visibility_tol_m, seg)
+    near = segment_rays(positions[inside], samples, 0.0, cfg.visibility_tol_m, seg)
     hit = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(seg), tnear=0.0, tfar=1.0, nthreads=cfg.threads).numpy()
     clear[inside] = near | ~hit.reshape(near.shape)
     return low_hit, clear

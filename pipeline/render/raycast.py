@@ -4,7 +4,7 @@ Pure functions (no store I/O): pixel rays of pinhole cameras (a numba kernel), o
 call for the rays of several views, and a fused numba pass that gives each pixel the barycentric
 colour of the triangle it hits and the point it shows: the hit triangle's corner nearest (in
 metres) to the surface point the pixel sees, among the corners visible in the view (exactly,
-`pipeline.visibility.mesh_visibility`), else the next nearest; -1 if none.
+`pipeline.render.visibility.mesh_visibility`), else the next nearest; -1 if none.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from pipeline import parallel, visibility
+from pipeline import parallel
+from pipeline.render import visibility
 
 @njit(inline="always")
 def _ray_row(K, poses, height, width, vr, rays):
@@ -49,7 +50,7 @@ def _make_rays_ser(K, poses, height, width, rays):  # pragma: no cover - numba
         _ray_row(K, poses, height, width, vr, rays)
 
 
-def _make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: np.ndarray, threads: int) -> None:
+def fill_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, rays: np.ndarray, threads: int) -> None:
     """Fill rays float32 [V * H * W, 6] (see `make_rays`); K, poses float64, contiguous."""
     kernel = _make_rays_par if parallel.use_parallel(rays.shape[0], threads) else _make_rays_ser
     kernel(K, poses, height, width, rays)
@@ -165,7 +166,7 @@ def make_rays(K: np.ndarray, poses: np.ndarray, height: int, width: int, *, thre
     """`cameras.pixel_rays` computed by a numba kernel: float32 [V, H * W, 6]."""
     poses = np.ascontiguousarray(poses, dtype=np.float64)
     rays = np.empty((len(poses), height * width, 6), np.float32)
-    _make_rays(np.ascontiguousarray(K, dtype=np.float64), poses, height, width, rays.reshape(-1, 6), threads)
+    fill_rays(np.ascontiguousarray(K, dtype=np.float64), poses, height, width, rays.reshape(-1, 6), threads)
     return rays
 
 
@@ -209,15 +210,15 @@ def render_mesh_views(
         rgb: uint8 [V, H, W, 3] barycentric colours (black where nothing is hit);
         depth: float16 [V, H, W] z-depth in metres (0 = nothing);
         point_index: int32 [V, H, W] the hit triangle's vertex nearest to the hit point that is
-        visible in the view (`pipeline.visibility.mesh_visibility`), else the next; -1 if none.
+        visible in the view (`pipeline.render.visibility.mesh_visibility`), else the next; -1 if none.
     """
-    out = _mesh_views(xyz, rgb, faces, poses, K, H, W, raycaster=raycaster, views_per_batch=views_per_batch,
+    out = mesh_views(xyz, rgb, faces, poses, K, H, W, raycaster=raycaster, views_per_batch=views_per_batch,
                       tol=(occlusion_rel_tol, occlusion_abs_tol_m, near_m), visibility_tol_m=visibility_tol_m,
                       threads=threads)
     return out[0], out[1], out[2]
 
 
-def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, tol, visibility_tol_m, threads):
+def mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, tol, visibility_tol_m, threads):
     """`render_mesh_views` plus the visibility mask bool [V, N] it used and the number of
     occlusion rays it cast."""
     tol = tuple(map(float, tol))
@@ -240,7 +241,7 @@ def _mesh_views(xyz, rgb, faces, poses, K, H, W, *, raycaster, views_per_batch, 
     for start in range(0, n_views, batch):
         stop = min(n_views, start + batch)
         n_pix = (stop - start) * hw
-        _make_rays(K, poses[start:stop], H, W, rays[:n_pix], threads)
+        fill_rays(K, poses[start:stop], H, W, rays[:n_pix], threads)
         hits = cast(raycaster, rays[:n_pix], threads=threads)
         t_hit = hits["t_hit"]
         dq = np.where(np.isfinite(t_hit), t_hit, np.float32(0.0))  # full precision, for the visibility

@@ -4,7 +4,7 @@ Pure functions (no store I/O). Each point is a disc facing the camera whose worl
 from the local point spacing (metres: `local_spacing`), so a cloud renders without holes at any
 density; its pixel radius is the world radius over its depth (capped). The nearest depth wins a
 pixel. A pixel then keeps its point only if that point is visible in the view by
-`pipeline.visibility.points_visibility` (not behind the z-buffer at its own pixel by more than
+`pipeline.render.visibility.points_visibility` (not behind the z-buffer at its own pixel by more than
 its own depth tolerance, also from its spacing).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from pipeline import visibility
+from pipeline.render import visibility
 
 
 @njit(parallel=True, cache=True)
@@ -104,7 +104,7 @@ def splat_points(
     most `max_radius_px`); it covers the pixels whose centres lie in the disc, and always the
     pixel its centre falls in. Points whose centre falls outside the image are not drawn. The
     nearest depth (float32) wins a pixel; equal depths go to the lower point id. A pixel then keeps
-    its point only if that point is visible in the view (`pipeline.visibility.points_visibility`:
+    its point only if that point is visible in the view (`pipeline.render.visibility.points_visibility`:
     not behind the z-buffer at its own pixel by more than its depth tolerance); its colour and
     depth stay either way.
 
@@ -118,12 +118,12 @@ def splat_points(
         point_index int32 [V, H, W] (-1 = nothing or hidden at its own pixel).
     """
     tol = 2.0 * np.asarray(radius_m, dtype=np.float32) if depth_tol_m is None else depth_tol_m
-    out = _splat_views(xyz, rgb, poses, K, H, W, radius_m=radius_m, max_radius_px=max_radius_px,
+    out = splat_views(xyz, rgb, poses, K, H, W, radius_m=radius_m, max_radius_px=max_radius_px,
                        depth_tol_m=tol, near_m=near_m)
     return out[0], out[1], out[2]
 
 
-def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, depth_tol_m, near_m, threads=0):
+def splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, depth_tol_m, near_m, threads=0):
     """`splat_points` plus the visibility mask bool [V, N] it used."""
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -141,7 +141,7 @@ def _splat_views(xyz, rgb, poses, K, H, W, *, radius_m, max_radius_px, depth_tol
     # visibility against the depth as stored (float16), so the stored arrays alone reproduce it
     visible = visibility.points_visibility(xyz, poses, K, depth16.astype(np.float32), H, W, tol_m=depth_tol_m,
                                            near_m=near_m, threads=threads)
-    visibility._keep_visible(index.reshape(-1), visible, H * W)
+    visibility.keep_visible(index.reshape(-1), visible, H * W)
     return out_rgb, depth16, index, visible
 
 

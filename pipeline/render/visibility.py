@@ -9,7 +9,7 @@ Pure functions (no store I/O). Two rules, one per kind of scan:
   reach; every other vertex gets its ray.
 - Point clouds (`points_visibility`): a point is visible when it projects into the image and is
   not behind the splatted z-buffer at its own pixel by more than its own tolerance, which comes
-  from its local point spacing (metres, see `pipeline.splat`): what a ray test against the
+  from its local point spacing (metres, see `pipeline.render.splat`): what a ray test against the
   other points' splat discs says, at pixel centres.
 Both give bool [V, N] masks; `visibility_csr` turns a mask into the stored CSR lists.
 """
@@ -166,7 +166,7 @@ def _drop_hidden(mask, view, point, hidden, short):  # pragma: no cover
 
 @njit(cache=True)
 def _segment_rays_kernel(eyes, samples, rel, abs_tol, rays, near):  # pragma: no cover
-    """See `_segment_rays` (serial: a few ten thousand rays)."""
+    """See `segment_rays` (serial: a few ten thousand rays)."""
     n_s = samples.shape[0]
     for e in range(eyes.shape[0]):
         for s in range(n_s):
@@ -199,7 +199,7 @@ def _fill_csr(visible, ptr, ids, counts):  # pragma: no cover
 
 
 @njit(cache=True)
-def _count_recorded(index, n_points):  # pragma: no cover
+def count_recorded(index, n_points):  # pragma: no cover
     """How many distinct points the pixels record (index int32 [P], -1 = none)."""
     mark = np.zeros(n_points, np.bool_)
     n = 0
@@ -212,7 +212,7 @@ def _count_recorded(index, n_points):  # pragma: no cover
 
 
 @njit(cache=True)
-def _keep_visible(index, visible, hw):  # pragma: no cover
+def keep_visible(index, visible, hw):  # pragma: no cover
     """Drop (set to -1) pixels whose recorded point is not visible in their view (hidden at its
     own pixel): visible[view, point] from `_visible_mask`."""
     for p in range(index.shape[0]):
@@ -234,7 +234,7 @@ def mesh_visibility(raycaster: Any, xyz: np.ndarray, poses: np.ndarray, K: np.nd
     """Exact visibility of mesh vertices (see the module docstring) into `out` bool [V, N].
 
     Args:
-        raycaster: the scene's `RaycastingScene` (`pipeline.raycast.build_raycaster`).
+        raycaster: the scene's `RaycastingScene` (`pipeline.render.raycast.build_raycaster`).
         xyz: float32 [N, 3] vertices. poses: float64 [V, 4, 4]. K: float64 [3, 3].
         depth: float32 [V * H * W] or [V, H, W] z-depth of the views (0 = nothing), full precision.
         tol_m: a ray that reaches within this of the vertex sees it.
@@ -353,7 +353,7 @@ def sample_visibility(sample_xyz: np.ndarray, poses: np.ndarray, K: np.ndarray, 
                              near_m=near_m, threads=threads)
 
 
-def _segment_rays(eyes: np.ndarray, samples: np.ndarray, rel_tol: float, abs_tol_m: float,
+def segment_rays(eyes: np.ndarray, samples: np.ndarray, rel_tol: float, abs_tol_m: float,
                   out: np.ndarray) -> np.ndarray:
     """Rays out [P * S, 6] from each eye [P, 3] towards each sample [S, 3], scaled so that t = 1
     is where the sample stops being hidden: a hit at t < 1 lies clearly before the sample (the
@@ -373,6 +373,6 @@ def unoccluded_from(raycaster: Any, eyes: np.ndarray, sample_xyz: np.ndarray, *,
     import open3d as o3d
 
     rays = np.empty((len(eyes) * len(sample_xyz), 6), np.float32)
-    near = _segment_rays(eyes, sample_xyz, rel_tol, abs_tol_m, rays)
+    near = segment_rays(eyes, sample_xyz, rel_tol, abs_tol_m, rays)
     hidden = raycaster.test_occlusions(o3d.core.Tensor.from_numpy(rays), tnear=0.0, tfar=1.0, nthreads=threads)
     return near | ~hidden.numpy().reshape(near.shape)

@@ -17,9 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import to_dict
+from pipeline.config import from_dict, to_dict
+from pipeline.datasets.ingest import INGEST, IngestConfig
+from pipeline.datasets.synthetic import SynthConfig, synthesise
 from pipeline.executor import ExecutorConfig
-from pipeline.synth import SynthConfig
+from pipeline.overseg.config import OversegConfig
+from pipeline.overseg.stage import OVERSEG
+from pipeline.render.config import RenderConfig
+from pipeline.render.stage import RENDER
+from pipeline.stage import StageRun, run_stage
+from pipeline.store import Store
 
 CORPUS_SEED_OFFSET = 1_000_000
 """Corpus rooms are drawn with seed `CORPUS_SEED_OFFSET + seed`: a namespace no 3D room set uses."""
@@ -50,25 +57,23 @@ def build_corpus(out: str | Path, cfg: CorpusConfig = CorpusConfig(), *, executo
                  render: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Synthesise, ingest, over-segment and render the corpus rooms into `out/store.zarr`.
 
-    Resumable like every workflow (complete scenes are skipped).
+    Resumable like every stage (complete scenes are skipped).
 
     Returns:
         {"store", "raw", "scenes", "seconds": per stage}.
     Raises:
         RuntimeError when a stage fails on some scene.
     """
-    from pipeline.store import Store
-    from pipeline.workflow import WorkflowConfig, run_workflow
-
     out = Path(out)
     raw, store = out / "raw", out / "store.zarr"
-    wf = WorkflowConfig(
-        dataset="synthetic", raw=str(raw), store=str(store), executor=executor,
-        stages=("synth", "ingest", "overseg", "render"), render=dict(render or {}),
-        synth={"scenes": cfg.rooms, "seed": corpus_seed(cfg.seed), "start": cfg.start, "room": to_dict(cfg.room)},
-    )
+    ids = synthesise(raw, cfg.rooms, seed=corpus_seed(cfg.seed), start=cfg.start, cfg=cfg.room)
+    echo(f"synth: {len(ids)} rooms in {raw}")
+    steps = ((INGEST, IngestConfig(dataset="synthetic"), str(raw)), (OVERSEG, OversegConfig(), None),
+             (RENDER, from_dict(RenderConfig, dict(render or {}), where="corpus.render"), None))
     seconds: dict[str, float] = {}
-    for report in run_workflow(wf, echo=echo):
+    for stage, stage_cfg, raw_dir in steps:
+        report = run_stage(stage, StageRun(str(store), stage_cfg, raw=raw_dir), executor=executor)
+        echo(report.summary())
         seconds[report.stage] = report.seconds
         if not report.ok:
             raise RuntimeError(f"teacher corpus preprocessing failed:\n{report.summary()}")

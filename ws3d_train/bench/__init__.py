@@ -19,13 +19,18 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The project's root folder."""
+SHARED_DATA = ROOT.parent / "shared" / "data"
+"""The real samples beside the project, where present (the real-scan rows need them)."""
+
 SECTIONS: dict[str, tuple[str, str]] = {
-    "render": ("pipeline.bench_render", "bench_render"),
-    "overseg": ("pipeline.bench_overseg", "bench_overseg"),
-    "embed": ("pipeline.bench_embed", "bench_embed"),
-    "sparse": ("ws3d_train.bench_sparse", "bench_sparse"),
-    "store_read": ("ws3d_train.bench_data", "bench_store_read"),
-    "train_step": ("ws3d_train.bench_data", "bench_train_step"),
+    "render": ("ws3d_train.bench.render", "bench_render"),
+    "overseg": ("ws3d_train.bench.overseg", "bench_overseg"),
+    "embed": ("ws3d_train.bench.embed", "bench_embed"),
+    "sparse": ("ws3d_train.bench.sparse", "bench_sparse"),
+    "store_read": ("ws3d_train.bench.data", "bench_store_read"),
+    "train_step": ("ws3d_train.bench.data", "bench_train_step"),
 }
 
 
@@ -73,7 +78,7 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
     tiny = size == "tiny"
     if name == "overseg":
         return {"n_points": 8_000 if tiny else 80_000}
-    if name == "sparse":  # every installed backend side by side (ws3d_train.bench_sparse)
+    if name == "sparse":  # every installed backend side by side (ws3d_train.bench.sparse)
         if tiny:
             return {"sizes": (3_000,), "channels": (8, 16), "net_sizes": (2_000,), "dense_grid": 16, "repeats": 1}
         return {}  # 80k and 300k voxels, 32 and 64 channels, tiny and MinkUNet18 at 80k

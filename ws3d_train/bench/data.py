@@ -3,7 +3,7 @@
 Reads a store (any with ingest, overseg, render and embed done); writes nothing. Numbers are
 measured, not asserted: the caller prints or records the returned dicts.
 
-- :func:`bench_store_read`: scenes/s of :class:`ws3d_train.data.SceneDataset` (store reads,
+- :func:`bench_store_read`: scenes/s of :class:`ws3d_train.data.dataset.SceneDataset` (store reads,
   augmentation, voxelisation, crop and remap), with the share spent reading the store.
 - :func:`bench_train_step`: steps/s and peak memory of pre-training steps (forward, the three
   losses, backward, AdamW). Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on a CPU the
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from pipeline.store import Store
-from ws3d_train.batch import collate
-from ws3d_train.data import DataConfig, SceneDataset
+from ws3d_train.data.batch import collate
+from ws3d_train.data.dataset import DataConfig, SceneDataset
 from ws3d_train.network import NetworkConfig, build_network
-from ws3d_train.pretrain import PretrainConfig, pretrain_losses, resolve_device
+from ws3d_train.device import resolve_device
+from ws3d_train.train.pretrain import PretrainConfig, pretrain_losses
 from ws3d_train.sparse import SparseTensor
 
 __all__ = ["bench_store_read", "bench_train_step", "peak_rss_mb"]

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.clip_model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipEncoder, Preprocess, load_encoder, pick_device, pick_dtype
+from pipeline.clip.defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from pipeline.clip.model import ClipEncoder, Preprocess, load_encoder, pick_device, pick_dtype
 
 
 def _random_encoder(vision: dict[str, int], projection_dim: int, device: str, dtype: str) -> ClipEncoder:
@@ -41,7 +42,7 @@ def _random_encoder(vision: dict[str, int], projection_dim: int, device: str, dt
 def _teacher_encoder(model_dir: str | None, device: str, dtype: str) -> ClipEncoder:
     if model_dir is not None:
         return load_encoder(model_dir, device=device, dtype=dtype)
-    from pipeline.teacher import TeacherConfig
+    from pipeline.teacher.config import TeacherConfig
 
     cfg = TeacherConfig()
     vision = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.vision_width,

@@ -1,18 +1,18 @@
 """The prepared GPU check (``make gpu-check``): one run on one GPU (<= 8 minutes), one JSON file.
 
-``python -m ws3d_train.gpu_check --out FILE [--dry-run]``. Sections, each timed and guarded (a
+``python -m ws3d_train.bench.gpu_check --out FILE [--dry-run]``. Sections, each timed and guarded (a
 section that breaks is recorded with its error and the others still run):
 
 - ``pytest_gpu``: ``pytest -m gpu`` (the sparse oracle tests of every backend on CUDA and the other
   ``gpu``-marked tests): passed / failed / skipped counts and the failing test ids.
-- ``sparse``: :func:`ws3d_train.bench_sparse.bench_sparse` on the device: every backend that runs
+- ``sparse``: :func:`ws3d_train.bench.sparse.bench_sparse` on the device: every backend that runs
   there, held to the dense oracle (``max_abs_diff_vs_dense``), with voxels/s of the convolution
   rows and of ``MinkUNet18``.
 - ``train_step``: pre-training steps/s and peak GPU memory of ``MinkUNet18`` at 2 cm, batch 8
   (the paper-scale setting), each backend, bf16 autocast on and off
-  (:func:`ws3d_train.bench_data.bench_train_step`).
+  (:func:`ws3d_train.bench.data.bench_train_step`).
 - ``embed``: images/s of a ViT-B/16-sized CLIP (random weights, built locally with ``CLIPConfig``
-  and saved like a hub model) in fp16 through :func:`pipeline.embed.embed_scenes`, the cross-scene
+  and saved like a hub model) in fp16 through :func:`pipeline.embed.stage.embed_scenes`, the cross-scene
   batching path, on rendered synthetic scenes. Without Open3D (the renderer) it falls back to the
   encoder's own batched forward on random crops and says so (``path``).
 - ``store_read``: scenes/s through the trainer's DataLoader with 4 worker processes.
@@ -60,7 +60,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "vit": {"image_size": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
                 "projection_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "vocab_size": 300},
         "embed_scenes": 0, "embed_batch": 16, "embed_dtype": "fp32", "read_scenes": 4, "workers": 4,
-        "pytest_timeout_s": 120, "pytest_paths": ("tests/test_sparse.py",), "bf16": (False,), "budget_s": 300,
+        "pytest_timeout_s": 120, "pytest_paths": ("tests/ws3d_train/sparse/test_sparse.py",), "bf16": (False,), "budget_s": 300,
     },
 }
 """Inputs of the full check (one GPU) and of the dry run (CPU, seconds). ``embed_scenes=0``: the
@@ -92,7 +92,7 @@ def _pytest_gpu(size: dict[str, Any], workdir: Path) -> dict[str, Any]:
     report = workdir / "pytest_gpu.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
            *size["pytest_paths"]]
-    root = Path(__file__).resolve().parent.parent
+    from ws3d_train.bench import ROOT as root
     try:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=size["pytest_timeout_s"])
     except subprocess.TimeoutExpired:
@@ -122,7 +122,7 @@ def _pytest_gpu(size: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def _make_store(size: dict[str, Any], folder: Path) -> str:
     """Synthetic scenes with every stage the trainer reads, written without the renderer (the
     tests' hand-made rooms: floor, walls, boxes; ``points`` per scene)."""
-    root = Path(__file__).resolve().parent.parent
+    from ws3d_train.bench import ROOT as root
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from tests.conftest import make_tiny_store
@@ -133,7 +133,7 @@ def _make_store(size: dict[str, Any], folder: Path) -> str:
 
 
 def _sparse(size: dict[str, Any]) -> dict[str, Any]:
-    from ws3d_train.bench_sparse import bench_sparse
+    from ws3d_train.bench.sparse import bench_sparse
 
     return bench_sparse(
         sizes=size["sparse_sizes"], channels=size["sparse_channels"], net_sizes=size["sparse_net_sizes"],
@@ -151,8 +151,8 @@ def _device_backends(device: str) -> list[str]:
 def _train_steps(size: dict[str, Any], store: str) -> dict[str, Any]:
     import torch
 
-    from ws3d_train.bench_data import bench_train_step
-    from ws3d_train.data import DataConfig
+    from ws3d_train.bench.data import bench_train_step
+    from ws3d_train.data.dataset import DataConfig
     from ws3d_train.network import NetworkConfig
 
     out: dict[str, Any] = {"preset": size["preset"], "voxel_size_m": size["voxel_size_m"],
@@ -178,8 +178,9 @@ def _train_steps(size: dict[str, Any], store: str) -> dict[str, Any]:
 
 def _vit_folder(size: dict[str, Any], folder: Path) -> Path:
     """A ViT-B/16-sized CLIP with random weights and a locally trained tokenizer, saved like a hub
-    model (``CLIPModel.save_pretrained``), so ``pipeline.clip_model.load_encoder`` reads it."""
-    from pipeline.teacher import TeacherConfig, random_teacher
+    model (``CLIPModel.save_pretrained``), so ``pipeline.clip.model.load_encoder`` reads it."""
+    from pipeline.teacher.config import TeacherConfig
+    from pipeline.teacher.fit import random_teacher
 
     class_names = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door")  # caption words only
 
@@ -205,7 +206,8 @@ def _embed(size: dict[str, Any], folder: Path) -> dict[str, Any]:
         except ImportError as exc:
             out["render_skipped"] = f"{exc}"
     if rendered is not None:
-        from pipeline.embed import EmbedConfig, embed_scenes
+        from pipeline.embed.config import EmbedConfig
+        from pipeline.embed.stage import embed_scenes
         from pipeline.store import Store
 
         cfg = EmbedConfig(model=str(model_dir), device=size["device"], dtype=size["embed_dtype"],
@@ -216,14 +218,14 @@ def _embed(size: dict[str, Any], folder: Path) -> dict[str, Any]:
         results = embed_scenes(rendered, ids, cfg, force=True, verbose=False)
         seconds = time.perf_counter() - start
         images = sum(r.stats.get("views", 0) + r.stats.get("crops", 0) for r in results if r.status == "done")
-        out.update(path="pipeline.embed.embed_scenes (cross-scene batches)", scenes=len(ids),
+        out.update(path="pipeline.embed.stage.embed_scenes (cross-scene batches)", scenes=len(ids),
                    failed=[r.scene_id for r in results if r.status == "failed"], images=images,
                    seconds_embed=round(seconds, 3), images_per_s=round(images / seconds, 1))
         return out
     import numpy as np
     import torch
 
-    from pipeline.clip_model import load_encoder
+    from pipeline.clip.model import load_encoder
 
     encoder = load_encoder(str(model_dir), device=size["device"], dtype=size["embed_dtype"])
     batch = size["embed_batch"]
@@ -241,7 +243,7 @@ def _embed(size: dict[str, Any], folder: Path) -> dict[str, Any]:
 def _render_scenes(n_scenes: int, folder: Path) -> str:
     """Synthetic rooms through ingest, overseg and render (Open3D ray casting on the CPU)."""
     from pipeline.executor import ExecutorConfig
-    from pipeline.synth import synthesise
+    from pipeline.datasets.synthetic import synthesise
     from pipeline.workflow import WorkflowConfig, run_workflow
 
     raw, store = folder / "raw", folder / "render_store.zarr"
@@ -254,7 +256,7 @@ def _render_scenes(n_scenes: int, folder: Path) -> str:
 
 
 def _store_read(size: dict[str, Any], store: str) -> dict[str, Any]:
-    from ws3d_train.data import DataConfig, SceneDataset, make_loader
+    from ws3d_train.data.dataset import DataConfig, SceneDataset, make_loader
 
     dataset = SceneDataset(store, None, cfg=DataConfig(voxel_size_m=size["voxel_size_m"]), split="train", seed=0)
     loader = make_loader(dataset, batch_size=1, seed=0, num_workers=size["workers"])
@@ -322,7 +324,7 @@ def run_gpu_check(*, dry_run: bool = False, skip_pytest: bool = False, echo: Cal
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ws3d_train.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ws3d_train.bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="The JSON file to write.")
     parser.add_argument("--dry-run", action="store_true", help="Tiny sizes on the CPU (CI).")
     parser.add_argument("--skip-pytest", action="store_true", help="Leave out the `pytest -m gpu` section.")

@@ -1,6 +1,6 @@
 """Benchmark of the over-segmentation stage against Open3D's FPFH, on a ScanNet-sized synthetic room.
 
-Reads and writes nothing: builds a room with `pipeline.synth.make_room` (a vertex-coloured mesh
+Reads and writes nothing: builds a room with `pipeline.datasets.synthetic.make_room` (a vertex-coloured mesh
 with 2-3 cm edges, ground-truth instances and the ScanNet-style shipped segments), then measures
 in this process:
 - the whole stage (`overseg_points`: neighbours, normals, PFH, growing, merging, boundaries);
@@ -16,7 +16,7 @@ in this process:
 - edge-length, normal-noise and curvature statistics of the synthetic room against the real scan
   (`scan_stats.mesh_statistics`): how scan-like the generated rooms are.
 
-`python -m pipeline.bench_overseg [N]` prints the result.
+`python -m ws3d_train.bench.overseg [N]` prints the result.
 """
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ from typing import Any
 import numba
 import numpy as np
 
-from pipeline.overseg import OversegConfig, overseg_points, purity
-from pipeline.scan_stats import felzenszwalb_mesh_segments, mesh_statistics, sample_mesh_surface
-from pipeline.synth import SynthConfig, SynthRoom, make_room
+from pipeline.overseg.config import OversegConfig
+from pipeline.overseg.core import overseg_points
+from pipeline.overseg.regions import purity
+from pipeline.overseg.scan_stats import felzenszwalb_mesh_segments, mesh_statistics, sample_mesh_surface
+from pipeline.datasets.synthetic import SynthConfig, SynthRoom, make_room
+from ws3d_train.bench import SHARED_DATA
 
-SCANNET_RAW = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/scannet"
+SCANNET_RAW = SHARED_DATA / "scannet"
 SCANNET_SCENE = "scene0470_00"
 
 _TYPICAL_POINTS = 65_000
@@ -128,7 +131,7 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
                                          truth="instances")
     real = SCANNET_RAW / "scans" / SCANNET_SCENE
     if real.is_dir() and not tiny:
-        from pipeline.readers import scannet
+        from pipeline.datasets import scannet
 
         scene = scannet.read_scene(SCANNET_RAW, SCANNET_SCENE)
         sem = np.where(scene.semantic >= 0, scene.semantic, -1)

@@ -1,6 +1,6 @@
 """Benchmark of the render stage (`make bench`): measured against a reference in the same process.
 
-Reads: a generated room (`pipeline.synth`, or a box room built here when that is absent), the
+Reads: a generated room (`pipeline.datasets.synthetic`, or a box room built here when that is absent), the
 real ScanNet scan `../shared/data/scannet/scans/scene0470_00` when present, and the real
 SemanticKITTI scan under `../shared/data` (else a synthetic LiDAR-like cloud).
 Writes: only a temporary store, deleted afterwards. Returns a dict of numbers (JSON-safe).
@@ -12,7 +12,7 @@ Measured:
   same share for the former rule (the depth at the point's own pixel, 2 % + 2 cm band) and how
   far behind its hidden points lie, and the distance between the surface point a pixel sees and
   the vertex it records (also for the former max-barycentric choice); coverage and view count;
-- the whole stage through `run_scene` (read inputs, choose cameras, cast, colour, point indices,
+- the whole stage through `pipeline.stage.run_scene` (read inputs, choose cameras, cast, colour, point indices,
   visibility lists, write to the store) in output rays (V x H x W pixels) per second, against the
   bare Open3D `cast_rays` rate for the same mesh and the same chosen cameras: "cold" builds a
   fresh `RaycastingScene` and casts all rays in one call (what any renderer of these cameras
@@ -31,18 +31,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cameras, parallel, render, schema
-from pipeline.render import RenderConfig, build_raycaster, cast, render_scene, run_scene, splat_points
+from pipeline import parallel, schema
+from pipeline.render import cameras
+from pipeline.render.config import RenderConfig
+from pipeline.render.core import RenderResult, render_scene
+from pipeline.render.raycast import build_raycaster, cast, make_rays
+from pipeline.render.splat import splat_points
+from pipeline.render.stage import RENDER
+from pipeline.stage import StageRun, run_scene
 from pipeline.store import Store
+from ws3d_train.bench import SHARED_DATA
 
-KITTI_SCAN = Path(__file__).resolve().parents[1].parent / "shared/data/semantickitti/sequences/08/velodyne/000000.bin"
-SCANNET_RAW = Path(__file__).resolve().parents[1].parent / "shared/data/scannet"
+KITTI_SCAN = SHARED_DATA / "semantickitti/sequences/08/velodyne/000000.bin"
+SCANNET_RAW = SHARED_DATA / "scannet"
 SCANNET_SCENE = "scene0470_00"
 
 
-def audit_mesh_views(xyz: np.ndarray, faces: np.ndarray, res: "render.RenderResult", cfg: RenderConfig) -> dict[str, Any]:
+def audit_mesh_views(xyz: np.ndarray, faces: np.ndarray, res: RenderResult, cfg: RenderConfig) -> dict[str, Any]:
     """How exact a mesh render's correspondences are (see the module docstring); JSON-safe dict."""
-    from pipeline.visibility import exact_visible, points_visibility
+    from pipeline.render.visibility import exact_visible, points_visibility
 
     xyz = np.ascontiguousarray(xyz, np.float32)
     faces = np.ascontiguousarray(faces, np.int32)
@@ -60,7 +67,7 @@ def audit_mesh_views(xyz: np.ndarray, faces: np.ndarray, res: "render.RenderResu
         "exact_recall": round(float((listed & exact).sum() / max(1, exact.sum())), 5),
     }
     # the same views through the former rule: the depth at the point's own pixel, 2 % + 2 cm
-    rays = render.make_rays(K, poses, H, W).reshape(-1, 6)
+    rays = make_rays(K, poses, H, W).reshape(-1, 6)
     hits = cast(raycaster, rays)
     t = hits["t_hit"]
     depth = np.where(np.isfinite(t), t, 0.0).astype(np.float32)
@@ -104,13 +111,13 @@ def _stage_vs_bare(store: Store, name: str, xyz, rgb, faces, cfg: RenderConfig, 
         scene_id = f"{name}{r}"
         _ingest(store, scene_id, xyz, rgb, faces, "mesh")  # a fresh scene: no old group to replace
         t0, c0 = time.perf_counter(), time.process_time()
-        result = run_scene(str(store.path), scene_id, cfg)
+        result = run_scene(RENDER, StageRun(str(store.path), cfg), scene_id)
         stage_s.append(time.perf_counter() - t0)
         stage_cpu.append(time.process_time() - c0)
         run_stats.append(result.stats)
         poses = store.read(scene_id, schema.VIEW_POSE).astype(np.float64)
         K = store.read(scene_id, schema.VIEW_K)[0].astype(np.float64)
-        rays = render.make_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6)
+        rays = make_rays(K, poses, cfg.height, cfg.width).reshape(-1, 6)
         tensor = o3d.core.Tensor.from_numpy(rays)
         t0, c0 = time.perf_counter(), time.process_time()
         raycaster = build_raycaster(xyz, faces)
@@ -174,14 +181,14 @@ def _box_room(edge: float = 0.04, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def bench_mesh() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """The benchmark mesh: the project's generated room 0 when `pipeline.synth` exists."""
+    """The benchmark mesh: the project's generated room 0 when `pipeline.datasets.synthetic` exists."""
     try:
-        from pipeline import synth
+        from pipeline.datasets import synthetic as synth
     except ImportError:
         xyz, rgb, faces = _box_room()
-        return xyz, rgb, faces, "box room (pipeline.synth absent)"
+        return xyz, rgb, faces, "box room (pipeline.datasets.synthetic absent)"
     room = synth.make_room(0, 0)
-    return room.xyz, room.rgb, room.faces, "pipeline.synth.make_room(0, 0)"
+    return room.xyz, room.rgb, room.faces, "pipeline.datasets.synthetic.make_room(0, 0)"
 
 
 def lidar_scan() -> tuple[np.ndarray, np.ndarray, str]:
@@ -245,7 +252,7 @@ def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig(), tiny: 
         out["exact"] = audit_mesh_views(xyz, faces, res, cfg)
         real = SCANNET_RAW / "scans" / SCANNET_SCENE
         if real.is_dir() and not tiny:
-            from pipeline.readers import scannet
+            from pipeline.datasets import scannet
 
             scene = scannet.read_scene(SCANNET_RAW, SCANNET_SCENE)
             timing, _ = _stage_vs_bare(store, "real", scene.xyz, scene.rgb, scene.faces, cfg, repeats)
@@ -269,7 +276,7 @@ def bench_render(*, repeats: int = 3, cfg: RenderConfig = RenderConfig(), tiny: 
             splat_s.append(time.perf_counter() - t0)
         _ingest(store, "lidar", scan_xyz, scan_rgb, None, "lidar")
         t0 = time.perf_counter()
-        lidar = run_scene(str(store.path), "lidar", cfg)
+        lidar = run_scene(RENDER, StageRun(str(store.path), cfg), "lidar")
         lidar_stage = time.perf_counter() - t0
         best = min(splat_s)
         out.update(

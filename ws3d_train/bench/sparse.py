@@ -24,7 +24,7 @@ than torch; the CPU time stays meaningful on a machine shared with other jobs, w
 medians, bests, and the range of the per-repetition ratios (the noise of the run).
 ``auto_slower_rows`` lists the rows where the backend ``auto`` picks was slower than another in
 every repetition (empty: the choice is no slower anywhere, within the noise of the run).
-Run ``python -m ws3d_train.bench_sparse [threads]`` for a JSON line.
+Run ``python -m ws3d_train.bench.sparse [threads]`` for a JSON line.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The typed per-scene sample, the typed training batch and `collate` (samples -> one batch). No I/O.
 
-`SceneSample` lives here rather than in ``ws3d_train.data`` (which makes samples from the store)
+`SceneSample` lives here rather than in ``ws3d_train.data.dataset`` (which makes samples from the store)
 so that this module imports nothing of the data path: ``data`` imports ``batch``, never the reverse.
 
 Conventions (the same everywhere in ``ws3d_train``):

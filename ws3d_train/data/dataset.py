@@ -41,7 +41,7 @@ from pipeline import schema
 from pipeline.errors import UserError
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
-from ws3d_train.batch import SceneSample, collate
+from ws3d_train.data.batch import SceneSample, collate
 
 __all__ = [
     "DataConfig",
@@ -682,12 +682,12 @@ def make_loader(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     batch_sampler: Any | None = None,
 ) -> DataLoader:
-    """An endless DataLoader of :class:`ws3d_train.batch.Batch` from ``start_batch`` on.
+    """An endless DataLoader of :class:`ws3d_train.data.batch.Batch` from ``start_batch`` on.
 
     Deterministic per seed whatever ``num_workers`` is (batches come back in sampler order). The
     loader has its own torch.Generator, so creating it never draws from the global torch RNG
     (which would make a resumed run diverge from an uninterrupted one). ``collate_fn`` turns the
-    dataset's items into a batch (default :func:`ws3d_train.batch.collate`); ``batch_sampler``
+    dataset's items into a batch (default :func:`ws3d_train.data.batch.collate`); ``batch_sampler``
     replaces the single-process sampler (a rank's share under data-parallel training).
     """
     sampler = batch_sampler if batch_sampler is not None else ResumableBatchSampler(

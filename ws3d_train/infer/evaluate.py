@@ -1,7 +1,7 @@
 """Evaluation of a run on scenes of a store: semantic, open-vocabulary, instance and box metrics.
 
 Reads a run (checkpoint), the store (points and labels, ``overseg/segment`` and
-``overseg/adjacency``, a vocabulary's text embeddings) through :mod:`ws3d_train.predict`. Writes
+``overseg/adjacency``, a vocabulary's text embeddings) through :mod:`ws3d_train.infer.predict`. Writes
 nothing itself; :func:`write_json` writes the result dict where the caller asks, and
 :func:`format_table` renders it for the terminal.
 
@@ -11,7 +11,7 @@ its voxel's outputs) and compared with the labels of every point of the store:
 - ``semantic``: the semantic head alone (argmax over the supervised classes); mIoU, per-class IoU,
   overall and mean class accuracy from one confusion matrix accumulated over all points;
 - ``open_vocab``: the CLIP head alone (cosine to the text embedding of each class) and the
-  combined prediction (``combine``, see :mod:`ws3d_train.predict`: by default the CLIP head decides
+  combined prediction (``combine``, see :mod:`ws3d_train.infer.predict`: by default the CLIP head decides
   base vs novel mass and the semantic head splits the base mass); with an open-vocabulary split,
   base, novel and harmonic-mean IoU of each, else their mIoU;
 - ``instance``: adjacent over-segments with the same combined class and similar decoder features
@@ -39,8 +39,8 @@ from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
-from ws3d_train.instances import boxes_from_instances
-from ws3d_train.metrics import (
+from ws3d_train.infer.instances import boxes_from_instances
+from ws3d_train.infer.metrics import (
     Boxes,
     ConfusionMatrix,
     InstanceGroundTruth,
@@ -50,8 +50,8 @@ from ws3d_train.metrics import (
     open_vocab_metrics,
     semantic_metrics,
 )
-from ws3d_train.fusion import fuse_scene
-from ws3d_train.predict import STUFF_CLASSES, CombineMode, infer_scene, point_heads, predict_classes, predict_instances
+from ws3d_train.infer.fusion import fuse_scene
+from ws3d_train.infer.predict import STUFF_CLASSES, CombineMode, infer_scene, point_heads, predict_classes, predict_instances
 from ws3d_train.run import load_run, resolve_classes, resolve_ov_split
 
 __all__ = ["evaluate", "evaluate_fusion", "format_table", "json_safe", "write_json"]
@@ -112,7 +112,7 @@ def evaluate(
         sim_threshold: cosine threshold for merging segments into instances.
         min_region_size: smallest ground-truth / predicted instance in points (ScanNet: 100).
         instance_ignore: class names without instances (default: wall/floor-like, see
-            :data:`ws3d_train.predict.STUFF_CLASSES`).
+            :data:`ws3d_train.infer.predict.STUFF_CLASSES`).
         ensemble_2d: the CLIP head per point is the 3D feature or the scene's fused 2D feature,
             whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage's
             ``clip/segment`` of the scenes); ``open_vocab.share_2d`` says how often 2D won.
@@ -231,11 +231,11 @@ def evaluate_fusion(
     sim_threshold: float = 0.9,
     min_region_size: int = 100,
 ) -> dict[str, Any]:
-    """The 2D-fusion baseline on scenes of a store (:mod:`ws3d_train.fusion`: the teacher's
+    """The 2D-fusion baseline on scenes of a store (:mod:`ws3d_train.infer.fusion`: the teacher's
     segment embeddings against the class texts, no 3D training), scored like a run.
 
     Returns:
-        the keys of :func:`ws3d_train.evaluate.evaluate` (``semantic`` is NaN: there is no
+        the keys of :func:`ws3d_train.infer.evaluate.evaluate` (``semantic`` is NaN: there is no
         semantic head) with ``"run": "2d-fusion"``.
     """
     t0 = time.time()

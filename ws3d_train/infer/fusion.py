@@ -7,7 +7,7 @@ segments no view showed take the mean embedding of the views whose visible lists
 point no view shows, the scene's mean view embedding). Nothing is learnt: the row says what the
 2D teacher alone knows. Two users:
 
-- the 2D-fusion baseline (:func:`ws3d_train.evaluate.evaluate_fusion`): these features alone;
+- the 2D-fusion baseline (:func:`ws3d_train.infer.evaluate.evaluate_fusion`): these features alone;
 - the 2D-3D ensemble (OpenScene, Peng et al. CVPR 2023, sec. 3.3): per point, the 3D network's
   CLIP-space feature or the fused 2D one, whichever is more confident (higher best cosine to the
   vocabulary) -- :func:`ensemble_features`. It reads the scene's own images at inference time

@@ -150,7 +150,7 @@ def boxes_from_instances(
     Returns:
         ``(bounds [K, 6] (xmin, ymin, zmin, xmax, ymax, zmax), classes [K], scores [K])`` for the
         K instances that have at least one point, in instance-id order (wrap in
-        :class:`ws3d_train.metrics.Boxes` for :func:`ws3d_train.metrics.box_map`).
+        :class:`ws3d_train.infer.metrics.Boxes` for :func:`ws3d_train.infer.metrics.box_map`).
     """
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
     instance_id = np.asarray(instance_id).reshape(-1).astype(np.int64)

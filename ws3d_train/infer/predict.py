@@ -4,8 +4,8 @@ Reads a run through :mod:`ws3d_train.run` (its checkpoint and label space: class
 the text embeddings it trained with), the store (``points/xyz`` and ``rgb`` for the network input;
 ``overseg/segment`` and ``overseg/adjacency`` for instances and query segments; a store vocabulary
 only when the run records none or one is asked for) and, for :func:`query_scene`, the CLIP model
-that embedded the run's vocabulary (through :mod:`pipeline.clip_model`, never downloaded). Writes
-only the PLY files it is asked for (benchmark text files: :mod:`ws3d_train.export`).
+that embedded the run's vocabulary (through :mod:`pipeline.clip.model`, never downloaded). Writes
+only the PLY files it is asked for (benchmark text files: :mod:`ws3d_train.infer.export`).
 
 Inference (:func:`infer_scene`) runs on the whole scene at full resolution: no crop, no
 augmentation; every point takes the outputs of its voxel (the voxel -> point map of the batch).
@@ -21,7 +21,7 @@ Classes (:func:`predict_classes`), per ``mode``:
 
 Classes ignored by an open-vocabulary split are never predicted. Instances are adjacent
 over-segments of the same predicted class whose mean decoder features are similar
-(:func:`ws3d_train.instances.instances_from_segments`); wall/floor-like classes form none.
+(:func:`ws3d_train.infer.instances.instances_from_segments`); wall/floor-like classes form none.
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ import torch
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.store import Store
-from ws3d_train.batch import collate
-from ws3d_train.data import DataError, SceneDataset
-from ws3d_train.fusion import ensemble_features, fused_embeddings
-from ws3d_train.instances import instances_from_segments
+from ws3d_train.data.batch import collate
+from ws3d_train.data.dataset import DataError, SceneDataset
+from ws3d_train.infer.fusion import ensemble_features, fused_embeddings
+from ws3d_train.infer.instances import instances_from_segments
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
 # the run folder (loading, label space, classes) lives in ws3d_train.run; re-exported here
 from ws3d_train.run import ClassSetup, LoadedRun, load_run, model_source, resolve_classes
@@ -130,7 +130,7 @@ def point_heads(outputs: SceneOutputs, setup: ClassSetup, store: Store | None = 
 
     With `ensemble_2d`, each point's CLIP feature is the 3D one or the fused 2D one of `store`
     (its scene's own images through the teacher), whichever is more confident over the
-    predictable classes (OpenScene's 2D-3D ensemble, :func:`ws3d_train.fusion.ensemble_features`).
+    predictable classes (OpenScene's 2D-3D ensemble, :func:`ws3d_train.infer.fusion.ensemble_features`).
     """
     semantic, clip = outputs.to_points(outputs.semantic), outputs.to_points(outputs.clip)
     if not ensemble_2d:
@@ -430,7 +430,7 @@ def write_heatmap_ply(path: str | Path, xyz: np.ndarray, values: np.ndarray, *, 
 def clip_model_of_store(store: Store, vocab: str = "classes") -> str:
     """The CLIP model (folder or hub id) that embedded a store's vocabulary.
 
-    ``pipeline.embed`` records ``pipeline.clip_model.model_identity`` in the vocabulary attrs:
+    ``pipeline.embed.core`` records ``pipeline.clip.model.model_identity`` in the vocabulary attrs:
     ``dir:<folder>:<hashes>`` or ``hub:<id>``; a plain folder path is accepted too.
 
     Raises:
@@ -494,7 +494,7 @@ def query_scene(
     The text is embedded by the text tower of the CLIP model that embedded the run's vocabulary
     (recorded in the run folder; for older runs, in the store's ``classes`` vocabulary;
     ``model_dir`` overrides it), loaded offline with
-    :func:`pipeline.clip_model.load_encoder`. With ``use_prompts`` the text is put into the
+    :func:`pipeline.clip.model.load_encoder`. With ``use_prompts`` the text is put into the
     vocabulary's prompt templates and the embeddings averaged (as class names were); otherwise it
     is embedded as written. Segments are scored by the mean similarity of their points.
 
@@ -513,7 +513,7 @@ def query_scene(
     Raises:
         ConfigError: no model recorded, or the model's width is not the run's CLIP head width.
     """
-    from pipeline.clip_model import load_encoder
+    from pipeline.clip.model import load_encoder
 
     if not text.strip():
         raise ValueError("query_scene: empty query text")

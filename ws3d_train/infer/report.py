@@ -86,7 +86,7 @@ def paint_views(point_index: np.ndarray, point_rgb: np.ndarray) -> np.ndarray:
 def views_gt_vs_prediction(store: Store, scene_id: str, pred_class: np.ndarray, class_names: tuple[str, ...],
                            path: Path, n_views: int = 3) -> Path:
     """Rows of (rendered colour | ground truth | prediction) for a few views of the scene."""
-    from ws3d_train.predict import class_palette
+    from ws3d_train.infer.predict import class_palette
 
     plt = _plt()
     point_index = store.read(scene_id, schema.VIEW_POINT_INDEX)
@@ -151,7 +151,7 @@ def write_report(run: str | Path, out: str | Path, *, store: str | None = None, 
                  query: str | None = None) -> list[Path]:
     """All pictures of a run. `store` defaults to the one in the run's config, `scene` to the
     first scene of the store, `query` to a novel class name of the run's split."""
-    from ws3d_train.predict import predict_scene, query_scene
+    from ws3d_train.infer.predict import predict_scene, query_scene
     from ws3d_train.run import load_run, resolve_ov_split
 
     run, out = Path(run), Path(out)

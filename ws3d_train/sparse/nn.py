@@ -85,7 +85,7 @@ class SparseConv3d(nn.Module):
 class SparseBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d`` over the feature rows (statistics over all voxels of the batch).
 
-    With :attr:`process_group` set (``ws3d_train.distributed.wrap_model`` does it under torchrun),
+    With :attr:`process_group` set (``ws3d_train.train.distributed.wrap_model`` does it under torchrun),
     training-mode statistics are over the voxels of every rank (sums all-reduced, gradients
     flowing back through the all-reduce), so a data-parallel step normalises like one process on
     the global batch. ``torch.nn.SyncBatchNorm`` is not used: it runs on GPUs only and takes

@@ -12,7 +12,7 @@ The loops stay single-process code; this module holds the mechanics they call:
   how the loss averages (DDP averages the ranks' gradients; a loss that is a mean over each rank's
   items then equals the global mean when the ranks hold equal shares).
 - :func:`make_loader`: a distributed sampler over scenes. Global batch k is batch k of
-  :class:`ws3d_train.data.ResumableBatchSampler` with ``batch_size x world_size`` scenes; rank r takes
+  :class:`ws3d_train.data.dataset.ResumableBatchSampler` with ``batch_size x world_size`` scenes; rank r takes
   its r-th slice of ``batch_size``. One rank is exactly the single-process loader.
 - Only rank 0 writes (config, metrics, checkpoints): :func:`is_main_process`, :class:`NullLogger`.
   Metrics are averaged over ranks (:func:`mean_over_ranks`) and every record states the world size.
@@ -92,7 +92,7 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
     Raises:
         RuntimeError: CUDA asked for but not available, or more ranks on a node than GPUs.
     """
-    from ws3d_train.loop import resolve_device
+    from ws3d_train.device import resolve_device
 
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
@@ -207,7 +207,7 @@ class RankBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, num_items: int, batch_size: int, *, rank: int, world_size: int, seed: int,
                  shuffle: bool = True, start_batch: int = 0):
-        from ws3d_train.data import ResumableBatchSampler
+        from ws3d_train.data.dataset import ResumableBatchSampler
 
         self.global_sampler = ResumableBatchSampler(
             num_items, batch_size * world_size, seed=seed, shuffle=shuffle, start_batch=start_batch
@@ -263,12 +263,12 @@ def make_loader(
     pin_memory: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
-    """This rank's endless loader: :func:`ws3d_train.data.make_loader` for one process, else a
+    """This rank's endless loader: :func:`ws3d_train.data.dataset.make_loader` for one process, else a
     :class:`RankBatchSampler` over the same scene stream (``batch_size`` scenes per rank).
 
     ``resumed_from``: the checkpoint the run resumes from (its world size decides where the data
     continues, :func:`resume_start_batch`)."""
-    from ws3d_train import data
+    from ws3d_train.data import dataset as data
 
     start_batch = resume_start_batch(resumed_from, ctx, num_items=len(dataset), batch_size=batch_size,
                                      start_batch=start_batch)

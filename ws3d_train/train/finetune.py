@@ -1,23 +1,19 @@
 """Region-aware fine-tuning with few labels: the method's second stage.
 
 Reads the store (points, labels, over-segments and, for the alignment term, CLIP segment
-embeddings through :class:`ws3d_train.data.SceneDataset`; the text embeddings of a vocabulary),
-the manifests (scene lists, limited-annotation and open-vocabulary splits, through
-:mod:`pipeline.manifests`) and optionally a pre-training checkpoint. Writes a run directory laid
-out like pre-training's::
+embeddings through :class:`ws3d_train.data.labels.FinetuneDataset`; the text embeddings of a
+vocabulary), the manifests (scene lists, limited-annotation and open-vocabulary splits, through
+:mod:`pipeline.datasets`) and optionally a pre-training checkpoint. Writes a run directory laid out
+like pre-training's::
 
     <out_dir>/config.yaml              the resolved FinetuneConfig
     <out_dir>/metrics.jsonl            one record per logged step (ws3d_train.logging)
     <out_dir>/checkpoints/step_*.pt    every `checkpoint_every` steps and at the end; `extra`
                                        holds class names and the open-vocabulary class ids
 
-Labels the run may see (:func:`label_mask`, :func:`apply_label_budget`): a limited-annotation
-budget by name (``la20`` ...: that many labelled points per scene, chosen deterministically by
-:func:`pipeline.manifests.limited_annotation_mask`, or from an official file), a ratio of each
-scene's labelled points (``"0.01"``) or ``"all"``; a limited scene list (``lr1`` ...) restricts the
-scenes. With an open-vocabulary split, novel (and ignored) classes lose their labels. Everything
-label-derived (voxel labels, the semantic-boundary targets) is computed from these masked labels
-only; the store's full-label ``overseg/semantic_boundary`` is never read, so nothing leaks.
+The labels the run may see are cut by :mod:`ws3d_train.data.labels` (a limited-annotation budget,
+a ratio or all labels; novel and ignored classes of an open-vocabulary split removed); a limited
+scene list (``lr1`` ...) restricts the scenes.
 
 The loss of a batch (voxels; every term switchable by its weight, see :class:`FinetuneConfig`):
 
@@ -35,45 +31,33 @@ The loss of a batch (voxels; every term switchable by its weight, see :class:`Fi
 - ``w_align`` the pre-training object-level term (segment cosine against CLIP segment
   embeddings), so that fine-tuning does not wash out what the CLIP head knows about novel classes.
 
-`finetune` is one loop with pre-training's conventions (AdamW, warm-up + cosine, clipping, bf16
-autocast on CUDA only, accumulation, checkpoints, exact resume, JSONL metrics).
+`finetune` hands its data, resolved config and :func:`finetune_losses` to the step skeleton
+(:func:`ws3d_train.train.loop.train`): pre-training's conventions (AdamW, warm-up + cosine,
+clipping, bf16 autocast on CUDA only, accumulation, checkpoints, exact resume, JSONL metrics).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import re
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 
-from pipeline import manifests
-from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.config import ConfigError, from_dict
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
-from pipeline.teacher import check_teacher_corpus
-from ws3d_train.batch import Batch, collate
-from ws3d_train import distributed, loop
+from pipeline.teacher.folder import check_teacher_corpus
 from ws3d_train.checkpoint import load_checkpoint
-from ws3d_train.data import (
-    DataConfig,
-    DataError,
-    SceneArrays,
-    SceneDataset,
-    SceneSample,
-    drop_unlabelled,
-    make_sample,
-)
-from ws3d_train.logging import MetricsLogger
-# pre-training's conventions for both loops: run layout, resume checks, optimiser, schedule
-from ws3d_train.loop import CONFIG_FILE
-from ws3d_train.losses import (
+from ws3d_train.data.batch import Batch
+from ws3d_train.data.dataset import DataConfig, drop_unlabelled
+from ws3d_train.data.labels import FinetuneDataset, collate_copies, parse_label_budget
+from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
+from ws3d_train.open_vocab import classify_open_vocab
+from ws3d_train.run import find_checkpoint, label_space_from_store, resolve_ov_split, resolve_scene_ids, write_label_space
+from ws3d_train.train import loop
+from ws3d_train.train.losses import (
     boundary_bce,
     energy_loss,
     region_contrast,
@@ -83,42 +67,16 @@ from ws3d_train.losses import (
     supervised_ce,
     voxel_neighbour_edges,
 )
-from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
-from ws3d_train.open_vocab import classify_open_vocab
-from ws3d_train.pretrain import load_pretrained
-# the run folder (checkpoints, label space) and scene/split resolution: ws3d_train.run
-from ws3d_train.run import (  # noqa: F401  (find_checkpoint, resolve_*: importable from here too)
-    find_checkpoint,
-    label_space_from_store,
-    resolve_ov_split,
-    resolve_scene_ids,
-    write_label_space,
-)
-from ws3d_train.sparse import SparseTensor
+from ws3d_train.train.pretrain import load_pretrained
 
-__all__ = [
-    "FinetuneConfig",
-    "FinetuneDataset",
-    "apply_label_budget",
-    "collate_copies",
-    "find_checkpoint",
-    "finetune",
-    "finetune_losses",
-    "label_boundary",
-    "label_mask",
-    "parse_label_budget",
-    "resolve_ov_split",
-    "resolve_scene_ids",
-]
-
-_LA = re.compile(r"^(?:la)?(\d+)$")
+__all__ = ["FinetuneConfig", "finetune", "finetune_losses", "label_boundary"]
 
 
 @dataclass(frozen=True)
 class FinetuneConfig(loop.LoopConfig):
     """Fine-tuning with few labels (``ws3d finetune``) on a store with ingest and overseg done (render
     and embed too for ``w_align``). Loop control (store, data, network, optimiser, schedule,
-    checkpoints, device) is in :class:`ws3d_train.loop.LoopConfig`; the fields re-declared here
+    checkpoints, device) is in :class:`ws3d_train.train.loop.LoopConfig`; the fields re-declared here
     differ from it in default or meaning. Network sizes follow the init checkpoint (or, from
     scratch, the data: see `finetune`)."""
 
@@ -204,175 +162,6 @@ class FinetuneConfig(loop.LoopConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)}")
         parse_label_budget(self.labels)  # raises on a malformed budget
-
-
-# ---------------------------------------------------------------------------------------------
-# which scenes, which classes, which labels
-
-
-def parse_label_budget(labels: str | float) -> tuple[Literal["all", "count", "ratio"], float]:
-    """``"all"`` -> ("all", 0); ``"la20"``/``"20"``/20 -> ("count", 20); ``"0.01"``/0.01 -> ("ratio", 0.01).
-
-    Raises:
-        ValueError for anything else (a ratio must lie in (0, 1]).
-    """
-    if isinstance(labels, bool):
-        raise ValueError(f"labels {labels!r}: expected la<N>, a count, a ratio or 'all'")
-    if isinstance(labels, (int, float)):
-        value = float(labels)
-        text = None
-    else:
-        text = str(labels).strip().lower()
-        if text == "all":
-            return "all", 0.0
-        if (m := _LA.match(text)) is not None:
-            value = float(m.group(1))
-            if value < 1:
-                raise ValueError(f"labels {labels!r}: a count must be at least 1")
-            return "count", value
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"labels {labels!r}: expected la<N> (la20, la50 ...), a count, a ratio in (0, 1] or 'all'") from None
-    if 0.0 < value <= 1.0 and not (text is None and isinstance(labels, int)):
-        return "ratio", value
-    if value >= 1.0 and value == int(value):
-        return "count", value
-    raise ValueError(f"labels {labels!r}: a ratio must lie in (0, 1], a count must be a positive integer")
-
-
-def label_mask(
-    scene_id: str,
-    semantic: np.ndarray,
-    labels: str | float,
-    *,
-    seed: int = 0,
-    official_file: str | Path | None = None,
-) -> np.ndarray:
-    """Which points of a scene keep their label under a label budget.
-
-    Only points with a label (``semantic != IGNORE_INDEX``) can be chosen. ``la<N>``: N of them,
-    drawn by :func:`pipeline.manifests.limited_annotation_mask` (deterministic per seed and scene;
-    all of them when fewer than N) or read from ``official_file``; a ratio r: ``max(1, round(r *
-    n_labelled))`` of them drawn the same way; ``all``: every labelled point.
-
-    Args:
-        scene_id: the scene (seeds the choice; key of an official file).
-        semantic: [N] int labels of the whole scene.
-        labels: the budget (see :func:`parse_label_budget`).
-        seed: seed of the choice.
-        official_file: optional official limited-annotation file (``la<N>`` budgets only).
-
-    Returns:
-        [N] bool, True at the points whose label is kept.
-    """
-    semantic = np.asarray(semantic).reshape(-1)
-    labelled = semantic != IGNORE_INDEX
-    kind, value = parse_label_budget(labels)
-    if kind == "all":
-        return labelled.copy()
-    n_labelled = int(labelled.sum())
-    if kind == "ratio":
-        if n_labelled == 0:
-            return labelled.copy()
-        count = max(1, int(round(value * n_labelled)))
-        official_file = None  # official files are per-count benchmarks, not ratios
-    else:
-        count = int(value)
-    mask = manifests.limited_annotation_mask(
-        scene_id, semantic.shape[0], count, seed=seed, official_file=official_file,
-        eligible=None if official_file is not None else labelled,
-    )
-    return mask & labelled
-
-
-def apply_label_budget(
-    scene_id: str,
-    semantic: np.ndarray,
-    labels: str | float,
-    *,
-    removed_classes: Sequence[int] = (),
-    seed: int = 0,
-    official_file: str | Path | None = None,
-) -> np.ndarray:
-    """The labels a fine-tuning run sees: :func:`label_mask`, then ``removed_classes`` (novel and
-    ignored classes of an open-vocabulary split) set to IGNORE_INDEX.
-
-    Returns:
-        [N] int64 labels, IGNORE_INDEX where hidden.
-    """
-    semantic = np.asarray(semantic).reshape(-1).astype(np.int64)
-    mask = label_mask(scene_id, semantic, labels, seed=seed, official_file=official_file)
-    out = np.where(mask, semantic, IGNORE_INDEX)
-    if len(removed_classes):
-        out[np.isin(out, np.asarray(removed_classes, np.int64))] = IGNORE_INDEX
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# data: masked labels, two augmented copies
-
-
-class FinetuneDataset(SceneDataset):
-    """:class:`SceneDataset` whose labels are cut to the run's budget, yielding ``copies``
-    differently augmented samples per scene (a list; see :func:`collate_copies`).
-
-    Copy k of item ``(epoch, i)`` is a function of ``(seed, epoch, i, k)`` only, so resuming stays exact.
-    """
-
-    def __init__(
-        self,
-        store_path: str | Path,
-        scene_ids: Sequence[str],
-        *,
-        cfg: DataConfig,
-        seed: int,
-        labels: str | float,
-        label_seed: int = 0,
-        official_file: str | None = None,
-        removed_classes: Sequence[int] = (),
-        copies: int = 2,
-    ):
-        super().__init__(store_path, scene_ids, cfg=cfg, split="train", seed=seed)
-        self.labels = labels
-        self.label_seed = int(label_seed)
-        self.official_file = official_file
-        self.removed_classes = tuple(int(c) for c in removed_classes)
-        self.copies = int(copies)
-
-    def read_arrays(self, scene_id: str) -> SceneArrays:
-        arrays = super().read_arrays(scene_id)
-        arrays.semantic = apply_label_budget(
-            scene_id, arrays.semantic, self.labels, removed_classes=self.removed_classes,
-            seed=self.label_seed, official_file=self.official_file,
-        )
-        # the store's semantic boundary comes from the full labels: never let it through
-        arrays.semantic_boundary = np.full(arrays.semantic.shape[0], 255, np.uint8)
-        return arrays
-
-    def __getitem__(self, key: int | tuple[int, int]) -> list[SceneSample]:  # type: ignore[override]
-        epoch, index = (0, key) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
-        scene_id = self.scene_ids[index]
-        try:
-            arrays = self.read_arrays(scene_id)
-        except KeyError as exc:
-            raise DataError(f"{self.store_path}: scene {scene_id}: {exc}") from exc
-        return [
-            make_sample(
-                scene_id, arrays, cfg=self.cfg, voxel_size=self.voxel_size,
-                rng=np.random.default_rng([self.seed, epoch, index, copy]),
-            )
-            for copy in range(self.copies)
-        ]
-
-
-def collate_copies(items: Sequence[Sequence[SceneSample]]) -> Batch:
-    """B items of K copies -> one batch of K*B scenes: all first copies, then all second copies,
-    so scene b's copy k has batch index ``k * B + b``."""
-    if not items:
-        raise ValueError("collate_copies: no items")
-    copies = len(items[0])
-    return collate([item[k] for k in range(copies) for item in items])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,11 +344,11 @@ def finetune(
             resumed run whose config differs.
         FloatingPointError: a non-finite loss (naming the step and scenes).
     """
-    out_dir = Path(out_dir)
-    latest = loop.check_run_dir(cfg, out_dir, resume=resume)
-    ctx, device = distributed.setup(cfg.device)  # one process, or this rank's under torchrun
+    return loop.train(cfg, out_dir, lambda ctx, device: _recipe(cfg, device), resume=resume, stop_at=stop_at)
 
-    # --- scenes, classes, labels --------------------------------------------------------------
+
+def _recipe(cfg: FinetuneConfig, device: torch.device) -> loop.Recipe:
+    """Scenes, classes, labels, the resolved config and the losses of fine-tuning."""
     store = Store.open(cfg.store)
     class_names = store.class_names
     scene_ids = resolve_scene_ids(store, cfg.scenes)
@@ -593,7 +382,6 @@ def finetune(
     )
     data_cfg = dataclasses.replace(data_cfg, voxel_size_m=dataset.voxel_size)
     cfg = dataclasses.replace(cfg, data=data_cfg, network=network_cfg)
-    resolved = to_dict(cfg)
     text = torch.from_numpy(text_np.astype(np.float32)).to(device)
     supervised_ids = torch.tensor(supervised, dtype=torch.long, device=device)
     run_info = {
@@ -604,99 +392,29 @@ def finetune(
         "init": str(init_path) if init_path is not None else None,
     }
 
-    # --- model, optimiser, and where we start -------------------------------------------------
-    loop.seed_everything(cfg.seed)
-    loop.set_torch_threads(cfg.threads)
-    if init_path is not None:
-        model, _ = load_pretrained(init_path, num_classes=len(class_names))
-    else:
-        model = build_network(network_cfg)
-    model = model.to(device)
-    optimizer = loop.make_optimizer(model, cfg)
-    start_step = 0
-    if resume and latest is not None:
-        start_step = loop.resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main:  # under torchrun, rank 0 writes the run folder
-        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    def build_model() -> torch.nn.Module:
+        if init_path is not None:
+            return load_pretrained(init_path, num_classes=len(class_names))[0]
+        return build_network(network_cfg)
+
+    def losses(out: NetworkOutput, batch: Batch, step: int, micro: int) -> dict[str, torch.Tensor]:
+        # segment subsampling depends on (seed, step, micro-batch) only: resumable
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
+        return finetune_losses(out, batch, text, cfg, supervised_ids=supervised_ids,
+                               num_scenes=batch.num_scenes // (2 if cfg.two_copies else 1), generator=generator)
+
+    def write_run_files(out_dir: Path) -> None:
         write_label_space(out_dir, label_space_from_store(
             store, vocab=cfg.vocab, base_ids=supervised, novel_ids=run_info["novel_ids"],
             ignored_ids=run_info["ignored_ids"], ov_split=cfg.ov_split, extra={"init": run_info["init"]},
         ))
 
-    loader = distributed.make_loader(  # this rank's share of each global batch
-        ctx, dataset, resumed_from=latest if start_step else None,
-        batch_size=cfg.batch_size, seed=cfg.seed, start_batch=start_step * cfg.accumulation,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_copies,
+    return loop.Recipe(
+        cfg=cfg, dataset=dataset, build_model=build_model, losses=losses,
+        loss_keys=("loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region", "loss_align"),
+        write_run_files=write_run_files, description="finetune", collate_fn=collate_copies,
+        counters=lambda batch: {"labelled_voxels": int((batch.voxel_semantic != IGNORE_INDEX).sum())},
+        checkpoint_extra={"finetune": run_info},
+        summary={"scenes": len(dataset), "unlabelled_scenes_skipped": unlabelled, "voxel_size_m": dataset.voxel_size,
+                 **run_info},
     )
-    batches = iter(loader)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    logger = (MetricsLogger if ctx.is_main else distributed.NullLogger)(  # rank 0 writes the log
-        out_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
-        description="finetune",
-    )
-    ddp_model = distributed.wrap_model(model, ctx)  # `model` itself for one process
-    model.train()
-    t_start = time.time()
-    last: dict[str, Any] = {}
-    first_loss: float | None = None
-    saved: Path | None = latest if resume else None
-    keys = ("loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region", "loss_align")
-
-    # --- the loop -----------------------------------------------------------------------------
-    with logger:
-        for step in range(start_step, end_step):
-            t_step = time.time()
-            lr = loop.set_lr(optimizer, step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            sums = dict.fromkeys(keys, 0.0)
-            data_s, voxels, labelled = 0.0, 0, 0
-            for micro in range(cfg.accumulation):
-                t_data = time.time()
-                batch = next(batches).to(device, non_blocking=True)
-                data_s += time.time() - t_data
-                voxels += batch.coords.shape[0]
-                labelled += int((batch.voxel_semantic != IGNORE_INDEX).sum())
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-                with autocast:
-                    out = ddp_model(SparseTensor(feats=batch.feats, coords=batch.coords))
-                # segment subsampling depends on (seed, step, micro-batch) only: resumable
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
-                terms = finetune_losses(
-                    out, batch, text, cfg, supervised_ids=supervised_ids,
-                    num_scenes=batch.num_scenes // (2 if cfg.two_copies else 1), generator=generator,
-                )
-                if not torch.isfinite(terms["loss"]):
-                    raise FloatingPointError(
-                        f"step {step + 1}: non-finite loss { {k: float(v) for k, v in terms.items()} } on scenes {batch.scene_ids}"
-                    )
-                (terms["loss"] / cfg.accumulation).backward()
-                for key in keys:
-                    sums[key] += float(terms[key].detach()) / cfg.accumulation
-            grad_norm = loop.clip_gradients(model, cfg.grad_clip)
-            optimizer.step()
-
-            done = step + 1
-            sums = distributed.mean_over_ranks(sums, ctx)  # every rank's batch, averaged
-            voxels, labelled = (int(v) for v in distributed.all_reduce_sum([voxels, labelled], ctx))
-            first_loss = sums["loss"] if first_loss is None else first_loss
-            last = {"lr": lr, **sums, "grad_norm": float(grad_norm), "voxels": voxels, "labelled_voxels": labelled,
-                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4), "world_size": ctx.world_size}
-            saved = loop.log_and_checkpoint(
-                cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
-                optimizer=optimizer, config=resolved, extra={"metrics": last, "finetune": run_info, "world_size": ctx.world_size},
-            ) or saved
-
-    return {
-        **loop.run_summary(
-            out_dir, start_step=start_step, end_step=end_step, first_loss=first_loss, last=last,
-            loss_keys=keys, seconds=time.time() - t_start, checkpoint=saved, device=device,
-        ),
-        "scenes": len(dataset),
-        "unlabelled_scenes_skipped": unlabelled,
-        "voxel_size_m": dataset.voxel_size,
-        "world_size": ctx.world_size,
-        **run_info,
-    }
-

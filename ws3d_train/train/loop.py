@@ -1,27 +1,36 @@
-"""What the pre-training and fine-tuning loops share: the loop-control config and small helpers.
+"""The one training loop of pre-training and fine-tuning, and what both share.
 
 :class:`LoopConfig` holds the fields both loops read the same way (store, data, network,
-optimiser, schedule, checkpoints, logging, device); :class:`ws3d_train.pretrain.PretrainConfig`
-and :class:`ws3d_train.finetune.FinetuneConfig` derive from it and add their loss terms (and
-re-declare the fields whose default or meaning differs). The helpers keep one convention for both
-loops: the run directory layout, exact resume (which config fields may change), AdamW with decay on
-weight matrices only, the learning rate of a step, gradient clipping.
+optimiser, schedule, checkpoints, logging, device); :class:`ws3d_train.train.pretrain.PretrainConfig`
+and :class:`ws3d_train.train.finetune.FinetuneConfig` derive from it and add their loss terms (and
+re-declare the fields whose default or meaning differs).
 
-Reads a checkpoint when resuming (:func:`resume_from`); writes checkpoints under
-``<out_dir>/checkpoints/`` (:func:`log_and_checkpoint`).
+:func:`train` is the step skeleton, readable top to bottom: the run folder, data-parallel setup,
+seeding, the model, AdamW with decay on weight matrices only, exact resume (which config fields
+may change), the loader at the right batch, then every optimiser step: learning rate, micro-batches
+(gradient accumulation, bf16 autocast on CUDA), losses, a check that they are finite, backward,
+clipping, the step, metrics averaged over ranks, logging and checkpoints. A loop hands it a
+:class:`Recipe`: its resolved config, dataset, model builder, loss function and run files. A new
+loss term therefore touches its function (`ws3d_train.train.losses`) and one loop's loss wiring.
+
+Reads a checkpoint when resuming (:func:`resume_from`); writes ``<out_dir>/config.yaml``,
+``metrics.jsonl`` and checkpoints under ``<out_dir>/checkpoints/`` (:func:`log_and_checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_dict
 from ws3d_train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -30,13 +39,15 @@ from ws3d_train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ws3d_train import distributed
-from ws3d_train.data import DataConfig
+from ws3d_train.data.dataset import DataConfig
+from ws3d_train.device import set_torch_threads
 from ws3d_train.logging import MetricsLogger
 from ws3d_train.network import NetworkConfig
+from ws3d_train.sparse import SparseTensor
 # the run folder's layout (CHECKPOINT_DIR, CONFIG_FILE) is owned by ws3d_train.run
 from ws3d_train.run import CHECKPOINT_DIR, CONFIG_FILE
-from ws3d_train.schedule import lr_at
+from ws3d_train.train import distributed
+from ws3d_train.train.schedule import lr_at
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -49,11 +60,12 @@ __all__ = [
     "log_and_checkpoint",
     "make_optimizer",
     "param_groups",
-    "resolve_device",
+    "Recipe",
     "resume_from",
     "run_summary",
     "seed_everything",
     "set_lr",
+    "train",
 ]
 
 
@@ -125,16 +137,6 @@ class LoopConfig:
                 raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-    return device
-
-
 def check_run_dir(cfg: LoopConfig, out_dir: Path, *, resume: bool) -> Path | None:
     """The latest checkpoint in run directory ``out_dir`` (None: none, start from step 0).
 
@@ -148,26 +150,6 @@ def check_run_dir(cfg: LoopConfig, out_dir: Path, *, resume: bool) -> Path | Non
     if latest is not None and not resume:
         raise FileExistsError(f"{out_dir}: has checkpoints (latest {latest.name}); pass --resume or use another --out")
     return latest
-
-
-def set_torch_threads(threads: int = 0) -> int:
-    """Set torch's intra-op thread count for a loop and return it: `threads`, else OMP_NUM_THREADS,
-    else the cores this process may use divided among the node's ranks (LOCAL_WORLD_SIZE).
-
-    Needed because numba's OpenMP threading layer (the pipeline's parallel kernels) shares the
-    OpenMP runtime with torch on Linux: the first numba parallel region in a process silently
-    raises torch's thread count to numba's (e.g. 1 -> 2). On two shared cores that made the
-    demo's training steps ~10x slower (31 s vs 2.7 s a step, measured) after preprocessing ran
-    in the same process."""
-    import os
-
-    if threads <= 0:
-        env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
-        ranks = int(local) if local.isdigit() and int(local) > 0 else 1
-        threads = int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // ranks)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def seed_everything(seed: int) -> None:
@@ -287,3 +269,167 @@ def run_summary(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "device": str(device),
     }
+
+
+@dataclass
+class Recipe:
+    """What a loop hands the step skeleton (:func:`train`)."""
+
+    cfg: LoopConfig
+    """The resolved config (voxel size and network widths filled in from the data): written to
+    ``config.yaml`` and into every checkpoint."""
+    dataset: Any
+    """The training dataset (a :class:`ws3d_train.data.dataset.SceneDataset`)."""
+    build_model: Callable[[], torch.nn.Module]
+    """Builds the network (called after seeding, so its initialisation is reproducible)."""
+    losses: Callable[[Any, Any, int, int], dict[str, torch.Tensor]]
+    """``losses(output, batch, step, micro)``: the loss terms of one micro-batch, ``loss`` their
+    weighted sum (``step`` is 0-based, ``micro`` the micro-batch within it)."""
+    loss_keys: tuple[str, ...]
+    """The terms logged (and averaged over micro-batches and ranks), ``loss`` first."""
+    write_run_files: Callable[[Path], None]
+    """Writes what the run folder holds beside the config (the label space), on rank 0."""
+    description: str
+    """Name of the progress bar."""
+    collate_fn: Callable[..., Any] | None = None
+    """The loader's collate function (None: the dataset's default)."""
+    counters: Callable[[Any], dict[str, int]] | None = None
+    """Counts per micro-batch summed over the step and the ranks (e.g. labelled voxels)."""
+    checkpoint_extra: dict[str, Any] = field(default_factory=dict)
+    """Kept in every checkpoint's ``extra`` beside the metrics and the world size."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Added to the loop's summary."""
+    deterministic: bool = False
+    """Deterministic kernels on a CPU (bitwise exact resume; see PretrainConfig.deterministic)."""
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device):
+    """Deterministic algorithms on a CPU for the loop; the process-global setting is put back as
+    the caller had it."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def train(
+    cfg: LoopConfig, out_dir: str | Path, prepare: Callable[[distributed.DistContext, torch.device], Recipe], *,
+    resume: bool = False, stop_at: int | None = None,
+) -> dict[str, Any]:
+    """The step skeleton of both loops: run folder, model, optimiser, resume, and the steps.
+
+    Args:
+        cfg: the loop's config as given (``cfg.store`` must be set).
+        out_dir: the run directory (created).
+        prepare: ``prepare(ctx, device) -> Recipe``: reads the data and resolves the config
+            (this rank's context and device).
+        resume: continue from the latest checkpoint in ``out_dir`` (from scratch when there is
+            none, so a re-queued cluster job can always pass it).
+        stop_at: stop after this step without saving, as a killed job would (for tests and
+            time-limited jobs); None runs to ``cfg.steps``.
+
+    Returns:
+        A summary: steps done, first and last losses, wall time, steps/s, the last checkpoint,
+        the device, the world size, and the recipe's own keys.
+
+    Raises:
+        FileExistsError: ``out_dir`` has checkpoints and ``resume`` is False.
+        ConfigError: a resumed run whose config differs from its checkpoint's.
+        FloatingPointError: a non-finite loss (naming the step and scenes).
+    """
+    out_dir = Path(out_dir)
+    latest = check_run_dir(cfg, out_dir, resume=resume)
+    ctx, device = distributed.setup(cfg.device)  # one process, or this rank's under torchrun
+    recipe = prepare(ctx, device)
+    cfg = recipe.cfg
+    resolved = to_dict(cfg)
+
+    # --- model, optimiser, and where we start -------------------------------------------------
+    seed_everything(cfg.seed)
+    set_torch_threads(cfg.threads)
+    model = recipe.build_model().to(device)
+    optimizer = make_optimizer(model, cfg)
+    start_step = 0
+    if resume and latest is not None:
+        start_step = resume_from(latest, model=model, optimizer=optimizer, config=resolved, device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # under torchrun, rank 0 writes the run folder
+        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        recipe.write_run_files(out_dir)
+
+    loader = distributed.make_loader(  # this rank's share of each global batch
+        ctx, recipe.dataset, resumed_from=latest if start_step else None, batch_size=cfg.batch_size, seed=cfg.seed,
+        start_batch=start_step * cfg.accumulation, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        collate_fn=recipe.collate_fn,
+    )
+    batches = iter(loader)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    logger = (MetricsLogger if ctx.is_main else distributed.NullLogger)(  # rank 0 writes the log
+        out_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
+        description=recipe.description,
+    )
+    ddp_model = distributed.wrap_model(model, ctx)  # `model` itself for one process
+    model.train()
+    t_start = time.time()
+    last: dict[str, Any] = {}
+    first_loss: float | None = None
+    saved: Path | None = latest if resume else None
+    keys = recipe.loss_keys
+
+    # --- the steps ----------------------------------------------------------------------------
+    with logger, _deterministic(recipe.deterministic, device):
+        for step in range(start_step, end_step):
+            t_step = time.time()
+            lr = set_lr(optimizer, step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            sums = dict.fromkeys(keys, 0.0)
+            counts: dict[str, int] = {"voxels": 0}
+            data_s = 0.0
+            for micro in range(cfg.accumulation):
+                t_data = time.time()
+                batch = next(batches).to(device, non_blocking=True)
+                data_s += time.time() - t_data
+                counts["voxels"] += batch.coords.shape[0]
+                for key, value in (recipe.counters(batch) if recipe.counters else {}).items():
+                    counts[key] = counts.get(key, 0) + value
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                with autocast:
+                    out = ddp_model(SparseTensor(feats=batch.feats, coords=batch.coords))
+                terms = recipe.losses(out, batch, step, micro)
+                if not torch.isfinite(terms["loss"]):
+                    raise FloatingPointError(
+                        f"step {step + 1}: non-finite loss { {k: float(v) for k, v in terms.items()} } on scenes {batch.scene_ids}"
+                    )
+                (terms["loss"] / cfg.accumulation).backward()
+                for key in keys:
+                    sums[key] += float(terms[key].detach()) / cfg.accumulation
+            grad_norm = clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+
+            done = step + 1
+            sums = distributed.mean_over_ranks(sums, ctx)  # every rank's batch, averaged
+            counts = dict(zip(counts, (int(v) for v in distributed.all_reduce_sum(list(counts.values()), ctx))))
+            first_loss = sums["loss"] if first_loss is None else first_loss
+            last = {"lr": lr, **sums, "grad_norm": float(grad_norm), **counts,
+                    "data_s": round(data_s, 4), "step_s": round(time.time() - t_step, 4), "world_size": ctx.world_size}
+            saved = log_and_checkpoint(
+                cfg, done, last, start_step=start_step, logger=logger, out_dir=out_dir, model=model,
+                optimizer=optimizer, config=resolved,
+                extra={"metrics": last, **recipe.checkpoint_extra, "world_size": ctx.world_size},
+            ) or saved
+
+    return {
+        **run_summary(
+            out_dir, start_step=start_step, end_step=end_step, first_loss=first_loss, last=last,
+            loss_keys=keys, seconds=time.time() - t_start, checkpoint=saved, device=device,
+        ),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **recipe.summary,
+        "world_size": ctx.world_size,
+    }
+

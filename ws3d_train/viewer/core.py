@@ -1,6 +1,6 @@
 """The viewer's pure core: what `ws3d view` shows, computed from a store and a run without a server.
 
-Reads (through :class:`pipeline.store.Store` and :mod:`ws3d_train.predict`): a scene's
+Reads (through :class:`pipeline.store.Store` and :mod:`ws3d_train.infer.predict`): a scene's
 ``points/`` (xyz, rgb, semantic, instance), ``mesh/faces`` where present, ``overseg/`` (segment,
 boundary), ``views/`` (K, pose, rgb); with a run, its predictions and per-point CLIP-space
 features, and the text tower of the CLIP model that embedded the store's vocabulary. Writes nothing.
@@ -82,9 +82,9 @@ class ViewerError(UserError, ValueError):
 
 
 def class_colours(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """[N] class ids -> [N, 3] uint8 colours of :func:`ws3d_train.predict.class_palette`
+    """[N] class ids -> [N, 3] uint8 colours of :func:`ws3d_train.infer.predict.class_palette`
     (the colours of ``ws3d predict``'s PLY files); negative / out-of-range ids get :data:`UNKNOWN_RGB`."""
-    from ws3d_train.predict import class_palette
+    from ws3d_train.infer.predict import class_palette
 
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     palette = class_palette(max(num_classes, 1))
@@ -123,7 +123,7 @@ def base_novel_colours(pred_class: np.ndarray, base_ids: Sequence[int], novel_id
 
 def heatmap_colours(similarity: np.ndarray, threshold: float | None = None, *, cmap: str = "turbo") -> np.ndarray:
     """[N] query similarity -> [N, 3] uint8 colours, min -> dark blue, max -> dark red (as
-    :func:`ws3d_train.predict.write_heatmap_ply`); points below ``threshold`` are drawn grey."""
+    :func:`ws3d_train.infer.predict.write_heatmap_ply`); points below ``threshold`` are drawn grey."""
     from matplotlib import colormaps
 
     values = np.asarray(similarity, np.float32).reshape(-1)
@@ -151,7 +151,7 @@ class LegendEntry:
 
 def class_legend(labels: np.ndarray, class_names: Sequence[str], *, unknown: str = "ignored") -> list[LegendEntry]:
     """Legend rows for classes present in ``labels`` [N], most frequent first."""
-    from ws3d_train.predict import class_palette
+    from ws3d_train.infer.predict import class_palette
 
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     palette = class_palette(max(len(class_names), 1))
@@ -266,9 +266,9 @@ def rank_segments(
     similarity: np.ndarray, segment: np.ndarray, xyz: np.ndarray, *, top_k: int = 5, min_segment_points: int = 10
 ) -> list[Any]:
     """The best segments for a query, ranked exactly as ``ws3d query`` ranks them
-    (:func:`ws3d_train.predict.query_scene`): mean similarity of a segment's points, segments
-    under ``min_segment_points`` left out. Returns :class:`ws3d_train.predict.SegmentMatch` rows."""
-    from ws3d_train.predict import SegmentMatch
+    (:func:`ws3d_train.infer.predict.query_scene`): mean similarity of a segment's points, segments
+    under ``min_segment_points`` left out. Returns :class:`ws3d_train.infer.predict.SegmentMatch` rows."""
+    from ws3d_train.infer.predict import SegmentMatch
 
     segment = np.asarray(segment).astype(np.int64)
     num_segments = int(segment.max()) + 1 if segment.size else 0
@@ -438,8 +438,8 @@ class RunModel:
         self._encoder: Any = None
 
     def predict(self, scene_id: str, *, min_instance_points: int = 20) -> RunScene:
-        """Classes, instances and CLIP features of every point (:func:`ws3d_train.predict.predict_scene`)."""
-        from ws3d_train.predict import predict_scene
+        """Classes, instances and CLIP features of every point (:func:`ws3d_train.infer.predict.predict_scene`)."""
+        from ws3d_train.infer.predict import predict_scene
 
         # a pre-training run's semantic head is untrained: its classes come from the CLIP head alone
         combine = "clip" if self.loaded.base_ids is None else "calibrated"
@@ -453,8 +453,8 @@ class RunModel:
         ``classes`` vocabulary), chosen and used as ``ws3d query`` does without prompts; loaded
         offline, once."""
         if self._encoder is None:
-            from pipeline.clip_model import load_encoder
-            from ws3d_train.predict import clip_model_of_store
+            from pipeline.clip.model import load_encoder
+            from ws3d_train.infer.predict import clip_model_of_store
             from ws3d_train.run import model_source
 
             labels = self.loaded.labels
