@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import to_dict
+from pipeline.config import ConfigError, to_dict
 
 
 @dataclass(frozen=True)
@@ -14,17 +14,33 @@ class EmbedConfig:
     model: str = ""
     """CLIP model: a folder written by `save_pretrained` (e.g. the offline teacher) or a hub id
     such as "openai/clip-vit-base-patch32"."""
+    mode: Literal["packed", "crops"] = "packed"
+    """How segments are embedded. "packed": each segment from the one view that shows it best,
+    several segments sharing a crop, each read out of it by a class token that attends only to
+    its own pixels (`pack_*`, `mask_*`); about 1 encoder image for 2 segments. "crops": each
+    segment cropped from its `views_per_segment` best views at every one of `scales`, the crop
+    embeddings averaged (about 8 images a segment: the former default, ~20x the compute; its
+    stored embeddings keep their former config hash). docs/benchmarks.md compares the two."""
+    pack_scale: float = 1.5
+    """packed: a segment's own context side is its pixel box's longer side times this."""
+    pack_zoom: float = 2.0
+    """packed: a crop's side is at most this many times the own context side of each segment it
+    hosts (>= 1; 1 = one crop per segment; larger = fewer crops, smaller segments in them)."""
+    mask_layers: int = 1
+    """packed: last transformer layers in which a segment's class token attends through its mask."""
+    mask_context: float = 0.0
+    """packed: attention weight (0..1) of the crop's patches outside the segment, relative to its own."""
     views_per_segment: int = 3
-    """k: a segment is cropped from the k views where it shows the most pixels."""
+    """crops: k: a segment is cropped from the k views where it shows the most pixels."""
     min_pixels: int = 16
     """A view counts for a segment only if the segment covers at least this many of its pixels;
     a segment with no such view is unseen (zero embedding, seen flag 0)."""
     scales: tuple[float, ...] = (1.0, 1.5, 2.0)
-    """Context scales: the square crop's side is the segment box's longer side times each scale."""
+    """crops: context scales: the square crop's side is the segment box's longer side times each scale."""
     min_crop_side: float = 16.0
     """Smallest crop side in view pixels, so tiny segments still bring some context."""
     weight: Literal["pixels", "uniform"] = "pixels"
-    """How a segment's views are weighted in the average: by the segment's pixel count in each
+    """crops: how a segment's views are weighted in the average: by the segment's pixel count in each
     view, or equally. Scales are always weighted equally."""
     view_fit: Literal["pad", "crop"] = "pad"
     """Whole views: "pad" to a square with the mean colour so every visible point is in the image
@@ -42,8 +58,27 @@ class EmbedConfig:
     """Hub ids only: fetch the model into the HF cache if it is not there (HF_HUB_OFFLINE=1
     also forbids it). Folders never touch the network."""
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("packed", "crops"):
+            raise ConfigError(f"embed: mode must be 'packed' or 'crops', got {self.mode!r}")
+        if not self.pack_zoom >= 1.0 or not self.pack_scale > 0:
+            raise ConfigError(f"embed: need pack_zoom >= 1 and pack_scale > 0, got {self.pack_zoom}, {self.pack_scale}")
+        if self.mask_layers < 1:
+            raise ConfigError(f"embed: mask_layers must be >= 1, got {self.mask_layers}")
+        if not 0.0 <= self.mask_context <= 1.0:
+            raise ConfigError(f"embed: mask_context must be in 0..1, got {self.mask_context}")
+
+
+CROPS_FIELDS = ("views_per_segment", "min_pixels", "scales", "min_crop_side", "weight", "view_fit", "max_supersample")
+"""What changes the embeddings of mode "crops" (exactly the fields hashed before modes existed, so
+a store embedded then is not embedded again with `mode=crops`)."""
+PACKED_FIELDS = ("mode", "min_pixels", "min_crop_side", "view_fit", "max_supersample", "pack_scale", "pack_zoom",
+                 "mask_layers", "mask_context")
+"""What changes the embeddings of mode "packed"."""
+
 
 def result_fields(cfg: EmbedConfig) -> dict[str, Any]:
-    """The part of the config that changes stored embeddings (device/dtype/batching do not)."""
-    keep = ("views_per_segment", "min_pixels", "scales", "min_crop_side", "weight", "view_fit", "max_supersample")
-    return {name: to_dict(cfg)[name] for name in keep}
+    """The part of the config that changes stored embeddings (device/dtype/batching do not, nor the
+    fields of the other mode)."""
+    values = to_dict(cfg)
+    return {name: values[name] for name in (CROPS_FIELDS if cfg.mode == "crops" else PACKED_FIELDS)}
