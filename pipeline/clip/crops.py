@@ -251,8 +251,8 @@ class PackedCrops:
     """Crops shared by several segments (`pack_crops`). K crops, R regions, S segments.
 
     A region is one segment read out of one crop (by a masked class token,
-    `pipeline.clip.model.ClipEncoder.encode_regions`); each seen segment has exactly one region,
-    in the view where it shows the most pixels.
+    `pipeline.clip.model.ClipEncoder.encode_regions`); each seen segment has one region in each
+    of its `views` best views.
     """
 
     view: np.ndarray
@@ -260,9 +260,11 @@ class PackedCrops:
     box: np.ndarray
     """float32 [K, 4] square crop box (x0, y0, x1, y1), continuous pixel coordinates (as `SegmentCrops.box`)."""
     region_crop: np.ndarray
-    """int64 [R] crop of each region (regions are ordered by crop)."""
+    """int64 [R] crop of each region (regions are ordered by crop, then segment)."""
     region_segment: np.ndarray
     """int64 [R] segment of each region."""
+    region_weight: np.ndarray
+    """float32 [R] weight of each region in its segment's average (each seen segment's sum to 1)."""
     seen: np.ndarray
     """bool [S] segments with a qualifying view (exactly those with a region)."""
     pixels: np.ndarray
@@ -290,57 +292,67 @@ def pack_crops(
     segment: np.ndarray,
     *,
     num_segments: int | None = None,
+    views: int = 1,
     min_pixels: int = 16,
     scale: float = 1.5,
     zoom: float = 2.0,
     min_side: float = 16.0,
 ) -> PackedCrops:
-    """Crops that each host several segments, every segment in the view that shows it best.
+    """Crops that each host several segments, every segment in the views that show it best.
 
-    A segment's own context side is c = max(box side x `scale`, `min_side`). Candidate crops are
-    centred on each segment with side sqrt(zoom) x c (shifted to stay in the view, as
-    `square_boxes`); a candidate hosts every segment of its view whose pixel box lies inside it
-    and whose c is between side / zoom and side (so no segment is shrunk more than `zoom` times
-    below its own context crop). A greedy set cover per view keeps the candidates that host the
-    most segments not yet hosted; each segment is then read out of the first chosen crop that
-    hosts it.
+    A segment's own context side in a view is c = max(box side x `scale`, `min_side`).
+    Candidate crops are centred on each segment of a view with side sqrt(zoom) x c (shifted to
+    stay in the view, as `square_boxes`); a candidate hosts every segment of that view whose
+    pixel box lies inside it and whose c is between side / zoom and side (so no segment is
+    shrunk more than `zoom` times below its own context crop). A greedy set cover per view keeps
+    the candidates that host the most segments not yet hosted; each segment is then read out of
+    the first chosen crop that hosts it.
 
     Args:
         point_index: int32 [V, H, W] point shown by each pixel, -1 = nothing.
         segment: int [N] segment of each point, 0..S-1 (-1 = none).
         num_segments: S (default: max segment id + 1).
-        min_pixels: a segment is seen when its best view shows at least this many of its pixels.
+        views: a segment is read out of its `views` best views (most pixels, each with at least
+            `min_pixels`; ties: the lower view id), weighted by its pixels in each.
+        min_pixels: a view qualifies for a segment with at least this many of its pixels.
         scale: context scale of a segment's own box.
-        zoom: >= 1; 1 = one crop per segment (its own context box, scaled by 1).
+        zoom: >= 1; 1 = about one crop per segment and view (its own context box).
         min_side: smallest context side in pixels.
     Returns:
-        PackedCrops (K <= number of seen segments).
+        PackedCrops (K <= R = the qualifying (segment, view) pairs).
     """
     if zoom < 1:
         raise ValueError(f"zoom must be >= 1, got {zoom}")
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
     segment = np.asarray(segment)
     S = int(num_segments if num_segments is not None else (segment.max() + 1 if len(segment) else 0))
     V, H, W = point_index.shape
     counts, boxes = segment_pixel_boxes(point_index, segment, S)
     if V == 0 or S == 0:
         empty = np.zeros(0, np.int64)
-        return PackedCrops(empty, np.zeros((0, 4), np.float32), empty, empty, np.zeros(S, bool), counts)
-    best = counts.argmax(axis=0)  # ties: the lowest view id
-    seen = counts[best, np.arange(S)] >= max(min_pixels, 1)
-    seg_ids = np.flatnonzero(seen)
-    views = best[seg_ids]
-    box = boxes[views, seg_ids].astype(np.float64)  # inclusive pixel boxes
+        return PackedCrops(empty, np.zeros((0, 4), np.float32), empty, empty, np.zeros(0, np.float32),
+                           np.zeros(S, bool), counts)
+    k = min(views, V)
+    order = np.argsort(-counts.T, axis=1, kind="stable")[:, :k]  # [S, k] best views, ties: lower id
+    best = np.take_along_axis(counts.T, order, axis=1)
+    ok = best >= max(min_pixels, 1)
+    seg_ids, rank = np.nonzero(ok)
+    item_view = order[seg_ids, rank]
+    weight = best[seg_ids, rank].astype(np.float64)
+    weight /= np.bincount(seg_ids, weights=weight, minlength=S)[seg_ids]
+    box = boxes[item_view, seg_ids].astype(np.float64)  # inclusive pixel boxes
     context = np.maximum(np.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]) + 1, 0) * scale
     context = np.maximum(context, min_side)
     grow = float(np.sqrt(zoom))
-    tiles = square_boxes(boxes[views, seg_ids], scale=scale * grow, min_side=min_side * grow,
+    tiles = square_boxes(boxes[item_view, seg_ids], scale=scale * grow, min_side=min_side * grow,
                          height=H, width=W, dtype=np.float64)
     side = tiles[:, 2] - tiles[:, 0]
     crop_view, crop_box = [], []
-    region_crop, region_segment = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    region_items = [np.zeros(0, np.int64)]
     eps = 1e-6
-    for v in np.unique(views):
-        rows = np.flatnonzero(views == v)
+    for v in np.unique(item_view):
+        rows = np.flatnonzero(item_view == v)  # this view's segments, by segment id
         t, b, c, T = tiles[rows], box[rows], context[rows], side[rows]
         member = ((b[None, :, 0] >= t[:, None, 0] - eps) & (b[None, :, 1] >= t[:, None, 1] - eps)
                   & (b[None, :, 2] + 1 <= t[:, None, 2] + eps) & (b[None, :, 3] + 1 <= t[:, None, 3] + eps)
@@ -349,15 +361,16 @@ def pack_crops(
         chosen = _cover(member)
         host = member[chosen].argmax(axis=0)  # first chosen crop that hosts each segment
         for j, a in enumerate(chosen):
-            hosted = np.flatnonzero(host == j)
             crop_view.append(v)
             crop_box.append(t[a])
-            region_crop.append(np.full(len(hosted), len(crop_view) - 1, np.int64))
-            region_segment.append(seg_ids[rows[hosted]])
+            region_items.append(rows[host == j])
+    region_count = [len(r) for r in region_items[1:]]
+    items = np.concatenate(region_items)
     return PackedCrops(
         view=np.asarray(crop_view, np.int64), box=np.asarray(crop_box, np.float32).reshape(-1, 4),
-        region_crop=np.concatenate(region_crop), region_segment=np.concatenate(region_segment).astype(np.int64),
-        seen=seen, pixels=counts,
+        region_crop=np.repeat(np.arange(len(crop_view)), region_count).astype(np.int64),
+        region_segment=seg_ids[items].astype(np.int64), region_weight=weight[items].astype(np.float32),
+        seen=ok.any(axis=1), pixels=counts,
     )
 
 

@@ -21,6 +21,9 @@ class EmbedConfig:
     segment cropped from its `views_per_segment` best views at every one of `scales`, the crop
     embeddings averaged (about 8 images a segment: the former default, ~20x the compute; its
     stored embeddings keep their former config hash). docs/benchmarks.md compares the two."""
+    pack_views: int = 1
+    """packed: a segment is read out of this many of its best views (most pixels), averaged with
+    pixel weights."""
     pack_scale: float = 1.5
     """packed: a segment's own context side is its pixel box's longer side times this."""
     pack_zoom: float = 2.0
@@ -63,8 +66,8 @@ class EmbedConfig:
             raise ConfigError(f"embed: mode must be 'packed' or 'crops', got {self.mode!r}")
         if not self.pack_zoom >= 1.0 or not self.pack_scale > 0:
             raise ConfigError(f"embed: need pack_zoom >= 1 and pack_scale > 0, got {self.pack_zoom}, {self.pack_scale}")
-        if self.mask_layers < 1:
-            raise ConfigError(f"embed: mask_layers must be >= 1, got {self.mask_layers}")
+        if self.mask_layers < 1 or self.pack_views < 1:
+            raise ConfigError(f"embed: mask_layers and pack_views must be >= 1, got {self.mask_layers}, {self.pack_views}")
         if not 0.0 <= self.mask_context <= 1.0:
             raise ConfigError(f"embed: mask_context must be in 0..1, got {self.mask_context}")
 
@@ -72,8 +75,8 @@ class EmbedConfig:
 CROPS_FIELDS = ("views_per_segment", "min_pixels", "scales", "min_crop_side", "weight", "view_fit", "max_supersample")
 """What changes the embeddings of mode "crops" (exactly the fields hashed before modes existed, so
 a store embedded then is not embedded again with `mode=crops`)."""
-PACKED_FIELDS = ("mode", "min_pixels", "min_crop_side", "view_fit", "max_supersample", "pack_scale", "pack_zoom",
-                 "mask_layers", "mask_context")
+PACKED_FIELDS = ("mode", "min_pixels", "min_crop_side", "view_fit", "max_supersample", "pack_views", "pack_scale",
+                 "pack_zoom", "mask_layers", "mask_context")
 """What changes the embeddings of mode "packed"."""
 
 

@@ -76,9 +76,10 @@ class _SceneWork:
     # "crops": each crop's own embedding, pooled per segment with weights
     crop_segment: np.ndarray | None = None  # [K]
     crop_weight: np.ndarray | None = None  # [K]
-    # "packed": regions read out of crops by masked class tokens, one per seen segment
+    # "packed": regions read out of crops by masked class tokens, pooled per segment with weights
     region_crop: np.ndarray | None = None  # [R], ordered by crop
     region_segment: np.ndarray | None = None  # [R]
+    region_weight: np.ndarray | None = None  # [R]
     region_mask: np.ndarray | None = None  # [R, G * G]
     images_out: list[torch.Tensor] = field(default_factory=list)
     regions_out: list[torch.Tensor] = field(default_factory=list)
@@ -121,9 +122,8 @@ class _SceneWork:
         images = torch.cat(self.images_out) if self.images_out else torch.zeros(0, dim)
         n_views = len(self.view_pixels)
         if self.packed:
-            segment = np.zeros((self.num_segments, dim), np.float32)
-            if self.regions_out:
-                segment[self.region_segment] = torch.cat(self.regions_out).cpu().numpy()
+            regions = torch.cat(self.regions_out) if self.regions_out else torch.zeros(0, dim)
+            segment = pool_segments(regions, self.region_segment, self.region_weight, self.num_segments)
         else:
             segment = pool_segments(images[n_views:], self.crop_segment, self.crop_weight, self.num_segments)
         return SceneEmbedding(view=images[:n_views].cpu().numpy(), segment=segment, seen=self.seen,
@@ -155,12 +155,13 @@ def _prepare(
         )
         return _SceneWork(scene_id, views, view_pixels, crops.view, crops.box, crops.seen, num_segments,
                           crop_segment=crops.segment, crop_weight=crops.weight)
-    packed = pack_crops(point_index, segment, num_segments=num_segments, min_pixels=cfg.min_pixels,
-                        scale=cfg.pack_scale, zoom=cfg.pack_zoom, min_side=cfg.min_crop_side)
+    packed = pack_crops(point_index, segment, num_segments=num_segments, views=cfg.pack_views,
+                        min_pixels=cfg.min_pixels, scale=cfg.pack_scale, zoom=cfg.pack_zoom, min_side=cfg.min_crop_side)
     mask = region_patch_masks(point_index, segment, packed.view, packed.box, packed.region_crop,
                               packed.region_segment, grid=encoder.patch_grid)
     return _SceneWork(scene_id, views, view_pixels, packed.view, packed.box, packed.seen, num_segments,
-                      region_crop=packed.region_crop, region_segment=packed.region_segment, region_mask=mask)
+                      region_crop=packed.region_crop, region_segment=packed.region_segment,
+                      region_weight=packed.region_weight, region_mask=mask)
 
 
 def embed_scene(

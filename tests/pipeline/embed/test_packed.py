@@ -31,14 +31,16 @@ def encoder(model_dir):
 
 
 # --- packing against brute force ---------------------------------------------------------------
-def _brute_pack(point_index, segment, S, *, min_pixels, scale, zoom, min_side):
-    """Loops: best view per segment, candidate crops, greedy cover, first chosen host."""
+def _brute_pack(point_index, segment, S, *, views, min_pixels, scale, zoom, min_side):
+    """Loops: best views per segment, candidate crops, greedy cover, first chosen host."""
     V, H, W = point_index.shape
     counts, boxes = segment_pixel_boxes(point_index, segment, S)
     crops = []  # (view, box, [segments])
     grow = zoom ** 0.5
+    best = {s: [u for u in sorted(range(V), key=lambda u: (-counts[u, s], u))[:views] if counts[u, s] >= min_pixels]
+            for s in range(S)}
     for v in range(V):
-        segs = [s for s in range(S) if counts[:, s].max() >= min_pixels and int(np.argmax(counts[:, s])) == v]
+        segs = [s for s in range(S) if v in best[s]]
         cand, ctx = {}, {}
         for s in segs:
             x0, y0, x1, y1 = (float(t) for t in boxes[v, s])
@@ -65,28 +67,33 @@ def _brute_pack(point_index, segment, S, *, min_pixels, scale, zoom, min_side):
         for a in chosen:
             mine = [s for s in segs if hosts(a, s) and next(b for b in chosen if hosts(b, s)) == a]
             crops.append((v, cand[a], mine))
-    return crops, counts
+    return crops, counts, best
 
 
-@pytest.mark.parametrize("zoom", [1.0, 2.0, 4.0])
-def test_pack_crops_brute_force(zoom):
+@pytest.mark.parametrize("zoom,views", [(1.0, 1), (2.0, 1), (4.0, 1), (2.0, 2)])
+def test_pack_crops_brute_force(zoom, views):
     for seed in (0, 7):
         _, point_index, segment, S = _scene(seed, V=4, N=600, S=20)
-        got = pack_crops(point_index, segment, num_segments=S, min_pixels=6, scale=1.5, zoom=zoom, min_side=4.0)
-        want, counts = _brute_pack(point_index, segment, S, min_pixels=6, scale=1.5, zoom=zoom, min_side=4.0)
+        got = pack_crops(point_index, segment, num_segments=S, views=views, min_pixels=6, scale=1.5, zoom=zoom,
+                         min_side=4.0)
+        want, counts, best = _brute_pack(point_index, segment, S, views=views, min_pixels=6, scale=1.5, zoom=zoom,
+                                         min_side=4.0)
         assert len(got.view) == len(want) > 0
         for k, (v, box, segs) in enumerate(want):
             assert got.view[k] == v
             assert got.box[k].tolist() == pytest.approx(list(box), abs=1e-3)
-            assert sorted(got.region_segment[got.region_crop == k].tolist()) == sorted(segs)
-        # every seen segment exactly once, in its best view; unseen ones never
-        assert sorted(got.region_segment.tolist()) == np.flatnonzero(got.seen).tolist()
+            assert got.region_segment[got.region_crop == k].tolist() == sorted(segs)
+        # every seen segment once in each of its best views, weighted by its pixels there; unseen never
+        assert sorted(got.region_segment.tolist()) == sorted(s for s in range(S) for _ in best[s])
         assert np.array_equal(got.seen, counts.max(axis=0) >= 6)
-        assert np.array_equal(got.view[got.region_crop], counts[:, got.region_segment].argmax(axis=0))
+        for r, s in enumerate(got.region_segment):
+            v = got.view[got.region_crop[r]]
+            assert v in best[s]
+            assert got.region_weight[r] == pytest.approx(counts[v, s] / sum(counts[u, s] for u in best[s]), rel=1e-6)
         assert np.all(np.diff(got.region_crop) >= 0)  # ordered by crop
     # packing pays: fewer crops than segments once a crop may be twice a segment's own context
     if zoom >= 2:
-        assert len(got.view) < got.seen.sum()
+        assert len(got.view) < len(got.region_segment)
 
 
 def test_pack_crops_empty_and_bad_zoom():
@@ -95,6 +102,8 @@ def test_pack_crops_empty_and_bad_zoom():
     assert len(got.view) == len(got.region_segment) == 0 and not got.seen.any()
     with pytest.raises(ValueError, match="zoom"):
         pack_crops(point_index, segment, zoom=0.5)
+    with pytest.raises(ValueError, match="views"):
+        pack_crops(point_index, segment, views=0)
 
 
 def test_region_patch_masks_brute_force():
@@ -180,18 +189,22 @@ def test_encode_regions_against_clip_layers(encoder):
 def test_embed_scene_packed_matches_direct_calls(encoder, model_dir):
     rgb, point_index, segment, S = _scene(3)
     cfg = EmbedConfig(model=str(model_dir), mode="packed", min_pixels=8, min_crop_side=6.0, pack_zoom=3.0,
-                      mask_layers=2, mask_context=0.1, batch_size=2)
+                      pack_views=2, mask_layers=2, mask_context=0.1, batch_size=2)
     got = embed_scene(rgb, point_index, segment, encoder, cfg, num_segments=S)
-    packed = pack_crops(point_index, segment, num_segments=S, min_pixels=8, scale=cfg.pack_scale, zoom=3.0, min_side=6.0)
+    packed = pack_crops(point_index, segment, num_segments=S, views=2, min_pixels=8, scale=cfg.pack_scale, zoom=3.0,
+                        min_side=6.0)
     assert got.crops == len(packed.view) and np.array_equal(got.seen, packed.seen)
-    assert got.crops < packed.seen.sum()  # several segments share a crop here
+    assert got.crops < len(packed.region_segment)  # several segments share a crop here
+    assert len(packed.region_segment) > packed.seen.sum()  # and some are read out of two views
     x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
     norm = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     pixels = extract_crops(norm, packed.view, packed.box, size=IMAGE)
     mask = region_patch_masks(point_index, segment, packed.view, packed.box, packed.region_crop,
                               packed.region_segment, grid=encoder.patch_grid)
+    regions = _brute_regions(encoder, pixels, packed.region_crop, mask, 2, 0.1).numpy()
     want = np.zeros((S, 16), np.float32)
-    want[packed.region_segment] = _brute_regions(encoder, pixels, packed.region_crop, mask, 2, 0.1).numpy()
+    np.add.at(want, packed.region_segment, regions * packed.region_weight[:, None])
+    want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
     assert np.allclose(got.segment, want, atol=1e-5)
     assert not got.segment[~got.seen].any()
     with torch.no_grad():
