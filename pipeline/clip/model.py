@@ -193,7 +193,7 @@ class ClipEncoder:
         region_image: np.ndarray | torch.Tensor,
         region_mask: np.ndarray | torch.Tensor,
         *,
-        mask_layers: int = 1,
+        mask_layers: int = 0,
         context: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image embeddings and, from the same forward pass, an embedding per region of an image.
@@ -211,9 +211,9 @@ class ClipEncoder:
         Args:
             pixel_values: float [B, 3, S, S] normalised model input.
             region_image: int [R] image of each region, 0..B-1.
-            region_mask: float [R, G * G] share of each patch (row-major) inside the region
-                (`pipeline.clip.crops.region_patch_masks`), G = `patch_grid`.
-            mask_layers: how many of the last layers the region tokens go through (1..layers).
+            region_mask: float [R, G * G] weight 0..1 of each patch (row-major) for the region, e.g.
+                its share inside it (`pipeline.clip.crops.region_patch_masks`), G = `patch_grid`.
+            mask_layers: how many of the last layers the region tokens go through (0 = all).
             context: weight of the patches outside the region, 0..1.
         Returns:
             float32 unit embeddings on the encoder's device: images [B, D], regions [R, D].
@@ -233,7 +233,7 @@ class ClipEncoder:
             raise ValueError(f"region_mask must be [{R}, {G2}], got {tuple(mask.shape)}")
         if R and (int(region_image.min()) < 0 or int(region_image.max()) >= B):
             raise ValueError(f"region_image must be in 0..{B - 1}")
-        m = min(max(int(mask_layers), 1), len(layers))
+        m = len(layers) if mask_layers <= 0 else min(int(mask_layers), len(layers))
         h = vision.pre_layrnorm(vision.embeddings(x))
         for layer in layers[:len(layers) - m]:
             h = layer(h, None)

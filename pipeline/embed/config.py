@@ -29,10 +29,15 @@ class EmbedConfig:
     pack_zoom: float = 2.0
     """packed: a crop's side is at most this many times the own context side of each segment it
     hosts (>= 1; 1 = one crop per segment; larger = fewer crops, smaller segments in them)."""
-    mask_layers: int = 1
-    """packed: last transformer layers in which a segment's class token attends through its mask."""
-    mask_context: float = 0.0
-    """packed: attention weight (0..1) of the crop's patches outside the segment, relative to its own."""
+    mask_layers: int = 0
+    """packed: the last transformer layers in which a segment's class token attends through its
+    mask (0 = every layer: the token sees only its segment's patches from the first layer on,
+    those patches having seen the whole crop)."""
+    mask_context: tuple[float, ...] = (0.0, 1.0)
+    """packed: a segment's embedding is the mean of its class token read out at each of these
+    attention weights (0..1) of the crop's patches outside the segment: 0 = its own patches only,
+    1 = the whole crop (the crop's own embedding, no extra cost). The mean of a tight and a whole
+    view of the segment is what several crops at several context scales gave mode "crops"."""
     views_per_segment: int = 3
     """crops: k: a segment is cropped from the k views where it shows the most pixels."""
     min_pixels: int = 16
@@ -66,10 +71,10 @@ class EmbedConfig:
             raise ConfigError(f"embed: mode must be 'packed' or 'crops', got {self.mode!r}")
         if not self.pack_zoom >= 1.0 or not self.pack_scale > 0:
             raise ConfigError(f"embed: need pack_zoom >= 1 and pack_scale > 0, got {self.pack_zoom}, {self.pack_scale}")
-        if self.mask_layers < 1 or self.pack_views < 1:
-            raise ConfigError(f"embed: mask_layers and pack_views must be >= 1, got {self.mask_layers}, {self.pack_views}")
-        if not 0.0 <= self.mask_context <= 1.0:
-            raise ConfigError(f"embed: mask_context must be in 0..1, got {self.mask_context}")
+        if self.mask_layers < 0 or self.pack_views < 1:
+            raise ConfigError(f"embed: need mask_layers >= 0 and pack_views >= 1, got {self.mask_layers}, {self.pack_views}")
+        if not self.mask_context or not all(0.0 <= c <= 1.0 for c in self.mask_context):
+            raise ConfigError(f"embed: mask_context must be one or more values in 0..1, got {self.mask_context}")
 
 
 CROPS_FIELDS = ("views_per_segment", "min_pixels", "scales", "min_crop_side", "weight", "view_fit", "max_supersample")

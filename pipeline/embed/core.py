@@ -131,11 +131,21 @@ class _SceneWork:
 
 
 def encode_chunk(encoder: ClipEncoder, chunk: Chunk, cfg: EmbedConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image embeddings [B, D], region embeddings [R, D]) of one chunk."""
+    """(image embeddings [B, D], region embeddings [R, D]) of one chunk.
+
+    A region's embedding is the renormalised mean of its class token read out at each of
+    `cfg.mask_context` (all of them in one forward pass; context 1 is its image's embedding)."""
     if len(chunk.region_image) == 0:
         return encoder.encode_pixels(chunk.pixels, batch_size=batch), torch.zeros(0, encoder.dim, device=encoder.device)
-    return encoder.encode_regions(chunk.pixels, chunk.region_image, chunk.region_mask,
-                                  mask_layers=cfg.mask_layers, context=cfg.mask_context)
+    contexts = [c for c in cfg.mask_context if c < 1.0]
+    R = len(chunk.region_image)
+    weights = np.concatenate([chunk.region_mask + c * (1.0 - chunk.region_mask) for c in contexts]) if contexts else (
+        np.zeros((0, chunk.region_mask.shape[1]), np.float32))
+    images, tokens = encoder.encode_regions(chunk.pixels, np.tile(chunk.region_image, len(contexts)), weights,
+                                            mask_layers=cfg.mask_layers)
+    parts = [tokens[i * R:(i + 1) * R] for i in range(len(contexts))]
+    parts += [images[torch.as_tensor(chunk.region_image, device=images.device)]] * sum(c >= 1.0 for c in cfg.mask_context)
+    return images, torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=-1)
 
 
 def _prepare(
@@ -159,6 +169,9 @@ def _prepare(
                         min_pixels=cfg.min_pixels, scale=cfg.pack_scale, zoom=cfg.pack_zoom, min_side=cfg.min_crop_side)
     mask = region_patch_masks(point_index, segment, packed.view, packed.box, packed.region_crop,
                               packed.region_segment, grid=encoder.patch_grid)
+    # the patch most inside its segment weighs as much as the token itself (a small segment covers
+    # only parts of patches: unscaled, its token would mostly attend to itself)
+    mask /= np.maximum(mask.max(axis=1, keepdims=True), 1e-6)
     return _SceneWork(scene_id, views, view_pixels, packed.view, packed.box, packed.seen, num_segments,
                       region_crop=packed.region_crop, region_segment=packed.region_segment,
                       region_weight=packed.region_weight, region_mask=mask)

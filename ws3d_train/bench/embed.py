@@ -188,7 +188,7 @@ def _time_mode(encoder: ClipEncoder, arrays: tuple[np.ndarray, np.ndarray, np.nd
     seconds = prepare_s + timed["views"] + per_crop * crops if sampled else wall
     return {"crops": crops, "views": int(len(work.view_pixels)), "images": crops + int(len(work.view_pixels)),
             "regions": int(len(work.region_crop)) if work.packed else crops,
-            "segments_seen": int(work.seen.sum()), "seconds": round(seconds, 2),
+            "segments_seen": int(work.seen.sum()), "seconds": round(seconds, 4),
             "cpu_seconds_measured": round(cpu, 2), "seconds_per_crop": round(per_crop, 4),
             "crops_timed": int(len(work.crop_view)), "extrapolated": sampled}
 

@@ -172,7 +172,7 @@ def test_encode_regions_against_clip_layers(encoder):
     mask[1, 3] = 0.25  # one partial patch only
     with torch.no_grad():
         direct = F.normalize(encoder.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-    for layers in (1, 2):
+    for layers in (1, 2):  # the tiny model has 2 layers: 2 = all of them, as 0 says
         images, regions = encoder.encode_regions(pixels, region_image, mask, mask_layers=layers, context=1.0)
         assert torch.allclose(images, direct, atol=1e-5)  # the images' own embeddings are untouched
         assert torch.allclose(regions, direct[region_image], atol=1e-5)  # no mask: the image itself
@@ -182,6 +182,9 @@ def test_encode_regions_against_clip_layers(encoder):
             assert torch.allclose(regions, want, atol=1e-5)
             assert torch.allclose(images, direct, atol=1e-5)
             assert not torch.allclose(regions, direct[region_image], atol=1e-2)  # the mask matters
+            if layers == 2:
+                assert torch.allclose(encoder.encode_regions(pixels, region_image, mask, mask_layers=0,
+                                                             context=context)[1], regions, atol=1e-6)
     with pytest.raises(ValueError, match="region_mask"):
         encoder.encode_regions(pixels, region_image, mask[:, :3])
 
@@ -189,7 +192,7 @@ def test_encode_regions_against_clip_layers(encoder):
 def test_embed_scene_packed_matches_direct_calls(encoder, model_dir):
     rgb, point_index, segment, S = _scene(3)
     cfg = EmbedConfig(model=str(model_dir), mode="packed", min_pixels=8, min_crop_side=6.0, pack_zoom=3.0,
-                      pack_views=2, mask_layers=2, mask_context=0.1, batch_size=2)
+                      pack_views=2, mask_layers=2, mask_context=(0.0, 0.1, 1.0), batch_size=2)
     got = embed_scene(rgb, point_index, segment, encoder, cfg, num_segments=S)
     packed = pack_crops(point_index, segment, num_segments=S, views=2, min_pixels=8, scale=cfg.pack_scale, zoom=3.0,
                         min_side=6.0)
@@ -201,7 +204,12 @@ def test_embed_scene_packed_matches_direct_calls(encoder, model_dir):
     pixels = extract_crops(norm, packed.view, packed.box, size=IMAGE)
     mask = region_patch_masks(point_index, segment, packed.view, packed.box, packed.region_crop,
                               packed.region_segment, grid=encoder.patch_grid)
-    regions = _brute_regions(encoder, pixels, packed.region_crop, mask, 2, 0.1).numpy()
+    mask /= mask.max(axis=1, keepdims=True)  # the best patch weighs as the token itself
+    with torch.no_grad():
+        crop = F.normalize(encoder.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    regions = (_brute_regions(encoder, pixels, packed.region_crop, mask, 2, 0.0)
+               + _brute_regions(encoder, pixels, packed.region_crop, mask, 2, 0.1) + crop[packed.region_crop])
+    regions = F.normalize(regions, dim=-1).numpy()
     want = np.zeros((S, 16), np.float32)
     np.add.at(want, packed.region_segment, regions * packed.region_weight[:, None])
     want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
@@ -223,7 +231,8 @@ def test_result_fields_per_mode():
     assert packed.mode == "packed" and result_fields(packed)["mode"] == "packed"
     assert result_fields(dataclasses.replace(packed, scales=(1.0,), views_per_segment=1)) == result_fields(packed)
     assert result_fields(dataclasses.replace(packed, pack_zoom=3.0)) != result_fields(packed)
-    for bad in ({"mode": "dense"}, {"pack_zoom": 0.5}, {"mask_layers": 0}, {"mask_context": 2.0}):
+    for bad in ({"mode": "dense"}, {"pack_zoom": 0.5}, {"mask_layers": -1}, {"pack_views": 0}, {"mask_context": [2.0]},
+                {"mask_context": []}):
         with pytest.raises(ConfigError):
             from_dict(EmbedConfig, bad, where="embed")
 
