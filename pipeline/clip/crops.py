@@ -301,12 +301,13 @@ def pack_crops(
     """Crops that each host several segments, every segment in the views that show it best.
 
     A segment's own context side in a view is c = max(box side x `scale`, `min_side`).
-    Candidate crops are centred on each segment of a view with side sqrt(zoom) x c (shifted to
-    stay in the view, as `square_boxes`); a candidate hosts every segment of that view whose
-    pixel box lies inside it and whose c is between side / zoom and side (so no segment is
-    shrunk more than `zoom` times below its own context crop). A greedy set cover per view keeps
-    the candidates that host the most segments not yet hosted; each segment is then read out of
-    the first chosen crop that hosts it.
+    Candidate crops are centred on each segment of a view with sides 1, sqrt(zoom) and zoom
+    times its c (shifted to stay in the view, as `square_boxes`); a candidate hosts every segment
+    of that view whose pixel box lies inside it and whose c is between side / zoom and side (so no
+    segment is shrunk more than `zoom` times below its own context crop). A greedy set cover per
+    view keeps the candidates that host the most segments not yet hosted (ties: the smaller
+    side, then the lower segment id); each segment is then read out of the first chosen crop that
+    hosts it.
 
     Args:
         point_index: int32 [V, H, W] point shown by each pixel, -1 = nothing.
@@ -344,20 +345,23 @@ def pack_crops(
     box = boxes[item_view, seg_ids].astype(np.float64)  # inclusive pixel boxes
     context = np.maximum(np.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]) + 1, 0) * scale
     context = np.maximum(context, min_side)
-    grow = float(np.sqrt(zoom))
-    tiles = square_boxes(boxes[item_view, seg_ids], scale=scale * grow, min_side=min_side * grow,
-                         height=H, width=W, dtype=np.float64)
-    side = tiles[:, 2] - tiles[:, 0]
+    # candidate sides: the segment's own context, sqrt(zoom) and zoom times it (the middle one
+    # always hosts its own segment, so the cover exists)
+    grows = (1.0,) if zoom == 1 else (1.0, float(np.sqrt(zoom)), float(zoom))
     crop_view, crop_box = [], []
     region_items = [np.zeros(0, np.int64)]
     eps = 1e-6
     for v in np.unique(item_view):
         rows = np.flatnonzero(item_view == v)  # this view's segments, by segment id
-        t, b, c, T = tiles[rows], box[rows], context[rows], side[rows]
+        b, c = box[rows], context[rows]
+        t = np.concatenate([square_boxes(boxes[v, seg_ids[rows]], scale=scale * g, min_side=min_side * g,
+                                         height=H, width=W, dtype=np.float64) for g in grows])
+        T = t[:, 2] - t[:, 0]
         member = ((b[None, :, 0] >= t[:, None, 0] - eps) & (b[None, :, 1] >= t[:, None, 1] - eps)
                   & (b[None, :, 2] + 1 <= t[:, None, 2] + eps) & (b[None, :, 3] + 1 <= t[:, None, 3] + eps)
                   & (c[None, :] <= T[:, None] * (1 + eps)) & (T[:, None] <= zoom * c[None, :] * (1 + eps)))
-        np.fill_diagonal(member, True)
+        own = len(rows) * (len(grows) // 2) + np.arange(len(rows))
+        member[own, np.arange(len(rows))] = True
         chosen = _cover(member)
         host = member[chosen].argmax(axis=0)  # first chosen crop that hosts each segment
         for j, a in enumerate(chosen):

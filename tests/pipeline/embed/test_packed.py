@@ -36,37 +36,39 @@ def _brute_pack(point_index, segment, S, *, views, min_pixels, scale, zoom, min_
     V, H, W = point_index.shape
     counts, boxes = segment_pixel_boxes(point_index, segment, S)
     crops = []  # (view, box, [segments])
-    grow = zoom ** 0.5
+    grows = [1.0] if zoom == 1 else [1.0, zoom ** 0.5, zoom]
     best = {s: [u for u in sorted(range(V), key=lambda u: (-counts[u, s], u))[:views] if counts[u, s] >= min_pixels]
             for s in range(S)}
     for v in range(V):
         segs = [s for s in range(S) if v in best[s]]
-        cand, ctx = {}, {}
-        for s in segs:
-            x0, y0, x1, y1 = (float(t) for t in boxes[v, s])
-            side = max(x1 - x0 + 1, y1 - y0 + 1)
-            ctx[s] = max(side * scale, min_side)
-            t = max(side * scale * grow, min_side * grow)
-            cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
-            cx = min(max(cx, t / 2), W - t / 2) if t <= W else W / 2
-            cy = min(max(cy, t / 2), H - t / 2) if t <= H else H / 2
-            cand[s] = (cx - t / 2, cy - t / 2, cx + t / 2, cy + t / 2)
+        cand, ctx = [], {}  # candidates in order: every segment at the first size, then the next size ...
+        for g in grows:
+            for s in segs:
+                x0, y0, x1, y1 = (float(t) for t in boxes[v, s])
+                side = max(x1 - x0 + 1, y1 - y0 + 1)
+                ctx[s] = max(side * scale, min_side)
+                t = max(side * scale * g, min_side * g)
+                cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+                cx = min(max(cx, t / 2), W - t / 2) if t <= W else W / 2
+                cy = min(max(cy, t / 2), H - t / 2) if t <= H else H / 2
+                cand.append((s, g, (cx - t / 2, cy - t / 2, cx + t / 2, cy + t / 2)))
 
-        def hosts(a, s, v=v, cand=cand, ctx=ctx):
-            tx0, ty0, tx1, ty1 = cand[a]
+        def hosts(i, s, v=v, cand=cand, ctx=ctx):
+            a, g, (tx0, ty0, tx1, ty1) = cand[i]
             x0, y0, x1, y1 = boxes[v, s]
             T = tx1 - tx0
             fits = x0 >= tx0 - 1e-4 and y0 >= ty0 - 1e-4 and x1 + 1 <= tx1 + 1e-4 and y1 + 1 <= ty1 + 1e-4
-            return a == s or (fits and ctx[s] <= T * (1 + 1e-6) and T <= zoom * ctx[s] * (1 + 1e-6))
+            own = a == s and g == grows[len(grows) // 2]
+            return own or (fits and ctx[s] <= T * (1 + 1e-6) and T <= zoom * ctx[s] * (1 + 1e-6))
 
         left, chosen = set(segs), []
         while left:
-            a = max(segs, key=lambda a: (sum(hosts(a, s) for s in left), -segs.index(a)))
-            chosen.append(a)
-            left -= {s for s in segs if hosts(a, s)}
-        for a in chosen:
-            mine = [s for s in segs if hosts(a, s) and next(b for b in chosen if hosts(b, s)) == a]
-            crops.append((v, cand[a], mine))
+            i = max(range(len(cand)), key=lambda i: (sum(hosts(i, s) for s in left), -i))
+            chosen.append(i)
+            left -= {s for s in segs if hosts(i, s)}
+        for i in chosen:
+            mine = [s for s in segs if hosts(i, s) and next(j for j in chosen if hosts(j, s)) == i]
+            crops.append((v, cand[i][2], mine))
     return crops, counts, best
 
 
