@@ -15,17 +15,19 @@ class EmbedConfig:
     """CLIP model: a folder written by `save_pretrained` (e.g. the offline teacher) or a hub id
     such as "openai/clip-vit-base-patch32"."""
     mode: Literal["packed", "crops"] = "packed"
-    """How segments are embedded. "packed": each segment from the one view that shows it best,
+    """How segments are embedded. "packed": each segment from the view that shows it best,
     several segments sharing a crop, each read out of it by a class token that attends only to
-    its own pixels (`pack_*`, `mask_*`); about 1 encoder image for 2 segments. "crops": each
+    its own patches (`pack_*`, `mask_*`): about 1 encoder image for 2-3 segments. "crops": each
     segment cropped from its `views_per_segment` best views at every one of `scales`, the crop
-    embeddings averaged (about 8 images a segment: the former default, ~20x the compute; its
-    stored embeddings keep their former config hash). docs/benchmarks.md compares the two."""
+    embeddings averaged: about 8 images a segment (the former default: 11-15x the crops, at the
+    same segment accuracy on the measured rooms; its stored embeddings keep their former config
+    hash). docs/benchmarks.md compares the two."""
     pack_views: int = 1
     """packed: a segment is read out of this many of its best views (most pixels), averaged with
     pixel weights."""
-    pack_scale: float = 1.5
-    """packed: a segment's own context side is its pixel box's longer side times this."""
+    pack_scale: float = 1.0
+    """packed: a segment's own context side is its pixel box's longer side times this (its crop
+    adds context: it is 1 to `pack_zoom` times that side)."""
     pack_zoom: float = 2.0
     """packed: a crop's side is at most this many times the own context side of each segment it
     hosts (>= 1; 1 = one crop per segment; larger = fewer crops, smaller segments in them)."""
