@@ -1,7 +1,8 @@
 """What the embed stage does (`embed.*` options), and which of it changes the stored embeddings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pipeline.config import ConfigError, to_dict
@@ -77,8 +78,17 @@ class EmbedConfig:
             raise ConfigError(f"embed: need mask_layers >= 0 and pack_views >= 1, got {self.mask_layers}, {self.pack_views}")
         if not self.mask_context or not all(0.0 <= c <= 1.0 for c in self.mask_context):
             raise ConfigError(f"embed: mask_context must be one or more values in 0..1, got {self.mask_context}")
+        other, name = (CROPS_ONLY, "crops") if self.mode == "packed" else (PACKED_ONLY, "packed")
+        ignored = [f.name for f in fields(self) if f.name in other and getattr(self, f.name) != f.default]
+        if ignored:  # set by the user, and without effect: say so
+            warnings.warn(f"embed: {', '.join(ignored)} apply to mode={name} only; with mode={self.mode} they are "
+                          "ignored", UserWarning, stacklevel=3)
 
 
+CROPS_ONLY = ("views_per_segment", "scales", "weight")
+"""Fields that only mode "crops" reads."""
+PACKED_ONLY = ("pack_views", "pack_scale", "pack_zoom", "mask_layers", "mask_context")
+"""Fields that only mode "packed" reads."""
 CROPS_FIELDS = ("views_per_segment", "min_pixels", "scales", "min_crop_side", "weight", "view_fit", "max_supersample")
 """What changes the embeddings of mode "crops" (exactly the fields hashed before modes existed, so
 a store embedded then is not embedded again with `mode=crops`)."""

@@ -228,11 +228,17 @@ def test_result_fields_per_mode():
     # the fields hashed before modes existed, unchanged: stores embedded then are not embedded again
     assert result_fields(crops) == {"views_per_segment": 3, "min_pixels": 16, "scales": [1.0, 1.5, 2.0],
                                     "min_crop_side": 16.0, "weight": "pixels", "view_fit": "pad", "max_supersample": 4}
-    assert result_fields(dataclasses.replace(crops, pack_zoom=3.0)) == result_fields(crops)
+    with pytest.warns(UserWarning, match="ignored"):  # and said to be
+        assert result_fields(dataclasses.replace(crops, pack_zoom=3.0)) == result_fields(crops)
     packed = EmbedConfig()
     assert packed.mode == "packed" and result_fields(packed)["mode"] == "packed"
-    assert result_fields(dataclasses.replace(packed, scales=(1.0,), views_per_segment=1)) == result_fields(packed)
+    with pytest.warns(UserWarning, match="ignored"):
+        assert result_fields(dataclasses.replace(packed, scales=(1.0,), views_per_segment=1)) == result_fields(packed)
     assert result_fields(dataclasses.replace(packed, pack_zoom=3.0)) != result_fields(packed)
+    with pytest.warns(UserWarning, match="scales apply to mode=crops only"):
+        from_dict(EmbedConfig, {"scales": [1.0]}, where="embed")
+    with pytest.warns(UserWarning, match="pack_zoom apply to mode=packed only"):
+        from_dict(EmbedConfig, {"mode": "crops", "pack_zoom": 3.0}, where="embed")
     for bad in ({"mode": "dense"}, {"pack_zoom": 0.5}, {"mask_layers": -1}, {"pack_views": 0}, {"mask_context": [2.0]},
                 {"mask_context": []}):
         with pytest.raises(ConfigError):
