@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.clip.crops import extract_crops, pack_crops, pool_segments, region_patch_masks, segment_crops
 from pipeline.clip.model import ClipEncoder
@@ -131,21 +132,28 @@ class _SceneWork:
 
 
 def encode_chunk(encoder: ClipEncoder, chunk: Chunk, cfg: EmbedConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image embeddings [B, D], region embeddings [R, D]) of one chunk.
+    """(image embeddings [B, D], region embeddings [R, D]) of one chunk, `batch` images at a time.
 
     A region's embedding is the renormalised mean of its class token read out at each of
     `cfg.mask_context` (all of them in one forward pass; context 1 is its image's embedding)."""
     if len(chunk.region_image) == 0:
         return encoder.encode_pixels(chunk.pixels, batch_size=batch), torch.zeros(0, encoder.dim, device=encoder.device)
     contexts = [c for c in cfg.mask_context if c < 1.0]
-    R = len(chunk.region_image)
-    weights = np.concatenate([chunk.region_mask + c * (1.0 - chunk.region_mask) for c in contexts]) if contexts else (
-        np.zeros((0, chunk.region_mask.shape[1]), np.float32))
-    images, tokens = encoder.encode_regions(chunk.pixels, np.tile(chunk.region_image, len(contexts)), weights,
-                                            mask_layers=cfg.mask_layers)
-    parts = [tokens[i * R:(i + 1) * R] for i in range(len(contexts))]
-    parts += [images[torch.as_tensor(chunk.region_image, device=images.device)]] * sum(c >= 1.0 for c in cfg.mask_context)
-    return images, torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=-1)
+    whole = sum(c >= 1.0 for c in cfg.mask_context)
+    images = torch.empty(len(chunk.pixels), encoder.dim, device=encoder.device)
+    regions = torch.empty(len(chunk.region_image), encoder.dim, device=encoder.device)
+    for lo in range(0, len(chunk.pixels), batch):
+        rows = np.flatnonzero((chunk.region_image >= lo) & (chunk.region_image < lo + batch))
+        local, mask = chunk.region_image[rows] - lo, chunk.region_mask[rows]
+        weights = [mask + c * (1.0 - mask) for c in contexts]
+        emb, tokens = encoder.encode_regions(
+            chunk.pixels[lo:lo + batch], np.tile(local, len(contexts)),
+            np.concatenate(weights) if weights else np.zeros((0, mask.shape[1]), np.float32),
+            mask_layers=cfg.mask_layers)
+        parts = list(tokens.reshape(len(contexts), len(rows), encoder.dim)) + [emb[torch.as_tensor(local, device=emb.device)]] * whole
+        images[lo:lo + len(emb)] = emb
+        regions[torch.as_tensor(rows, device=regions.device)] = F.normalize(torch.stack(parts).mean(0), dim=-1)
+    return images, regions
 
 
 def _prepare(
