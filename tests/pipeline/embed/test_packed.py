@@ -267,3 +267,26 @@ def test_record_states_crops_and_info_json_shows_them(tmp_path, model_dir):
     assert {row["scene"]: row["crops"] for row in info["per_scene"]} == counts
     embed = info["stage_summaries"]["embed"]
     assert embed["crops"] == sum(counts.values()) and embed["modes"] == ["crops", "packed"]
+
+
+def test_packed_whole_crop_context_and_batch_size(encoder, model_dir):
+    """mask_context (1,) is each segment's crop embedding; batch size changes nothing (batches
+    without regions included)."""
+    rgb, point_index, segment, S = _scene(4)
+    cfg = EmbedConfig(model=str(model_dir), min_pixels=8, mask_context=(1.0,), batch_size=1)
+    got = embed_scene(rgb, point_index, segment, encoder, cfg, num_segments=S)
+    packed = pack_crops(point_index, segment, num_segments=S, min_pixels=8, scale=cfg.pack_scale, zoom=cfg.pack_zoom)
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
+    norm = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        crop = F.normalize(encoder.model.get_image_features(
+            pixel_values=extract_crops(norm, packed.view, packed.box, size=IMAGE)).pooler_output, dim=-1).numpy()
+    want = np.zeros((S, 16), np.float32)
+    np.add.at(want, packed.region_segment, crop[packed.region_crop] * packed.region_weight[:, None])
+    want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
+    assert np.allclose(got.segment, want, atol=1e-5)
+    tight = dataclasses.replace(cfg, mask_context=(0.0, 1.0))
+    one, many = (embed_scene(rgb, point_index, segment, encoder, dataclasses.replace(tight, batch_size=b), num_segments=S)
+                 for b in (1, 64))
+    assert np.allclose(one.segment, many.segment, atol=1e-5) and np.allclose(one.view, many.view, atol=1e-5)
+    assert not np.allclose(one.segment, got.segment, atol=1e-3)
