@@ -278,7 +278,7 @@ def segment_accuracy(
     Returns:
         {name: {"segment_accuracy", "point_accuracy" (segments weighted by their points),
          "class_accuracy" (mean over classes), "*_base", "*_novel", "segments", "crops",
-         "images", "seconds"}}
+         "images", "seconds", "per_scene": {scene: segment accuracy}}}
     """
     import dataclasses
 
@@ -300,7 +300,7 @@ def segment_accuracy(
     out: dict[str, Any] = {}
     for name, cfg in configs.items():
         cfg = dataclasses.replace(cfg, model=model_dir)
-        hit, cls, size, crops, images, seconds = [], [], [], 0, 0, 0.0
+        hit, cls, size, crops, images, seconds, per_scene = [], [], [], 0, 0, 0.0, {}
         for scene_id in scene_ids:
             segment = store.read(scene_id, schema.SEGMENT).astype(np.int64)
             semantic = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
@@ -315,10 +315,12 @@ def segment_accuracy(
             keep = (majority >= 0) & ~np.isin(majority, list(ignored))
             pred = candidates[(emb.segment @ text.T).argmax(axis=1)]
             hit.append(((pred == majority) & emb.seen)[keep])
+            per_scene[scene_id] = float(hit[-1].mean()) if keep.any() else float("nan")
             cls.append(majority[keep])
             size.append(np.bincount(segment, minlength=S)[keep])
         h, c, w = np.concatenate(hit), np.concatenate(cls), np.concatenate(size).astype(np.float64)
-        entry: dict[str, Any] = {"segments": int(len(h)), "crops": crops, "images": images, "seconds": round(seconds, 1)}
+        entry: dict[str, Any] = {"segments": int(len(h)), "crops": crops, "images": images, "seconds": round(seconds, 1),
+                                 "per_scene": per_scene}
         groups = {"": np.ones(len(c), bool)}
         if split:
             groups.update({"_base": np.isin(c, split.base), "_novel": np.isin(c, split.novel)})

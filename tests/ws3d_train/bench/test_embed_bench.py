@@ -60,6 +60,7 @@ def test_segment_accuracy_matches_a_hand_count(labelled_store, model_dir):
                 hits += bool(emb.seen[s]) and int(np.argmax(text @ emb.segment[s])) == cls[0]
         assert got[name]["segments"] == total and got[name]["crops"] == crops
         assert got[name]["segment_accuracy"] == pytest.approx(hits / total)
+        assert set(got[name]["per_scene"]) == {"s0", "s1"}
     assert got["packed"]["crops"] < got["crops"]["crops"]
 
 
