@@ -158,39 +158,53 @@ def _bench_scene(folder: Path) -> tuple[str, str]:
 
 def _time_mode(encoder: ClipEncoder, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], cfg: Any,
                crops_sample: int | None, rng: np.random.Generator) -> dict[str, Any]:
-    """Seconds of one scene through the embed core (`_prepare`, then every chunk through the
-    encoder): all of it, or for mode "crops" above `crops_sample` crops the views and a random
-    sample of the crops (the rest extrapolated at the sample's seconds per crop: each crop is one
-    encoder image of the same size, so its cost is linear in crops)."""
+    """Wall and CPU seconds of one scene through the embed core: `_prepare`, then every chunk cut
+    and through the encoder. All of it, or for mode "crops" above `crops_sample` crops the views
+    and a random sample of the crops, the rest extrapolated at the sample's seconds per crop (each
+    crop is one encoder image of the same size, so its cost is linear in crops). CPU seconds are
+    the steadier figure on shared cores (a busy machine stretches wall time, not work)."""
     import torch
 
     from pipeline.embed.core import _prepare, batch_size, encode_chunk
 
+    def clocks() -> np.ndarray:
+        return np.array([time.perf_counter(), time.process_time()])
+
     batch = batch_size(cfg, encoder)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    t0 = clocks()
     work = _prepare("bench", *arrays, encoder, cfg, None)
-    prepare_s = time.perf_counter() - wall0
+    phase = {"prepare": clocks() - t0, "views": np.zeros(2), "crops": np.zeros(2)}
     crops = len(work.crop_view)
     sampled = not work.packed and crops_sample is not None and crops > crops_sample  # packed: always whole
     if sampled:
         keep = np.sort(rng.choice(crops, crops_sample, replace=False))
         work.crop_view, work.crop_box = work.crop_view[keep], work.crop_box[keep]
-    timed = {"views": 0.0, "crops": 0.0}
     view_chunks = -(-len(work.view_pixels) // batch)  # `chunks` yields the views first
-    for i, chunk in enumerate(work.chunks(encoder, batch, cfg.max_supersample)):
-        t0 = time.perf_counter()
-        encode_chunk(encoder, chunk, cfg, batch)
+    chunks = work.chunks(encoder, batch, cfg.max_supersample)
+    for i in range(view_chunks + -(-len(work.crop_view) // batch)):
+        t0 = clocks()
+        encode_chunk(encoder, next(chunks), cfg, batch)  # cutting the crops counts too
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()
-        timed["views" if i < view_chunks else "crops"] += time.perf_counter() - t0
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    per_crop = timed["crops"] / max(1, len(work.crop_view))
-    seconds = prepare_s + timed["views"] + per_crop * crops if sampled else wall
+        phase["views" if i < view_chunks else "crops"] += clocks() - t0
+    per_crop = phase["crops"] / max(1, len(work.crop_view))
+    total = phase["prepare"] + phase["views"] + per_crop * crops
     return {"crops": crops, "views": int(len(work.view_pixels)), "images": crops + int(len(work.view_pixels)),
             "regions": int(len(work.region_crop)) if work.packed else crops,
-            "segments_seen": int(work.seen.sum()), "seconds": round(seconds, 4),
-            "cpu_seconds_measured": round(cpu, 2), "seconds_per_crop": round(per_crop, 4),
+            "segments_seen": int(work.seen.sum()), "seconds": round(float(total[0]), 4),
+            "cpu_seconds": round(float(total[1]), 4), "seconds_per_crop": round(float(per_crop[0]), 4),
+            "cpu_seconds_per_crop": round(float(per_crop[1]), 4), "prepare_seconds": round(float(phase["prepare"][0]), 4),
             "crops_timed": int(len(work.crop_view)), "extrapolated": sampled}
+
+
+def _warm_up(encoder: ClipEncoder, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], cfgs: Sequence[Any]) -> None:
+    """First calls compile or load kernels (numba, torch): made before anything is timed."""
+    from pipeline.embed.core import _prepare, encode_chunk
+
+    for cfg in cfgs:
+        chunk = next(iter(_prepare("warm-up", *arrays, encoder, cfg, None).chunks(encoder, 2, cfg.max_supersample)))
+        encode_chunk(encoder, chunk, cfg, 2)
+        encoder.encode_regions(chunk.pixels, np.zeros(1, np.int64), np.ones((1, encoder.patch_grid ** 2), np.float32))
 
 
 def bench_embed_modes(
@@ -216,7 +230,8 @@ def bench_embed_modes(
             a ViT-B/16 encodes ~4 crops/s on two CPU cores, today's crops mode ~4,000 a scan).
     Returns:
         {"scene", "segments", "model", "device", "modes": {mode: {"crops", "images", "regions",
-         "seconds", ...}}, "ratios": {"crops_over_<mode>": crops, "seconds_crops_over_<mode>": ...}}
+         "seconds", "cpu_seconds", ...}}, "ratios": {"crops_over_<mode>", "images_crops_over_<mode>",
+         "seconds_crops_over_<mode>", "cpu_seconds_crops_over_<mode>"}}
     """
     import tempfile
 
@@ -238,13 +253,14 @@ def bench_embed_modes(
                               "model": model_dir or f"random {encoder.image_size}px/{encoder.patch_grid}x{encoder.patch_grid} patches",
                               "device": str(encoder.device), "modes": {}}
     rng = np.random.default_rng(0)
-    encoder.encode_pixels(encoder.fit_square(encoder.to_normalised(arrays[0][:2])), batch_size=2)  # warm-up
+    _warm_up(encoder, arrays, [EmbedConfig(model="bench", mode=mode) for mode in modes])
     for mode in modes:
         entry = _time_mode(encoder, arrays, EmbedConfig(model="bench", mode=mode), crops_sample, rng)
         report["modes"][mode] = entry
         if verbose:
             print(f"embed modes: {mode}: {entry['crops']} crops + {entry['views']} views for {entry['segments_seen']} "
-                  f"segments, {entry['seconds']:.1f} s{' (extrapolated)' if entry['extrapolated'] else ''} on {encoder.device}")
+                  f"segments, {entry['seconds']:.1f} s ({entry['cpu_seconds']:.1f} CPU s)"
+                  f"{' (extrapolated)' if entry['extrapolated'] else ''} on {encoder.device}")
     if "crops" in report["modes"]:
         ref = report["modes"]["crops"]
         for mode, entry in report["modes"].items():
@@ -252,6 +268,7 @@ def bench_embed_modes(
                 report.setdefault("ratios", {})[f"crops_over_{mode}"] = round(ref["crops"] / max(1, entry["crops"]), 2)
                 report["ratios"][f"images_crops_over_{mode}"] = round(ref["images"] / max(1, entry["images"]), 2)
                 report["ratios"][f"seconds_crops_over_{mode}"] = round(ref["seconds"] / max(1e-9, entry["seconds"]), 2)
+                report["ratios"][f"cpu_seconds_crops_over_{mode}"] = round(ref["cpu_seconds"] / max(1e-9, entry["cpu_seconds"]), 2)
     return report
 
 

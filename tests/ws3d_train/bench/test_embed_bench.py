@@ -71,4 +71,5 @@ def test_bench_embed_modes_side_by_side(labelled_store, model_dir):
     assert not packed["extrapolated"] and packed["crops_timed"] == packed["crops"]
     assert packed["regions"] == packed["segments_seen"] == crops["segments_seen"] > packed["crops"]
     assert report["ratios"]["crops_over_packed"] == pytest.approx(crops["crops"] / packed["crops"], abs=0.01)
-    assert all(entry["seconds"] > 0 for entry in report["modes"].values())
+    assert all(entry["seconds"] > 0 and entry["cpu_seconds"] > 0 for entry in report["modes"].values())
+    assert report["ratios"]["cpu_seconds_crops_over_packed"] > 0
