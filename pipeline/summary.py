@@ -36,6 +36,9 @@ def summarise_store(store: Store) -> dict[str, Any]:
         if render is not None:
             row["views"] = render.get("stats", {}).get("views")
             row["coverage"] = render.get("stats", {}).get("coverage")
+        embed = store.stage_record(scene_id, "embed")
+        if embed is not None:  # segment crops through the CLIP encoder (the stage's cost)
+            row["crops"] = embed.get("stats", {}).get("crops")
         rows.append(row)
     present = [name for name, count in zip(store.class_names, class_points) if count > 0]
     return {

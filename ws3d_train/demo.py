@@ -103,8 +103,10 @@ class DemoConfig:
     """Rows of the miniature benchmark (keys of SETTINGS, "full + 2d-3d ensemble" and "2d fusion")."""
     min_region_size: int = 20
     """Smallest instance (points) counted by AP and box mAP (ScanNet: 100; the 8-cm demo rooms are small)."""
-    embed: EmbedConfig = EmbedConfig(scales=(1.0, 2.0), views_per_segment=2)
-    """EmbedConfig fields for the demo (fewer crops per segment than the default: CPU time)."""
+    embed: EmbedConfig = EmbedConfig()
+    """EmbedConfig fields for the demo: the stage's default ("packed"). Until issue 26 the demo
+    used mode "crops" with 2 views x 2 scales (`embed.mode=crops embed.views_per_segment=2
+    embed.scales=[1.0,2.0]`); docs/benchmarks.md compares the two."""
     executor: ExecutorConfig = ExecutorConfig(kind="local")
     """Where preprocessing runs."""
     num_workers: int = 0

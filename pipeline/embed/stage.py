@@ -90,10 +90,10 @@ def _read_scene(store: Store, scene_id: str) -> tuple[np.ndarray, np.ndarray, np
     )
 
 
-def _output(result: SceneEmbedding, identity: str, seconds: float) -> StageOutput:
+def _output(result: SceneEmbedding, identity: str, seconds: float, mode: str) -> StageOutput:
     stats = {
         "views": int(len(result.view)), "segments": int(len(result.segment)),
-        "seen": int(result.seen.sum()), "crops": int(result.crops), "dim": int(result.view.shape[1]),
+        "seen": int(result.seen.sum()), "crops": int(result.crops), "mode": mode, "dim": int(result.view.shape[1]),
         "model": identity, "seconds": round(seconds, 3),
     }
     arrays = {
@@ -115,7 +115,7 @@ def compute(store: Store, scene_id: str, cfg: EmbedConfig, run: StageRun) -> Sta
         result = embed_scene(view_rgb, point_index, segment, encoder, cfg)
     except (KeyError, ValueError) as exc:
         raise SceneError(scene_id, None, f"embed: {exc}") from exc
-    return _output(result, encoder.identity, time.perf_counter() - start)
+    return _output(result, encoder.identity, time.perf_counter() - start, cfg.mode)
 
 
 def _model_identity(run: StageRun) -> tuple[str, ...]:
@@ -137,7 +137,7 @@ def embed_scenes(
     """
     import torch
 
-    from pipeline.embed.core import _SceneWork, _prepare, batch_size
+    from pipeline.embed.core import Chunk, _SceneWork, _prepare, batch_size, encode_chunk
 
     store = Store.open(store_path)
     run = StageRun(store=store_path, cfg=cfg, force=force)
@@ -159,25 +159,30 @@ def embed_scenes(
     images = 0
     start = time.perf_counter()
     open_works: deque[_SceneWork] = deque()
-    buffer: list[tuple[_SceneWork, torch.Tensor]] = []
+    buffer: list[tuple[_SceneWork, Chunk]] = []
 
     def flush() -> None:
         nonlocal images
         if buffer:
-            pixels = torch.cat([p for _, p in buffer])
-            emb = encoder.encode_pixels(pixels, batch_size=batch)
-            images += len(pixels)
-            offset = 0
-            for work, p in buffer:
-                work.outputs.append(emb[offset:offset + len(p)])
-                offset += len(p)
+            # one encoder batch for the chunks of several scenes: regions renumbered to the batch
+            offsets = np.cumsum([0] + [len(c.pixels) for _, c in buffer])
+            merged = Chunk(torch.cat([c.pixels for _, c in buffer]),
+                           np.concatenate([c.region_image + o for (_, c), o in zip(buffer, offsets)]),
+                           np.concatenate([c.region_mask for _, c in buffer]))
+            emb, regions = encode_chunk(encoder, merged, cfg, batch)
+            images += len(merged.pixels)
+            r = 0
+            for (work, chunk), o in zip(buffer, offsets):
+                work.images_out.append(emb[o:o + len(chunk.pixels)])
+                work.regions_out.append(regions[r:r + len(chunk.region_image)])
+                r += len(chunk.region_image)
             buffer.clear()
         # scenes whose images have all been cut and encoded are written, in order
         while open_works and open_works[0].produced and open_works[0].received == open_works[0].total:
             work = open_works.popleft()
             seconds = time.perf_counter() - work.start
             results[work.scene_id] = write_output(store, EMBED, work.scene_id, cfg, work.config_hash,
-                                                  _output(work.finish(encoder.dim), encoder.identity, seconds),
+                                                  _output(work.finish(encoder.dim), encoder.identity, seconds, cfg.mode),
                                                   seconds=seconds)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -201,9 +206,9 @@ def embed_scenes(
                 continue
             work.config_hash, work.start = h, t0
             open_works.append(work)
-            for pixels in work.pixel_chunks(encoder, batch, cfg.max_supersample):
-                buffer.append((work, pixels))
-                if sum(len(p) for _, p in buffer) >= batch:
+            for chunk in work.chunks(encoder, batch, cfg.max_supersample):
+                buffer.append((work, chunk))
+                if sum(len(c.pixels) for _, c in buffer) >= batch:
                     flush()
             work.produced = True
         flush()
@@ -276,8 +281,8 @@ def _finish(run: StageRun, report: RunReport) -> str | None:
 
 
 def summarise(store: Store) -> dict[str, Any]:
-    """For `ws3d info`: scenes embedded, views/segments/seen totals, models, vocabularies."""
-    done, views, segments, seen, models = 0, 0, 0, 0, set()
+    """For `ws3d info`: scenes embedded, views/segments/seen/crops totals, modes, models, vocabularies."""
+    done, views, segments, seen, crops, models, modes = 0, 0, 0, 0, 0, set(), set()
     for scene_id in store.scene_ids():
         record = store.stage_record(scene_id, "embed")
         if record is None:
@@ -287,10 +292,12 @@ def summarise(store: Store) -> dict[str, Any]:
         views += stats.get("views", 0)
         segments += stats.get("segments", 0)
         seen += stats.get("seen", 0)
+        crops += stats.get("crops", 0)
         models.add(stats.get("model", "?"))
+        modes.add(stats.get("mode", "crops"))  # records from before modes existed: crops
     return {
-        "scenes_embedded": done, "views": views, "segments": segments,
-        "segments_seen": seen, "models": sorted(models), "vocabularies": store.vocab_names(),
+        "scenes_embedded": done, "views": views, "segments": segments, "segments_seen": seen,
+        "crops": crops, "modes": sorted(modes), "models": sorted(models), "vocabularies": store.vocab_names(),
     }
 
 

@@ -2,7 +2,8 @@
 reference measured in the same process where one exists.
 
 Sections (each from the stage owner's bench function): rendering vs bare ray casting,
-over-segmentation vs Open3D FPFH, CLIP embedding images/s, store read scenes/s, sparse
+over-segmentation vs Open3D FPFH, CLIP embedding images/s, crops and seconds per scan of each
+embed mode (packed vs crops, a ViT-B/16-sized model on the real ScanNet sample), store read scenes/s, sparse
 convolution voxels/s of every installed backend side by side, each against a dense `nn.Conv3d`
 (`sparse.backends.<name>`), peak memory per stage, and, on a GPU, training steps/s and peak GPU
 memory. Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
@@ -28,6 +29,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "render": ("ws3d_train.bench.render", "bench_render"),
     "overseg": ("ws3d_train.bench.overseg", "bench_overseg"),
     "embed": ("ws3d_train.bench.embed", "bench_embed"),
+    "embed_modes": ("ws3d_train.bench.embed", "bench_embed_modes"),
     "sparse": ("ws3d_train.bench.sparse", "bench_sparse"),
     "store_read": ("ws3d_train.bench.data", "bench_store_read"),
     "train_step": ("ws3d_train.bench.data", "bench_train_step"),
@@ -86,6 +88,10 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
         return {"tiny": True} if tiny else {}
     if name == "embed":  # bench_embed has no `tiny` switch: small batches and views instead
         return {"batch_sizes": (2,), "view_hw": (48, 64), "verbose": False} if tiny else {}
+    if name == "embed_modes":  # tiny: a teacher-sized model and 16 timed crops (the scene stays real)
+        tiny_vit = {"image_size": 64, "patch_size": 16, "hidden_size": 64, "intermediate_size": 256,
+                    "num_hidden_layers": 2, "num_attention_heads": 2}
+        return {"vision": tiny_vit, "crops_sample": 16, "verbose": False} if tiny else {}
     if name in ("store_read", "train_step"):
         return {"store_path": store}
     return {}

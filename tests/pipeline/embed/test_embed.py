@@ -215,7 +215,8 @@ def _oracle(encoder, rgb, point_index, segment, S, cfg):
 
 def test_embed_scene_matches_direct_clip_calls(encoder, model_dir):
     rgb, point_index, segment, S = _scene(3)
-    cfg = EmbedConfig(model=str(model_dir), views_per_segment=2, min_pixels=8, scales=(1.0, 1.5, 2.0), batch_size=7)
+    cfg = EmbedConfig(model=str(model_dir), mode="crops", views_per_segment=2, min_pixels=8, scales=(1.0, 1.5, 2.0),
+                      batch_size=7)
     got = embed_scene(rgb, point_index, segment, encoder, cfg, num_segments=S)
     view, seg = _oracle(encoder, rgb, point_index, segment, S, cfg)
     assert got.view.shape == (3, 16) and got.segment.shape == (S, 16) and got.seen.dtype == bool
@@ -251,7 +252,7 @@ def _write_scene(store: Store, scene_id: str, seed: int, render_hash: str = "r")
 def test_run_scene_round_trip_and_skip(tmp_path, encoder, model_dir):
     store = Store.create(tmp_path / "store", dataset="synthetic", class_names=["chair", "table"])
     rgb, point_index, segment, S = _write_scene(store, "scene0", seed=4)
-    cfg = EmbedConfig(model=str(model_dir), min_pixels=8)
+    cfg = EmbedConfig(model=str(model_dir), mode="crops", min_pixels=8)
     result = EMBED.run_scene(str(store.path), "scene0", cfg)
     assert result.status == "done" and result.stats["segments"] == S
     view = store.read("scene0", schema.CLIP_VIEW)
@@ -288,13 +289,14 @@ def test_model_change_invalidates(tmp_path, model_dir):
     assert not np.allclose(first, store.read("scene0", schema.CLIP_VIEW))
 
 
-def test_embed_scenes_batches_across_scenes_like_run_scene(tmp_path, model_dir, capsys):
+@pytest.mark.parametrize("mode,batch", [("packed", 3), ("crops", 13)])
+def test_embed_scenes_batches_across_scenes_like_run_scene(tmp_path, model_dir, capsys, mode, batch):
     a = Store.create(tmp_path / "a", dataset="synthetic", class_names=["chair"])
     b = Store.create(tmp_path / "b", dataset="synthetic", class_names=["chair"])
     for i in range(3):
         _write_scene(a, f"s{i}", seed=10 + i)
         _write_scene(b, f"s{i}", seed=10 + i)
-    cfg = EmbedConfig(model=str(model_dir), min_pixels=8, batch_size=13)  # batches straddle scenes
+    cfg = EmbedConfig(model=str(model_dir), mode=mode, min_pixels=8, batch_size=batch)  # batches straddle scenes
     results = embed_scenes(str(a.path), ["s0", "s1", "s2", "missing"], cfg)
     assert [r.status for r in results] == ["done", "done", "done", "failed"]
     assert "images/s" in capsys.readouterr().out

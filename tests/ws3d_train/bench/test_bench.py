@@ -44,6 +44,6 @@ def test_bench_tiny_writes_every_section(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--size", "tiny", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    for section in ("render", "overseg", "embed", "sparse", "store_read", "train_step"):
+    for section in ("render", "overseg", "embed", "embed_modes", "sparse", "store_read", "train_step"):
         assert section in data and "error" not in data[section], (section, data.get(section))
     assert "ratio" in result.output
