@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.base import Dataset, RawScene, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
@@ -168,6 +168,41 @@ def decode_labels(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.n
     return semantic, instance, unknown
 
 
+def check_kitti_bin(points: np.ndarray, path: Path) -> None:
+    """Raise SceneError when an `x y z intensity` float32 file is not one: its fourth column must
+    look like an intensity (finite, mostly in 0..1 or 0..255), not like coordinates of an x y z-only
+    file read 4 floats at a time (which would make garbage points that pass every other check)."""
+    if len(points) == 0:
+        raise SceneError("-", path, "no points")
+    intensity = points[:, 3]
+    finite = np.isfinite(points).all(axis=1)
+    plausible = (intensity >= 0) & (intensity <= 255)
+    integer_like = np.abs(intensity - np.rint(intensity)) < 1e-6
+    unit = (intensity >= 0) & (intensity <= 1.0)
+    if finite.mean() < 0.99 or plausible.mean() < 0.99 or (unit.mean() < 0.9 and integer_like.mean() < 0.9):
+        hint = " (the byte count also fits x y z records)" if (points.size % 3) == 0 else ""
+        raise SceneError("-", path, "the 4th float of each record does not look like an intensity "
+                         f"({100 * (1 - plausible.mean()):.0f}% outside 0..255, {100 * (1 - finite.mean()):.0f}% "
+                         f"not finite): an x y z-only file{hint}? set reader.columns='x y z' (--dataset files)")
+
+
+def training_id_labels(labels: np.ndarray, semantic: np.ndarray) -> str | None:
+    """A warning when labels look like training ids (0..19) rather than the raw ids the label map
+    takes (10 car, 40 road, ...): most of them are then unknown or ignored, silently."""
+    raw = np.asarray(labels, np.uint32) & 0xFFFF
+    annotated = raw > 1  # 0 unlabeled, 1 outlier
+    if not annotated.any() or int(raw.max()) >= 20:
+        return None
+    lost = annotated & (semantic == IGNORE_INDEX)
+    share = float(lost.sum() / annotated.sum())
+    if share < 0.5:
+        return None
+    return tag("labels-lost", f"{100 * share:.0f}% of the annotated points lost their label: every raw id is "
+                              f"below 20 (max {int(raw.max())}), as training ids are, but the label map takes raw "
+                              "SemanticKITTI ids (10 car, 40 road, ...); convert them, or ingest with --dataset "
+                              "files reader.classes=semantickitti")
+
+
 # --- poses ----------------------------------------------------------------------------------
 
 
@@ -221,8 +256,13 @@ def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np
     except OSError as exc:
         raise SceneError(scene_id, bin_path, f"cannot read scan: {exc}") from None
     if raw.size % 4:
-        raise SceneError(scene_id, bin_path, f"{raw.size * 4} bytes is not a whole number of points (16 bytes each)")
+        hint = " (it is a whole number of 12-byte x y z records: read it with --dataset files)" if raw.size % 3 == 0 else ""
+        raise SceneError(scene_id, bin_path, f"{raw.size * 4} bytes is not a whole number of points (16 bytes each){hint}")
     points = raw.reshape(-1, 4)
+    try:
+        check_kitti_bin(points, bin_path)
+    except SceneError as exc:
+        raise SceneError(scene_id, bin_path, exc.message) from None
     labels = None
     if label_path.exists():
         labels = np.fromfile(label_path, dtype=np.uint32)
@@ -268,7 +308,7 @@ def read_scene(
     frames = [f for f in range(first, frame + 1) if (seq_dir / "velodyne" / f"{f:06d}.bin").exists()]
     scene_warnings: list[str] = []
     if len(frames) < cfg.merge_scans:
-        scene_warnings.append(f"merged {len(frames)} scan(s), not {cfg.merge_scans}: earlier scans absent")
+        scene_warnings.append(tag("merge-short", f"merged {len(frames)} scan(s), not {cfg.merge_scans}: earlier scans absent"))
     source_files = [yaml_path] if yaml_path else []
     to_current = None
     if len(frames) > 1:
@@ -299,14 +339,20 @@ def read_scene(
     labels = np.concatenate(label_parts)
     semantic, instance, unknown = decode_labels(labels, lut)
     if missing_labels:
-        scene_warnings.append(f"no label file: {missing_labels} points ignored (test sequence?)")
+        scene_warnings.append(tag("unlabelled", f"no label file: {missing_labels} points ignored (test sequence?)"))
     if len(unknown):
         n_unknown = int(np.isin(labels & 0xFFFF, unknown).sum())
-        scene_warnings.append(
+        scene_warnings.append(tag("labels-unknown",
             f"{n_unknown} points have raw semantic ids {unknown.tolist()} unknown to the label map (ignored)"
-        )
+        ))
+    lost = training_id_labels(labels, semantic)
+    if lost:
+        scene_warnings.append(lost)
     intensity = np.concatenate(intensity_parts).astype(np.float64)
     rgb_grey = np.clip(np.rint(intensity * cfg.intensity_scale), 0, 255).astype(np.uint8)
+    if not rgb_grey.any():
+        scene_warnings.append(tag("no-colour", "intensity is 0 everywhere: rendered views are black (CLIP sees "
+                                               "nothing); a sweep saved without intensity?"))
     return RawScene(
         scene_id=scene_id,
         xyz=np.concatenate(xyz_parts).astype(np.float32),

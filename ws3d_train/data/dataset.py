@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -202,6 +203,8 @@ def voxelise(
     """
     if xyz.shape[0] == 0:
         raise DataError("voxelise: empty point cloud")
+    if rng is None:  # inference and evaluation: a hash table in one pass (numba), then sort the voxels
+        return _voxelise_first(xyz, voxel_size)
     q = np.floor(xyz / voxel_size).astype(np.int64)
     origin = q.min(axis=0)
     q -= origin
@@ -217,6 +220,80 @@ def voxelise(
         point_to_voxel = np.empty(key.shape[0], np.int64)
         point_to_voxel[order] = inverse.reshape(-1)
     return q[rep].astype(np.int32), origin, rep.astype(np.int64), point_to_voxel
+
+
+@numba.njit(cache=True)
+def _voxel_keys(xyz: np.ndarray, voxel_size: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """floor(xyz / voxel_size) - its minimum, and a key per point (x-major, then y, then z).
+    ``voxel_size`` is a scalar of xyz's dtype, so that the division rounds as NumPy's does."""
+    n = xyz.shape[0]
+    q = np.empty((n, 3), np.int64)
+    lo = np.full(3, np.iinfo(np.int64).max, np.int64)
+    hi = np.full(3, np.iinfo(np.int64).min, np.int64)
+    for i in range(n):
+        for d in range(3):
+            v = np.int64(np.floor(xyz[i, d] / voxel_size))
+            q[i, d] = v
+            lo[d] = min(lo[d], v)
+            hi[d] = max(hi[d], v)
+    key = np.empty(n, np.int64)
+    ey, ez = hi[1] - lo[1] + 1, hi[2] - lo[2] + 1
+    for i in range(n):
+        for d in range(3):
+            q[i, d] -= lo[d]
+        key[i] = (q[i, 0] * ey + q[i, 1]) * ez + q[i, 2]
+    return q, lo, key
+
+
+@numba.njit(cache=True)
+def _first_of_each_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct keys in order of first appearance, the first point of each, and each point's
+    distinct-key index (open addressing on a power-of-two table, keys >= 0)."""
+    n = key.shape[0]
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    mask = cap - 1
+    slot_key = np.full(cap, -1, np.int64)
+    slot_id = np.empty(cap, np.int64)
+    first = np.empty(n, np.int64)
+    uniq = np.empty(n, np.int64)
+    inverse = np.empty(n, np.int64)
+    count = 0
+    for i in range(n):
+        k = key[i]
+        h = (k * np.int64(-7046029254386353131)) & mask  # a Fibonacci-style multiplicative hash
+        h = (h ^ (h >> 17)) & mask
+        while True:
+            if slot_key[h] == k:
+                inverse[i] = slot_id[h]
+                break
+            if slot_key[h] == -1:
+                slot_key[h] = k
+                slot_id[h] = count
+                first[count] = i
+                uniq[count] = k
+                inverse[i] = count
+                count += 1
+                break
+            h = (h + 1) & mask
+    return uniq[:count], first[:count], inverse
+
+
+def _voxelise_first(xyz: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`voxelise` without ``rng``: the same result (lowest point index per voxel, voxels
+    sorted by key) from a hash table over the points and a sort over the voxels only (Nv << N):
+    3-8x faster than ``np.unique`` on 10^5-10^6 points (`ws3d bench --section predict`)."""
+    xyz = np.ascontiguousarray(xyz)
+    if xyz.dtype not in (np.float32, np.float64):
+        xyz = xyz.astype(np.float64)
+    q, origin, key = _voxel_keys(xyz, xyz.dtype.type(voxel_size))
+    uniq, first, inverse = _first_of_each_key(key)
+    order = np.argsort(uniq, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    rep = first[order]
+    return q[rep].astype(np.int32), origin, rep.astype(np.int64), rank[inverse]
 
 
 def voxel_majority(
