@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.datasets import manifests
 from pipeline.datasets.base import Dataset, RawScene, tag
-from pipeline.datasets.semantickitti import check_kitti_bin
+from pipeline.datasets.semantickitti import looks_like_xyz_records
 from pipeline.errors import SceneError, UserError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
 
@@ -649,9 +649,11 @@ def _read_bin(path: Path, cfg: FilesReaderConfig) -> _Fields:
     if raw.size % columns:
         hint = " (12 bytes a point: an x y z-only file? set reader.columns='x y z')" if raw.size % 3 == 0 else ""
         raise SceneError("-", path, f"{raw.size * 4} bytes is not a whole number of {columns}-float records{hint}")
+    if not cfg.columns and looks_like_xyz_records(raw, columns):
+        raise SceneError("-", path, "the file holds x y z records (12 bytes a point), not x y z intensity: "
+                         "set reader.columns='x y z'")
     values = raw.reshape(-1, columns).astype(np.float64)
     if not cfg.columns:
-        check_kitti_bin(values, path)
         cfg = _with_columns(cfg, "x y z intensity")
     return _from_columns(values, cfg, path)
 
@@ -748,7 +750,7 @@ def load_scan(path: str | Path, cfg: FilesReaderConfig = FilesReaderConfig()) ->
     origin = None
     if kind == "lidar" and cfg.sensor_origin == "auto":
         origin = estimate_sensor_origin(xyz)
-        warnings.append(tag("sensor-estimated", f"sensor placed at {np.round(origin, 2).tolist()} (where the sweep "
+        warnings.append(tag("sensor-estimated", f"sensor placed at {[round(float(v), 2) for v in origin]} (where the sweep "
                                                 f"is densest, {SENSOR_HEIGHT_M} m above its ground)"))
     elif kind == "lidar":
         origin = (np.asarray(cfg.sensor_origin, np.float64) @ rotation.T).astype(np.float32)
@@ -806,7 +808,7 @@ def sensor_far_warning(xyz: np.ndarray, origin: np.ndarray) -> str | None:
     near = float(np.percentile(d, 1))
     spread = float(np.percentile(np.linalg.norm(xyz - np.median(xyz, axis=0), axis=1), 50))
     if near > max(5.0, spread):
-        return tag("sensor-frame", f"the sensor at {np.round(origin, 2).tolist()} is {near:.1f} m from the nearest "
+        return tag("sensor-frame", f"the sensor at {[round(float(v), 2) for v in origin]} is {near:.1f} m from the nearest "
                                    "1% of the points: a sweep in a map frame? set reader.sensor_origin=[x,y,z] or "
                                    "reader.sensor_origin=auto (views from the sensor would see little)")
     return None

@@ -149,11 +149,12 @@ def test_bin_records_and_an_xyz_only_bin(tmp_path):
     np.testing.assert_array_equal(scan.rgb[:, 0], np.rint(intensity * 255).astype(np.uint8))
     assert scan.colour == "intensity"
     # 3 floats a point read 4 at a time would be garbage: refused with the way out
-    shifted = (xyz - 2.0).astype(np.float32)[:256]
-    shifted.tofile(tmp_path / "xyz_only.bin")
-    with pytest.raises(SceneError, match="does not look like an intensity.*reader.columns='x y z'"):
+    t = np.linspace(0, 20, 1200)
+    sweep = np.stack([10 * np.cos(t), 10 * np.sin(t), np.full_like(t, -1.7)], axis=1).astype(np.float32)  # in scan order
+    sweep.tofile(tmp_path / "xyz_only.bin")
+    with pytest.raises(SceneError, match="x y z records.*reader.columns='x y z'"):
         load_scan(tmp_path / "xyz_only.bin")
-    _check(load_scan(tmp_path / "xyz_only.bin", FilesReaderConfig(columns="x y z")), shifted)
+    _check(load_scan(tmp_path / "xyz_only.bin", FilesReaderConfig(columns="x y z")), sweep)
 
 
 # --- options ----------------------------------------------------------------------------------
