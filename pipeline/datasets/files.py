@@ -383,7 +383,13 @@ def _from_named(names: list[str], get: Any, cfg: FilesReaderConfig, path: Path) 
     xyz_names = [lower.get(a) for a in ("x", "y", "z")]
     if None in xyz_names:
         raise SceneError("-", path, f"no x, y, z fields (has: {', '.join(names)})")
-    xyz = np.stack([np.asarray(get(n), np.float64) for n in xyz_names], axis=1)
+    columns = [np.asarray(get(n)) for n in xyz_names]
+    # float32 stays float32 (a scan's own precision); anything else (float64 LAS coordinates far
+    # from the origin, integers) is read as float64 and rounded once, after its shift to metres
+    dtype = np.float32 if all(c.dtype == np.float32 for c in columns) else np.float64
+    xyz = np.empty((len(columns[0]), 3), dtype)
+    for d, column in enumerate(columns):
+        xyz[:, d] = column
     out = _Fields(xyz)
     for triple in COLOUR_FIELDS:
         found = [lower.get(c) for c in triple]
@@ -500,7 +506,8 @@ def _from_columns(values: np.ndarray, cfg: FilesReaderConfig, path: Path) -> _Fi
     warnings: list[str] = []
     names = _columns(cfg, values.shape[1], path, warnings)
     col = {n: values[:, i] for i, n in enumerate(names) if n != "_"}
-    out = _Fields(np.stack([col["x"], col["y"], col["z"]], axis=1).astype(np.float64), warnings=warnings)
+    dtype = np.float32 if values.dtype == np.float32 else np.float64
+    out = _Fields(np.stack([col["x"], col["y"], col["z"]], axis=1).astype(dtype), warnings=warnings)
     if {"r", "g", "b"} <= set(col):
         out.rgb = colour_u8(np.stack([col["r"], col["g"], col["b"]], axis=1))
     if "intensity" in col:
@@ -567,7 +574,7 @@ def _read_npz(path: Path, cfg: FilesReaderConfig) -> _Fields:
     if points.ndim != 2 or points.shape[1] < 3:
         raise SceneError("-", path, f"{key!r} must be [N, 3+], got {points.shape}")
     out = _from_columns(points, cfg, path) if points.shape[1] > 3 and cfg.columns else \
-        _Fields(points[:, :3].astype(np.float64))
+        _Fields(points[:, :3].astype(np.float32 if points.dtype == np.float32 else np.float64))
     n = len(points)
 
     def per_point(keys: tuple[str, ...], what: str, wanted: str = "") -> np.ndarray | None:
@@ -715,14 +722,17 @@ def load_scan(path: str | Path, cfg: FilesReaderConfig = FilesReaderConfig()) ->
         value = getattr(fields, name)
         if value is not None and len(value) != n:
             raise SceneError("-", path, f"{name} has {len(value)} rows for {n} points (count mismatch)")
-    finite = np.isfinite(fields.xyz).all(axis=1)
-    if not finite.all():
-        raise SceneError("-", path, f"{int((~finite).sum())} points have NaN or infinite coordinates")
+    if not np.isfinite(fields.xyz).all():
+        bad = int((~np.isfinite(fields.xyz).all(axis=1)).sum())
+        raise SceneError("-", path, f"{bad} points have NaN or infinite coordinates")
     if fields.faces is not None and len(fields.faces) and (fields.faces.min() < 0 or fields.faces.max() >= n):
         raise SceneError("-", path, "faces index vertices out of range")
     scale = metres_per_unit(cfg.units)
     rotation = _up_rotation(cfg.up_axis) * scale
-    xyz = (fields.xyz @ rotation.T).astype(np.float32)
+    if cfg.up_axis == "z" and scale == 1.0:  # the common case: no arithmetic on every point
+        xyz = np.ascontiguousarray(fields.xyz, np.float32)
+    else:
+        xyz = (fields.xyz.astype(np.float64) @ rotation.T).astype(np.float32)
     warnings = list(fields.warnings)
     faces = fields.faces if fields.faces is not None and len(fields.faces) else None
     kind: Literal["mesh", "points", "lidar"]

@@ -3,7 +3,6 @@
 the warnings a new user must see reach the terminal and `ws3d validate`."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
