@@ -460,17 +460,74 @@ def _triangulate(indices: np.ndarray, path: Path) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _pcd_declared_points(head: bytes, path: Path) -> int:
+    """The point count a PCD header declares (POINTS, else WIDTH x HEIGHT). Checked before Open3D
+    reads the file: without it Open3D's reader returns points of uninitialised memory."""
+    values: dict[str, str] = {}
+    for line in head.split(b"\n"):
+        parts = line.decode("ascii", "replace").split()
+        if parts and not parts[0].startswith("#"):
+            values[parts[0].upper()] = " ".join(parts[1:])
+            if parts[0].upper() == "DATA":
+                break
+    try:
+        if "POINTS" in values:
+            declared = int(values["POINTS"])
+        else:
+            declared = int(values["WIDTH"]) * int(values["HEIGHT"])
+    except (KeyError, ValueError):
+        raise SceneError("-", path, "not a readable PCD header: no POINTS (or WIDTH and HEIGHT) count") from None
+    if declared <= 0:
+        raise SceneError("-", path, f"PCD header declares {declared} points")
+    return declared
+
+
+def _pcd_check_length(path: Path, declared: int) -> None:
+    """Refuse a PCD whose data is shorter than its header's count (Open3D fills the missing points
+    with uninitialised memory): ascii counts its data lines, binary its bytes."""
+    data = path.read_bytes()
+    at = data.find(b"\nDATA")
+    end = data.find(b"\n", at + 1)
+    if at < 0 or end < 0:
+        raise SceneError("-", path, "unreadable PCD (truncated or garbled?): no data after the header")
+    header = {}
+    for line in data[:end].split(b"\n"):
+        parts = line.decode("ascii", "replace").split()
+        if parts and not parts[0].startswith("#"):
+            header[parts[0].upper()] = parts[1:]
+    kind = (header.get("DATA") or [""])[0].lower()
+    body = data[end + 1:]
+    if kind == "ascii":
+        found = sum(1 for line in body.split(b"\n") if line.strip() and not line.lstrip().startswith(b"#"))
+    elif kind == "binary":
+        try:
+            sizes = [int(v) for v in header["SIZE"]]
+            counts = [int(v) for v in header.get("COUNT", ["1"] * len(sizes))]
+            found = len(body) // max(1, sum(a * b for a, b in zip(sizes, counts)))
+        except (KeyError, ValueError):
+            raise SceneError("-", path, "not a readable PCD header: no SIZE/COUNT for binary data") from None
+    else:  # binary_compressed: Open3D checks its own sizes
+        return
+    if found < declared:
+        raise SceneError("-", path, f"unreadable PCD (truncated?): {found} points in the file, the header says {declared}")
+
+
 def _read_pcd(path: Path, cfg: FilesReaderConfig) -> _Fields:
     import open3d as o3d
 
     head = path.read_bytes()[:4096]
     if b"DATA" not in head or b"FIELDS" not in head:
         raise SceneError("-", path, "not a PCD file (no FIELDS/DATA header)")
+    declared = _pcd_declared_points(head, path)
+    _pcd_check_length(path, declared)
     o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
     cloud = o3d.t.io.read_point_cloud(str(path))
     point = cloud.point
     if "positions" not in point or len(point["positions"]) == 0:
         raise SceneError("-", path, "unreadable PCD (truncated or garbled?): no points read")
+    if len(point["positions"]) != declared:
+        raise SceneError("-", path, f"unreadable PCD (truncated or garbled?): {len(point['positions'])} points "
+                                    f"read, the header says {declared}")
     arrays = {key: point[key].numpy() for key in point}
     arrays = {k: (v[:, 0] if v.ndim == 2 and v.shape[1] == 1 else v) for k, v in arrays.items()}
     xyz = arrays.pop("positions")

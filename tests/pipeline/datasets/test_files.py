@@ -85,6 +85,30 @@ def test_pcd_round_trip(tmp_path, ascii_):
     _check(load_scan(path), xyz, rgb, label)
 
 
+
+def test_a_pcd_without_a_point_count_or_cut_short_fails_in_one_line(tmp_path):
+    """Open3D reads a PCD header without POINTS as one point of uninitialised memory: the header
+    count is checked first, and a file with fewer points than it declares is refused."""
+    no_count = tmp_path / "no_count.pcd"
+    no_count.write_bytes(b"# .PCD v0.7\nFIELDS x y z\nDATA ascii\n")
+    with pytest.raises(SceneError, match=r"no_count\.pcd.*no POINTS"):
+        load_scan(no_count)
+    short = tmp_path / "short.pcd"
+    short.write_bytes(b"VERSION .7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 3\nHEIGHT 1\n"
+                      b"POINTS 3\nDATA ascii\n0 0 0\n1 1 1\n")
+    with pytest.raises(SceneError, match=r"short\.pcd") as info:
+        load_scan(short)
+    assert "\n" not in str(info.value)
+    import open3d as o3d
+
+    pcd = o3d.t.geometry.PointCloud()
+    pcd.point.positions = o3d.core.Tensor(_cloud(3)[0])
+    cut = tmp_path / "cut.pcd"
+    assert o3d.t.io.write_point_cloud(str(cut), pcd, write_ascii=False)
+    cut.write_bytes(cut.read_bytes()[:-120])
+    with pytest.raises(SceneError, match=r"cut\.pcd.*truncated"):
+        load_scan(cut)
+
 def test_npy_npz_round_trip(tmp_path):
     xyz, rgb, label, instance = _cloud(3)
     np.save(tmp_path / "six.npy", np.concatenate([xyz, rgb.astype(np.float32)], axis=1))
