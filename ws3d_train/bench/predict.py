@@ -6,8 +6,9 @@ samples are there, else on a synthetic room): the scan is written as a binary PL
 :meth:`ws3d_train.infer.model.Model.predict_file` reads it, voxelises, runs the network, picks
 classes (and, with instances, over-segments and groups instances), and the prediction PLY is
 written; each step is timed (medians over repeats, warm: the first call, which compiles numba
-kernels, is not counted). The reference is ``forward_voxels`` on the same voxels. Ratios are
-rates: ``forward_s / end_to_end_s`` (1.0 = no overhead; the goal is >= 0.5 without instances).
+kernels, is not counted). The reference is ``forward_voxels`` on the same voxels, timed right
+after each prediction. Ratios are rates, ``forward / predict`` per pair, median and range over the
+pairs (1.0 = no overhead; the goal is >= 0.5 without instances).
 The ``cli`` rows time `ws3d predict --input` in a fresh process on one scan and on a folder of
 four (start-up, imports included, paid once per folder).
 
@@ -102,11 +103,21 @@ def _median(rows: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r.get(key, 0.0) for r in rows))
 
 
-def bench_size(model: Any, scan: Path, *, repeats: int) -> dict[str, Any]:
-    """One scan: the timed steps (medians), the bare forward on the same voxels, their ratios."""
+def bench_size(model: Any, scan: Path, *, repeats: int, repeats_instances: int = 2) -> dict[str, Any]:
+    """One scan: the timed steps (medians), the bare forward on the same voxels timed right after
+    each prediction (pairs, so that a noisy machine slows both sides alike), and the ratios: the
+    median of the pairs' ratios, with their range."""
+    from pipeline.datasets.files import load_scan
     from ws3d_train.infer.predict import forward_voxels, voxel_input, write_prediction_ply
 
     out_ply = scan.with_name(scan.stem + "_pred.ply")
+    loaded = load_scan(scan)
+    inputs = voxel_input(loaded.xyz, loaded.rgb, model.run.data, model.voxel_size_m)
+
+    def forward() -> float:
+        t0 = time.perf_counter()
+        forward_voxels(model.run, inputs)
+        return time.perf_counter() - t0
 
     def once(instances: bool) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -115,38 +126,34 @@ def bench_size(model: Any, scan: Path, *, repeats: int) -> dict[str, Any]:
         write_prediction_ply(out_ply, pred.xyz, pred.labels, pred.instance, num_classes=len(pred.class_names))
         t2 = time.perf_counter()
         row = dict(pred.timings)
-        row.update(write=t2 - t1, predict=(t1 - t0) - pred.timings["read"], end_to_end=t2 - t0)
-        row["voxels"] = float(len(pred.voxel_scores))
+        row.update(write=t2 - t1, predict=(t1 - t0) - pred.timings["read"], end_to_end=t2 - t0, forward=forward())
         return row
 
     once(True)  # warm-up: numba kernels compiled, caches filled
     plain = [once(False) for _ in range(repeats)]
-    full = [once(True) for _ in range(repeats)]
-    from pipeline.datasets.files import load_scan
+    full = [once(True) for _ in range(repeats_instances)]
 
-    loaded = load_scan(scan)
-    inputs = voxel_input(loaded.xyz, loaded.rgb, model.run.data, model.voxel_size_m)
-    forward = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        forward_voxels(model.run, inputs)
-        forward.append(time.perf_counter() - t0)
-    forward_s = float(statistics.median(forward[1:]))
+    def ratio(rows: list[dict[str, float]], key: str) -> dict[str, float]:
+        values = [r["forward"] / r[key] for r in rows]
+        return {"median": round(float(statistics.median(values)), 3), "min": round(min(values), 3),
+                "max": round(max(values), 3)}
+
     steps = {k: _median(plain, k) for k in ("read", "voxelise", "network", "classify", "write")}
     steps.update({k: _median(full, k) for k in ("overseg", "instances")})
-    predict_plain, predict_full = _median(plain, "predict"), _median(full, "predict")
-    e2e_plain, e2e_full = _median(plain, "end_to_end"), _median(full, "end_to_end")
     return {
         "points": int(len(loaded.xyz)), "voxels": int(len(inputs.coords)), "repeats": repeats,
+        "repeats_with_instances": repeats_instances,
         "seconds": {k: round(v, 4) for k, v in steps.items()},
-        "forward_s": round(forward_s, 4),
-        "predict_s": round(predict_plain, 4), "predict_with_instances_s": round(predict_full, 4),
-        "file_to_file_s": round(e2e_plain, 4), "file_to_file_with_instances_s": round(e2e_full, 4),
+        "forward_s": round(_median(plain, "forward"), 4),
+        "predict_s": round(_median(plain, "predict"), 4),
+        "predict_with_instances_s": round(_median(full, "predict"), 4),
+        "file_to_file_s": round(_median(plain, "end_to_end"), 4),
+        "file_to_file_with_instances_s": round(_median(full, "end_to_end"), 4),
         # rates against the bare forward (1.0: no overhead); the goal is >= 0.5 without instances
-        "rate_ratio_predict": round(forward_s / predict_plain, 3),
-        "rate_ratio_predict_with_instances": round(forward_s / predict_full, 3),
-        "rate_ratio_file_to_file": round(forward_s / e2e_plain, 3),
-        "rate_ratio_file_to_file_with_instances": round(forward_s / e2e_full, 3),
+        "rate_ratio_predict": ratio(plain, "predict"),
+        "rate_ratio_predict_with_instances": ratio(full, "predict"),
+        "rate_ratio_file_to_file": ratio(plain, "end_to_end"),
+        "rate_ratio_file_to_file_with_instances": ratio(full, "end_to_end"),
     }
 
 
@@ -173,7 +180,7 @@ def bench_cli(run: Path, scan: Path, folder: Path) -> dict[str, Any]:
             "per_extra_scan_s": round((four - one) / 3, 3)}
 
 
-def bench_predict(sizes: tuple[int, ...] = (100_000, 1_000_000), *, repeats: int = 3, run: str | None = None,
+def bench_predict(sizes: tuple[int, ...] = (100_000, 1_000_000), *, repeats: int = 7, run: str | None = None,
                   cli: bool = True, device: str = "cpu", mesh: str | None = None) -> dict[str, Any]:
     """The section's figures (see the module docstring)."""
     import torch
@@ -193,7 +200,8 @@ def bench_predict(sizes: tuple[int, ...] = (100_000, 1_000_000), *, repeats: int
         scan = work / f"scan_{n}.ply"
         _write_ply(scan, xyz, rgb)
         out["source"] = source
-        out[f"points_{n}"] = bench_size(model, scan, repeats=max(1, repeats if n <= 200_000 else repeats - 1))
+        out[f"points_{n}"] = bench_size(model, scan, repeats=repeats if n <= 200_000 else max(1, repeats - 2),
+                                        repeats_instances=min(2, repeats))
     if cli:
         out["cli"] = bench_cli(run_dir, work / f"scan_{sizes[0]}.ply", work / "cli")
     return out
