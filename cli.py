@@ -135,6 +135,8 @@ def _stage_command(stage: Any) -> None:
 
         raw = next((kw[o.name] for o in stage.options if o.raw), None)
         stage_overrides, exec_overrides = _split_overrides(kw["overrides"])
+        # `overseg.voxel_m=0.03` (a workflow's and the docs' name) means `voxel_m=0.03` here
+        stage_overrides = [o.removeprefix(f"{stage.name}.") for o in stage_overrides]
         given = [f"{o.name}={kw[o.name]}" for o in stage.options if not o.raw and kw[o.name] is not None]
         cfg = _resolve(stage.config, kw["config"], given + stage_overrides, section=stage.name if kw["config"] else None)
         exec_cfg = _executor_config(kw["executor"], kw["shard"], kw["config"], exec_overrides)
@@ -163,7 +165,7 @@ def synth(
     """Generate synthetic rooms in the ScanNet raw layout."""
     from pipeline.datasets.synthetic import SynthConfig, synthesise
 
-    cfg = _resolve(SynthConfig, None, overrides or [])
+    cfg = _resolve(SynthConfig, None, [o.removeprefix("synth.") for o in overrides or []])
     ids = synthesise(out, scenes, seed=seed, start=start, cfg=cfg)
     typer.echo(f"wrote {len(ids)} rooms to {out}/scans ({ids[0]} .. {ids[-1]})")
 
@@ -180,7 +182,7 @@ _register_stage_commands()
 
 @app.command()
 def validate(store: Path = STORE, scenes: Optional[Path] = SCENES) -> None:
-    """Check every scene against the schema; exit 1 with a list of problems."""
+    """Check every scene against the schema and flag suspect scans; exit 1 with a list of both."""
     from pipeline.validate import validate_store
 
     st = _open_store(store)
@@ -188,7 +190,12 @@ def validate(store: Path = STORE, scenes: Optional[Path] = SCENES) -> None:
     report = validate_store(st, ids)
     for problem in report.problems:
         typer.echo(f"  {problem}")
-    typer.echo(f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s)")
+    for flag in report.flagged:
+        typer.echo(f"  flagged {flag}")
+    flagged = len({f.scene_id for f in report.flagged})
+    typer.echo(f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s), {flagged} flagged scene(s) "
+               "(suspect scans: see the warnings)" if flagged else
+               f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -312,7 +319,7 @@ def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 
 @app.command("eval")
 def eval_cmd(run: Path = RUN, store: Path = STORE,
-             split: str = typer.Option("val", "--split", help="Split name or scene list file (default: the val split; 'all' = every scene)."),
+             split: Optional[str] = typer.Option(None, "--split", help="Split name or scene list file (default: the val split, or every scene of a store that has none; 'all' = every scene)."),
              ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
              combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
              min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
@@ -320,9 +327,15 @@ def eval_cmd(run: Path = RUN, store: Path = STORE,
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:
     """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
     from ws3d_train.infer.evaluate import evaluate, format_table, write_json
-    from ws3d_train.run import eval_path, resolve_scene_ids
+    from ws3d_train.run import eval_path, has_split, resolve_scene_ids
 
     st = _open_store(store)
+    if split is None:  # the val split where the store's dataset has one, else every scene (said so)
+        split = "val" if has_split(st, "val") else "all"
+        if split == "all":
+            typer.secho(f"warning: {store} has no 'val' split (scans of one's own: put held-out scans under val/ "
+                        "of the raw folder); evaluating every scene, training scenes included", fg=typer.colors.YELLOW,
+                        err=True)
     ids = resolve_scene_ids(st, split) if split != "all" else None
     results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size,
                        ensemble_2d=ensemble_2d, progress=True)
@@ -332,18 +345,89 @@ def eval_cmd(run: Path = RUN, store: Path = STORE,
     typer.echo(f"written {target}")
 
 
+STORE_OR_INPUT = typer.Option(None, "--store", "-s", help="Path of the ws3d store (or --input: scan files, no store).")
+INPUT = typer.Option(None, "--input", "-i", help="A scan file or a folder of them (.ply .pcd .npy .npz .las .laz "
+                     ".txt .xyz .pts .bin, as `ws3d ingest --dataset files` reads them): no store needed.")
+READER = typer.Option(None, "--reader", help="Reader option KEY=VALUE for --input files (repeatable), e.g. up_axis=y, units=mm, kind=lidar.")
+
+
+def _reader_config(options: list[str] | None) -> Any:
+    from pipeline.datasets.files import FilesReaderConfig
+
+    return _resolve(FilesReaderConfig, None, list(options or []))
+
+
+def _one_of(store: Path | None, input_: Path | None, command: str) -> None:
+    if (store is None) == (input_ is None):
+        fail(f"ws3d {command}: give --store (with --scene) or --input (scan files), one of them")
+
+
+def _scan_inputs(input_: Path) -> dict[str, Path]:
+    from pipeline.datasets.files import scan_files, scene_id_of
+
+    if input_.is_dir():
+        return scan_files(input_)
+    if not input_.is_file():
+        fail(f"{input_}: no such file or folder")
+    return {scene_id_of(input_.name): input_}
+
+
+def _predict_files(run: Path, input_: Path, out: Path, reader: list[str] | None, min_region_size: int,
+                   device: str) -> None:
+    """`ws3d predict --input`: one PLY per scan, the model loaded once for the whole folder."""
+    import time
+
+    from pipeline.errors import SceneError
+    from ws3d_train.infer.model import Model
+    from ws3d_train.infer.predict import write_prediction_ply
+
+    files = _scan_inputs(input_)
+    single = len(files) == 1 and input_.is_file()
+    if single and out.suffix.lower() != ".ply" and out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder; give a .ply file or a folder for --out")
+    reader_cfg = _reader_config(reader)
+    model = Model.load(run, device=device)
+    failed = 0
+    for scene_id, path in files.items():
+        target = out if single and out.suffix.lower() == ".ply" else out / f"{scene_id}.ply"
+        start = time.perf_counter()
+        try:
+            pred = model.predict_file(path, reader=reader_cfg, min_instance_points=min_region_size)
+        except (SceneError, ValueError) as exc:  # one bad file: said in one line, the others go on
+            failed += 1
+            typer.secho(f"error: {path}: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
+            continue
+        write_prediction_ply(target, pred.xyz, pred.labels, pred.instance, num_classes=len(pred.class_names))
+        counts = np.bincount(pred.labels, minlength=len(pred.class_names))
+        top = ", ".join(f"{pred.class_names[c]} {counts[c]}" for c in np.argsort(-counts)[:4] if counts[c])
+        typer.echo(f"wrote {target}: {pred.num_points} points, {len(pred.instance_class)} instances in "
+                   f"{time.perf_counter() - start:.2f} s; {top}")
+    if failed:
+        typer.echo(f"{failed} of {len(files)} scan(s) failed (see above)")
+        raise typer.Exit(1)
+
+
 @app.command()
-def predict(run: Path = RUN, store: Path = STORE,
+def predict(run: Path = RUN, store: Optional[Path] = STORE_OR_INPUT,
+            input_: Optional[Path] = INPUT,
             scene: Optional[str] = typer.Option(None, "--scene", help="One scene (required for --format ply)."),
             scenes: Optional[str] = typer.Option(None, "--scenes", help="Split name or scene list file (benchmark formats; default: every scene)."),
             fmt: str = typer.Option("ply", "--format", help="ply | scannet (semantic benchmark) | scannet-instance"),
-            out: Path = typer.Option(..., "--out", "-o", help="PLY file (ply) or folder (scannet formats)."),
+            out: Path = typer.Option(..., "--out", "-o", help="PLY file (ply; a folder for --input DIR) or folder (scannet formats)."),
             raw: Optional[Path] = typer.Option(None, "--raw", help="Raw ScanNet folder: check vertex counts against its PLYs."),
             min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points."),
-            ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Combine the CLIP head with the scene's fused 2D features (as `ws3d eval --ensemble-2d`).")) -> None:
-    """Write a scene coloured by predicted class (PLY), or scenes in the ScanNet benchmark formats."""
+            ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Combine the CLIP head with the scene's fused 2D features (as `ws3d eval --ensemble-2d`)."),
+            reader: Optional[list[str]] = READER,
+            device: str = typer.Option("auto", "--device")) -> None:
+    """Write a scene coloured by predicted class (PLY), scans from files, or scenes in the ScanNet benchmark formats."""
     from ws3d_train.infer.predict import predict_scene, write_prediction_ply
 
+    _one_of(store, input_, "predict")
+    if input_ is not None:
+        if fmt != "ply" or ensemble_2d or scene or scenes:
+            fail("--input predicts scan files as PLY files: --format, --scene(s) and --ensemble-2d need a --store")
+        _predict_files(run, input_, out, reader, min_region_size, device)
+        return
     if fmt in ("scannet", "scannet-instance"):
         from ws3d_train.infer.export import export_scenes
         from ws3d_train.run import resolve_scene_ids
@@ -357,7 +441,7 @@ def predict(run: Path = RUN, store: Path = STORE,
         fail(f"--format {fmt!r}: expected ply, scannet or scannet-instance")
     if scene is None:
         fail("--format ply writes one scene: pass --scene SCENE_ID (or --format scannet for many)")
-    prediction = predict_scene(run, store, scene, ensemble_2d=ensemble_2d)
+    prediction = predict_scene(run, store, scene, ensemble_2d=ensemble_2d, device=device)
     write_prediction_ply(out, prediction)
     counts = np.bincount(prediction.pred_class, minlength=len(prediction.class_names))
     top = ", ".join(f"{prediction.class_names[c]} {counts[c]}" for c in np.argsort(-counts)[:6] if counts[c])
@@ -365,34 +449,60 @@ def predict(run: Path = RUN, store: Path = STORE,
 
 
 @app.command()
-def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".'), run: Path = RUN, store: Path = STORE,
-          scene: str = typer.Option(..., "--scene"),
+def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".'), run: Path = RUN,
+          store: Optional[Path] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
+          scene: Optional[str] = typer.Option(None, "--scene", help="The scene of the store (with --store)."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Heatmap PLY (default RUN/query_<text>_<scene>.ply)."),
           model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the run's vocabulary)."),
-          top_k: int = typer.Option(5, "--top-k")) -> None:
+          top_k: int = typer.Option(5, "--top-k"), reader: Optional[list[str]] = READER,
+          device: str = typer.Option("auto", "--device")) -> None:
     """Per-point similarity to a text query (heatmap PLY) and the best-matching segments."""
-    from ws3d_train.infer.predict import format_query, query_scene
+    from ws3d_train.infer.predict import format_query, query_scene, write_heatmap_ply
     from ws3d_train.run import query_path
 
+    _one_of(store, input_, "query")
+    if input_ is not None:
+        from pipeline.datasets.files import load_scan
+        from ws3d_train.infer.model import Model
+
+        if not input_.is_file():
+            fail(f"{input_}: --input of `ws3d query` is one scan file")
+        (scene_id, path), = _scan_inputs(input_).items()
+        m = Model.load(run, device=device, text_model=model)
+        scan = load_scan(path, _reader_config(reader))
+        result = m.query_segments(scan.xyz, text, scan.rgb, scan.faces, top_k=top_k, scene_id=scene_id,
+                                  viewpoint=scan.sensor_origin)
+        target = out or query_path(run, text, scene_id)
+        write_heatmap_ply(target, scan.xyz, result.similarity)
+        from dataclasses import replace
+
+        typer.echo(format_query(replace(result, ply=target)))
+        return
+    if scene is None:
+        fail("ws3d query --store needs --scene SCENE_ID")
     target = out or query_path(run, text, scene)
-    result = query_scene(run, store, scene, text, model_dir=model, top_k=top_k, out_ply=target)
+    result = query_scene(run, store, scene, text, model_dir=model, top_k=top_k, out_ply=target, device=device)
     typer.echo(format_query(result))
 
 
 @app.command()
-def view(store: Path = STORE, scene: Optional[str] = typer.Option(None, "--scene", help="Scene shown first (default: the first)."),
+def view(store: Optional[Path] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
+         scene: Optional[str] = typer.Option(None, "--scene", help="Scene shown first (default: the first)."),
          run: Optional[Path] = typer.Option(None, "--run", help="A run folder or checkpoint: predictions and queries."),
          port: int = typer.Option(8080, "--port"),
          host: str = typer.Option("127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes the page to the network)."),
          point_budget: int = typer.Option(400_000, "--point-budget", help="Points drawn at most (larger scenes: a random subset)."),
          model: Optional[str] = typer.Option(None, "--model", help="CLIP model for queries (default: the run's)."),
+         reader: Optional[list[str]] = READER,
          device: str = typer.Option("auto", "--device")) -> None:
     """Interactive web viewer (viser): colour modes, legend, scene picker, text queries, camera views."""
     import time
 
     from ws3d_train.viewer.server import serve
 
-    app_ = serve(store, scene, run=run, host=host, port=port, point_budget=point_budget, device=device, model_dir=model)
+    _one_of(store, input_, "view")
+    app_ = serve(store, scene, run=run, host=host, port=port, point_budget=point_budget, device=device, model_dir=model,
+                 scans=input_, reader=_reader_config(reader) if input_ is not None else None)
     typer.echo(f"ws3d view: http://{host}:{app_.port}  (remote machine: ssh -L {app_.port}:127.0.0.1:{app_.port} "
                f"user@host, then open http://127.0.0.1:{app_.port}); Ctrl-C stops")
     try:

@@ -26,12 +26,13 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.config import ConfigError, config_hash, to_dict
-from pipeline.errors import SceneError, UserError
+from pipeline.errors import SceneError, UserError, is_suspect, warning_kind
 from pipeline.executor import ExecutorConfig, RunReport, SceneResult, read_scene_list, run_scenes, select_shard
 from pipeline.schema import ArraySpec
 from pipeline.store import Store, log_dir
 
-__all__ = ["Stage", "StageOption", "StageOutput", "StageRun", "run_scene", "run_stage", "scene_ids_of", "write_output"]
+__all__ = ["Stage", "StageOption", "StageOutput", "StageRun", "format_warnings", "run_scene", "run_stage", "scene_ids_of",
+           "write_output"]
 
 
 @dataclass
@@ -204,8 +205,39 @@ def run_stage(stage: Stage, run: StageRun, *, executor: ExecutorConfig = Executo
         report = run_scenes(stage.name, functools.partial(run_scene, stage, run), ids, executor)
     if log:
         report.append_log(log_dir(run.store) / f"{stage.name}.jsonl")
+    warned = format_warnings(report)
+    if warned and echo is not None:
+        echo(warned)
     if stage.finish is not None:
         line = stage.finish(run, report)
         if line and echo is not None:
             echo(line)
     return report
+
+
+def format_warnings(report: RunReport, *, limit: int = 40) -> str | None:
+    """The warnings of a run's scenes (their result stats' ``warnings``) for the terminal: a line
+    per scene and kind (count and first message), headed by the count of scenes per kind; suspect
+    kinds (flagged by `ws3d validate`, :data:`pipeline.errors.SUSPECT_KINDS`) marked ``!``. None
+    when no scene warned."""
+    by_kind: dict[str, int] = {}
+    lines: list[str] = []
+    for result in report.results:
+        grouped: dict[str, list[str]] = {}
+        for text in (result.stats or {}).get("warnings") or ():
+            kind, message = warning_kind(str(text))
+            grouped.setdefault(kind, []).append(message)
+        for kind, messages in grouped.items():
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+            mark = "!" if is_suspect(f"[{kind}] ") else " "
+            more = f" (+{len(messages) - 1} more)" if len(messages) > 1 else ""
+            lines.append(f" {mark} {result.scene_id} [{kind}] x{len(messages)}: {messages[0]}{more}")
+    if not lines:
+        return None
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"   ... {len(lines) - limit} more line(s): `ws3d info --store S --json`"]
+    counts = ", ".join(f"{kind} {n}" for kind, n in sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0])))
+    suspect = sum(n for kind, n in by_kind.items() if is_suspect(f"[{kind}] "))
+    head = (f"{report.stage} warnings (scenes per kind): {counts}"
+            + (f"; {suspect} suspect (!), flagged by `ws3d validate`" if suspect else ""))
+    return "\n".join([head, *lines])

@@ -1,4 +1,7 @@
-"""Validation of a store against `pipeline.schema`: shapes, dtypes, dimension agreement, ranges.
+"""Validation of a store against `pipeline.schema`: shapes, dtypes, dimension agreement, ranges;
+and the scans that passed their stages with suspect warnings (:data:`pipeline.errors.SUSPECT_KINDS`:
+black views, a LiDAR sweep in a map frame, most labels lost, unannotated points dropped, views
+that see little), flagged.
 
 Reads every array of every scene (or the listed ones); writes nothing.
 """
@@ -9,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import schema
+from pipeline.errors import is_suspect, warning_kind
 from pipeline.store import Store
 
 
@@ -26,10 +30,24 @@ class Problem:
 class ValidationReport:
     scenes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    flagged: list[Problem] = field(default_factory=list)
+    """Scenes whose stage records hold suspect warnings (where = the stage and the warning's kind)."""
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.flagged
+
+
+def suspect_warnings(store: Store, scene_id: str) -> list[Problem]:
+    """The suspect warnings kept in a scene's stage records, one :class:`Problem` each."""
+    out = []
+    for stage in schema.STAGE_GROUPS:
+        record = store.stage_record(scene_id, stage) or {}
+        for text in (record.get("stats") or {}).get("warnings") or ():
+            if is_suspect(str(text)):
+                kind, message = warning_kind(str(text))
+                out.append(Problem(scene_id, f"{stage} [{kind}]", message))
+    return out
 
 
 def validate_scene(store: Store, scene_id: str) -> list[Problem]:
@@ -130,6 +148,7 @@ def validate_store(store: Store, scene_ids: list[str] | None = None) -> Validati
             report.problems.append(Problem(scene_id, "-", "scene not in the store"))
             continue
         report.problems.extend(validate_scene(store, scene_id))
+        report.flagged.extend(suspect_warnings(store, scene_id))
     for name in store.vocab_names():
         text, attrs = store.read_vocab(name)
         if len(attrs.get("names", [])) != len(text):

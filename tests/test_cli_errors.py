@@ -33,8 +33,26 @@ def setup(tmp_path_factory):
     scene_file.write_text("scene0000_00\nscene0042_00\n")
     (base / "raw" / "scans" / "scene0000_00").mkdir(parents=True)
     (base / "raw" / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.ply").write_text("never read: the executor fails first")
+    # a store ingested only (no overseg, no render), and one embedded by a CLIP of another width
+    import numpy as np
+
+    from pipeline import schema
+    from pipeline.store import Store
+
+    src = Store.open(store)
+    scene = src.scene_ids()[0]
+    ingested = Store.create(base / "ingested.zarr", dataset="synthetic", class_names=list(src.class_names))
+    ingested.write_stage(scene, "ingest", {spec: src.read(scene, spec) for spec in schema.arrays_of_stage("ingest")
+                                           if src.has(scene, spec)}, src.stage_record(scene, "ingest"))
+    wide = make_tiny_store(base / "wide.zarr", n_scenes=1, n_points=600, seed=5)
+    w = Store.open(wide)
+    views, segments = w.shape(scene, schema.CLIP_VIEW)[0], w.shape(scene, schema.CLIP_SEGMENT)[0]
+    w.write_stage(scene, "embed", {schema.CLIP_VIEW: np.ones((views, 16), np.float16),
+                                   schema.CLIP_SEGMENT: np.ones((segments, 16), np.float16),
+                                   schema.CLIP_SEGMENT_SEEN: np.ones(segments, np.uint8)},
+                  {**w.stage_record(scene, "embed"), "config_hash": "another-clip"})
     return {"store": store, "run": run, "old_run": old_run, "bare": bare, "bad_yaml": bad_yaml,
-            "scenes": scene_file, "base": base}
+            "scenes": scene_file, "base": base, "ingested": ingested.path, "wide": wide}
 
 
 MISTAKES = [
@@ -59,6 +77,16 @@ MISTAKES = [
                            "-o", "{base}/x"], "xyz"),
     ("export of a non-ScanNet label space", ["predict", "--run", "{run}", "-s", "{store}", "--format", "scannet",
                                              "-o", "{base}/bench"], "ScanNet's 20 classes"),
+    ("eval before overseg", ["eval", "--run", "{run}", "-s", "{ingested}", "--split", "all"], "run `ws3d overseg` first"),
+    ("views export before render", ["views", "export", "-s", "{ingested}", "--scene", "scene0000_00", "-o", "{base}/v"],
+     "run `ws3d render` first"),
+    ("2D ensemble with another CLIP's store", ["eval", "--run", "{run}", "-s", "{wide}", "--split", "all",
+                                              "--ensemble-2d"], "another CLIP model"),
+    ("a store and files at once", ["predict", "--run", "{run}", "-s", "{store}", "--input", "{base}", "-o", "{base}/p"],
+     "one of them"),
+    ("predict a missing file", ["predict", "--run", "{run}", "--input", "{base}/none.ply", "-o", "{base}/p"], "none.ply"),
+    ("a bad reader option", ["predict", "--run", "{run}", "--input", "{base}", "-o", "{base}/p", "--reader", "up=z"],
+     "up"),
     ("no submit command", ["ingest", "-d", "synthetic", "-r", "{base}/raw", "-s", "{base}/y.zarr", "-x", "slurm"], "sbatch"),
 ]
 

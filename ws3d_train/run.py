@@ -66,8 +66,11 @@ __all__ = [
     "open_run",
     "query_path",
     "read_label_space",
+    "gt_to_run_classes",
+    "has_split",
     "resolve_classes",
     "resolve_ov_split",
+    "run_classes",
     "resolve_scene_ids",
     "run_dir_of",
     "write_label_space",
@@ -372,17 +375,24 @@ class LoadedRun:
     """The run's label space (see :class:`RunInfo`)."""
     path: Path | None = None
     """The run folder."""
+    threads: int = 0
+    """torch intra-op threads inference runs on (a CPU): the run's own ``threads`` as training set
+    them (:func:`ws3d_train.device.set_torch_threads`); 0 on a GPU."""
 
 
-def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
+def load_run(run: str | Path | LoadedRun, *, device: str = "auto", threads: int | None = None) -> LoadedRun:
     """Load a run directory (its latest checkpoint) or a checkpoint file for inference.
+
+    On a CPU, torch's thread count is set as the run's training set it: ``threads``, else the
+    run config's ``threads``, else OMP_NUM_THREADS or the cores available
+    (:func:`ws3d_train.device.set_torch_threads`); inference puts it back before every forward.
 
     Raises:
         CheckpointError naming the path: no checkpoint, or one of another format/schema.
     """
     if isinstance(run, LoadedRun):
         return run
-    from ws3d_train.device import resolve_device
+    from ws3d_train.device import resolve_device, set_torch_threads
 
     path = find_checkpoint(run)
     torch_device = resolve_device(device)
@@ -396,6 +406,10 @@ def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
     data = from_dict(DataConfig, config["data"], where=f"{path}:data")
     labels = info.labels
     supervised = labels is not None and labels.base_ids is not None
+    used_threads = 0
+    if torch_device.type == "cpu":
+        wanted = threads if threads is not None else int(config.get("threads") or 0)
+        used_threads = set_torch_threads(wanted)
     return LoadedRun(
         model=model,
         checkpoint=path,
@@ -409,6 +423,7 @@ def load_run(run: str | Path | LoadedRun, *, device: str = "auto") -> LoadedRun:
         device=torch_device,
         labels=labels,
         path=info.path,
+        threads=used_threads,
     )
 
 
@@ -456,8 +471,12 @@ def resolve_classes(
     labels = run.labels
     trained = labels.class_names if labels is not None else run.class_names
     if trained is not None and tuple(trained) != names:
+        if vocab is None and labels is not None and labels.text is not None:
+            # a store of one's own scans with another class list: predict in the run's label space
+            return run_classes(run, ov_split=ov_split)
         raise ConfigError(
             f"{run.checkpoint}: trained on classes {list(trained)[:4]}... but {store.path} has {list(names)[:4]}..."
+            + ("" if vocab is None else " (omit vocab to predict in the run's own label space)")
         )
     if vocab is None and labels is not None and labels.text is not None:
         text_np, source = labels.text, "run"
@@ -483,6 +502,47 @@ def resolve_classes(
         assert split is not None
         base, novel, ignored = split
     return ClassSetup(names, text, tuple(base), tuple(novel), tuple(ignored), text_source=source)
+
+
+def run_classes(run: LoadedRun, *, ov_split: str | None = None) -> ClassSetup:
+    """The classes a run predicts in its own label space, no store needed: its class names and
+    text embeddings (``labels.json``, ``text.npy``) and its open-vocabulary split (``ov_split``
+    as in :func:`resolve_classes`; a pre-training run has none: every class is base, and only
+    its CLIP head is trained).
+
+    Raises:
+        ConfigError: the run folder records no text embeddings (runs older than ``labels.json``:
+            predict on a store instead), or their width is not the CLIP head's.
+    """
+    labels = run.labels
+    if labels is None or labels.text is None:
+        raise ConfigError(f"{run.path or run.checkpoint}: the run records no label space with text embeddings "
+                          f"({LABELS_FILE}, {TEXT_FILE}); predict on a store of its dataset instead")
+    names = tuple(labels.class_names)
+    clip_dim = run.model.config.clip_dim
+    if labels.text.shape[1] != clip_dim:
+        raise ConfigError(f"{run.path}: text embeddings are {labels.text.shape[1]}-d, the run's CLIP head {clip_dim}-d")
+    text = torch.from_numpy(np.asarray(labels.text, np.float32)).to(run.device)
+    if ov_split is None and run.base_ids is not None:
+        base, novel, ignored = run.base_ids, run.novel_ids, run.ignored_ids
+    elif ov_split is None or ov_split.lower() == "none":
+        base, novel, ignored = tuple(range(len(names))), (), ()
+    else:
+        split = resolve_ov_split(ov_split, names, labels.dataset)
+        assert split is not None
+        base, novel, ignored = split
+    return ClassSetup(names, text, tuple(base), tuple(novel), tuple(ignored), text_source="run")
+
+
+def gt_to_run_classes(store_names: Sequence[str], run_names: Sequence[str]) -> np.ndarray | None:
+    """Store class id -> run class id by name (IGNORE_INDEX for store classes the run lacks), for
+    scoring a run on a store of another class list; None when the lists are the same."""
+    if list(store_names) == list(run_names):
+        return None
+    index = {n: i for i, n in enumerate(run_names)}
+    from pipeline.schema import IGNORE_INDEX
+
+    return np.array([index.get(n, IGNORE_INDEX) for n in store_names], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +575,9 @@ def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
         if missing:
             raise ConfigError(f"{spec}: {len(missing)} listed scene(s) are not in {store.path} (e.g. {missing[:3]})")
         return ids
+    dataset = datasets.DATASETS.get(store.dataset)
+    if dataset is not None and dataset.scene_lists is None and dataset.folder_splits is not None:
+        return _folder_split(store, spec, stored, dataset.folder_splits(stored))
     try:
         ids = datasets.load_split(store.dataset, spec)
     except (ValueError, datasets.ManifestError) as exc:
@@ -529,6 +592,39 @@ def resolve_scene_ids(store: Store, spec: str | None) -> list[str]:
             stacklevel=2,
         )
     return present
+
+
+def _folder_split(store: Store, spec: str, stored: list[str], splits: dict[str, tuple[str, ...]]) -> list[str]:
+    """A split of a store of plain scans: its scans under a `train/`, `val/` or `test/` folder of the
+    raw folder; `train` without such a folder is every scan outside `val/` and `test/`."""
+    import warnings
+
+    if spec in splits:
+        return list(splits[spec])
+    if spec == "train":
+        held_out = {s for name in ("val", "test") for s in splits.get(name, ())}
+        ids = [s for s in stored if s not in held_out]
+        if ids:
+            if not held_out:
+                warnings.warn(f"{store.path}: no train/ or val/ folders among its scans: training on all {len(ids)} "
+                              "(put held-out scans under val/ in the raw folder to evaluate on scans not trained on)",
+                              stacklevel=3)
+            return ids
+    raise ConfigError(f"{store.path}: no {spec!r} split: its scans were not under a {spec}/ folder of the raw folder "
+                      f"(splits here: {sorted(splits) or 'none'}); pass a scene-list file, or --split all")
+
+
+def has_split(store: Store, spec: str) -> bool:
+    """Whether ``spec`` names a split of the store's dataset (manifest lists, or folders of plain
+    scans) that holds at least one stored scene."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(resolve_scene_ids(store, spec))
+    except ConfigError:
+        return False
 
 
 def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str) -> datasets.OVSplit | None:
@@ -565,6 +661,10 @@ def resolve_ov_split(spec: str | None, class_names: Sequence[str], dataset: str)
         if not base:
             raise ConfigError(f"ov_split {spec!r}: no base class left")
         return datasets.OVSplit(base, novel, ignored)
+    if not (dataset in datasets.DATASETS and datasets.list_ov_splits(dataset)):
+        # a store of plain scans names no splits itself: the dataset whose class list it has does
+        dataset = next((d for d in datasets.DATASETS if datasets.list_ov_splits(d) and
+                        list(datasets.load_classes(d)) == names), dataset)
     try:
         split = datasets.load_ov_split(dataset, spec)
         manifest_classes = datasets.load_classes(dataset)

@@ -13,7 +13,8 @@ malformed scene id raise :class:`ManifestError` naming the file and line. Writes
 
 Scene ids: ScanNet `scene0000_00`; S3DIS `Area_1_office_2` (the release's `Area_1/office_2`,
 joined with `_` like PointNet's `all_data_label.txt`); SemanticKITTI one scan, `<sequence>_<frame>`
-e.g. `08_000000`; synthetic rooms the generator's names.
+e.g. `08_000000`; synthetic rooms the generator's names; plain files their path below the raw
+folder (`site_a/scan_01.ply` -> `site_a__scan_01`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.datasets import s3dis, scannet, semantickitti, synthetic
+from pipeline.datasets import files, s3dis, scannet, semantickitti, synthetic
 from pipeline.datasets.base import Dataset, RawScene
 from pipeline.datasets.manifests import (
     DEFAULT_ROOT,
@@ -47,9 +48,11 @@ __all__ = [
 ]
 
 DATASETS: dict[str, Dataset] = {
-    d.name: d for d in (scannet.DATASET, scannet.SCANNET200, s3dis.DATASET, semantickitti.DATASET, synthetic.DATASET)
+    d.name: d for d in (scannet.DATASET, scannet.SCANNET200, s3dis.DATASET, semantickitti.DATASET, synthetic.DATASET,
+                        files.DATASET)
 }
-"""Every dataset by name. ScanNet200 has manifests but no reader of its own yet."""
+"""Every dataset by name. ScanNet200 has manifests but no reader of its own yet; `files` (plain scan
+files) has a reader but no manifests: its classes come from its reader config."""
 
 
 def get_dataset(name: str, *, readable: bool = False) -> Dataset:

@@ -15,8 +15,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from pipeline.errors import SceneError
-
+from pipeline.errors import SUSPECT_KINDS, SceneError, is_suspect, tag, warning_kind  # noqa: F401 (re-exported)
 
 @dataclass
 class RawScene:
@@ -41,7 +40,8 @@ class RawScene:
     source_files: list[str] = field(default_factory=list)
     """The raw files read, for provenance."""
     warnings: list[str] = field(default_factory=list)
-    """Things a person should know (labels missing from a table, skipped lines), with counts."""
+    """Things a person should know (labels missing from a table, skipped lines), with counts;
+    tagged with a kind by :func:`tag` (``[kind] message``), printed by ingest a line per scene and kind."""
     label_source: str = "annotations"
     """Where the labels came from: "annotations" (the dataset's own), "aggregation" or
     "labels-ply" (ScanNet: semantics only), "none" (unlabelled: IGNORE_INDEX, no instances)."""
@@ -90,6 +90,12 @@ class Dataset:
     scenes_folder: str = ""
     """Manifest folder of its scene lists when it borrows another dataset's (ScanNet200 uses
     ScanNet's); empty: its own."""
+    class_names: Callable[[Any], tuple[str, ...]] | None = None
+    """`class_names(reader_cfg)`: the store's classes when the reader config chooses them (plain
+    files); None: the dataset's own `data_manifests/<name>/classes.csv`."""
+    folder_splits: Callable[[list[str]], dict[str, tuple[str, ...]]] | None = None
+    """`folder_splits(scene_ids)`: splits derived from a store's scene ids (plain files: the top
+    folder `train/`, `val/`, `test/`) for a dataset without scene lists."""
 
     @property
     def readable(self) -> bool:

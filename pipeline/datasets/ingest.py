@@ -16,7 +16,7 @@ import numpy as np
 from pipeline import schema
 from pipeline.config import ConfigError, from_dict
 from pipeline.datasets import get_dataset, readable_datasets
-from pipeline.datasets.base import RawScene
+from pipeline.datasets.base import RawScene, tag
 from pipeline.errors import SceneError
 from pipeline.stage import Stage, StageOption, StageOutput, StageRun
 from pipeline.store import Store
@@ -38,7 +38,7 @@ class IngestConfig:
     """How raw scans become store scenes."""
 
     dataset: str = "scannet"
-    """scannet | synthetic | s3dis | semantickitti."""
+    """scannet | synthetic | s3dis | semantickitti | files (plain scan files, any layout)."""
     reader: dict[str, Any] = field(default_factory=dict)
     """Options of the dataset's reader config (e.g. reader.label_table=..., reader.merge_scans=3)."""
     dedupe_points: bool = True
@@ -50,10 +50,13 @@ class IngestConfig:
         return from_dict(dataset.reader_config, dict(self.reader), where="ingest.reader")
 
 
-def class_names(dataset: str) -> list[str]:
-    """The training class names of a dataset's store."""
+def class_names(dataset: str, reader_cfg: Any = None) -> list[str]:
+    """The training class names of a dataset's store (plain files: those its reader config chooses)."""
     from pipeline.datasets import load_classes
 
+    chooser = get_dataset(dataset).class_names
+    if chooser is not None:
+        return list(chooser(reader_cfg if reader_cfg is not None else get_dataset(dataset).reader_config()))
     return list(load_classes(dataset))
 
 
@@ -73,7 +76,7 @@ def clean_scene(scene: RawScene, cfg: IngestConfig) -> RawScene:
             scene = dataclasses.replace(
                 scene, xyz=scene.xyz[keep], rgb=scene.rgb[keep], semantic=scene.semantic[keep],
                 instance=scene.instance[keep],
-                warnings=scene.warnings + [f"{dropped} duplicate point(s) dropped"],
+                warnings=scene.warnings + [tag("duplicates", f"{dropped} duplicate point(s) dropped")],
             )
     if len(scene.xyz) < 4 or float(np.ptp(scene.xyz, axis=0).max()) == 0.0:
         raise SceneError(scene.scene_id, scene.source_files[0] if scene.source_files else None,
@@ -128,8 +131,8 @@ def _prepare(run: StageRun) -> None:
     """Check the raw folder and the reader options; create the store for the dataset's classes."""
     if run.raw is None or not Path(run.raw).is_dir():
         raise ConfigError(f"{run.raw}: raw folder not found")
-    run.cfg.reader_config()
-    Store.create(run.store, dataset=run.cfg.dataset, class_names=class_names(run.cfg.dataset))
+    reader_cfg = run.cfg.reader_config()
+    Store.create(run.store, dataset=run.cfg.dataset, class_names=class_names(run.cfg.dataset, reader_cfg))
 
 
 INGEST = Stage(

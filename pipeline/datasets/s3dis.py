@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.base import Dataset, RawScene, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import check_scene_id
@@ -218,10 +218,10 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
             raise SceneError(scene_id, path, f"cannot read: {exc}") from None
         if len(skipped):
             n_skipped += len(skipped)
-            scene_warnings.append(
-                f"{path.relative_to(raw_dir)}: skipped {len(skipped)} damaged line(s) "
+            scene_warnings.append(tag(
+                "damaged-lines", f"{path.relative_to(raw_dir)}: skipped {len(skipped)} damaged line(s) "
                 f"(non-numeric or not 6 columns): {_format_lines(skipped)}"
-            )
+            ))
         if len(values) == 0:
             scene_warnings.append(f"{path.relative_to(raw_dir)}: no points, instance dropped")
             continue
@@ -254,10 +254,14 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
             source_files.insert(0, str(room_path))
             room_lines = _count_lines(room_path.read_bytes())
             if room_lines != len(xyz) + n_skipped:
-                scene_warnings.append(
+                dropped = room_lines - len(xyz) - n_skipped
+                what = (f"{dropped} unannotated point(s) ({100 * dropped / max(1, room_lines):.1f}%) dropped"
+                        if dropped > 0 else "more annotated points than the room holds")
+                scene_warnings.append(tag(
+                    "unannotated" if dropped > 0 else "count-mismatch",
                     f"{room_path.relative_to(raw_dir)}: {room_lines} lines, but the Annotations files hold "
-                    f"{len(xyz)} points (+{n_skipped} skipped lines); the points come from Annotations"
-                )
+                    f"{len(xyz)} points (+{n_skipped} skipped lines): {what}; the points come from Annotations"
+                ))
     return RawScene(
         scene_id=scene_id,
         xyz=xyz,

@@ -32,7 +32,7 @@ import numpy as np
 from plyfile import PlyData
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.base import Dataset, RawScene, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
@@ -193,10 +193,10 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
         label_source = "labels-ply"
         semantic = read_labels_ply(scene_id, labels_ply_path, xyz)
         files.append(str(labels_ply_path))
-        warnings.append("semantics from the labels PLY (no aggregation): no instances")
+        warnings.append(tag("semantics-only", "semantics from the labels PLY (no aggregation): no instances"))
     elif agg_path is None:
         label_source = "none"
-        warnings.append("no annotations (no aggregation, no labels PLY): unlabelled, all points ignored")
+        warnings.append(tag("unlabelled", "no annotations (no aggregation, no labels PLY): unlabelled, all points ignored"))
     else:
         label_source = "aggregation"
         table_path = cfg.label_table or str(raw_dir / LABEL_TABLE)
@@ -232,10 +232,10 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
         semantic = seg_class[seg_indices]
         instance = seg_instance[seg_indices]
         if missing:
-            warnings.append(
+            warnings.append(tag("labels-unknown",
                 f"{sum(missing.values())} object label(s) not in the label table were ignored: "
                 + ", ".join(f"{name!r} x{count}" for name, count in sorted(missing.items()))
-            )
+            ))
 
     if cfg.apply_axis_alignment:
         txt_path = folder / f"{scene_id}.txt"
@@ -243,7 +243,11 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
         if alignment is not None:
             xyz = (xyz.astype(np.float64) @ alignment[:3, :3].T + alignment[:3, 3]).astype(np.float32)
             files.append(str(txt_path))
-    scene = RawScene(scene_id, xyz, rgb, semantic, instance, "mesh", faces=faces, source_files=files,
+    kind = "mesh"
+    if len(faces) == 0:  # a vertex-only PLY is a point cloud (splatted), not a mesh with nothing to ray cast
+        kind, faces = "points", None
+        warnings.append(tag("no-faces", f"{ply_path.name} has no faces: read as a point cloud"))
+    scene = RawScene(scene_id, xyz, rgb, semantic, instance, kind, faces=faces, source_files=files,
                      warnings=warnings, label_source=label_source)
     scene.validate()
     return scene

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene
+from pipeline.datasets.base import Dataset, RawScene, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
@@ -168,6 +168,39 @@ def decode_labels(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.n
     return semantic, instance, unknown
 
 
+def looks_like_xyz_records(raw: np.ndarray, columns: int = 4) -> bool:
+    """Whether float32 values meant as `columns`-float records (x y z intensity) are rather x y z
+    triples: consecutive points of a scan are neighbours, so read with the right record width the
+    median step between consecutive points is small; read with the wrong one it jumps across the
+    scene. On the real SemanticKITTI scan: 0.18 m as x y z intensity, 30 m as x y z; its x y z alone
+    the other way round (0.18 m vs 36 m)."""
+    if raw.size % 3 or raw.size < 3 * 8:
+        return False
+
+    def step(width: int) -> float:
+        pts = raw[: raw.size // width * width].reshape(-1, width)[:20_000, :3].astype(np.float64)
+        return float(np.median(np.linalg.norm(np.diff(pts, axis=0), axis=1)))
+
+    return 5.0 * step(3) < step(columns)
+
+
+def training_id_labels(labels: np.ndarray, semantic: np.ndarray) -> str | None:
+    """A warning when labels look like training ids (0..19) rather than the raw ids the label map
+    takes (10 car, 40 road, ...): most of them are then unknown or ignored, silently."""
+    raw = np.asarray(labels, np.uint32) & 0xFFFF
+    annotated = raw > 1  # 0 unlabeled, 1 outlier
+    if not annotated.any() or int(raw.max()) >= 20:
+        return None
+    lost = annotated & (semantic == IGNORE_INDEX)
+    share = float(lost.sum() / annotated.sum())
+    if share < 0.5:
+        return None
+    return tag("labels-lost", f"{100 * share:.0f}% of the annotated points lost their label: every raw id is "
+                              f"below 20 (max {int(raw.max())}), as training ids are, but the label map takes raw "
+                              "SemanticKITTI ids (10 car, 40 road, ...); convert them, or ingest with --dataset "
+                              "files reader.classes=semantickitti")
+
+
 # --- poses ----------------------------------------------------------------------------------
 
 
@@ -221,7 +254,11 @@ def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np
     except OSError as exc:
         raise SceneError(scene_id, bin_path, f"cannot read scan: {exc}") from None
     if raw.size % 4:
-        raise SceneError(scene_id, bin_path, f"{raw.size * 4} bytes is not a whole number of points (16 bytes each)")
+        hint = " (it is a whole number of 12-byte x y z records: read it with --dataset files)" if raw.size % 3 == 0 else ""
+        raise SceneError(scene_id, bin_path, f"{raw.size * 4} bytes is not a whole number of points (16 bytes each){hint}")
+    if looks_like_xyz_records(raw):
+        raise SceneError(scene_id, bin_path, "the file holds x y z records (12 bytes a point), not x y z intensity: "
+                         "read it with --dataset files reader.columns='x y z'")
     points = raw.reshape(-1, 4)
     labels = None
     if label_path.exists():
@@ -268,7 +305,7 @@ def read_scene(
     frames = [f for f in range(first, frame + 1) if (seq_dir / "velodyne" / f"{f:06d}.bin").exists()]
     scene_warnings: list[str] = []
     if len(frames) < cfg.merge_scans:
-        scene_warnings.append(f"merged {len(frames)} scan(s), not {cfg.merge_scans}: earlier scans absent")
+        scene_warnings.append(tag("merge-short", f"merged {len(frames)} scan(s), not {cfg.merge_scans}: earlier scans absent"))
     source_files = [yaml_path] if yaml_path else []
     to_current = None
     if len(frames) > 1:
@@ -299,14 +336,20 @@ def read_scene(
     labels = np.concatenate(label_parts)
     semantic, instance, unknown = decode_labels(labels, lut)
     if missing_labels:
-        scene_warnings.append(f"no label file: {missing_labels} points ignored (test sequence?)")
+        scene_warnings.append(tag("unlabelled", f"no label file: {missing_labels} points ignored (test sequence?)"))
     if len(unknown):
         n_unknown = int(np.isin(labels & 0xFFFF, unknown).sum())
-        scene_warnings.append(
+        scene_warnings.append(tag("labels-unknown",
             f"{n_unknown} points have raw semantic ids {unknown.tolist()} unknown to the label map (ignored)"
-        )
+        ))
+    lost = training_id_labels(labels, semantic)
+    if lost:
+        scene_warnings.append(lost)
     intensity = np.concatenate(intensity_parts).astype(np.float64)
     rgb_grey = np.clip(np.rint(intensity * cfg.intensity_scale), 0, 255).astype(np.uint8)
+    if not rgb_grey.any():
+        scene_warnings.append(tag("no-colour", "intensity is 0 everywhere: rendered views are black (CLIP sees "
+                                               "nothing); a sweep saved without intensity?"))
     return RawScene(
         scene_id=scene_id,
         xyz=np.concatenate(xyz_parts).astype(np.float32),

@@ -68,13 +68,17 @@ def contact_sheet(panels: list[list[np.ndarray]], *, columns: int = SHEET_COLUMN
 def export_views(store_path: str | Path, scene_id: str, out_dir: str | Path) -> list[Path]:
     """Write the PNGs of one scene's views and a contact sheet; return the paths written.
 
-    Raises KeyError (naming the scene) when the scene has not been rendered.
+    Raises:
+        UserError naming the store and scene when the scene is not there or not rendered.
     """
+    from pipeline.errors import UserError
     from pipeline.store import Store
 
     store = Store.open(store_path)
+    if not store.has_scene(scene_id):
+        raise UserError(f"{store_path}: no scene {scene_id!r}")
     if not store.has(scene_id, schema.VIEW_RGB):
-        raise KeyError(f"{store_path}: scene {scene_id} has no rendered views; run `ws3d render` first")
+        raise UserError(f"{store_path}: scene {scene_id} has no rendered views; run `ws3d render` first")
     rgb = store.read(scene_id, schema.VIEW_RGB)
     depth = store.read(scene_id, schema.VIEW_DEPTH).astype(np.float32)
     index = store.read(scene_id, schema.VIEW_POINT_INDEX)

@@ -6,7 +6,8 @@ over-segmentation vs Open3D FPFH, CLIP embedding images/s, crops and seconds per
 embed mode (packed vs crops, a ViT-B/16-sized model on the real ScanNet sample), store read scenes/s, sparse
 convolution voxels/s of every installed backend side by side, each against a dense `nn.Conv3d`
 (`sparse.backends.<name>`), peak memory per stage, and, on a GPU, training steps/s and peak GPU
-memory. Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
+memory, and a trained run predicting on a 100k- and a 1M-point scan end to end against its bare
+forward (`predict`). Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "sparse": ("ws3d_train.bench.sparse", "bench_sparse"),
     "store_read": ("ws3d_train.bench.data", "bench_store_read"),
     "train_step": ("ws3d_train.bench.data", "bench_train_step"),
+    "predict": ("ws3d_train.bench.predict", "bench_predict"),
 }
 
 
@@ -94,6 +96,8 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
         return {"vision": tiny_vit, "crops_sample": 16, "verbose": False} if tiny else {}
     if name in ("store_read", "train_step"):
         return {"store_path": store}
+    if name == "predict":  # a run on a robot's scan, end to end, against the bare forward
+        return {"sizes": (3_000, 20_000), "repeats": 1, "cli": False} if tiny else {}
     return {}
 
 

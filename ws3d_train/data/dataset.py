@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -202,6 +203,8 @@ def voxelise(
     """
     if xyz.shape[0] == 0:
         raise DataError("voxelise: empty point cloud")
+    if rng is None:  # inference and evaluation: a hash table in one pass (numba), then sort the voxels
+        return _voxelise_first(xyz, voxel_size)
     q = np.floor(xyz / voxel_size).astype(np.int64)
     origin = q.min(axis=0)
     q -= origin
@@ -217,6 +220,95 @@ def voxelise(
         point_to_voxel = np.empty(key.shape[0], np.int64)
         point_to_voxel[order] = inverse.reshape(-1)
     return q[rep].astype(np.int32), origin, rep.astype(np.int64), point_to_voxel
+
+
+@numba.njit(cache=True)
+def _grid_bounds(xyz: np.ndarray, voxel_size: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest floor(xyz / voxel_size) per axis. ``voxel_size`` is a scalar of xyz's
+    dtype, so that the division rounds as NumPy's does."""
+    lo = np.full(3, np.iinfo(np.int64).max, np.int64)
+    hi = np.full(3, np.iinfo(np.int64).min, np.int64)
+    for i in range(xyz.shape[0]):
+        for d in range(3):
+            v = np.int64(np.floor(xyz[i, d] / voxel_size))
+            if v < lo[d]:
+                lo[d] = v
+            if v > hi[d]:
+                hi[d] = v
+    return lo, hi
+
+
+@numba.njit(cache=True)
+def _first_point_per_voxel(xyz: np.ndarray, voxel_size: Any, lo: np.ndarray, hi: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each point's voxel key (x-major, then y, then z, over the grid from ``lo``), found in an
+    open-addressing hash table that grows with the voxels (not the points: a dense scan's voxels
+    stay in cache). Returns the distinct keys in order of first appearance, the first point of
+    each, and each point's distinct-key index."""
+    n = xyz.shape[0]
+    ey, ez = hi[1] - lo[1] + 1, hi[2] - lo[2] + 1
+    cap = 1024
+    slot_key = np.full(cap, -1, np.int64)
+    slot_id = np.empty(cap, np.int64)
+    uniq = np.empty(16, np.int64)
+    first = np.empty(16, np.int64)
+    inverse = np.empty(n, np.int64)
+    count = 0
+    for i in range(n):
+        qx = np.int64(np.floor(xyz[i, 0] / voxel_size)) - lo[0]
+        qy = np.int64(np.floor(xyz[i, 1] / voxel_size)) - lo[1]
+        qz = np.int64(np.floor(xyz[i, 2] / voxel_size)) - lo[2]
+        k = (qx * ey + qy) * ez + qz
+        mask = cap - 1
+        h = (k * np.int64(-7046029254386353131)) & mask  # multiplicative (Fibonacci) hashing
+        h = (h ^ (h >> 17)) & mask
+        while slot_key[h] != -1 and slot_key[h] != k:
+            h = (h + 1) & mask
+        if slot_key[h] == k:
+            inverse[i] = slot_id[h]
+            continue
+        if count == uniq.shape[0]:  # grow the per-voxel arrays
+            uniq = np.concatenate((uniq, np.empty(uniq.shape[0], np.int64)))
+            first = np.concatenate((first, np.empty(first.shape[0], np.int64)))
+        slot_key[h] = k
+        slot_id[h] = count
+        uniq[count] = k
+        first[count] = i
+        inverse[i] = count
+        count += 1
+        if 2 * count > cap:  # keep the table at most half full: rehash into twice the slots
+            cap *= 2
+            mask = cap - 1
+            slot_key = np.full(cap, -1, np.int64)
+            slot_id = np.empty(cap, np.int64)
+            for j in range(count):
+                kk = uniq[j]
+                hh = (kk * np.int64(-7046029254386353131)) & mask
+                hh = (hh ^ (hh >> 17)) & mask
+                while slot_key[hh] != -1:
+                    hh = (hh + 1) & mask
+                slot_key[hh] = kk
+                slot_id[hh] = j
+    return uniq[:count], first[:count], inverse
+
+
+def _voxelise_first(xyz: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`voxelise` without ``rng``: the same result (lowest point index per voxel, voxels
+    sorted by key) from one pass over the points through a hash table, and a sort over the voxels
+    only (Nv << N): on a real scan 4-11x faster than ``np.unique`` at 10^6 points, 1.2-6x at
+    10^5 (docs/benchmarks.md); slower (0.7x) where nearly every point is its own voxel."""
+    xyz = np.ascontiguousarray(xyz)
+    if xyz.dtype not in (np.float32, np.float64):
+        xyz = xyz.astype(np.float64)
+    size = xyz.dtype.type(voxel_size)
+    lo, hi = _grid_bounds(xyz, size)
+    uniq, first, inverse = _first_point_per_voxel(xyz, size, lo, hi)
+    order = np.argsort(uniq, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    rep = first[order]
+    coords = (np.floor(xyz[rep] / size).astype(np.int64) - lo).astype(np.int32)
+    return coords, lo, rep.astype(np.int64), rank[inverse]
 
 
 def voxel_majority(

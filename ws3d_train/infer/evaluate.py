@@ -52,7 +52,8 @@ from ws3d_train.infer.metrics import (
 )
 from ws3d_train.infer.fusion import fuse_scene
 from ws3d_train.infer.predict import STUFF_CLASSES, CombineMode, infer_scene, point_heads, predict_classes, predict_instances
-from ws3d_train.run import load_run, resolve_classes, resolve_ov_split
+from ws3d_train.data.dataset import DataError
+from ws3d_train.run import gt_to_run_classes, load_run, resolve_classes, resolve_ov_split
 
 __all__ = ["evaluate", "evaluate_fusion", "format_table", "json_safe", "write_json"]
 
@@ -132,6 +133,12 @@ def evaluate(
         raise ValueError(f"{store_path}: no scene to evaluate")
     setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
     names = list(setup.class_names)
+    # a store of another class list: its labels scored in the run's label space, by class name
+    gt_lut = gt_to_run_classes(store.class_names, names)
+    no_overseg = [s for s in scene_ids if not store.has(s, schema.SEGMENT)]
+    if no_overseg:
+        raise DataError(f"{store_path}: {len(no_overseg)} scene(s) have no overseg/segment (e.g. {no_overseg[:3]}); "
+                        "run `ws3d overseg` first (instances are built from over-segments)")
     num_classes = len(names)
     ignored = np.asarray(setup.ignored_ids, np.int64)
     stuff = STUFF_CLASSES if instance_ignore is None else frozenset(instance_ignore)
@@ -151,6 +158,8 @@ def evaluate(
     unlabelled: list[str] = []
     for scene_id in progress_bar(scene_ids, desc="eval", unit="scene", enabled=progress):
         gt = store.read(scene_id, schema.SEMANTIC).astype(np.int64)
+        if gt_lut is not None:
+            gt = np.where(gt == IGNORE_INDEX, IGNORE_INDEX, gt_lut[np.clip(gt, 0, len(gt_lut) - 1)])
         if not (gt != IGNORE_INDEX).any():  # an unlabelled scan (e.g. a test scene): nothing to score
             unlabelled.append(scene_id)
             continue
@@ -171,8 +180,6 @@ def evaluate(
         score = comb_score.cpu().numpy().astype(np.float64)
         cm_combined.update(pred, gt)
 
-        if not store.has(scene_id, schema.SEGMENT):
-            raise ValueError(f"{store_path}: scene {scene_id} has no overseg/segment; run `ws3d overseg` first")
         instance, inst_class, inst_score = predict_instances(
             store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY), pred,
             outputs.to_points(outputs.feats).cpu().numpy(), score, names, sim_threshold=sim_threshold, min_points=min_region_size,
@@ -197,6 +204,7 @@ def evaluate(
         "unlabelled_scenes": unlabelled,
         "points": total_points,
         "classes": names,
+        "label_space": "store" if gt_lut is None else "run (store labels mapped by class name)",
         "split": {
             "base": [names[c] for c in base],
             "novel": [names[c] for c in novel],

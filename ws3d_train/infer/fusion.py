@@ -98,6 +98,10 @@ def ensemble_features(feat_3d: torch.Tensor, feat_2d: torch.Tensor, text: torch.
     Returns:
         ([N, D] unit features, [N] bool: True where the 2D feature was taken).
     """
+    if feat_2d.shape[1] != feat_3d.shape[1] or text.shape[1] != feat_3d.shape[1]:
+        raise ConfigError(f"the store's 2D features are {feat_2d.shape[1]}-d but the run's CLIP head is "
+                          f"{feat_3d.shape[1]}-d: the store was embedded by another CLIP model than the run "
+                          "(re-run `ws3d embed` with the run's model, or leave out --ensemble-2d)")
     a = torch.nn.functional.normalize(feat_3d.float(), dim=1)
     b = torch.nn.functional.normalize(feat_2d.to(a.device).float(), dim=1)
     t = torch.nn.functional.normalize(text.to(a.device).float(), dim=1)

@@ -26,9 +26,9 @@ over-segments of the same predicted class whose mean decoder features are simila
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,8 +36,7 @@ import torch
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.store import Store
-from ws3d_train.data.batch import collate
-from ws3d_train.data.dataset import DataError, SceneDataset
+from ws3d_train.data.dataset import INDOOR_VOXEL_M, DataConfig, DataError, default_voxel_size, voxelise
 from ws3d_train.infer.fusion import ensemble_features, fused_embeddings
 from ws3d_train.infer.instances import instances_from_segments
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
@@ -54,16 +53,23 @@ __all__ = [
     "SceneOutputs",
     "ScenePrediction",
     "SegmentMatch",
+    "VoxelInput",
     "class_palette",
+    "class_probabilities",
     "clip_model_of_store",
     "format_query",
+    "ensure_threads",
+    "forward_voxels",
+    "infer_points",
     "infer_scene",
     "load_run",
     "predict_classes",
     "predict_instances",
     "predict_scene",
     "query_scene",
+    "rank_segments_by_similarity",
     "resolve_classes",
+    "voxel_input",
     "write_heatmap_ply",
     "write_prediction_ply",
 ]
@@ -143,30 +149,100 @@ def point_heads(outputs: SceneOutputs, setup: ClassSetup, store: Store | None = 
     return semantic, clip, float(took_2d.float().mean())
 
 
-@torch.inference_mode()
-def infer_scene(run: LoadedRun, store: Store, scene_id: str) -> SceneOutputs:
-    """Run the network on a whole scene (no crop, no augmentation).
+@dataclass(frozen=True, eq=False)
+class VoxelInput:
+    """The network input of one whole scene: one voxel per occupied cell, its first point's features."""
 
-    Raises:
-        DataError naming the scene when it is not in the store or its arrays disagree.
+    coords: torch.Tensor
+    """[Nv, 4] int32 (batch index 0, x, y, z) voxel coordinates."""
+    feats: torch.Tensor
+    """[Nv, C] float32 voxel features (colour, height; see ``DataConfig``)."""
+    point_to_voxel: np.ndarray
+    """[N] int64 voxel row of each point."""
+
+
+def voxel_input(xyz: np.ndarray, rgb: np.ndarray, data: DataConfig, voxel_size: float) -> VoxelInput:
+    """Voxelise a whole scene for inference, exactly as the data path does for evaluation
+    (:func:`ws3d_train.data.dataset.make_sample` without an ``rng`` and without a crop), but doing
+    per-voxel work only once the voxels are known (a 1M-point scan costs its voxelisation, not
+    ten per-point passes).
+
+    Args:
+        xyz: [N, 3] float32 metres. rgb: [N, 3] uint8.
     """
-    data = replace(run.data, max_voxels=None, augment=False, groups=())
-    dataset = SceneDataset(store.path, [scene_id], cfg=data, split="eval")
-    batch = collate([dataset[0]]).to(run.device)
+    coords, _, rep, p2v = voxelise(xyz, voxel_size)
+    feats = [rgb[rep].astype(np.float32) / np.float32(255.0) - np.float32(0.5)]
+    if data.use_height:
+        feats.append(((xyz[rep, 2] - xyz[:, 2].min()) / np.float32(data.height_scale_m))[:, None])
+    batch_col = np.zeros((coords.shape[0], 1), np.int32)
+    return VoxelInput(coords=torch.from_numpy(np.concatenate([batch_col, coords], axis=1)),
+                      feats=torch.from_numpy(np.concatenate(feats, axis=1).astype(np.float32)), point_to_voxel=p2v)
+
+
+@torch.inference_mode()
+def forward_voxels(run: LoadedRun, inputs: VoxelInput) -> Any:
+    """The bare network forward on one scene's voxels (the run's threads and autocast)."""
+    ensure_threads(run)
     use_bf16 = run.device.type == "cuda" and bool(run.config.get("bf16", True))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        out = run.model(SparseTensor(feats=batch.feats, coords=batch.coords))
-    if bool((batch.point_to_voxel < 0).any()):  # cannot happen without a crop; guard the indexing
-        raise DataError(f"scene {scene_id}: points without a voxel in an uncropped scene")
-    return SceneOutputs(
+        return run.model(SparseTensor(feats=inputs.feats.to(run.device), coords=inputs.coords.to(run.device)))
+
+
+@torch.inference_mode()
+def infer_points(run: LoadedRun, xyz: np.ndarray, rgb: np.ndarray, *, scene_id: str = "-",
+                 voxel_size: float | None = None, timings: dict[str, float] | None = None) -> SceneOutputs:
+    """Run the network on a whole scene given as arrays (no store, no crop, no augmentation).
+
+    Args:
+        run: the loaded run.
+        xyz: [N, 3] float positions in metres (z up, as the run's training scenes).
+        rgb: [N, 3] uint8 colours.
+        scene_id: a name for messages.
+        voxel_size: default the run's (its data config); 0.02 m for runs that record none.
+        timings: filled with seconds of ``voxelise`` and ``network`` when given.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    xyz = np.ascontiguousarray(xyz, np.float32)
+    size = float(voxel_size or run.data.voxel_size_m or INDOOR_VOXEL_M)
+    inputs = voxel_input(xyz, np.ascontiguousarray(rgb, np.uint8), run.data, size)
+    t1 = time.perf_counter()
+    out = forward_voxels(run, inputs)
+    outputs = SceneOutputs(
         scene_id=scene_id,
-        xyz=batch.point_xyz.cpu().numpy(),
-        point_to_voxel=batch.point_to_voxel,
+        xyz=xyz,
+        point_to_voxel=torch.from_numpy(inputs.point_to_voxel),
         semantic=out.semantic.float(),
         clip=out.clip.float(),
         boundary=torch.sigmoid(out.boundary.float()),
         feats=out.feats.float(),
     )
+    if timings is not None:
+        timings["voxelise"] = timings.get("voxelise", 0.0) + t1 - t0
+        timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t1
+    return outputs
+
+
+def ensure_threads(run: LoadedRun) -> None:
+    """Put torch back on the run's thread count (numba's OpenMP layer raises it when the
+    over-segmentation runs in the same process; see :func:`ws3d_train.device.set_torch_threads`)."""
+    if run.device.type == "cpu" and run.threads > 0 and torch.get_num_threads() != run.threads:
+        torch.set_num_threads(run.threads)
+
+
+def infer_scene(run: LoadedRun, store: Store, scene_id: str) -> SceneOutputs:
+    """Run the network on a whole scene of a store (no crop, no augmentation): :func:`infer_points`
+    on its ``points/xyz`` and ``points/rgb`` with the run's voxel size (or the store's default).
+
+    Raises:
+        DataError naming the scene when it is not in the store.
+    """
+    if not store.has_scene(scene_id):
+        raise DataError(f"{store.path}: scenes not in the store: [{scene_id!r}]")
+    xyz, rgb = store.read_many(scene_id, [schema.XYZ, schema.RGB])
+    size = run.data.voxel_size_m or default_voxel_size(store, [scene_id])
+    return infer_points(run, xyz, rgb, scene_id=scene_id, voxel_size=size)
 
 
 # (ClassSetup and resolve_classes: see ws3d_train.run)
@@ -211,6 +287,40 @@ def predict_classes(
     )
     best, local = log_scores.max(dim=1)
     return keep_t[local], best.exp().clamp(max=1.0)
+
+
+@torch.inference_mode()
+def class_probabilities(
+    semantic: torch.Tensor,
+    clip: torch.Tensor,
+    setup: ClassSetup,
+    *,
+    mode: CombineMode = "calibrated",
+    novel_bias: float = 0.0,
+) -> torch.Tensor:
+    """[M, C] float32 scores over every class from the heads, the distribution whose argmax
+    :func:`predict_classes` takes: ``semantic``: the semantic head's softmax over the base classes;
+    ``clip``/``calibrated``: :func:`ws3d_train.open_vocab.combine_heads` (a distribution over the
+    base and novel classes; with ``novel_bias`` the novel columns are scaled by ``exp(novel_bias)``).
+    Classes a prediction never chooses (ignored by the split; novel ones in ``semantic`` mode) are 0."""
+    num = len(setup.class_names)
+    out = torch.zeros((semantic.shape[0], num), dtype=torch.float32, device=semantic.device)
+    base = torch.tensor(setup.base_ids, dtype=torch.long, device=semantic.device)
+    if mode == "semantic":
+        out[:, base] = torch.softmax(semantic.float()[:, base], dim=1)
+        return out
+    if mode not in ("clip", "calibrated"):
+        raise ValueError(f"mode must be 'semantic', 'clip' or 'calibrated'; got {mode!r}")
+    keep = sorted(setup.base_ids + setup.novel_ids)
+    keep_t = torch.tensor(keep, dtype=torch.long, device=semantic.device)
+    position = {c: i for i, c in enumerate(keep)}
+    log_scores = combine_heads(
+        semantic.float()[:, base], classify_open_vocab(clip.float(), setup.text[keep_t]),
+        [position[c] for c in setup.base_ids], [position[c] for c in setup.novel_ids],
+        mode=mode, novel_bias=novel_bias,
+    )
+    out[:, keep_t] = log_scores.exp()
+    return out
 
 
 def predict_instances(
@@ -476,6 +586,22 @@ class QueryResult:
     """The heatmap PLY written, if any."""
 
 
+def rank_segments_by_similarity(segment: np.ndarray, similarity: np.ndarray, xyz: np.ndarray, *, top_k: int = 5,
+                                min_segment_points: int = 10) -> list[SegmentMatch]:
+    """The ``top_k`` over-segments of at least ``min_segment_points`` points with the highest mean
+    similarity ([N] float per point; ``segment`` [N] int ids 0..S-1), best first."""
+    segment = np.asarray(segment).astype(np.int64)
+    num_segments = int(segment.max()) + 1 if segment.size else 0
+    count = np.bincount(segment, minlength=num_segments)
+    mean_sim = np.bincount(segment, weights=similarity, minlength=num_segments) / np.maximum(count, 1)
+    centroid = np.stack(
+        [np.bincount(segment, weights=xyz[:, k], minlength=num_segments) for k in range(3)], axis=1
+    ) / np.maximum(count, 1)[:, None]
+    ranked = np.flatnonzero(count >= min_segment_points)
+    ranked = ranked[np.argsort(-mean_sim[ranked], kind="stable")][:top_k]
+    return [SegmentMatch(int(s), float(mean_sim[s]), tuple(float(v) for v in centroid[s]), int(count[s])) for s in ranked]
+
+
 def query_scene(
     run: str | Path | LoadedRun,
     store_path: str | Path,
@@ -538,18 +664,8 @@ def query_scene(
     similarity = outputs.to_points(sim_voxel).cpu().numpy().astype(np.float32)
 
     segment, _ = _read_overseg(store, scene_id)
-    segment = segment.astype(np.int64)
-    num_segments = int(segment.max()) + 1 if segment.size else 0
-    count = np.bincount(segment, minlength=num_segments)
-    mean_sim = np.bincount(segment, weights=similarity, minlength=num_segments) / np.maximum(count, 1)
-    centroid = np.stack(
-        [np.bincount(segment, weights=outputs.xyz[:, k], minlength=num_segments) for k in range(3)], axis=1
-    ) / np.maximum(count, 1)[:, None]
-    ranked = np.flatnonzero(count >= min_segment_points)
-    ranked = ranked[np.argsort(-mean_sim[ranked], kind="stable")][:top_k]
-    matches = [
-        SegmentMatch(int(s), float(mean_sim[s]), tuple(float(v) for v in centroid[s]), int(count[s])) for s in ranked
-    ]
+    matches = rank_segments_by_similarity(segment, similarity, outputs.xyz, top_k=top_k,
+                                          min_segment_points=min_segment_points)
     ply = write_heatmap_ply(out_ply, outputs.xyz, similarity) if out_ply is not None else None
     return QueryResult(scene_id=scene_id, text=text, similarity=similarity, segments=matches, model=model, ply=ply)
 

@@ -13,7 +13,7 @@ threshold, and the (possibly subsampled) arrays on screen. Tests drive it direct
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "LegendEntry",
     "RunModel",
     "RunScene",
+    "ScanFiles",
     "SceneData",
     "ViewerState",
     "base_novel_colours",
@@ -41,6 +42,7 @@ __all__ = [
     "check_scene",
     "class_colours",
     "class_legend",
+    "frame_camera",
     "heatmap_colours",
     "id_colours",
     "legend_markdown",
@@ -262,6 +264,21 @@ def camera_views(K: np.ndarray, pose_world_to_cam: np.ndarray, image_hw: tuple[i
     return out
 
 
+def frame_camera(xyz: np.ndarray, *, fov_y_rad: float = 1.3, aspect: float = 1.5,
+                 direction: Sequence[float] = (-0.55, -1.0, 0.75), margin: float = 1.05) -> tuple[np.ndarray, np.ndarray]:
+    """A camera that frames a scene: ``(position, look_at)`` on ``direction`` from the centre of its
+    bounding box, at the distance where the box's bounding sphere fits the narrower field of view
+    (times ``margin``), so the scene fills the page when it opens (z up)."""
+    lo, hi = xyz.min(axis=0).astype(np.float64), xyz.max(axis=0).astype(np.float64)
+    centre = (lo + hi) / 2.0
+    radius = max(float(np.linalg.norm(hi - lo)) / 2.0, 1e-3)
+    fov = min(fov_y_rad, 2.0 * np.arctan(np.tan(fov_y_rad / 2.0) * aspect))
+    distance = margin * radius / np.sin(fov / 2.0)
+    unit = np.asarray(direction, np.float64)
+    unit = unit / np.linalg.norm(unit)
+    return centre + distance * unit, centre
+
+
 def rank_segments(
     similarity: np.ndarray, segment: np.ndarray, xyz: np.ndarray, *, top_k: int = 5, min_segment_points: int = 10
 ) -> list[Any]:
@@ -362,7 +379,48 @@ class SceneData:
         return int(self.xyz.shape[0])
 
 
-def check_scene(store: Store, scene_id: str) -> str:
+class ScanFiles:
+    """Scans read from files (one file, or every scan of a folder), shown without a store
+    (`ws3d view --input`): read with the reader of `ws3d ingest --dataset files`."""
+
+    def __init__(self, path: str | Path, reader: Any = None):
+        from pipeline.datasets.files import FilesReaderConfig, scan_files, scene_id_of
+
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.files = scan_files(self.path)
+        elif self.path.is_file():
+            self.files = {scene_id_of(self.path.name): self.path}
+        else:
+            raise ViewerError(f"{self.path}: no such file or folder")
+        self.reader = reader or FilesReaderConfig()
+        self._cache: dict[str, SceneData] = {}
+
+    def scene_ids(self) -> list[str]:
+        return list(self.files)
+
+    def has_scene(self, scene_id: str) -> bool:
+        return scene_id in self.files
+
+    def load_scene(self, scene_id: str) -> SceneData:
+        """A scan's display arrays (labels mapped to the reader's class list when it has labels)."""
+        if scene_id in self._cache:
+            return self._cache[scene_id]
+        from pipeline.datasets.files import class_names_of, label_lookup, load_scan, map_labels
+
+        check_scene(self, scene_id)
+        scan = load_scan(self.files[scene_id], self.reader)
+        names = class_names_of(self.reader)
+        semantic = None
+        if scan.label is not None:
+            semantic = map_labels(scan.label, label_lookup(self.reader), len(names), tuple(self.reader.ignore_labels))[0]
+        data = SceneData(scene_id=scene_id, xyz=scan.xyz, rgb=scan.rgb, class_names=names, semantic=semantic,
+                         instance=scan.instance, faces=scan.faces)
+        self._cache = {scene_id: data}  # one scan at a time in memory
+        return data
+
+
+def check_scene(store: Store | ScanFiles, scene_id: str) -> str:
     """``scene_id`` if the store has it, else ViewerError naming the store and a few of its scenes."""
     if not store.has_scene(scene_id):
         listed = store.scene_ids()
@@ -371,12 +429,14 @@ def check_scene(store: Store, scene_id: str) -> str:
     return scene_id
 
 
-def load_scene(store: Store, scene_id: str) -> SceneData:
+def load_scene(store: Store | ScanFiles, scene_id: str) -> SceneData:
     """Read a scene's display arrays; stages not run yet leave their fields None/empty.
 
     Raises:
         ViewerError naming the store and scene when the scene is not there.
     """
+    if isinstance(store, ScanFiles):
+        return store.load_scene(scene_id)
     check_scene(store, scene_id)
 
     def optional(spec: schema.ArraySpec) -> np.ndarray | None:
@@ -403,9 +463,9 @@ def load_scene(store: Store, scene_id: str) -> SceneData:
     )
 
 
-def view_image(store: Store, scene_id: str, index: int) -> np.ndarray | None:
-    """[H, W, 3] uint8 rendered image of one view (None before ``ws3d render``)."""
-    if not store.has(scene_id, schema.VIEW_RGB):
+def view_image(store: Store | ScanFiles, scene_id: str, index: int) -> np.ndarray | None:
+    """[H, W, 3] uint8 rendered image of one view (None before ``ws3d render``, or for files)."""
+    if isinstance(store, ScanFiles) or not store.has(scene_id, schema.VIEW_RGB):
         return None
     return np.asarray(store.read_rows(scene_id, schema.VIEW_RGB, int(index)), np.uint8)
 
@@ -422,24 +482,40 @@ class RunScene:
     """[N, D] float32 unit CLIP-space feature per point."""
     base_ids: tuple[int, ...]
     novel_ids: tuple[int, ...]
+    segment: np.ndarray | None = None
+    """[N] over-segments computed for the instances (scans without a store), else None."""
 
 
 class RunModel:
     """A loaded run (through :mod:`ws3d_train.run`, the one reader of run folders) and the text
-    encoder of the CLIP model its vocabulary was embedded with, loaded once and reused."""
+    encoder of the CLIP model its vocabulary was embedded with, loaded once and reused. On scans
+    from files (:class:`ScanFiles`) it predicts through :class:`ws3d_train.infer.model.Model`."""
 
-    def __init__(self, run: str | Path, store: Store, *, device: str = "auto", model_dir: str | None = None):
+    def __init__(self, run: str | Path, store: Store | ScanFiles, *, device: str = "auto", model_dir: str | None = None):
         from ws3d_train.run import load_run, resolve_classes
 
-        self.loaded = load_run(run, device=device)
         self.store = store
-        self.setup = resolve_classes(self.loaded, store)
         self.model_dir = model_dir
         self._encoder: Any = None
+        self.model: Any = None
+        if isinstance(store, ScanFiles):
+            from ws3d_train.infer.model import Model
+
+            self.model = Model.load(run, device=device)
+            self.loaded, self.setup = self.model.run, self.model.classes
+            return
+        self.loaded = load_run(run, device=device)
+        self.setup = resolve_classes(self.loaded, store)
 
     def predict(self, scene_id: str, *, min_instance_points: int = 20) -> RunScene:
         """Classes, instances and CLIP features of every point (:func:`ws3d_train.infer.predict.predict_scene`)."""
         from ws3d_train.infer.predict import predict_scene
+
+        if self.model is not None:
+            scene = load_scene(self.store, scene_id)
+            out = self.model.predict(scene.xyz, scene.rgb, scene.faces, min_instance_points=min_instance_points)
+            return RunScene(out.labels, out.instance, out.clip, self.setup.base_ids, self.setup.novel_ids,
+                            segment=out.segment)
 
         # a pre-training run's semantic head is untrained: its classes come from the CLIP head alone
         combine = "clip" if self.loaded.base_ids is None else "calibrated"
@@ -452,6 +528,8 @@ class RunModel:
         the run's vocabulary (recorded in the run folder; for older runs, in the store's
         ``classes`` vocabulary), chosen and used as ``ws3d query`` does without prompts; loaded
         offline, once."""
+        if self.model is not None and self.model_dir is None:
+            return self.model.encode_text(text)
         if self._encoder is None:
             from pipeline.clip.model import load_encoder
             from ws3d_train.infer.predict import clip_model_of_store
@@ -488,7 +566,7 @@ class ViewerState:
         device: str = "auto",
         top_k: int = 5,
     ):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.store = store if isinstance(store, (Store, ScanFiles)) else Store.open(store)
         self.scene_ids = self.store.scene_ids()
         if not self.scene_ids:
             raise ViewerError(f"{self.store.path}: the store has no scenes; run `ws3d ingest` first")
@@ -530,6 +608,8 @@ class ViewerState:
         state stays on the previous scene."""
         scene = load_scene(self.store, scene_id)
         prediction = self.run.predict(scene_id) if self.run is not None else None
+        if scene.segment is None and prediction is not None and prediction.segment is not None:
+            scene = replace(scene, segment=prediction.segment)  # computed on the fly for a scan from a file
         self.scene, self.prediction = scene, prediction
         self.similarity, self.query_text, self.matches, self.threshold = None, None, [], None
         self.display_index = subsample_indices(self.scene.num_points, self.point_budget)

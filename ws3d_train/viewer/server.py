@@ -18,7 +18,9 @@ from ws3d_train.viewer.core import (
     DEFAULT_POINT_BUDGET,
     RunModel,
     ViewerState,
+    ScanFiles,
     check_scene,
+    frame_camera,
     legend_markdown,
     mesh_glb,
     point_size_m,
@@ -82,7 +84,8 @@ class ViewerApp:
                                                 disabled=True)
             self.gui_matches = gui.add_markdown("")
         with gui.add_folder("Views", visible=bool(st.scene.cameras)) as self.gui_views_folder:
-            self.gui_show_frusta = gui.add_checkbox("Show cameras", initial_value=True)
+            # off until asked: dozens of frusta hide the scene they look at
+            self.gui_show_frusta = gui.add_checkbox("Show cameras", initial_value=False)
             self.gui_view = gui.add_slider("View", min=0, max=max(len(st.scene.cameras) - 1, 1), step=1,
                                            initial_value=0)
             self.gui_image = gui.add_image(np.zeros((8, 8, 3), np.uint8), label="view", visible=False)
@@ -145,12 +148,12 @@ class ViewerApp:
                 frustum.on_click(lambda event, v=cam.index: self.select_view(v))
                 self.frusta.append(frustum)
             if scene.num_points:
-                centre = scene.xyz.mean(axis=0)
-                ext = scene.xyz.max(axis=0) - scene.xyz.min(axis=0)
-                self.server.initial_camera.look_at = tuple(float(v) for v in centre)
-                self.server.initial_camera.position = tuple(
-                    float(v) for v in centre + np.array([-0.9 * ext[0], -1.1 * ext[1], 1.2 * max(ext[2], 1.0) + 0.5 * ext[0]])
-                )
+                fov = float(getattr(self.server.initial_camera, "fov", 1.3) or 1.3)
+                position, look_at = frame_camera(scene.xyz, fov_y_rad=fov)
+                self.server.initial_camera.look_at = tuple(float(v) for v in look_at)
+                self.server.initial_camera.position = tuple(float(v) for v in position)
+                for client in self.server.get_clients().values():  # pages already open follow the new scene
+                    client.camera.look_at, client.camera.position = look_at, position
             self._updating = True
             try:
                 self.gui_draw.options = ("mesh", "points") if has_mesh else ("points",)
@@ -275,7 +278,7 @@ class ViewerApp:
 
 
 def serve(
-    store: str | Path,
+    store: str | Path | None,
     scene_id: str | None = None,
     *,
     run: str | Path | None = None,
@@ -284,12 +287,17 @@ def serve(
     point_budget: int = DEFAULT_POINT_BUDGET,
     device: str = "auto",
     model_dir: str | None = None,
+    scans: str | Path | None = None,
+    reader: Any = None,
 ) -> ViewerApp:
-    """Build the state and start the server (returns at once; the server runs in threads)."""
+    """Build the state and start the server (returns at once; the server runs in threads).
+    ``scans`` (a scan file or a folder of them, read with ``reader``) replaces the store."""
     import_viser()  # fail before loading a run when viser is missing
     from pipeline.store import Store
 
-    st = Store.open(store)
+    if (store is None) == (scans is None):
+        raise UserError("ws3d view: give a store (--store) or scan files (--input), one of them")
+    st = ScanFiles(scans, reader) if scans is not None else Store.open(store)
     if scene_id is not None:
         check_scene(st, scene_id)  # before the (slow) run loading
     run_model = RunModel(run, st, device=device, model_dir=model_dir) if run is not None else None

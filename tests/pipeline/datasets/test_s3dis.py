@@ -130,6 +130,11 @@ def test_room_file_count_mismatch_warns(tmp_path):
     scene = s3dis.read_scene(tmp_path, "Area_3_lounge_1")
     assert len(scene.xyz) == 4
     assert any("7 lines" in w and "4 points" in w for w in scene.warnings)
+    # the 3 points in no Annotations file are dropped, and said so as a suspect warning (`ws3d validate` flags it)
+    from pipeline.errors import is_suspect
+
+    (dropped,) = [w for w in scene.warnings if w.startswith("[unannotated]")]
+    assert "3 unannotated point(s) (42.9%) dropped" in dropped and is_suspect(dropped)
     quiet = s3dis.read_scene(tmp_path, "Area_3_lounge_1", cfg=s3dis.S3DISReaderConfig(check_room_file=False))
     assert quiet.warnings == []
 

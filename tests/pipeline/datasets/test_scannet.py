@@ -74,6 +74,18 @@ def test_no_annotations_ingest_as_unlabelled_and_info_says_so(tmp_path):
     assert "none (unlabelled)" in text
 
 
+def test_a_ply_without_faces_is_a_cloud_not_a_mesh_of_0_faces(tmp_path):
+    room = make_room(0, 1, SMALL)
+    write_label_table(tmp_path)
+    folder = write_scannet_layout(room, tmp_path, variant="v2")
+    path = folder / f"{room.scene_id}_vh_clean_2.ply"
+    PlyData([PlyData.read(str(path))["vertex"]], byte_order="<").write(str(tmp_path / "v.ply"))  # vertices only
+    (tmp_path / "v.ply").replace(path)
+    scene = scannet.read_scene(tmp_path, room.scene_id)
+    assert scene.kind == "points" and scene.faces is None and len(scene.xyz) == len(room.xyz)
+    assert any(w.startswith("[no-faces]") for w in scene.warnings)
+
+
 def test_labels_ply_count_mismatch_names_the_file(tmp_path):
     room, folder, nyu = _room_without_aggregation(tmp_path, with_labels_ply=False)
     mesh = PlyData.read(str(folder / f"{room.scene_id}_vh_clean_2.ply"))

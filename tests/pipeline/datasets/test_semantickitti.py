@@ -176,3 +176,34 @@ def test_merge_scans_into_the_current_frame(tmp_path):
 def test_velodyne_poses_identity_calibration():
     poses = np.stack([np.eye(4), _random_rigid(np.random.default_rng(1))])
     np.testing.assert_allclose(kitti.velodyne_poses(poses, np.eye(4)), poses)
+
+
+def test_what_a_new_user_gets_wrong_is_said(tmp_path):
+    """Labels given as training ids (0..19) lose most of them through the raw-id map; a sweep
+    without intensity renders black; an x y z-only file read as x y z intensity is garbage."""
+    from pipeline.errors import is_suspect
+
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 30, 3000)  # a sweep in scan order: consecutive points are neighbours
+    xyz = np.stack([12 * np.cos(t), 12 * np.sin(t), rng.uniform(-1.7, 1.0, t.size)], axis=1)
+    seq = tmp_path / "sequences" / "00"
+    train_ids = rng.integers(1, 20, t.size)  # what a converted dataset hands over
+    _write_scan(seq, 0, np.concatenate([xyz, np.zeros((t.size, 1))], axis=1), train_ids)
+    scene = kitti.read_scene(tmp_path, "00_000000")
+    lost = [w for w in scene.warnings if w.startswith("[labels-lost]")]
+    assert len(lost) == 1 and "training ids" in lost[0] and is_suspect(lost[0])
+    assert any(w.startswith("[no-colour]") and "black" in w for w in scene.warnings)
+    raw_ids = np.asarray([40, 48, 50, 70, 10])[rng.integers(0, 5, t.size)]  # raw ids, intensity present
+    _write_scan(seq, 1, np.concatenate([xyz, rng.random((t.size, 1))], axis=1), raw_ids)
+    assert kitti.read_scene(tmp_path, "00_000001").warnings == []
+    xyz.astype(np.float32).tofile(seq / "velodyne" / "000002.bin")  # 3000 x 3 floats: also a whole number of 16 bytes
+    with pytest.raises(SceneError, match="x y z records"):
+        kitti.read_scene(tmp_path, "00_000002")
+
+
+@needs_sample
+def test_the_real_scan_as_x_y_z_only_is_refused(tmp_path):
+    raw = np.fromfile(KITTI_SAMPLE / "sequences" / "08" / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
+    assert not kitti.looks_like_xyz_records(raw.reshape(-1))
+    xyz = np.ascontiguousarray(raw[:123_388, :3]).reshape(-1)  # 123,388 x 3 floats: a multiple of 4 as well
+    assert xyz.size % 4 == 0 and kitti.looks_like_xyz_records(xyz)

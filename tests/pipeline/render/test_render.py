@@ -646,8 +646,13 @@ def test_export_writes_pictures_pillow_reopens(tmp_path: Path) -> None:
             assert im.size == (64, 48) and im.mode == "RGB"
     with Image.open(paths[-1]) as sheet:
         assert sheet.width >= 3 * 32 and sheet.height >= 24
-    with pytest.raises(KeyError, match="room1"):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no scene 'room1'"):  # a user's mistake: one line, no traceback
         export_views(store.path, "room1", tmp_path / "none")
+    _ingest(tmp_path / "store", "room2", xyz, rgb, faces, "mesh")  # ingested, not rendered
+    with pytest.raises(UserError, match="room2 has no rendered views; run `ws3d render` first"):
+        export_views(store.path, "room2", tmp_path / "none")
 
 
 @pytest.mark.slow

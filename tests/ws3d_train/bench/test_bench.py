@@ -44,6 +44,21 @@ def test_bench_tiny_writes_every_section(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--size", "tiny", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    for section in ("render", "overseg", "embed", "embed_modes", "sparse", "store_read", "train_step"):
+    for section in ("render", "overseg", "embed", "embed_modes", "sparse", "store_read", "train_step", "predict"):
         assert section in data and "error" not in data[section], (section, data.get(section))
     assert "ratio" in result.output
+
+
+@pytest.mark.slow
+def test_bench_predict_times_each_step_against_the_bare_forward(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--section", "predict", "--size", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    predict = json.loads(out.read_text())["predict"]
+    for size in ("points_3000", "points_20000"):
+        row = predict[size]
+        assert set(row["seconds"]) == {"read", "voxelise", "network", "classify", "write", "overseg", "instances"}
+        assert 0 < row["forward_s"] and row["predict_s"] < row["predict_with_instances_s"]
+        ratio = row["rate_ratio_predict"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert row["rate_ratio_predict_with_instances"]["median"] < ratio["median"]  # instances cost

@@ -39,6 +39,7 @@ def test_voxelise_maps_every_point_to_its_voxel(use_rng: bool) -> None:
     np.testing.assert_array_equal(p2v[rep], np.arange(coords.shape[0]))
     assert coords.min() == 0
     assert len({tuple(c) for c in coords.tolist()}) == coords.shape[0]  # unique voxels
+    assert [tuple(c) for c in coords.tolist()] == sorted(tuple(c) for c in coords.tolist())  # sorted by (x, y, z)
     if not use_rng:  # the representative is the first point of its voxel
         first = np.full(coords.shape[0], xyz.shape[0])
         np.minimum.at(first, p2v, np.arange(xyz.shape[0]))

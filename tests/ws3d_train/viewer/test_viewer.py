@@ -266,6 +266,12 @@ def test_server_serves_the_page_and_widgets_drive_the_scene(app, state):
     assert np.asarray(app.cloud.points).shape == (n, 3)
     np.testing.assert_array_equal(app.cloud.colors, state.scene.rgb)
     assert len(app.frusta) == 6
+    assert not any(f.visible for f in app.frusta)  # off until asked: frusta hide the scene
+    app.gui_show_frusta.value = True
+    assert all(f.visible for f in app.frusta)
+    app.gui_show_frusta.value = False
+    lo, hi = state.scene.xyz.min(axis=0), state.scene.xyz.max(axis=0)
+    np.testing.assert_allclose(app.server.initial_camera.look_at, (lo + hi) / 2, atol=1e-4)  # framed
 
     app.gui_mode.value = "gt class"  # viser runs the callback synchronously
     np.testing.assert_array_equal(app.cloud.colors, class_colours(state.scene.semantic, len(TINY_CLASSES)))
@@ -311,9 +317,57 @@ def test_cli_view_reports_user_mistakes(store, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "not a ws3d store" in result.output
     result = runner.invoke(cli_app, ["view", "--store", str(store), "--run", str(tmp_path / "norun")])
     assert result.exit_code == 2 and "norun" in result.output
+    result = runner.invoke(cli_app, ["view", "--input", str(tmp_path / "no_scan.ply")])
+    assert result.exit_code == 2 and "no_scan.ply" in result.output
+    result = runner.invoke(cli_app, ["view", "--input", str(tmp_path), "--store", str(store)])
+    assert result.exit_code == 2 and "one of them" in result.output
     monkeypatch.setitem(__import__("sys").modules, "viser", None)  # import viser -> ImportError
     result = runner.invoke(cli_app, ["view", "--store", str(store)])
     assert result.exit_code == 2 and "pip install viser" in result.output
+
+
+@pytest.mark.parametrize("extent", [(6.0, 5.0, 3.0), (80.0, 60.0, 6.0), (0.5, 0.3, 1.8)])
+def test_frame_camera_fills_the_view_with_the_whole_scene(extent):
+    """The opening camera sees every corner of the scene's box, and the box is not small in the
+    frame: its bounding sphere spans the narrower field of view up to the margin."""
+    rng = np.random.default_rng(0)
+    xyz = (rng.random((500, 3)) * extent - 7.0).astype(np.float32)
+    fov, aspect = 1.3, 1.5
+    position, look_at = core.frame_camera(xyz, fov_y_rad=fov, aspect=aspect)
+    lo, hi = xyz.min(axis=0), xyz.max(axis=0)
+    np.testing.assert_allclose(look_at, (lo + hi) / 2, atol=1e-5)
+    forward = (look_at - position) / np.linalg.norm(look_at - position)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    rays = corners - position
+    angles = np.arccos(np.clip(rays @ forward / np.linalg.norm(rays, axis=1), -1, 1))
+    assert angles.max() < fov / 2  # every corner inside the vertical field of view
+    radius = np.linalg.norm(hi - lo) / 2
+    assert np.arcsin(radius / np.linalg.norm(look_at - position)) > 0.9 * fov / 2  # and the scene fills it
+
+
+def test_state_on_scan_files_without_a_store(store, run, tmp_path):
+    """`ws3d view --input FILE --run R`: the scan read from its file, predictions and over-segments
+    computed on the fly, queries answered; no store."""
+    from plyfile import PlyData, PlyElement
+
+    s = Store.open(store)
+    scene = s.scene_ids()[0]
+    xyz, rgb = s.read(scene, schema.XYZ), s.read(scene, schema.RGB)
+    vertex = np.empty(len(xyz), [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    vertex["x"], vertex["y"], vertex["z"] = xyz.T
+    vertex["red"], vertex["green"], vertex["blue"] = rgb.T
+    PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp_path / "my scan.ply"))
+    scans = core.ScanFiles(tmp_path / "my scan.ply")
+    st = ViewerState(scans, run=core.RunModel(run, scans, device="cpu"))
+    assert st.scene_ids == ["my_scan"] and st.scene.num_points == len(xyz)
+    assert {"rgb", "segments", "predicted class", "predicted instance", "base/novel"} <= set(st.available_modes())
+    from ws3d_train.infer.predict import predict_scene
+
+    np.testing.assert_array_equal(st.prediction.pred_class, predict_scene(run, store, scene, device="cpu").pred_class)
+    st.query("a table")
+    assert st.mode == "query" and st.similarity.shape == (len(xyz),) and st.matches
+    with pytest.raises(core.ViewerError, match="nope"):
+        core.ScanFiles(tmp_path / "nope.ply")
 
 
 # ---------------------------------------------------------------------------------------------
