@@ -133,6 +133,7 @@ def test_an_alias_bomb_is_one_short_line(tmp_path, captured):
 def test_bad_values_on_the_command_line_are_one_line(tmp_path, captured):
     """These were tracebacks with exit code 1."""
     for argv, words in ((["overseg", "-s", "s.zarr", "k_neighbours=1"], "k_neighbours"),
+                        (["render", "-s", "s.zarr", "width=0"], "render.width must be >= 1"),  # failed every scene
                         (["render", "-s", "s.zarr", "executor.workers=-3"], "workers must be >= 0"),
                         (["render", "-s", "s.zarr", "executor.nope=1"], "unknown key 'nope'")):
         assert words in _one_error_line(CliRunner().invoke(app, argv))
