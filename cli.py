@@ -74,23 +74,59 @@ def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]
     return stage, executor
 
 
-def _resolve(cls: type, config: Path | None, overrides: list[str], section: str | None = None) -> Any:
-    from pipeline.config import ConfigError, load_config
+def _resolve(cls: type, config: Path | None, overrides: list[str], section: str | None = None,
+             sections: dict[str, type] | None = None, base: Any = None) -> Any:
+    """A command's config: defaults (or `base`) < its --config file < key=value overrides.
 
-    try:
-        return load_config(cls, config, overrides, section=section)
-    except ConfigError as exc:
-        fail(str(exc))
+    With `section`, the file is one of sections (`sections`: every section such a file may hold,
+    each checked whole) or, without any section key, the section's own config (a run's
+    config.yaml); see `pipeline.config.read_sections`. A mistake raises ConfigError (a
+    UserError: one `error:` line, exit 2)."""
+    from pipeline.config import read_mapping, read_sections, resolve
+
+    data: dict[str, Any] = {}
+    where = cls.__name__
+    if config is not None and section is None:
+        data, where = read_mapping(config), str(config)
+    elif config is not None:
+        data = read_sections(config, sections or {section: cls}, reads=(section,), flat=section).get(section, {})
+        where = f"{config}:{section}"
+    return resolve(cls, data, overrides, base=base, where=where)
 
 
-def _executor_config(kind: str | None, shard: str | None, config: Path | None, overrides: list[str]) -> Any:
+WORKFLOW_KEYS = frozenset({"dataset", "raw", "store", "stages", "scenes", "shard", "synth", "teacher"})
+"""Top-level keys of a workflow file that no stage section has: a stage command given a workflow
+as --config reads it as a workflow (checked whole) and takes the stage's config from it."""
+
+
+def _stage_configs(stage: Any, config: Path | None, stage_overrides: list[str], kind: str | None,
+                   shard: str | None, exec_overrides: list[str]) -> tuple[Any, Any]:
+    """A stage command's (stage config, executor config) from one --config file: a file of sections
+    (one per stage, `executor`), each checked whole; a stage's own config without sections; or a
+    workflow file (checked as a workflow; the stage's config as the workflow would run it)."""
+    from pipeline.config import load_config, read_mapping, read_sections, resolve
     from pipeline.executor import ExecutorConfig
+    from pipeline.stages import STAGES
 
     if kind is None and shard:
         kind = "sync"  # an array-job shard runs in its own process: no Dask cluster needed
-    if kind is not None:
-        overrides = [f"kind={kind}", *overrides]
-    return _resolve(ExecutorConfig, config, overrides, section="executor")
+    exec_overrides = ([f"kind={kind}"] if kind is not None else []) + exec_overrides
+    stage_data: dict[str, Any] = {}
+    exec_data: dict[str, Any] = {}
+    stage_base = exec_base = None
+    where = str(config) if config is not None else ""
+    if config is not None and WORKFLOW_KEYS & set(read_mapping(config)):
+        from pipeline.workflow import WorkflowConfig
+
+        workflow = load_config(WorkflowConfig, config)
+        stage_base, exec_base = workflow.stage_config(stage.name), workflow.executor
+    elif config is not None:
+        sections = {s.name: s.config for s in STAGES} | {"executor": ExecutorConfig}
+        parts = read_sections(config, sections, reads=(stage.name, "executor"), flat=stage.name)
+        stage_data, exec_data = parts.get(stage.name, {}), parts.get("executor", {})
+    cfg = resolve(stage.config, stage_data, stage_overrides, base=stage_base, where=f"{where}:{stage.name}".lstrip(":"))
+    exec_cfg = resolve(ExecutorConfig, exec_data, exec_overrides, base=exec_base, where=f"{where}:executor".lstrip(":"))
+    return cfg, exec_cfg
 
 
 def _scene_ids(store_scenes: list[str], scenes: Path | None, shard: str | None) -> list[str]:
@@ -138,8 +174,8 @@ def _stage_command(stage: Any) -> None:
         # `overseg.voxel_m=0.03` (a workflow's and the docs' name) means `voxel_m=0.03` here
         stage_overrides = [o.removeprefix(f"{stage.name}.") for o in stage_overrides]
         given = [f"{o.name}={kw[o.name]}" for o in stage.options if not o.raw and kw[o.name] is not None]
-        cfg = _resolve(stage.config, kw["config"], given + stage_overrides, section=stage.name if kw["config"] else None)
-        exec_cfg = _executor_config(kw["executor"], kw["shard"], kw["config"], exec_overrides)
+        cfg, exec_cfg = _stage_configs(stage, kw["config"], given + stage_overrides, kw["executor"], kw["shard"],
+                                       exec_overrides)
         run = StageRun(store=str(kw["store"]), cfg=cfg, raw=None if raw is None else str(raw), force=kw["force"],
                        scenes=None if kw["scenes"] is None else str(kw["scenes"]), shard=kw["shard"])
         report = run_stage(stage, run, executor=exec_cfg, echo=typer.echo)
@@ -246,7 +282,7 @@ def teacher_fit(corpus: Path = typer.Option(..., "--corpus", help="The teacher's
     from pipeline.teacher.config import TeacherConfig
     from pipeline.teacher.fit import run_fit
 
-    cfg = _resolve(TeacherConfig, config, overrides or [], section="teacher" if config else None)
+    cfg = _resolve(TeacherConfig, config, overrides or [], section="teacher")
     st = _open_store(corpus)
     result = run_fit(str(corpus), _scene_ids(st.scene_ids(), scenes, None), out, cfg)
     typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2))
@@ -288,16 +324,38 @@ def manifests_check(dataset: str = typer.Option(..., "--dataset", "-d"), raw: Pa
 RUN = typer.Option(..., "--run", help="A training run folder (its latest checkpoint) or a checkpoint file.")
 
 
+SPLIT = typer.Option(None, "--scenes", help="Split name or scene list file (default: the config's, else the "
+                     "train split; 'all' = every scene).")
+LOOP_CONFIG = typer.Option(None, "--config", "-c", help="YAML file: a `pretrain:` and/or `finetune:` section, or a "
+                           "run's own config.yaml (the command that wrote it).")
+
+
+def _scenes_override(scenes: str | None) -> list[str]:
+    """--scenes as an override: nothing when not given (the config file's, else the train split)."""
+    if scenes is None:
+        return []
+    return ["scenes=null"] if scenes == "all" else [f"scenes={scenes}"]
+
+
+def _loop_sections() -> dict[str, type]:
+    """The sections of a training config file: both loops', so that a shared file is checked whole."""
+    from ws3d_train.train.finetune import FinetuneConfig
+    from ws3d_train.train.pretrain import PretrainConfig
+
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+
+
 @app.command()
 def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
-             scenes: str = typer.Option("train", "--scenes", help="Split name or scene list file (default: the train split; 'all' = every scene)."),
-             config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
+             scenes: Optional[str] = SPLIT, config: Optional[Path] = LOOP_CONFIG,
+             resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Hierarchical 2D-3D alignment pre-training (scene views, segments, KL over the vocabulary)."""
     from ws3d_train.train.pretrain import PretrainConfig, pretrain as pretrain_loop
 
-    extra = [f"store={store}"] + ([f"scenes={scenes}"] if scenes != "all" else [])
-    cfg = _resolve(PretrainConfig, config, extra + list(overrides or []), section="pretrain" if config else None)
+    extra = [f"store={store}"] + _scenes_override(scenes)
+    cfg = _resolve(PretrainConfig, config, extra + list(overrides or []), section="pretrain",
+                   sections=_loop_sections(), base=PretrainConfig(scenes="train"))
     summary = pretrain_loop(cfg, out, resume=resume)
     typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
 
@@ -305,14 +363,15 @@ def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 @app.command()
 def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
              init: Optional[str] = typer.Option(None, "--init", help="Pre-training run or checkpoint (default: from scratch)."),
-             scenes: str = typer.Option("train", "--scenes", help="Split name or scene list file (default: the train split; 'all' = every scene)."),
-             config: Optional[Path] = CONFIG, resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
+             scenes: Optional[str] = SPLIT, config: Optional[Path] = LOOP_CONFIG,
+             resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Fine-tune with few labels (labels=la20|lr..., ov_split=b15n4, loss switches and weights)."""
     from ws3d_train.train.finetune import FinetuneConfig, finetune as finetune_loop
 
-    extra = [f"store={store}"] + ([f"init={init}"] if init else []) + ([f"scenes={scenes}"] if scenes != "all" else [])
-    cfg = _resolve(FinetuneConfig, config, extra + list(overrides or []), section="finetune" if config else None)
+    extra = [f"store={store}"] + ([f"init={init}"] if init else []) + _scenes_override(scenes)
+    cfg = _resolve(FinetuneConfig, config, extra + list(overrides or []), section="finetune",
+                   sections=_loop_sections(), base=FinetuneConfig(scenes="train"))
     summary = finetune_loop(cfg, out, resume=resume)
     typer.echo(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
 

@@ -5,20 +5,35 @@ A stage is plain data: a name and a picklable function `fn(scene_id) -> SceneRes
 executor maps it over scenes with the synchronous scheduler (tests), a local cluster (default), a
 running scheduler by address, or a SLURM/PBS cluster through dask-jobqueue. A scene that raises is
 recorded as failed with its file and message; the others go on. A worker that dies is handled by
-the Dask scheduler, which reschedules its tasks elsewhere (`allowed-failures`).
+the Dask scheduler, which reschedules its tasks elsewhere (`task_retries` times); a scene whose
+worker keeps dying (out of memory) is then a failed scene in the report, never a traceback.
 
-A cluster that cannot work fails fast instead of waiting for ever: before dask-jobqueue starts,
-the submit command (`sbatch` / `qsub`) must be on PATH; the job script is written to
-`job_dir` first, and when no worker has joined `worker_timeout_s` after the jobs were submitted,
-the run stops with a :class:`ClusterError` naming the command, the queue and that script.
+Locked down by default: the local cluster and a jobqueue cluster run with TLS and ephemeral
+certificates (`distributed.Security.temporary()`) held by the process that started them (a
+jobqueue cluster's worker copies are files readable by this user only in its private job folder),
+so no other account on the machine can connect to the scheduler or a worker and run code; no
+HTTP server (dashboard, metrics) listens unless `dashboard` asks for one; binding beyond loopback
+(`host`) warns, and is only ever done with TLS. Job scripts go to a folder of this user's own
+(created 0700, refused when it is a link, another user's or writable by others) and are written
+through a new file, never through a link.
+
+A cluster that cannot work fails fast instead of waiting for ever: config values that cannot make
+a cluster (`workers=-3`) are refused when the config is built; before dask-jobqueue starts, the
+submit command (`sbatch` / `qsub`) must be on PATH; the job script is written to `job_dir` first,
+and when no worker has joined `worker_timeout_s` after the jobs were submitted, the run stops with
+a :class:`ClusterError` naming the command, the queue and that script.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import os
 import shutil
+import stat
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -33,6 +48,10 @@ SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub"}
 
 class ClusterError(UserError):
     """A cluster that cannot run the stage: no submit command, or no worker joined in time."""
+
+
+class ExposureWarning(UserWarning):
+    """Something listens beyond loopback, or without authentication, because the config asked."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,14 @@ class ExecutorConfig:
     address: str = ""
     """Scheduler address for kind=address, e.g. tcp://10.0.0.5:8786 or tls://... (see README)."""
     host: str = "127.0.0.1"
-    """Interface the local/jobqueue scheduler binds to. Localhost unless workers live elsewhere."""
+    """Interface the local/jobqueue scheduler (and local workers) bind to. Loopback unless workers
+    live elsewhere; anything else warns (the cluster always runs with TLS and its own certificates)."""
     dashboard: str = ""
-    """Dashboard address (e.g. 127.0.0.1:8787); empty = no dashboard."""
+    """Address of the scheduler's HTTP server (dashboard, metrics), e.g. 127.0.0.1:8787; it has no
+    authentication. Empty = no HTTP server at all (on the scheduler and on every worker)."""
+    task_retries: int = 3
+    """Times a scene is started again on a fresh worker after its worker died while running it
+    (out of memory, a crash); after that the scene fails alone and the others go on."""
     cores: int = 8
     """jobqueue: cores per job."""
     processes: int = 1
@@ -75,10 +99,27 @@ class ExecutorConfig:
     local_directory: str = ""
     """jobqueue: worker scratch directory (empty = default)."""
     job_dir: str = ""
-    """jobqueue: where the job script and the jobs' output files go (empty = <tmp>/ws3d-jobs)."""
+    """jobqueue: where the job script, the jobs' output and the workers' TLS credentials go: a
+    folder of this user's own, not writable by others, and not a link (created 0700); on a shared
+    file system, since the workers read their credentials there. Empty = ~/.cache/ws3d/jobs
+    ($XDG_CACHE_HOME/ws3d/jobs)."""
     worker_timeout_s: float = 600.0
     """jobqueue/address: stop with an error when no worker has joined this long after the jobs
     were submitted (a wrong queue, a job stuck pending, a worker that cannot start)."""
+
+    def __post_init__(self) -> None:
+        # values that cannot make a cluster: refused here, since Dask would wait for ever on them
+        for name in ("threads_per_worker", "cores", "processes", "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"executor.{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"executor.workers must be >= 0 (0: one per core), got {self.workers}")
+        if self.task_retries < 0:
+            raise ValueError(f"executor.task_retries must be >= 0, got {self.task_retries}")
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"executor.worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if not self.host.strip():
+            raise ValueError("executor.host is empty; 127.0.0.1 keeps the cluster on this machine")
 
 
 @dataclass
@@ -91,6 +132,10 @@ class SceneResult:
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     file: str | None = None
+
+
+WARNINGS_SHOWN = 10
+"""Scenes whose reader warnings the summary prints (all are in the stage's log)."""
 
 
 @dataclass
@@ -116,6 +161,11 @@ class RunReport:
         ]
         for r in self.of("failed"):
             lines.append(f"  FAILED {r.scene_id}  file={r.file or '-'}  {r.error}")
+        warned = [r for r in self.results if r.status == "done" and r.stats.get("warnings")]
+        for r in warned[:WARNINGS_SHOWN]:
+            lines.extend(f"  warning {r.scene_id}: {w}" for w in r.stats["warnings"])
+        if len(warned) > WARNINGS_SHOWN:
+            lines.append(f"  ... warnings for {len(warned) - WARNINGS_SHOWN} more scene(s) in the stage log")
         return "\n".join(lines)
 
     def append_log(self, path: str | Path) -> Path:
@@ -126,8 +176,11 @@ class RunReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as handle:
             for r in self.results:
-                handle.write(json.dumps({"stage": self.stage, "scene": r.scene_id, "status": r.status,
-                                         "seconds": round(r.seconds, 3), "error": r.error, "file": r.file}) + "\n")
+                line = {"stage": self.stage, "scene": r.scene_id, "status": r.status,
+                        "seconds": round(r.seconds, 3), "error": r.error, "file": r.file}
+                if r.stats.get("warnings"):
+                    line["warnings"] = list(r.stats["warnings"])
+                handle.write(json.dumps(line) + "\n")
         return path
 
 
@@ -181,14 +234,144 @@ def select_shard(scene_ids: Sequence[str], shard: str | None) -> list[str]:
     return ids[index::count]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or host name stays on this machine (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip().strip("[]")
+    if "://" in host:
+        host = host.split("://", 1)[1]
+    if host.count(":") == 1:  # host:port
+        host = host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or an interface: assume it is reachable from elsewhere
+
+
+def _warn_exposure(cfg: ExecutorConfig) -> None:
+    """A warning (it reaches the terminal) for each listener the config puts beyond loopback or
+    without authentication."""
+    if cfg.kind in ("local", "slurm", "pbs") and not is_loopback(cfg.host):
+        where = "the scheduler and every worker" if cfg.kind == "local" else "the scheduler"
+        warnings.warn(
+            f"executor.host={cfg.host}: {where} listen beyond loopback (TLS with this run's own certificates: "
+            "nothing without them can connect)", ExposureWarning, stacklevel=3)
+    if cfg.dashboard and cfg.kind in ("local", "slurm", "pbs"):
+        reach = "on loopback" if is_loopback(cfg.dashboard) else "beyond loopback"
+        warnings.warn(
+            f"executor.dashboard={cfg.dashboard}: the scheduler's HTTP server (dashboard, metrics, no "
+            f"authentication) listens {reach} at {cfg.dashboard}", ExposureWarning, stacklevel=3)
+    if cfg.kind == "address" and cfg.address.startswith("tcp://") and not is_loopback(cfg.address):
+        warnings.warn(
+            f"executor.address={cfg.address} is plain TCP: whoever can reach that scheduler can run code on its "
+            "workers; use tls:// with a distributed.Security configuration (docs/cluster.md)",
+            ExposureWarning, stacklevel=3)
+
+
+def __getattr__(name: str) -> Any:
+    """The Dask server classes without an HTTP server (`QuietScheduler`, `QuietWorker`), built on
+    first use so that importing this module stays light (Dask loads only when a cluster starts);
+    worker processes find them here by name."""
+    if name not in ("QuietScheduler", "QuietWorker"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _SERVER_CLASSES:
+        from distributed import Scheduler, Worker
+
+        base = Scheduler if name == "QuietScheduler" else Worker
+        cls = type(name, (base,), {
+            "start_http_server": _no_http_server, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"A Dask {base.__name__} that serves no HTTP (no dashboard, no metrics endpoint).",
+        })
+        _SERVER_CLASSES[name] = cls
+    return _SERVER_CLASSES[name]
+
+
+_SERVER_CLASSES: dict[str, type] = {}
+
+
+def _no_http_server(self: Any, routes: Any, dashboard_address: Any, default_port: int = 0, ssl_options: Any = None) -> None:
+    """Replaces `distributed.node.ServerNode.start_http_server`, which always listens (the
+    scheduler on 8787 even without a dashboard, each worker on a random port): the server object
+    exists, so that closing the node works, but it never binds a socket."""
+    from distributed.http.routing import RoutingApplication
+    from tornado.httpserver import HTTPServer
+
+    self.http_application = RoutingApplication([])
+    self.http_server = HTTPServer(self.http_application)
+
+
+def _temporary_security() -> Any:
+    """TLS with a fresh self-signed certificate held in memory by this process (and handed to the
+    worker processes it starts): scheduler, workers and client all require it."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError:  # pragma: no cover - cryptography is a dependency
+        raise ClusterError("a local Dask cluster needs the `cryptography` package for its TLS certificates "
+                           "(pip install cryptography)") from None
+
+
+def _scheduler_config(cfg: ExecutorConfig) -> dict[str, Any]:
+    """Dask settings of a scheduler started here: how often a task may kill its worker before it
+    is given up, and one task at a time per worker thread (so that a worker that dies takes only
+    the scene that killed it with it, not a queued bystander)."""
+    return {"distributed.scheduler.allowed-failures": cfg.task_retries,
+            "distributed.scheduler.worker-saturation": 1.0}
+
+
+def make_local_cluster(cfg: ExecutorConfig) -> Any:
+    """The local process cluster, locked down: TLS with temporary certificates, no HTTP server
+    unless `cfg.dashboard`, worker scratch in a private temporary folder (removed on close).
+
+    Raises:
+        ClusterError: a memory limit Dask cannot parse, or workers that cannot start.
+    """
+    import logging
+
+    import dask
+    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.worker_memory import parse_memory_limit
+
+    _warn_exposure(cfg)
+    workers = cfg.workers or os.cpu_count() or 1
+    try:
+        memory = parse_memory_limit(cfg.memory_per_worker, 1, total_cores=workers,
+                                    logger=logging.getLogger("distributed.worker_memory"))
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"executor.memory_per_worker={cfg.memory_per_worker!r}: {exc}") from None
+    security = _temporary_security()
+    scratch = tempfile.mkdtemp(prefix="ws3d-dask-")  # 0700: spilled data and worker files of this run only
+    quiet_scheduler = __getattr__("QuietScheduler")
+    quiet_worker = __getattr__("QuietWorker")
+    scheduler_options = dict(host=cfg.host, security=security, protocol="tls://", port=0,
+                             dashboard=bool(cfg.dashboard), dashboard_address=cfg.dashboard or None)
+    worker_options = dict(host=cfg.host, nthreads=cfg.threads_per_worker, memory_limit=memory, security=security,
+                          protocol="tls://", local_directory=scratch, dashboard=False, dashboard_address=None,
+                          worker_class=quiet_worker, silence_logs=logging.WARNING)
+    scheduler = {"cls": Scheduler if cfg.dashboard else quiet_scheduler, "options": scheduler_options}
+    worker = {"cls": Nanny, "options": worker_options}
+    try:
+        with dask.config.set(_scheduler_config(cfg)):
+            cluster = SpecCluster(scheduler=scheduler, workers={i: worker for i in range(workers)}, worker=worker,
+                                  security=security, silence_logs=logging.WARNING, name="ws3d")
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ClusterError(f"the local Dask cluster did not start ({workers} worker(s) on {cfg.host}): {exc}") from None
+    cluster._ws3d_scratch = scratch  # removed when the cluster closes (dask_client)
+    return cluster
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
     """A distributed Client for the configured cluster, closed (and the cluster stopped) on exit."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if cfg.kind == "address":
         if not cfg.address:
             raise ClusterError("executor kind=address needs executor.address=tcp://HOST:PORT")
+        _warn_exposure(cfg)
         try:
             client = Client(cfg.address, timeout=f"{cfg.worker_timeout_s}s")
         except (OSError, TimeoutError) as exc:
@@ -198,22 +381,21 @@ def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
             yield client
         return
     if cfg.kind == "local":
-        import os
+        cluster = make_local_cluster(cfg)
+        try:
+            with cluster, Client(cluster, security=cluster.security) as client:
+                yield client
+        finally:
+            shutil.rmtree(cluster._ws3d_scratch, ignore_errors=True)
+        return
+    if cfg.kind in ("slurm", "pbs"):
+        import dask
 
-        workers = cfg.workers or os.cpu_count() or 1
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=cfg.threads_per_worker,
-            processes=True,
-            host=cfg.host,
-            dashboard_address=cfg.dashboard or None,
-            memory_limit=cfg.memory_per_worker,
-        )
-    elif cfg.kind in ("slurm", "pbs"):
         command = check_submit_command(cfg)
-        cluster = make_jobqueue_cluster(cfg)
+        with dask.config.set(_scheduler_config(cfg)):
+            cluster = make_jobqueue_cluster(cfg)
         script = write_job_script(cluster, cfg)
-        with cluster, Client(cluster) as client:
+        with cluster, Client(cluster, security=cluster.security) as client:
             cluster.scale(jobs=cfg.jobs)
             queue = cfg.queue or "(the cluster's default queue)"
             _wait_for_workers(
@@ -224,10 +406,7 @@ def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
             )
             yield client
         return
-    else:
-        raise ClusterError(f"no Dask cluster for executor kind {cfg.kind!r}")
-    with cluster, Client(cluster) as client:
-        yield client
+    raise ClusterError(f"no Dask cluster for executor kind {cfg.kind!r}")
 
 
 def check_submit_command(cfg: ExecutorConfig) -> str:
@@ -241,19 +420,63 @@ def check_submit_command(cfg: ExecutorConfig) -> str:
     return command
 
 
+def default_job_dir() -> Path:
+    """This user's own job folder: ``$XDG_CACHE_HOME/ws3d/jobs`` or ``~/.cache/ws3d/jobs`` (a home
+    folder is per user and, on a cluster, shared with the compute nodes)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "ws3d" / "jobs"
+
+
 def job_dir(cfg: ExecutorConfig) -> Path:
-    """Where job scripts and job output go (created)."""
-    path = Path(cfg.job_dir) if cfg.job_dir else Path(tempfile.gettempdir()) / "ws3d-jobs"
-    path.mkdir(parents=True, exist_ok=True)
+    """Where job scripts, job output and the workers' TLS credentials go: created 0700 when absent.
+
+    Raises:
+        ClusterError: the folder is a symbolic link, not a folder, owned by another user, or
+        writable by group or others (anyone who can write there could swap the job script or read
+        the workers' credentials).
+    """
+    path = Path(cfg.job_dir).expanduser() if cfg.job_dir else default_job_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ClusterError(f"executor.job_dir {path}: cannot create it: {exc.strerror or exc}") from None
+    info = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link (job scripts are never written through a link)"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):o}; chmod 700 it)"
+    if problem:
+        raise ClusterError(f"executor.job_dir {path} {problem}; give executor.job_dir=<a folder of your own>")
+    return path
+
+
+def write_private_file(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a new file (mode 0600) renamed over it: a link or another
+    user's file at ``path`` is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
 def write_job_script(cluster: Any, cfg: ExecutorConfig) -> Path:
     """Write the cluster's job script to ``job_dir`` (what each submitted job runs), for a person
     to read or submit by hand; returns its path."""
-    path = job_dir(cfg) / f"ws3d-{cfg.kind}-job.sh"
-    path.write_text(cluster.job_script())
-    return path
+    return write_private_file(job_dir(cfg) / f"ws3d-{cfg.kind}-job.sh", cluster.job_script())
 
 
 def _wait_for_workers(client: Any, cfg: ExecutorConfig, message: str) -> None:
@@ -265,9 +488,14 @@ def _wait_for_workers(client: Any, cfg: ExecutorConfig, message: str) -> None:
 
 
 def make_jobqueue_cluster(cfg: ExecutorConfig) -> Any:
-    """A dask-jobqueue SLURMCluster or PBSCluster from the config (starts no job by itself)."""
+    """A dask-jobqueue SLURMCluster or PBSCluster from the config (starts no job by itself): TLS
+    with temporary certificates (the workers' copies written 0600 into the private job folder),
+    a scheduler without an HTTP server unless `cfg.dashboard`, workers without one."""
     import dask_jobqueue
+    from distributed import Scheduler
 
+    _warn_exposure(cfg)
+    folder = job_dir(cfg)
     kwargs: dict[str, Any] = dict(
         cores=cfg.cores,
         processes=cfg.processes,
@@ -275,7 +503,13 @@ def make_jobqueue_cluster(cfg: ExecutorConfig) -> Any:
         walltime=cfg.walltime,
         job_extra_directives=list(cfg.job_extra_directives),
         job_script_prologue=list(cfg.job_script_prologue),
-        scheduler_options={"host": cfg.host, "dashboard_address": cfg.dashboard or None},
+        scheduler_options={"host": cfg.host, "dashboard_address": cfg.dashboard or None,
+                           "dashboard": bool(cfg.dashboard)},
+        scheduler_cls=Scheduler if cfg.dashboard else __getattr__("QuietScheduler"),
+        worker_extra_args=["--worker-class", f"{__name__}.QuietWorker", "--no-dashboard"],
+        security=_temporary_security(),
+        shared_temp_directory=str(folder),
+        protocol="tls://",
     )
     if cfg.queue:
         kwargs["queue"] = cfg.queue
@@ -283,9 +517,21 @@ def make_jobqueue_cluster(cfg: ExecutorConfig) -> Any:
         kwargs["account"] = cfg.account
     if cfg.local_directory:
         kwargs["local_directory"] = cfg.local_directory
-    kwargs["log_directory"] = str(job_dir(cfg))
+    kwargs["log_directory"] = str(folder)
     cls = dask_jobqueue.SLURMCluster if cfg.kind == "slurm" else dask_jobqueue.PBSCluster
     return cls(**kwargs)
+
+
+def _lost_scene(scene_id: str, exc: BaseException, cfg: ExecutorConfig) -> SceneResult:
+    """The failed row of a scene whose task never returned a result: its worker died every time it
+    ran it (KilledWorker: out of memory, a crash), or the result could not come back."""
+    if type(exc).__name__ == "KilledWorker":
+        message = (f"its worker died each of the {cfg.task_retries + 1} times it ran this scene (out of memory? "
+                   f"executor.memory_per_worker={cfg.memory_per_worker}, executor.workers={cfg.workers or 'auto'}); "
+                   "the other scenes went on")
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    return SceneResult(scene_id, "failed", error=message)
 
 
 def run_scenes(
@@ -314,9 +560,14 @@ def run_scenes(
 
             with dask_client(cfg) as client:
                 # pure=False: a rerun must execute again rather than reuse a cached result
-                futures = [client.submit(run_guarded, fn, s, key=f"{stage}-{s}", pure=False) for s in ids]
+                futures = {client.submit(run_guarded, fn, s, key=f"{stage}-{s}", pure=False): s for s in ids}
                 for future in as_completed(futures):
-                    results.append(future.result())
+                    scene_id = futures.pop(future)
+                    try:
+                        results.append(future.result())
+                    except Exception as exc:  # run_guarded catches the scene's errors: this is its worker dying
+                        results.append(_lost_scene(scene_id, exc, cfg))
+                    future.release()  # a result held by a worker that dies later is not recomputed
                     bar.update()
     order = {s: i for i, s in enumerate(ids)}
     results.sort(key=lambda r: order[r.scene_id])

@@ -5,17 +5,65 @@ scene id looks, its reader (listing and reading raw release files into :class:`R
 I/O) with the reader's config, and how its manifests under `data_manifests/<name>/` are read (scene
 lists and splits, the raw label -> training id map). `pipeline.datasets` registers them in one
 place; `pipeline.datasets.ingest` writes what the readers return.
+
+Readers open raw files through :func:`open_raw` (or :func:`read_raw`): a FIFO, a device or a
+folder where a file should be fails the scene at once, naming the file, instead of hanging or
+reading for ever.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import IO, Any, Callable, Literal
 
 import numpy as np
 
 from pipeline.errors import SUSPECT_KINDS, SceneError, is_suspect, tag, warning_kind  # noqa: F401 (re-exported)
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def open_raw(scene_id: str, path: str | Path, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """Open a raw file for reading, refusing anything but a regular file.
+
+    The file is opened without blocking and checked on its descriptor (no gap between check and
+    use), so that a FIFO among the raw files (whose open or read waits for a writer for ever) or a
+    device (endless) fails at once.
+
+    Raises:
+        SceneError naming the file: missing, unreadable, or not a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SceneError(scene_id, path, "file is missing") from None
+    except OSError as exc:
+        raise SceneError(scene_id, path, f"cannot open: {exc.strerror or exc}") from None
+    try:
+        mode_bits = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_bits):
+            kind = next((name for test, name in _FILE_KINDS if test(mode_bits)), "not a regular file")
+            raise SceneError(scene_id, path, f"is {kind}, not a regular file (a raw file must be one)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_raw(scene_id: str, path: str | Path) -> bytes:
+    """The bytes of a raw file (see :func:`open_raw`)."""
+    with open_raw(scene_id, path) as handle:
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise SceneError(scene_id, path, f"cannot read: {exc.strerror or exc}") from None
+
 
 @dataclass
 class RawScene:
@@ -45,6 +93,12 @@ class RawScene:
     label_source: str = "annotations"
     """Where the labels came from: "annotations" (the dataset's own), "aggregation" or
     "labels-ply" (ScanNet: semantics only), "none" (unlabelled: IGNORE_INDEX, no instances)."""
+    annotated_points: int | None = None
+    """Points that carry a raw annotation (an object's label, a raw class other than
+    "unlabelled"), whether or not it maps to a training class; None: every point of a labelled
+    scan. Ingest checks the share of them that got a class (a wrong label table maps none)."""
+    label_table: str | None = None
+    """The file that mapped raw labels to training classes (named when most fail to map)."""
 
     def validate(self) -> None:
         """Raise SceneError if arrays disagree or hold non-finite / empty data."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene, tag
+from pipeline.datasets.base import Dataset, RawScene, read_raw, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import check_scene_id
@@ -211,11 +211,9 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
                 scene_id, path, f"unknown class {name!r}; expected one of {sorted(label_map)}"
             )
         try:
-            values, skipped = parse_numeric_lines(path.read_bytes())
+            values, skipped = parse_numeric_lines(read_raw(scene_id, path))
         except ValueError as exc:
             raise SceneError(scene_id, path, f"cannot parse 'x y z r g b' lines: {exc}") from None
-        except OSError as exc:
-            raise SceneError(scene_id, path, f"cannot read: {exc}") from None
         if len(skipped):
             n_skipped += len(skipped)
             scene_warnings.append(tag(
@@ -252,7 +250,7 @@ def read_scene(raw_dir: Path, scene_id: str, *, cfg: S3DISReaderConfig = S3DISRe
             scene_warnings.append(f"{room_dir.relative_to(raw_dir)}: no room file <room>.txt, point count not checked")
         else:
             source_files.insert(0, str(room_path))
-            room_lines = _count_lines(room_path.read_bytes())
+            room_lines = _count_lines(read_raw(scene_id, room_path))
             if room_lines != len(xyz) + n_skipped:
                 dropped = room_lines - len(xyz) - n_skipped
                 what = (f"{dropped} unannotated point(s) ({100 * dropped / max(1, room_lines):.1f}%) dropped"

@@ -32,7 +32,7 @@ import numpy as np
 from plyfile import PlyData
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene, tag
+from pipeline.datasets.base import Dataset, RawScene, open_raw, read_raw, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
@@ -46,6 +46,8 @@ CLASS_NAMES: tuple[str, ...] = (
 NYU40_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 """NYU40 id of each benchmark class (same order)."""
 LABEL_TABLE = "scannetv2-labels.combined.tsv"
+NYU40_COUNT = 41
+"""NYU40 ids are 0 (unannotated) .. 40."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def load_label_table(path: str) -> dict[str, int]:
     nyu_to_train = {nyu: i for i, nyu in enumerate(NYU40_IDS)}
     table: dict[str, int] = {}
     try:
-        with open(path, newline="") as handle:
+        with open_raw("-", path, "r", newline="") as handle:
             for row in csv.DictReader(handle, delimiter="\t"):
                 nyu = int(row["nyu40id"]) if row.get("nyu40id", "").strip() else 0
                 table[row["raw_category"].strip()] = nyu_to_train.get(nyu, IGNORE_INDEX)
@@ -85,18 +87,38 @@ def load_label_table(path: str) -> dict[str, int]:
 
 def _read_json(scene_id: str, path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SceneError(scene_id, path, "file is missing") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(read_raw(scene_id, path))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SceneError(scene_id, path, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SceneError(scene_id, path, f"expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _segment_ids(scene_id: str, path: Path, values: object, what: str) -> np.ndarray:
+    """int64 [K] segment ids from a JSON list; SceneError for anything but non-negative integers
+    (a negative id would index the table of segments from its end: wrong labels without a word)."""
+    if not isinstance(values, list):
+        raise SceneError(scene_id, path, f"{what}: expected a list of segment ids, got {type(values).__name__}")
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    ids = np.asarray(values)
+    if ids.dtype.kind not in "iu" or ids.ndim != 1:  # floats, strings, nested lists, ids beyond 64 bits
+        raise SceneError(scene_id, path, f"{what}: segment ids must be integers, found {ids.dtype} values")
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+        raise SceneError(scene_id, path, f"{what}: segment id {int(ids.max())} does not fit 64 bits")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        bad = int((ids < 0).sum())
+        raise SceneError(scene_id, path, f"{what}: {bad} negative segment id(s) (e.g. {int(ids.min())}); ids are >= 0")
+    return ids
 
 
 def read_axis_alignment(scene_id: str, path: Path) -> np.ndarray | None:
     """The 4x4 `axisAlignment` of `<scene>.txt`, or None when the file or the line is absent."""
     if not path.exists():
         return None
-    for line in path.read_text().splitlines():
+    for line in read_raw(scene_id, path).decode("utf-8", errors="replace").splitlines():
         if line.strip().startswith("axisAlignment"):
             values = line.split("=", 1)[1].split()
             try:
@@ -111,13 +133,13 @@ def read_axis_alignment(scene_id: str, path: Path) -> np.ndarray | None:
 
 def read_ply_mesh(scene_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(xyz f32 [N,3], rgb u8 [N,3], faces i32 [F,3]) from a ScanNet PLY (plyfile reads it)."""
-    if not path.exists():
-        raise SceneError(scene_id, path, "file is missing")
+    handle = open_raw(scene_id, path)
     try:
         try:  # fast path: triangles declared as fixed-length lists (what ScanNet ships)
-            ply = PlyData.read(str(path), known_list_len={"face": {"vertex_indices": 3}})
+            ply = PlyData.read(handle, known_list_len={"face": {"vertex_indices": 3}})
         except Exception:  # a mesh with non-triangle faces: read generically, checked below
-            ply = PlyData.read(str(path))
+            handle.seek(0)
+            ply = PlyData.read(handle)
         vertex = ply["vertex"].data
         xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1).astype(np.float32)
         rgb = np.stack([vertex["red"], vertex["green"], vertex["blue"]], axis=1).astype(np.uint8)
@@ -130,22 +152,30 @@ def read_ply_mesh(scene_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, np
         raise SceneError(scene_id, path, f"unreadable PLY (truncated or garbled?): {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # plyfile raises its own PlyParseError and struct errors on garbage
         raise SceneError(scene_id, path, f"unreadable PLY: {type(exc).__name__}: {exc}") from None
+    finally:
+        handle.close()
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise SceneError(scene_id, path, f"faces must be triangles, got shape {faces.shape}")
     return xyz, rgb, faces
 
 
-def read_labels_ply(scene_id: str, path: Path, xyz: np.ndarray) -> np.ndarray:
-    """int16 [N] training ids from `<scene>_vh_clean_2.labels.ply` (NYU40 ids in `label`).
+def read_labels_ply(scene_id: str, path: Path, xyz: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
+    """Training ids from `<scene>_vh_clean_2.labels.ply` (NYU40 ids in `label`).
 
-    NYU40 ids outside the 20 benchmark classes (and 0, unannotated) become IGNORE_INDEX. The file
-    must describe the same vertices as the mesh (count and positions, before axis alignment).
+    NYU40 ids outside the 20 benchmark classes (and 0, unannotated) become IGNORE_INDEX; ids that
+    are no NYU40 id (outside 0..40) too, counted in a warning. The file must describe the same
+    vertices as the mesh (count and positions, before axis alignment).
+
+    Returns:
+        (semantic int16 [N], annotated points (label != 0), warnings).
     """
+    handle = open_raw(scene_id, path)
     try:
         try:
-            ply = PlyData.read(str(path), known_list_len={"face": {"vertex_indices": 3}})
+            ply = PlyData.read(handle, known_list_len={"face": {"vertex_indices": 3}})
         except Exception:  # non-triangle faces or no faces: the vertices are all we need
-            ply = PlyData.read(str(path))
+            handle.seek(0)
+            ply = PlyData.read(handle)
         vertex = ply["vertex"].data
         names = vertex.dtype.names or ()
         if "label" not in names:
@@ -156,13 +186,23 @@ def read_labels_ply(scene_id: str, path: Path, xyz: np.ndarray) -> np.ndarray:
         raise
     except Exception as exc:  # plyfile raises its own parse errors on garbage
         raise SceneError(scene_id, path, f"unreadable labels PLY: {type(exc).__name__}: {exc}") from None
+    finally:
+        handle.close()
     if len(nyu) != len(xyz):
         raise SceneError(scene_id, path, f"labels PLY has {len(nyu)} vertices for the mesh's {len(xyz)} (count mismatch)")
     if len(xyz) and float(np.abs(pos - xyz).max()) > 1e-3:
         raise SceneError(scene_id, path, "labels PLY vertices differ from the mesh's (not the same scan?)")
-    lut = np.full(max(int(nyu.max(initial=0)) + 1, max(NYU40_IDS) + 1), IGNORE_INDEX, dtype=np.int16)
+    # a table over the 41 NYU40 ids only: a huge id in the file must not size an allocation
+    lut = np.full(NYU40_COUNT, IGNORE_INDEX, dtype=np.int16)
     lut[list(NYU40_IDS)] = np.arange(len(NYU40_IDS), dtype=np.int16)
-    return lut[np.clip(nyu, 0, None)]
+    known = (nyu >= 0) & (nyu < NYU40_COUNT)
+    semantic = np.where(known, lut[np.where(known, nyu, 0)], IGNORE_INDEX).astype(np.int16)
+    warnings = []
+    if not known.all():
+        odd = np.unique(nyu[~known])
+        warnings.append(f"{int((~known).sum())} vertices have labels {odd[:10].tolist()} that are no NYU40 id "
+                        "(0..40): ignored")
+    return semantic, int((nyu != 0).sum()), warnings
 
 
 def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig = ScanNetReaderConfig()) -> RawScene:
@@ -189,39 +229,48 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
     agg_candidates = [folder / f"{scene_id}.aggregation.json", folder / f"{scene_id}_vh_clean.aggregation.json"]
     agg_path = next((p for p in agg_candidates if p.exists()), None)
     labels_ply_path = folder / f"{scene_id}_vh_clean_2.labels.ply"
+    annotated: int | None = None
+    table_path: str | None = None
     if agg_path is None and labels_ply_path.exists():
         label_source = "labels-ply"
-        semantic = read_labels_ply(scene_id, labels_ply_path, xyz)
+        semantic, annotated, label_warnings = read_labels_ply(scene_id, labels_ply_path, xyz)
         files.append(str(labels_ply_path))
+        table_path = str(labels_ply_path)
         warnings.append(tag("semantics-only", "semantics from the labels PLY (no aggregation): no instances"))
+        warnings += label_warnings
     elif agg_path is None:
         label_source = "none"
         warnings.append(tag("unlabelled", "no annotations (no aggregation, no labels PLY): unlabelled, all points ignored"))
     else:
         label_source = "aggregation"
-        table_path = cfg.label_table or str(raw_dir / LABEL_TABLE)
-        table = load_label_table(table_path)
+        table_path_used = cfg.label_table or str(raw_dir / LABEL_TABLE)
+        table = load_label_table(table_path_used)
         segs = _read_json(scene_id, segs_path)
         agg = _read_json(scene_id, agg_path)
         files += [str(segs_path), str(agg_path)]
-        seg_indices = np.asarray(segs.get("segIndices", []), dtype=np.int64)
+        seg_indices = _segment_ids(scene_id, segs_path, segs.get("segIndices", []), "segIndices")
         if len(seg_indices) != n:
             raise SceneError(scene_id, segs_path, f"segIndices has {len(seg_indices)} entries for {n} vertices (count mismatch)")
         ref = str(agg.get("sceneId", scene_id)).removeprefix("scannet.")
         if ref != scene_id:
             raise SceneError(scene_id, agg_path, f"aggregation is for scene {ref!r}")
-        # segment id -> (instance, class) lookup, vectorised through a dense table over segment ids
-        max_seg = int(seg_indices.max()) + 1 if n else 0
-        seg_instance = np.full(max_seg, -1, dtype=np.int32)
-        seg_class = np.full(max_seg, IGNORE_INDEX, dtype=np.int16)
+        # segment id -> (instance, class) through the ids that occur (not a table as long as the
+        # largest id: one huge id in a file must not size an allocation)
+        seg_ids, seg_of_vertex = np.unique(seg_indices, return_inverse=True)
+        seg_instance = np.full(len(seg_ids), -1, dtype=np.int32)
+        seg_class = np.full(len(seg_ids), IGNORE_INDEX, dtype=np.int16)
+        seg_annotated = np.zeros(len(seg_ids), dtype=bool)
         missing: dict[str, int] = {}
         groups = agg.get("segGroups")
         if not isinstance(groups, list):
             raise SceneError(scene_id, agg_path, "no segGroups list")
         for k, group in enumerate(groups):  # a loop over objects (tens), not points
+            if not isinstance(group, dict):
+                raise SceneError(scene_id, agg_path, f"segGroups[{k}] is not an object")
             label = str(group.get("label", "")).strip()
-            segments = np.asarray(group.get("segments", []), dtype=np.int64)
-            segments = segments[(segments >= 0) & (segments < max_seg)]
+            segments = _segment_ids(scene_id, agg_path, group.get("segments", []), f"segGroups[{k}].segments")
+            where = np.minimum(np.searchsorted(seg_ids, segments), max(len(seg_ids) - 1, 0))
+            segments = where[seg_ids[where] == segments] if len(seg_ids) else where[:0]
             if label not in table:
                 missing[label] = missing.get(label, 0) + 1
                 cls = IGNORE_INDEX
@@ -229,8 +278,11 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
                 cls = table[label]
             seg_instance[segments] = int(group.get("objectId", group.get("id", k)))
             seg_class[segments] = cls
-        semantic = seg_class[seg_indices]
-        instance = seg_instance[seg_indices]
+            seg_annotated[segments] = True
+        annotated = int(seg_annotated[seg_of_vertex].sum())
+        table_path = table_path_used
+        semantic = seg_class[seg_of_vertex]
+        instance = seg_instance[seg_of_vertex]
         if missing:
             warnings.append(tag("labels-unknown",
                 f"{sum(missing.values())} object label(s) not in the label table were ignored: "
@@ -248,7 +300,8 @@ def read_scene(raw_dir: str | Path, scene_id: str, *, cfg: ScanNetReaderConfig =
         kind, faces = "points", None
         warnings.append(tag("no-faces", f"{ply_path.name} has no faces: read as a point cloud"))
     scene = RawScene(scene_id, xyz, rgb, semantic, instance, kind, faces=faces, source_files=files,
-                     warnings=warnings, label_source=label_source)
+                     warnings=warnings, label_source=label_source, annotated_points=annotated,
+                     label_table=table_path)
     scene.validate()
     return scene
 

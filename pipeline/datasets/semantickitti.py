@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from pipeline.datasets import manifests
-from pipeline.datasets.base import Dataset, RawScene, tag
+from pipeline.datasets.base import Dataset, RawScene, open_raw, tag
 from pipeline.datasets.manifests import ManifestError
 from pipeline.errors import SceneError
 from pipeline.schema import IGNORE_INDEX, check_scene_id
@@ -102,9 +102,9 @@ def lookup_table(raw_to_train: dict[int, int]) -> np.ndarray:
 def _yaml_map(path: str, mtime_ns: int) -> tuple[tuple[int, int], ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_raw("-", path, "r", encoding="utf-8") as f:
             config = yaml.load(f, Loader=loader)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SceneError("-", path, f"cannot read the label config: {exc}") from None
     try:
         learning_map = {int(k): int(v) for k, v in config["learning_map"].items()}
@@ -205,10 +205,8 @@ def training_id_labels(labels: np.ndarray, semantic: np.ndarray) -> str | None:
 
 
 def _read_calib_tr(path: Path, scene_id: str) -> np.ndarray:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SceneError(scene_id, path, f"cannot read calib.txt (needed to merge scans): {exc}") from None
+    with open_raw(scene_id, path) as handle:
+        text = handle.read().decode("utf-8", errors="replace")
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         if key.strip() == "Tr":
@@ -221,7 +219,8 @@ def _read_calib_tr(path: Path, scene_id: str) -> np.ndarray:
 
 def _read_poses(path: Path, scene_id: str) -> np.ndarray:
     try:
-        values = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        with open_raw(scene_id, path) as handle:
+            values = np.loadtxt(handle, dtype=np.float64, ndmin=2)
     except (OSError, ValueError) as exc:
         raise SceneError(scene_id, path, f"cannot read poses.txt (needed to merge scans): {exc}") from None
     if values.shape[1] != 12:
@@ -250,7 +249,8 @@ def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np
     bin_path = seq_dir / "velodyne" / f"{frame:06d}.bin"
     label_path = seq_dir / "labels" / f"{frame:06d}.label"
     try:
-        raw = np.fromfile(bin_path, dtype=np.float32)
+        with open_raw(scene_id, bin_path) as handle:
+            raw = np.fromfile(handle, dtype=np.float32)
     except OSError as exc:
         raise SceneError(scene_id, bin_path, f"cannot read scan: {exc}") from None
     if raw.size % 4:
@@ -262,7 +262,8 @@ def _read_scan(seq_dir: Path, frame: int, scene_id: str) -> tuple[np.ndarray, np
     points = raw.reshape(-1, 4)
     labels = None
     if label_path.exists():
-        labels = np.fromfile(label_path, dtype=np.uint32)
+        with open_raw(scene_id, label_path) as handle:
+            labels = np.fromfile(handle, dtype=np.uint32)
         if len(labels) != len(points):
             raise SceneError(
                 scene_id,
@@ -335,6 +336,7 @@ def read_scene(
         label_parts.append(labels)
     labels = np.concatenate(label_parts)
     semantic, instance, unknown = decode_labels(labels, lut)
+    annotated = int(((labels & 0xFFFF) != 0).sum())  # raw id 0: "unlabeled" (also every point without a label file)
     if missing_labels:
         scene_warnings.append(tag("unlabelled", f"no label file: {missing_labels} points ignored (test sequence?)"))
     if len(unknown):
@@ -360,6 +362,8 @@ def read_scene(
         sensor_origin=np.zeros(3, dtype=np.float32),
         source_files=source_files,
         warnings=scene_warnings,
+        annotated_points=annotated,
+        label_table=yaml_path or str(manifests.DEFAULT_ROOT / "semantickitti" / "label_map.csv"),
     )
 
 

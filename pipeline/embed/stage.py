@@ -104,6 +104,17 @@ def _output(result: SceneEmbedding, identity: str, seconds: float, mode: str) ->
     return StageOutput(arrays, stats)
 
 
+def check_finite(scene_id: str, result: SceneEmbedding, model: str) -> None:
+    """SceneError when an embedding is not finite as stored (float16): a broken model (e.g. an
+    `image_std` of 0 in its preprocessor) writes NaN, and a scene must not be "done" with it."""
+    bad = {name: int((~np.isfinite(np.asarray(array, dtype=np.float32).astype(np.float16))).any(axis=-1).sum())
+           for name, array in (("view", result.view), ("segment", result.segment))}
+    if any(bad.values()):
+        raise SceneError(scene_id, model, f"embed: {bad['view']} of {len(result.view)} view and {bad['segment']} of "
+                         f"{len(result.segment)} segment embeddings are not finite (NaN or inf); the model's output "
+                         "is broken (its preprocessor_config.json: image_std 0?)")
+
+
 def compute(store: Store, scene_id: str, cfg: EmbedConfig, run: StageRun) -> StageOutput:
     """Embed one scene's views and segments."""
     from pipeline.embed.core import embed_scene
@@ -115,6 +126,7 @@ def compute(store: Store, scene_id: str, cfg: EmbedConfig, run: StageRun) -> Sta
         result = embed_scene(view_rgb, point_index, segment, encoder, cfg)
     except (KeyError, ValueError) as exc:
         raise SceneError(scene_id, None, f"embed: {exc}") from exc
+    check_finite(scene_id, result, cfg.model)
     return _output(result, encoder.identity, time.perf_counter() - start, cfg.mode)
 
 
@@ -181,8 +193,14 @@ def embed_scenes(
         while open_works and open_works[0].produced and open_works[0].received == open_works[0].total:
             work = open_works.popleft()
             seconds = time.perf_counter() - work.start
+            embedding = work.finish(encoder.dim)
+            try:
+                check_finite(work.scene_id, embedding, cfg.model)
+            except SceneError as exc:
+                results[work.scene_id] = SceneResult(work.scene_id, "failed", error=str(exc), file=exc.file)
+                continue
             results[work.scene_id] = write_output(store, EMBED, work.scene_id, cfg, work.config_hash,
-                                                  _output(work.finish(encoder.dim), encoder.identity, seconds, cfg.mode),
+                                                  _output(embedding, encoder.identity, seconds, cfg.mode),
                                                   seconds=seconds)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -250,7 +268,7 @@ def run_vocabulary(
     model identity, so a reader can check that scene and text embeddings share one model), and for
     a teacher folder `teacher_corpus`: what it was fitted on (checked by pre-training/fine-tuning).
     """
-    from pipeline.clip.model import ClipEncoder, cached_encoder, embed_vocabulary
+    from pipeline.clip.model import ClipEncoder, ModelLoadError, cached_encoder, embed_vocabulary
 
     store = Store.open(store_path)
     encoder = model if isinstance(model, ClipEncoder) else cached_encoder(model, device=device, dtype=dtype)
@@ -258,6 +276,9 @@ def run_vocabulary(
         templates = model_templates(model if isinstance(model, str) else None)
     names = list(store.class_names if names is None else names)
     text = embed_vocabulary(names, templates, encoder)
+    if not np.isfinite(np.asarray(text, dtype=np.float32).astype(np.float16)).all():
+        raise ModelLoadError(f"embed: the text embeddings of vocabulary {vocab_name!r} by {encoder.identity} are not "
+                          "finite (NaN or inf): the model is broken; nothing written")
     attrs = {"names": names, "prompts": list(templates), "model": encoder.identity, "dim": int(text.shape[1])}
     provenance = corpus_record(model if isinstance(model, str) else None)
     if provenance is not None:  # what the teacher was fitted on: the trainers check it against their scenes

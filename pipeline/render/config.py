@@ -92,3 +92,27 @@ class RenderConfig:
     one worker process per core (threads beyond the free cores only wait for each other)."""
     seed: int = 0
     """Seed of the candidate heights and the coverage sample."""
+
+    def __post_init__(self) -> None:
+        # a value no render can use is a config error (one line, exit 2), not a failure of every scene
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"render.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("width", "height", "max_views", "headings", "max_positions", "candidate_width",
+                     "point_candidate_width", "coverage_samples", "refine_samples", "lidar_headings", "views_per_batch"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        for name in ("refine_rounds", "threads", "point_radius_m", "clearance_m", "visibility_tol_m",
+                     "occlusion_rel_tol", "occlusion_abs_tol_m"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("grid_step_m", "point_radius_factor", "splat_depth_tol_factor", "lidar_angular_radius_deg",
+                     "max_splat_radius_px", "near_m"):
+            need(getattr(self, name) > 0, name, "> 0")
+        for name in ("hfov_deg", "lidar_hfov_deg"):
+            need(0 < getattr(self, name) < 180, name, "in (0, 180)")
+        for name in ("coverage_target", "min_view_gain", "min_hit_fraction"):
+            need(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        need(0 <= self.floor_percentile <= 100, "floor_percentile", "in [0, 100]")
+        need(self.eye_height_m[0] <= self.eye_height_m[1], "eye_height_m", "(low, high) with low <= high")
+        need(len(self.pitches_deg) > 0 and all(-90 <= p <= 90 for p in self.pitches_deg), "pitches_deg",
+             "one or more angles in [-90, 90]")

@@ -1,4 +1,11 @@
-"""Faults: bad input (one case each), a killed run resumed, a worker lost mid-run, SLURM scripts."""
+"""Faults: bad input (one case each), a killed run resumed, a worker lost mid-run, a scene that
+keeps killing its worker, SLURM scripts.
+
+The fault-and-abuse cases of issue 26 (item 2) are here too, each failing on the code before it: a
+FIFO among the raw files, negative and huge segment ids, coordinates beyond float32's reach, a wrong
+label table, a scene whose worker dies each time (out of memory), config values that made a
+cluster hang, NaN embeddings. Locking down is in test_security.py; configs in test_config.py and
+tests/test_cli_config.py."""
 from __future__ import annotations
 
 import functools
@@ -83,6 +90,29 @@ def _break_missing(raw, scene):
     return path, "missing"
 
 
+def _break_fifo(raw, scene):
+    # a named pipe where a file should be: opening it waited for a writer for ever
+    path = raw / "scans" / scene / f"{scene}.aggregation.json"
+    path.unlink()
+    os.mkfifo(path)
+    return path, "FIFO"
+
+
+def _break_negative_segment_id(raw, scene):
+    # a negative id indexed the table of segments from its end: the vertices took another object's label
+    path = raw / "scans" / scene / f"{scene}_vh_clean_2.0.010000.segs.json"
+    segs = json.loads(path.read_text())
+    segs["segIndices"][5] = -1
+    path.write_text(json.dumps(segs))
+    return path, "negative segment id"
+
+
+def _break_far_coordinates(raw, scene):
+    # near 1e9 m float32 steps 64 m: every x collapsed onto one value, rendering then "covered" 100 %
+    _rewrite_vertices(_ply(raw, scene), lambda v: (v.__setitem__("x", v["x"] + np.float32(1e9)), v)[1])
+    return _ply(raw, scene), "float32 resolves only 64 m"
+
+
 def _break_foreign_scene(raw, scene):
     path = raw / "scans" / scene / f"{scene}.aggregation.json"
     agg = json.loads(path.read_text())
@@ -94,10 +124,12 @@ def _break_foreign_scene(raw, scene):
 BREAKERS = {
     "truncated_ply": _break_truncated, "garbled_ply": _break_garbled, "count_mismatch": _break_count_mismatch,
     "nan_coordinates": _break_nan, "empty_scene": _break_empty, "missing_file": _break_missing,
-    "aggregation_of_another_scene": _break_foreign_scene,
+    "aggregation_of_another_scene": _break_foreign_scene, "fifo_among_raw_files": _break_fifo,
+    "negative_segment_id": _break_negative_segment_id, "coordinates_near_1e9": _break_far_coordinates,
 }
 
 
+@pytest.mark.timeout(120)  # a FIFO hung for ever
 @pytest.mark.parametrize("case", sorted(BREAKERS))
 def test_bad_input_is_reported_and_others_complete(tmp_path, case):
     raw = small_raw(tmp_path / "raw", 3)
@@ -197,10 +229,10 @@ def test_worker_lost_mid_run_is_retried(tmp_path):
     assert Store.open(store.path).scene_ids() == scannet.list_scenes(raw)
 
 
-def test_slurm_job_script_is_generated_without_slurm():
+def test_slurm_job_script_is_generated_without_slurm(tmp_path):
     cfg = ExecutorConfig(kind="slurm", cores=8, processes=2, memory="32GB", walltime="02:00:00", queue="cpu",
                          account="proj42", job_extra_directives=("--constraint=avx2",),
-                         job_script_prologue=("source .venv/bin/activate",))
+                         job_script_prologue=("source .venv/bin/activate",), job_dir=str(tmp_path / "jobs"))
     cluster = make_jobqueue_cluster(cfg)
     try:
         script = cluster.job_script()
@@ -244,3 +276,154 @@ def test_s3dis_bad_lines_duplicates_and_unknown_classes(tmp_path):
     assert "floor_1.txt" in warning and "101" in warning  # the file and the line number of the bad line
     bad = status["Area_1_office_3"]
     assert bad.status == "failed" and "spaceship" in bad.error and bad.file.endswith("spaceship_1.txt")
+
+
+# --- issue 26: bounded inputs ---------------------------------------------------------------
+
+
+def _ingest(raw: Path, store_path: Path, cfg: IngestConfig = CFG):
+    store = Store.create(store_path, dataset="synthetic", class_names=list(scannet.CLASS_NAMES))
+    fn = functools.partial(INGEST.run_scene, str(store.path), cfg=cfg, raw=str(raw))
+    return store, run_scenes("ingest", fn, scannet.list_scenes(raw), ExecutorConfig(kind="sync"), progress=False)
+
+
+def test_a_huge_segment_id_is_just_an_id(tmp_path):
+    """One segment id of 2**40 sized a table of 2**40 entries (an id near 1e9 took 6.5 GB): ids are
+    now looked up among those that occur, and the scene reads exactly as with small ids."""
+    raw = small_raw(tmp_path / "raw", 1)
+    scene = "scene0000_00"
+    clean, _ = _ingest(raw, tmp_path / "clean.zarr")
+    segs_path = raw / "scans" / scene / f"{scene}_vh_clean_2.0.010000.segs.json"
+    agg_path = raw / "scans" / scene / f"{scene}.aggregation.json"
+    segs, agg = json.loads(segs_path.read_text()), json.loads(agg_path.read_text())
+    old = agg["segGroups"][0]["segments"][0]
+    huge = 2**40
+    segs["segIndices"] = [huge if s == old else s for s in segs["segIndices"]]
+    agg["segGroups"][0]["segments"] = [huge if s == old else s for s in agg["segGroups"][0]["segments"]]
+    segs_path.write_text(json.dumps(segs))
+    agg_path.write_text(json.dumps(agg))
+    store, report = _ingest(raw, tmp_path / "huge.zarr")
+    assert report.ok, report.summary()
+    for spec in (schema.SEMANTIC, schema.INSTANCE):
+        assert np.array_equal(store.read(scene, spec), clean.read(scene, spec))
+
+
+def _wrong_table(tmp_path: Path) -> Path:
+    table = tmp_path / "wrong-labels.tsv"  # right columns, categories of another dataset
+    table.write_text("raw_category\tnyu40id\nspaceship\t1\nasteroid\t2\n")
+    return table
+
+
+def test_a_wrong_label_table_fails_the_scenes_unless_asked(tmp_path):
+    """A wrong label table gave 0 % labelled points, exit 0 and nothing on the console."""
+    raw = small_raw(tmp_path / "raw", 2)
+    table = _wrong_table(tmp_path)
+    cfg = IngestConfig(dataset="synthetic", reader={"label_table": str(table)})
+    store, report = _ingest(raw, tmp_path / "s.zarr", cfg)
+    assert [r.status for r in report.results] == ["failed", "failed"]
+    for r in report.results:
+        assert r.file == str(table) and "0.0% of the" in r.error and "min_label_coverage" in r.error
+    assert store.scene_ids() == []
+    # asked for: ingested, and the summary printed at the end of the stage says so
+    accepted = IngestConfig(dataset="synthetic", reader={"label_table": str(table)}, min_label_coverage=0.0)
+    store, report = _ingest(raw, tmp_path / "t.zarr", accepted)
+    assert report.ok and store.scene_ids() == scannet.list_scenes(raw)
+    summary = report.summary()
+    assert "warning scene0000_00" in summary and "only 0.0% of the" in summary and "not in the label table" in summary
+
+
+def test_label_coverage_of_real_and_synthetic_scans_passes_the_default(tmp_path):
+    """The default threshold (half the annotated points) against scans whose labels are right:
+    synthetic rooms, and the real samples where they are here."""
+    from pipeline.datasets.ingest import check_label_coverage
+
+    raw = small_raw(tmp_path / "raw", 3, seed=4)
+    for scene_id in scannet.list_scenes(raw):
+        assert check_label_coverage(scannet.read_scene(raw, scene_id), 0.5) is None
+    from tests.paths import SHARED_DATA
+
+    real = SHARED_DATA / "scannet"
+    if not real.is_dir():
+        pytest.skip(f"{SHARED_DATA} absent: the real ScanNet sample is not checked")
+    scene = scannet.read_scene(real, "scene0470_00")
+    assert check_label_coverage(scene, 0.5) is None
+
+
+def _run_with_a_dying_scene(tmp_path, how: str, cfg: ExecutorConfig) -> None:
+    """Three scenes through the stage runner, the middle one's worker dying each time (see
+    tests/pipeline/faulty.py); it alone fails, with the reason, the others are written, and every
+    scene has its line in the stage log."""
+    from pipeline.stage import StageRun, run_stage
+    from pipeline.store import log_dir
+    from tests.pipeline.faulty import FAULTY, SCENES, FaultyConfig
+
+    store_path = tmp_path / "s.zarr"
+    report = run_stage(FAULTY, StageRun(store=str(store_path), cfg=FaultyConfig(how=how)), executor=cfg)
+    status = {r.scene_id: r for r in report.results}
+    assert [status[s].status for s in SCENES] == ["done", "failed", "done"], report.summary()
+    error = status["scene0001_00"].error
+    assert f"died each of the {cfg.task_retries + 1} times" in error and f"memory_per_worker={cfg.memory_per_worker}" in error
+    assert "FAILED scene0001_00" in report.summary()
+    assert Store.open(store_path).scene_ids() == ["scene0000_00", "scene0002_00"]
+    logged = [json.loads(line) for line in (log_dir(store_path) / "ingest.jsonl").read_text().splitlines()]
+    assert [(line["scene"], line["status"]) for line in logged] == [(s, status[s].status) for s in SCENES]
+
+
+@pytest.mark.timeout(120)
+def test_a_scene_that_kills_its_worker_fails_alone(tmp_path):
+    """A scene that kept killing its worker ended the stage with a KilledWorker traceback, no
+    failure table and no log lines, though the other scenes were written."""
+    _run_with_a_dying_scene(tmp_path, "kill", ExecutorConfig(kind="local", workers=2, task_retries=0))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_scene_whose_worker_runs_out_of_memory_fails_alone(tmp_path):
+    """The same with a real memory limit: the nanny kills the worker at 95 % of it, twice."""
+    _run_with_a_dying_scene(tmp_path, "memory",
+                            ExecutorConfig(kind="local", workers=2, memory_per_worker="400MiB", task_retries=1))
+
+
+@pytest.mark.parametrize("override,words", [
+    ("executor.workers=-3", "workers must be >= 0"),
+    ("executor.threads_per_worker=0", "threads_per_worker must be >= 1"),
+    ("executor.worker_timeout_s=0", "worker_timeout_s must be > 0"),
+    ("executor.memory_per_worker=lots", "memory_per_worker"),
+])
+@pytest.mark.timeout(60)  # workers=-3 waited for ever for a worker
+def test_config_values_that_cannot_make_a_cluster_fail_at_once(tmp_path, override, words):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    raw = small_raw(tmp_path / "raw", 1)
+    result = CliRunner().invoke(app, ["ingest", "-d", "synthetic", "-r", str(raw), "-s", str(tmp_path / "s.zarr"),
+                                      "-x", "local", override])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and words in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def _nan_model(folder: Path) -> Path:
+    from tests.conftest import make_tiny_clip
+
+    make_tiny_clip(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0, 0, 0]}))
+    return folder
+
+
+def test_nan_embeddings_fail_the_scene_instead_of_done(tmp_path):
+    """A model whose image_std is 0 wrote NaN embeddings, reported "done"."""
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.stage import EMBED
+    from tests.conftest import make_tiny_store
+
+    store_path = make_tiny_store(tmp_path / "s.zarr", n_scenes=1, n_points=600)
+    model = _nan_model(tmp_path / "nan-clip")
+    from pipeline.executor import run_guarded
+
+    fn = functools.partial(EMBED.run_scene, str(store_path), cfg=EmbedConfig(model=str(model), device="cpu"), force=True)
+    result = run_guarded(fn, "scene0000_00")
+    assert result.status == "failed" and "not finite" in result.error and "image_std" in result.error
+    record = Store.open(store_path).stage_record("scene0000_00", "embed")
+    assert record["config_hash"] == "a"  # the hand-written embed output is untouched, no NaN written

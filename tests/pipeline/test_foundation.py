@@ -1,6 +1,7 @@
 """Foundation: configs, scene ids, the store round trip, validation, the ScanNet reader, ingest."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import zarr
 
 from pipeline import schema
 from pipeline.config import ConfigError, config_hash, load_config
-from pipeline.datasets.ingest import INGEST, IngestConfig
+from pipeline.datasets.ingest import INGEST, IngestConfig, hashed_fields
 from pipeline.datasets import scannet
 from pipeline.errors import SceneError
 from pipeline.store import Store, StoreError
@@ -206,8 +207,12 @@ def test_rerun_skips_and_changed_config_recomputes(tmp_path):
     changed = IngestConfig(dataset="synthetic", reader={"apply_axis_alignment": False})
     assert INGEST.run_scene(str(store.path), scene_id, changed, raw=str(raw)).status == "done"
     record = store.stage_record(scene_id, "ingest")
-    assert record["config_hash"] == config_hash(changed, str(raw.resolve()))
+    assert record["config_hash"] == config_hash(hashed_fields(changed), str(raw.resolve()))
     assert before <= record["written"]
+    # the limits that only accept or refuse a scene are not in the hash (a store written before them stays complete)
+    looser = dataclasses.replace(changed, min_label_coverage=0.0, max_coordinate_step_m=1.0)
+    assert INGEST.run_scene(str(store.path), scene_id, looser, raw=str(raw)).status == "skipped"
+    assert hashed_fields(IngestConfig()) == {"dataset": "scannet", "reader": {}, "dedupe_points": True}
 
 
 def test_truncated_ply_names_the_file(tmp_path):
