@@ -123,6 +123,10 @@ class Location:
         """Delete one object (absent is fine)."""
         raise NotImplementedError
 
+    async def adelete_keys(self, keys: list[str]) -> None:
+        """Delete these objects (absent ones are fine)."""
+        await gather_limited([self.adelete(k) for k in keys])
+
     # the same, synchronous
     def get(self, key: str) -> bytes | None:
         return self.run(self.aget(key))
@@ -318,11 +322,13 @@ class RemoteLocation(Location):
         return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != base})
 
     async def adelete_prefix(self, prefix: str) -> None:
-        base = self.key(prefix).rstrip("/") + "/"
-        keys = [base + k for k in await self.alist_sizes(prefix)]
-        if keys:
+        base = prefix.rstrip("/") + "/"
+        await self.adelete_keys([base + k for k in await self.alist_sizes(prefix)])
+
+    async def adelete_keys(self, keys: list[str]) -> None:
+        if keys:  # batched multi-object deletes (1000 keys a request on S3)
             try:
-                await self.fs._rm(keys)
+                await self.fs._rm([self.key(k) for k in keys])
             except FileNotFoundError:
                 pass
 

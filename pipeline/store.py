@@ -59,6 +59,9 @@ TMP = ".tmp"
 """Private folder of a local store for nodes being written and nodes being replaced."""
 MANIFEST = "ws3d_manifest"
 """Attribute of a node's zarr.json: every other key of the node -> its size in bytes."""
+ARRAYS = "ws3d_arrays"
+"""Attribute of a node's zarr.json: the metadata of each of its arrays (path in the node -> the
+array's zarr.json), so that reading a node's arrays takes one metadata request, not one an array."""
 STALE_TMP_S = 6 * 3600.0
 """A temporary folder of another host (or of an unknown process) older than this is a leftover."""
 
@@ -143,6 +146,7 @@ def _encode(
 
     metadata: dict[str, Any] = {}
     manifest: dict[str, int] = {}
+    arrays_metadata: dict[str, Any] = {}
     for k, batch in enumerate(batches):
         objects: dict[str, Any] = {}
         if k > 0:  # later batches add arrays to groups encoded before: their metadata from memory
@@ -156,12 +160,15 @@ def _encode(
                 continue
             if key == MARKER or (key.endswith("/" + MARKER) and key[: -len(MARKER) - 1] in groups):
                 metadata[key] = buffer
+            elif key.endswith("/" + MARKER):  # an array's: kept in the marker too (one read a node)
+                arrays_metadata[key[: -len(MARKER) - 1]] = json.loads(buffer.to_bytes())
             if key != MARKER:
                 data = buffer.as_numpy_array().data
                 out[key] = data
                 manifest[key] = data.nbytes
         emit(out)
     root = json.loads(metadata[MARKER].to_bytes())
+    root.setdefault("attributes", {})[ARRAYS] = arrays_metadata
     return root, manifest
 
 
@@ -219,6 +226,10 @@ def _checked_store(inner: Any, prefix: str, checked: bool, blosc: bool, where: C
             return buffer
 
     return CheckedStore(inner)
+
+
+_GROUP_STAGE = {group: stage for stage, groups in schema.STAGE_GROUPS.items() for group in groups}
+"""The stage that writes each group of a scene."""
 
 
 def _host() -> str:
@@ -464,21 +475,24 @@ class Store:
             self._zarr_pid = os.getpid()
         return self._zarr
 
-    async def _array(self, owner: str, key: str, label: str) -> Any:
-        """The zarr AsyncArray at `key` with checked chunk reads; KeyError when absent."""
+    async def _array(self, owner: str, key: str, label: str, metadata: dict[str, Any] | None = None) -> Any:
+        """The zarr AsyncArray at `key` with checked chunk reads (its metadata given, or read
+        from its zarr.json); KeyError when absent."""
         from zarr.core.array import AsyncArray
         from zarr.storage import StorePath
 
-        raw = await self.location.aget(f"{key}/{MARKER}")
-        if raw is None:
-            raise KeyError(f"{self.url}: {owner} has no {label}")
+        if metadata is None:
+            raw = await self.location.aget(f"{key}/{MARKER}")
+            if raw is None:
+                raise KeyError(f"{self.url}: {owner} has no {label}")
 
         def damaged(chunk: str, what: str) -> DamagedDataError:
             return DamagedDataError(owner, f"{self.url}/{key}", f"{label}: chunk {chunk} {what}; "
                                     "`ws3d validate --deep --repair` recomputes it")
 
         try:
-            metadata = json.loads(raw)
+            if metadata is None:
+                metadata = json.loads(raw)
             names = [c.get("name") for c in metadata.get("codecs", [])]
             checked, blosc = "crc32c" in names, "blosc" in names
             store = _checked_store(self._zarr_root(), key, checked, blosc, damaged)
@@ -487,34 +501,52 @@ class Store:
             raise DamagedDataError(owner, f"{self.url}/{key}/{MARKER}",
                                    f"{label}: unreadable zarr.json ({type(exc).__name__}: {exc})") from None
 
-    async def _read(self, owner: str, key: str, label: str, selection: Any = ...) -> np.ndarray:
-        array = await self._array(owner, key, label)
+    async def _read(self, owner: str, key: str, label: str, selection: Any = ...,
+                    metadata: dict[str, Any] | None = None) -> np.ndarray:
+        array = await self._array(owner, key, label, metadata)
         try:
             return np.asarray(await array.getitem(selection))
         except (ValueError, RuntimeError, EOFError) as exc:  # a codec that cannot decode what it was given
             raise DamagedDataError(owner, f"{self.url}/{key}", f"{label}: cannot be decoded "
                                    f"({type(exc).__name__}: {exc}); `ws3d validate --deep --repair` recomputes it") from None
 
+    async def _read_specs(self, scene_id: str, specs: Sequence[ArraySpec], selection: Any = ...) -> list[np.ndarray]:
+        """Arrays of a scene: the marker of each stage's node first (one request a node: it must be
+        there, and it holds its arrays' metadata), then every array's chunks, all concurrently."""
+        stages = sorted({_GROUP_STAGE[spec.group] for spec in specs})
+        prefixes = {stage: self._node(scene_id, stage) for stage in stages}
+        markers = await asyncio.gather(*(self.location.aget(f"{prefixes[st]}/{MARKER}") for st in stages))
+        nodes = dict(zip(stages, (_attributes(m) for m in markers)))
+
+        async def one(spec: ArraySpec) -> np.ndarray:
+            label = f"{spec.group}/{spec.name}"
+            stage = _GROUP_STAGE[spec.group]
+            node = nodes[stage]
+            if node is None:
+                raise KeyError(f"{self.url}: scene {scene_id} has no {label} (no {stage} output)")
+            path = label if stage == "ingest" else spec.name
+            metadata = (node.get(ARRAYS) or {}).get(path)  # None: an older store, read its zarr.json
+            return await self._read(scene_id, self._key(scene_id, spec), label, selection, metadata)
+
+        return list(await asyncio.gather(*(one(spec) for spec in specs)))
+
     def _key(self, scene_id: str, spec: ArraySpec) -> str:
         return f"scenes/{schema.check_scene_id(scene_id)}/{spec.group}/{spec.name}"
 
     def read(self, scene_id: str, spec: ArraySpec) -> np.ndarray:
-        """Read one whole array of a scene as NumPy (KeyError naming the path if absent;
-        DamagedDataError naming the scene, array and chunk if a chunk fails its check)."""
-        return self.location.run(self._read(scene_id, self._key(scene_id, spec), f"{spec.group}/{spec.name}"))
+        """Read one whole array of a scene as NumPy (KeyError naming the path if absent or its
+        stage's output is not committed; DamagedDataError naming the scene, array and chunk if a
+        chunk fails its check)."""
+        return self.location.run(self._read_specs(scene_id, [spec]))[0]
 
     def read_many(self, scene_id: str, specs: Sequence[ArraySpec]) -> list[np.ndarray]:
-        """Read several whole arrays of a scene in one call (like `read` each; the arrays are
-        opened and read concurrently in zarr's event loop: one round trip, not one an array)."""
-        async def read_all() -> list[np.ndarray]:
-            return list(await asyncio.gather(*(
-                self._read(scene_id, self._key(scene_id, s), f"{s.group}/{s.name}") for s in specs)))
-
-        return self.location.run(read_all())
+        """Read several whole arrays of a scene in one call (like `read` each; the nodes' markers,
+        then every chunk, fetched concurrently in zarr's event loop: two round trips in all)."""
+        return self.location.run(self._read_specs(scene_id, list(specs)))
 
     def read_rows(self, scene_id: str, spec: ArraySpec, index: slice | int) -> np.ndarray:
         """Read part of an array along its first axis (e.g. one view)."""
-        return self.location.run(self._read(scene_id, self._key(scene_id, spec), f"{spec.group}/{spec.name}", index))
+        return self.location.run(self._read_specs(scene_id, [spec], index))[0]
 
     def array_metadata(self, scene_id: str, spec: ArraySpec) -> dict[str, Any] | None:
         """An array's parsed zarr.json (None when absent; DamagedDataError when it does not parse)."""
@@ -630,18 +662,18 @@ class Store:
 
     def _commit_remote(self, prefix, attributes, items, config_hash, replace, own_children) -> bool:
         loc = self.location
-        existing = _attributes(loc.get(f"{prefix}/{MARKER}"))
+        sizes = loc.list_sizes(prefix)  # one listing: is there a marker, and what else is there
+        existing = _attributes(loc.get(f"{prefix}/{MARKER}")) if MARKER in sizes else None
         old_hash = (existing or {}).get("ws3d_stage", {}).get("config_hash") if existing else None
         if existing is not None and not replace and config_hash is not None and old_hash == config_hash \
-                and not self.manifest_problems(prefix, existing):
+                and not self.manifest_problems(prefix, existing, sizes):
             return False  # another run finished it first
         keep_others = own_children is not None and existing is not None and old_hash == config_hash
-        loc.delete(f"{prefix}/{MARKER}")  # uncommitted from here until the new marker
-        if keep_others:
-            for child in own_children:
-                loc.delete_prefix(f"{prefix}/{child}")
-        else:
-            loc.delete_prefix(prefix)
+        if MARKER in sizes:
+            loc.delete(f"{prefix}/{MARKER}")  # uncommitted from here until the new marker
+        stale = [k for k in sizes if k != MARKER and (not keep_others or k.split("/", 1)[0] in own_children)]
+        if stale:
+            loc.run(loc.adelete_keys([f"{prefix}/{k}" for k in stale]))
         root, manifest = _encode(attributes, (), items,
                                  lambda objects: loc.run(loc.aput_many({f"{prefix}/{k}": v for k, v in objects.items()})))
         loc.put(f"{prefix}/{MARKER}", _marker_bytes(root, manifest))

@@ -140,6 +140,10 @@ def test_store_write_matches_zarr_local_store_file_for_file(tmp_path, monkeypatc
             manifest = mine["attributes"].pop(store_module.MANIFEST, None)
             if manifest is not None:
                 manifests[name] = manifest
+                arrays_metadata = mine["attributes"].pop(store_module.ARRAYS)  # each array's zarr.json, once more
+                prefix = name[: -len("zarr.json")]
+                assert {prefix + k + "/zarr.json" for k in arrays_metadata} <= set(ours), name
+                assert all(json.loads(ours[prefix + k + "/zarr.json"]) == v for k, v in arrays_metadata.items())
             assert mine == json.loads(theirs[name]), name
         else:
             assert ours[name] == theirs[name], name

@@ -4,7 +4,8 @@ reference measured in the same process where one exists.
 Sections (each from the stage owner's bench function): rendering vs bare ray casting,
 over-segmentation vs Open3D FPFH, CLIP embedding images/s, store read scenes/s, sparse
 convolution voxels/s of every installed backend side by side, each against a dense `nn.Conv3d`
-(`sparse.backends.<name>`), peak memory per stage, and, on a GPU, training steps/s and peak GPU
+(`sparse.backends.<name>`), store commits and reads on a disk and a local S3 server against zarr's
+own writes (and Icechunk's, when installed), peak memory per stage, and, on a GPU, training steps/s and peak GPU
 memory. Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "overseg": ("ws3d_train.bench.overseg", "bench_overseg"),
     "embed": ("ws3d_train.bench.embed", "bench_embed"),
     "sparse": ("ws3d_train.bench.sparse", "bench_sparse"),
+    "store": ("ws3d_train.bench.store", "bench_store"),
     "store_read": ("ws3d_train.bench.data", "bench_store_read"),
     "train_step": ("ws3d_train.bench.data", "bench_train_step"),
 }
@@ -88,6 +90,8 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
         return {"batch_sizes": (2,), "view_hw": (48, 64), "verbose": False} if tiny else {}
     if name in ("store_read", "train_step"):
         return {"store_path": store}
+    if name == "store":  # commits and reads on a disk and a local S3 server (+ Icechunk when installed)
+        return {"tiny": True, "writers": False} if tiny else {}
     return {}
 
 
