@@ -292,8 +292,9 @@ class Store:
             found = _scene_datasets(location)
             if set(children) - {"scenes", "vocab"} or found - {dataset}:
                 raise StoreError(f"{location.url}: exists, is not empty and is not a ws3d store")
-            warnings.warn(f"{location.url}: the store's root zarr.json was missing (deleted or damaged); "
-                          f"restored for dataset {dataset!r}", stacklevel=2)
+            if any(_valid_id(n) for n in location.children("scenes")):  # not just another process creating it
+                warnings.warn(f"{location.url}: the store's root zarr.json was missing (deleted or damaged); "
+                              f"restored for dataset {dataset!r}", stacklevel=2)
         attrs = {
             "format": STORE_FORMAT,
             "schema_version": schema.SCHEMA_VERSION,
@@ -761,9 +762,10 @@ class Store:
 
     def clean_leftovers(self, *, everything: bool = False) -> list[str]:
         """Remove leftovers of killed runs; return their keys. A temporary folder is removed when
-        its process (named in it) is gone on this host, when it is older than `STALE_TMP_S`, or
-        when it comes from an older ws3d (no process in its name); `everything` removes all (only
-        when no run is writing). Legacy ``scenes/.trash-*`` folders always go."""
+        its process (named in it) is gone from this host, when it is older than `STALE_TMP_S`
+        (another host's, or a reused process id), or when it comes from an older ws3d (no process
+        in its name); `everything` removes all (only when no run is writing). Legacy
+        ``scenes/.trash-*`` folders always go."""
         removed = []
         now = time.time()
         for key in self.leftovers():
@@ -774,8 +776,8 @@ class Store:
                     host, pid = parts[0], int(parts[1])
                     path = self.location.file(key) if isinstance(self.location, LocalLocation) else None
                     age = now - path.stat().st_mtime if path is not None and path.exists() else 0.0
-                    if (host == _host() and _pid_alive(pid)) or (host != _host() and age < STALE_TMP_S):
-                        continue
+                    if age < STALE_TMP_S and (host != _host() or _pid_alive(pid)):
+                        continue  # a writer at work (or one on another host, not yet stale)
             self.location.delete_prefix(key)
             self.location.delete(key)
             removed.append(key)
