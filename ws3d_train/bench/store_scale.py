@@ -47,10 +47,8 @@ def _stage_bytes(url: str, scene_ids: list[str], stage: str) -> int:
 def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read_workers: tuple[int, ...] = (0, 2)) -> dict[str, Any]:
     """Preprocess rooms [a, b) of `raw` into a fresh store on `backend` with `workers` local
     Dask workers; measure (see the module docstring)."""
-    from distributed import Client, LocalCluster
-
     from pipeline.datasets.ingest import IngestConfig
-    from pipeline.executor import ExecutorConfig
+    from pipeline.executor import ExecutorConfig, dask_client
     from pipeline.overseg.config import OversegConfig
     from pipeline.render.config import RenderConfig
     from pipeline.stage import StageRun, run_stage
@@ -73,9 +71,9 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
         listing = tmp / "scenes.txt"
         listing.write_text("\n".join(ids) + "\n")
         out: dict[str, Any] = {"backend": backend, "workers": workers, "rooms": list(rooms), "scenes": len(ids), "stages": {}}
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          host="127.0.0.1") as cluster, Client(cluster) as client:
-            executor = ExecutorConfig(kind="address", address=cluster.scheduler_address)
+        # one local cluster for the three stages (the executor's own, reached by its address)
+        with dask_client(ExecutorConfig(kind="local", workers=workers)) as client:
+            executor = ExecutorConfig(kind="address", address=client.scheduler.address)
             client.run(lambda: None)
             configs = {"ingest": IngestConfig(dataset="synthetic"), "overseg": OversegConfig(), "render": RenderConfig()}
             for name, cfg in configs.items():
