@@ -237,13 +237,19 @@ def _host() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process runs with this id; a zombie (killed, not yet reaped: a kill -9'd Dask
+    worker whose parent died with it) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Store:
