@@ -53,7 +53,7 @@ app.add_typer(views_app, name="views")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(manifests_app, name="manifests")
 
-STORE = typer.Option(..., "--store", "-s", help="Path of the ws3d store (a Zarr v3 folder).")
+STORE = typer.Option(..., "--store", "-s", help="The ws3d store (Zarr v3): a folder, file://PATH, s3://BUCKET/NAME or gs://BUCKET/NAME.")
 SCENES = typer.Option(None, "--scenes", help="Text file of scene ids (one a line); default: all.")
 SHARD = typer.Option(None, "--shard", help="Run shard i/n of the sorted scene list (array jobs).")
 EXECUTOR = typer.Option(None, "--executor", "-x", help="sync | local | address | slurm | pbs (default local; sync with --shard).")
@@ -140,7 +140,7 @@ def _scene_ids(store_scenes: list[str], scenes: Path | None, shard: str | None) 
     return []
 
 
-def _open_store(path: Path) -> Any:
+def _open_store(path: str) -> Any:
     from pipeline.store import Store, StoreError
 
     try:
@@ -156,7 +156,7 @@ def _stage_command(stage: Any) -> None:
     import inspect
 
     common = [
-        ("store", Path, STORE), ("scenes", Optional[Path], SCENES), ("shard", Optional[str], SHARD),
+        ("store", str, STORE), ("scenes", Optional[Path], SCENES), ("shard", Optional[str], SHARD),
         ("executor", Optional[str], EXECUTOR), ("config", Optional[Path], CONFIG), ("force", bool, FORCE),
     ]
     own = [(o.name, Path if o.raw else str, typer.Option(... if o.required else None, *o.flags, help=o.help))
@@ -217,27 +217,30 @@ _register_stage_commands()
 
 
 @app.command()
-def validate(store: Path = STORE, scenes: Optional[Path] = SCENES) -> None:
-    """Check every scene against the schema and flag suspect scans; exit 1 with a list of both."""
-    from pipeline.validate import validate_store
+def validate(store: str = STORE, scenes: Optional[Path] = SCENES,
+             deep: bool = typer.Option(False, "--deep", help="Read and check every chunk (checksums) and every value."),
+             repair: bool = typer.Option(False, "--repair", help="Recompute the scenes and stages found bad (with --deep: also damaged chunks); no run may write to the store meanwhile."),
+             raw: Optional[Path] = typer.Option(None, "--raw", help="Raw folder for ingest repairs whose record names none (stores written before ws3d recorded it).")) -> None:
+    """Check the store (markers, manifests, schema; --deep: every chunk) and flag suspect scans; exit 1 naming what is damaged or flagged."""
+    from pipeline.validate import open_for_repair, repair_store, validate_store
 
-    st = _open_store(store)
+    st = open_for_repair(store, echo=typer.echo) if repair else _open_store(store)
     ids = _scene_ids(st.scene_ids(), scenes, None) if scenes else None
-    report = validate_store(st, ids)
-    for problem in report.problems:
-        typer.echo(f"  {problem}")
-    for flag in report.flagged:
-        typer.echo(f"  flagged {flag}")
-    flagged = len({f.scene_id for f in report.flagged})
-    typer.echo(f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s), {flagged} flagged scene(s) "
-               "(suspect scans: see the warnings)" if flagged else
-               f"{report.scenes} scene(s) checked, {len(report.problems)} problem(s)")
+    report = validate_store(st, ids, deep=deep)
+    if repair and (report.problems or report.leftovers):
+        for line in report.lines()[:-1]:
+            typer.echo(line)
+        typer.echo(f"repairing {len(report.problems)} problem(s) ...")
+        repair_store(st, report, raw=None if raw is None else str(raw), echo=typer.echo)
+        report = validate_store(st, ids, deep=deep)
+    for line in report.lines():
+        typer.echo(line)
     if not report.ok:
         raise typer.Exit(1)
 
 
 @app.command()
-def info(store: Path = STORE, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def info(store: str = STORE, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """A table of the store: scenes, points, classes present, instances, stages done."""
     from pipeline.summary import summarise_store
 
@@ -251,7 +254,7 @@ def info(store: Path = STORE, as_json: bool = typer.Option(False, "--json", help
 
 
 @views_app.command("export")
-def views_export(store: Path = STORE, scene: str = typer.Option(..., "--scene"),
+def views_export(store: str = STORE, scene: str = typer.Option(..., "--scene"),
                  out: Path = typer.Option(..., "--out", "-o")) -> None:
     """Write PNGs of a scene's views and a contact sheet."""
     from pipeline.render.export import export_views
@@ -274,7 +277,7 @@ def teacher_corpus(out: Path = typer.Option(..., "--out", "-o", help="Folder for
 
 
 @teacher_app.command("fit")
-def teacher_fit(corpus: Path = typer.Option(..., "--corpus", help="The teacher's own corpus store (never the 3D store it will embed)."),
+def teacher_fit(corpus: str = typer.Option(..., "--corpus", help="The teacher's own corpus store (never the 3D store it will embed)."),
                 out: Path = typer.Option(..., "--out", "-o", help="Folder for the teacher."),
                 scenes: Optional[Path] = SCENES, config: Optional[Path] = CONFIG,
                 overrides: Optional[list[str]] = OVERRIDES) -> None:
@@ -346,7 +349,7 @@ def _loop_sections() -> dict[str, type]:
 
 
 @app.command()
-def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+def pretrain(store: str = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
              scenes: Optional[str] = SPLIT, config: Optional[Path] = LOOP_CONFIG,
              resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
              overrides: Optional[list[str]] = OVERRIDES) -> None:
@@ -361,7 +364,7 @@ def pretrain(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 
 
 @app.command()
-def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+def finetune(store: str = STORE, out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
              init: Optional[str] = typer.Option(None, "--init", help="Pre-training run or checkpoint (default: from scratch)."),
              scenes: Optional[str] = SPLIT, config: Optional[Path] = LOOP_CONFIG,
              resume: bool = typer.Option(False, "--resume", help="Continue the run exactly."),
@@ -377,7 +380,7 @@ def finetune(store: Path = STORE, out: Path = typer.Option(..., "--out", "-o", h
 
 
 @app.command("eval")
-def eval_cmd(run: Path = RUN, store: Path = STORE,
+def eval_cmd(run: Path = RUN, store: str = STORE,
              split: Optional[str] = typer.Option(None, "--split", help="Split name or scene list file (default: the val split, or every scene of a store that has none; 'all' = every scene)."),
              ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
              combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
@@ -416,7 +419,7 @@ def _reader_config(options: list[str] | None) -> Any:
     return _resolve(FilesReaderConfig, None, list(options or []))
 
 
-def _one_of(store: Path | None, input_: Path | None, command: str) -> None:
+def _one_of(store: str | None, input_: Path | None, command: str) -> None:
     if (store is None) == (input_ is None):
         fail(f"ws3d {command}: give --store (with --scene) or --input (scan files), one of them")
 
@@ -467,7 +470,7 @@ def _predict_files(run: Path, input_: Path, out: Path, reader: list[str] | None,
 
 
 @app.command()
-def predict(run: Path = RUN, store: Optional[Path] = STORE_OR_INPUT,
+def predict(run: Path = RUN, store: Optional[str] = STORE_OR_INPUT,
             input_: Optional[Path] = INPUT,
             scene: Optional[str] = typer.Option(None, "--scene", help="One scene (required for --format ply)."),
             scenes: Optional[str] = typer.Option(None, "--scenes", help="Split name or scene list file (benchmark formats; default: every scene)."),
@@ -509,7 +512,7 @@ def predict(run: Path = RUN, store: Optional[Path] = STORE_OR_INPUT,
 
 @app.command()
 def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".'), run: Path = RUN,
-          store: Optional[Path] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
+          store: Optional[str] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
           scene: Optional[str] = typer.Option(None, "--scene", help="The scene of the store (with --store)."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Heatmap PLY (default RUN/query_<text>_<scene>.ply)."),
           model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: the one that embedded the run's vocabulary)."),
@@ -545,7 +548,7 @@ def query(text: str = typer.Argument(..., help='The query, e.g. "a red chair".')
 
 
 @app.command()
-def view(store: Optional[Path] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
+def view(store: Optional[str] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
          scene: Optional[str] = typer.Option(None, "--scene", help="Scene shown first (default: the first)."),
          run: Optional[Path] = typer.Option(None, "--run", help="A run folder or checkpoint: predictions and queries."),
          port: int = typer.Option(8080, "--port"),
@@ -573,7 +576,7 @@ def view(store: Optional[Path] = STORE_OR_INPUT, input_: Optional[Path] = INPUT,
 
 @app.command()
 def report(run: Path = RUN, out: Path = typer.Option(..., "--out", "-o"),
-           store: Optional[Path] = typer.Option(None, "--store", "-s", help="Default: the run's store."),
+           store: Optional[str] = typer.Option(None, "--store", "-s", help="Default: the run's store (a folder or a URL)."),
            scene: Optional[str] = typer.Option(None, "--scene"), query_text: Optional[str] = typer.Option(None, "--query")) -> None:
     """Pictures of a run: curves, results table, views GT vs prediction, a query heatmap."""
     from ws3d_train.infer.report import write_report

@@ -10,7 +10,8 @@ workflow runner are both built from that list, and both call :func:`run_stage`.
 
 :func:`run_scene` is the one per-scene runner: the config hash (the stage's config, the hashes of
 its upstream outputs and anything else that changes its result), skip when the scene is complete
-with that hash, compute, and one atomic write of the stage's group with its record. A scene that
+with that hash (and whole: see :meth:`pipeline.store.Store.stage_state`), compute, and one commit
+of the stage's group with its record (``--force`` replaces an output of the same config too). A scene that
 fails raises; the executor (:mod:`pipeline.executor`) turns that into a failed row and goes on.
 
 Reads and writes the store through :class:`pipeline.store.Store` only.
@@ -29,7 +30,8 @@ from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.errors import SceneError, UserError, is_suspect, warning_kind
 from pipeline.executor import ExecutorConfig, RunReport, SceneResult, read_scene_list, run_scenes, select_shard
 from pipeline.schema import ArraySpec
-from pipeline.store import Store, log_dir
+from pipeline.storage import is_url
+from pipeline.store import Store, append_log, log_dir
 
 __all__ = ["Stage", "StageOption", "StageOutput", "StageRun", "format_warnings", "run_scene", "run_stage", "scene_ids_of",
            "write_output"]
@@ -131,8 +133,9 @@ class Stage:
         """The config hash of this stage's output for one scene (raises SceneError when an
         upstream stage has no output for it)."""
         upstream = []
+        records = store.stage_records(scene_id, self.upstream)  # fetched together (object storage)
         for stage in self.upstream:
-            record = store.stage_record(scene_id, stage)
+            record = records[stage]
             if record is None:
                 what = "not ingested" if stage == "ingest" else f"no {stage} output"
                 raise SceneError(scene_id, None, f"{what} in {store.path}; run `ws3d {stage}` first")
@@ -144,23 +147,31 @@ class Stage:
 
 def run_scene(stage: Stage, run: StageRun, scene_id: str) -> SceneResult:
     """Run one stage on one scene of the store: skipped when its output is complete with the
-    same config hash, else computed and written atomically with its record."""
+    same config hash (its marker there and every key of its manifest present with its size),
+    else computed and written as one commit with its record. With ``run.force`` the new output
+    replaces the old one even when the config is the same (a repair)."""
     store = Store.open(run.store)
     h = stage.scene_hash(store, scene_id, run)
-    if not run.force and store.is_complete(scene_id, stage.name, h):
+    if not run.force and store.stage_state(scene_id, stage.name, h) == "complete":
         return SceneResult(scene_id, "skipped")
     start = time.perf_counter()
     output = stage.compute(store, scene_id, run.cfg, run)
-    return write_output(store, stage, scene_id, run.cfg, h, output, seconds=time.perf_counter() - start)
+    if run.raw is not None and any(o.raw for o in stage.options):  # what a repair recomputes from
+        output.record.setdefault("raw", str(Path(run.raw).resolve()))
+    return write_output(store, stage, scene_id, run.cfg, h, output, seconds=time.perf_counter() - start,
+                        replace=run.force)
 
 
 def write_output(store: Store, stage: Stage, scene_id: str, cfg: Any, config_hash_: str, output: StageOutput, *,
-                 seconds: float = 0.0) -> SceneResult:
-    """Write one scene's stage output atomically with its record (config, config hash, stats);
-    the scene's result, with the seconds it took including the write."""
+                 seconds: float = 0.0, replace: bool = False) -> SceneResult:
+    """Write one scene's stage output as one commit with its record (config, config hash, stats);
+    the scene's result, with the seconds it took including the write. `replace`: replace an
+    output with the same config hash too (``--force``); else such an output, written meanwhile
+    by another run, is kept."""
     t_write = time.perf_counter()
     store.write_stage(scene_id, stage.name, output.arrays,
-                      {"config": to_dict(cfg), "config_hash": config_hash_, "stats": output.stats, **output.record})
+                      {"config": to_dict(cfg), "config_hash": config_hash_, "stats": output.stats, **output.record},
+                      replace=replace)
     stats = dict(output.stats if output.result_stats is None else output.result_stats)
     stats["seconds_write"] = round(time.perf_counter() - t_write, 4)
     return SceneResult(scene_id, "done", seconds=seconds + time.perf_counter() - t_write, stats=stats)
@@ -199,12 +210,13 @@ def run_stage(stage: Stage, run: StageRun, *, executor: ExecutorConfig = Executo
     """
     if stage.prepare is not None:
         stage.prepare(run)
+    _clean_leftovers(run.store, echo)
     ids = scene_ids_of(stage, run)
     report = stage.run_batched(run, ids, executor) if stage.run_batched is not None else None
     if report is None:
         report = run_scenes(stage.name, functools.partial(run_scene, stage, run), ids, executor)
     if log:
-        report.append_log(log_dir(run.store) / f"{stage.name}.jsonl")
+        _append_log(run.store, stage.name, report)
     warned = format_warnings(report)
     if warned and echo is not None:
         echo(warned)
@@ -241,3 +253,28 @@ def format_warnings(report: RunReport, *, limit: int = 40) -> str | None:
     head = (f"{report.stage} warnings (scenes per kind): {counts}"
             + (f"; {suspect} suspect (!), flagged by `ws3d validate`" if suspect else ""))
     return "\n".join([head, *lines])
+
+
+def _clean_leftovers(store_path: str, echo: Callable[[str], None] | None) -> None:
+    """Remove what killed runs left in the store (their processes gone), saying so."""
+    try:
+        store = Store.open(store_path)
+    except UserError:
+        return  # no store yet (stages other than ingest report that themselves)
+    removed = store.clean_leftovers()
+    if removed and echo is not None:
+        echo(f"removed {len(removed)} leftover(s) of killed runs from {store.url} ({', '.join(removed[:3])}"
+             f"{' ...' if len(removed) > 3 else ''})")
+
+
+def _append_log(store_path: str, stage: str, report: RunReport) -> None:
+    """One JSON line per scene in ``<store>.logs/<stage>.jsonl`` (beside the store, also on
+    object storage)."""
+    import tempfile
+
+    if not is_url(store_path):
+        report.append_log(log_dir(str(store_path).removeprefix("file://")) / f"{stage}.jsonl")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = report.append_log(Path(tmp) / "log.jsonl").read_text()
+    append_log(store_path, f"{stage}.jsonl", lines)

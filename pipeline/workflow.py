@@ -28,6 +28,7 @@ from pipeline.overseg.config import OversegConfig
 from pipeline.render.config import RenderConfig
 from pipeline.stage import StageRun, run_stage
 from pipeline.stages import BY_NAME
+from pipeline.store import same_store
 from pipeline.teacher.config import TeacherConfig
 from pipeline.teacher.corpus import CorpusConfig, build_corpus
 from pipeline.teacher.fit import run_fit
@@ -133,7 +134,7 @@ def validate_workflow(cfg: WorkflowConfig) -> list[str]:
                 "would hand its labels, novel classes included, to the 3D network); for synthetic rooms add "
                 "`corpus_rooms: N` to build one, or build it with `ws3d teacher corpus`"
             )
-        if Path(_corpus_store(cfg)).resolve() == Path(cfg.store).resolve():
+        if same_store(_corpus_store(cfg), cfg.store):
             raise ConfigError(f"workflow.teacher.corpus is the workflow's own store {cfg.store}; give the teacher its own rooms")
     if "embed" in cfg.stages and cfg.embed.model:
         # fail before hours of ingest and rendering when the model cannot be there

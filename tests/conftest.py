@@ -8,6 +8,9 @@ embeddings correlated with the classes (segments: their class's text embedding p
 views: the class mix they show plus noise), so that pre-training has something to learn.
 
 `make_tiny_clip(folder)` saves a randomly initialised tiny CLIP folder (tokenizer included).
+`s3_server` starts a real S3-compatible server on 127.0.0.1 for the session (moto's, its own
+process; ``AWS_ENDPOINT_URL`` and test credentials set), `s3_store_url` is a store URL in a fresh
+bucket, and `store_url` is parametrised over both backends (a folder, then ``s3://``).
 `tiny_run_config(cls, store, ...)` is a training config for a few CPU steps on such a store; the
 `one_torch_thread` fixture (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) keeps a
 test module's torch on one thread.
@@ -193,14 +196,15 @@ def make_tiny_scene(n_points: int, rng: np.random.Generator, text: np.ndarray) -
     }
 
 
-def make_tiny_store(path: str | Path, n_scenes: int = 2, n_points: int = 3000, seed: int = 0) -> Path:
+def make_tiny_store(path: str | Path, n_scenes: int = 2, n_points: int = 3000, seed: int = 0) -> Path | str:
     """Write a tiny synthetic store with ingest, overseg, render and embed for every scene.
 
     Scenes are ``scene0000_00``, ``scene0001_00``, ...; classes :data:`TINY_CLASSES`; the
     vocabulary ``classes`` holds unit text embeddings [5, 32] that the segment and view
-    embeddings are built from. Deterministic in ``seed``. Returns ``Path(path)``.
+    embeddings are built from. Deterministic in ``seed``. Returns ``Path(path)`` (a URL such as
+    ``s3://bucket/store.zarr`` is returned as given).
     """
-    path = Path(path)
+    path = path if isinstance(path, str) and "://" in path else Path(path)
     rng = np.random.default_rng(seed)
     store = Store.create(path, dataset="synthetic", class_names=TINY_CLASSES)
     text = rng.standard_normal((len(TINY_CLASSES), TINY_CLIP_DIM))
@@ -277,3 +281,30 @@ def make_tiny_clip(out_dir, *, projection_dim: int = TINY_CLIP_DIM, seed: int = 
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint of a real S3-compatible server on 127.0.0.1, started once per session."""
+    from ws3d_train.bench.s3server import local_s3_server
+
+    with local_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_store_url(s3_server) -> str:
+    """``s3://<a fresh bucket>/store.zarr`` on the session's server."""
+    import uuid
+
+    from ws3d_train.bench.s3server import make_bucket
+
+    return make_bucket(f"t-{uuid.uuid4().hex[:16]}", s3_server) + "/store.zarr"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path) -> str:
+    """A store location on each backend: a folder, then an ``s3://`` URL."""
+    if request.param == "local":
+        return str(tmp_path / "store.zarr")
+    return request.getfixturevalue("s3_store_url")

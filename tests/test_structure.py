@@ -110,7 +110,7 @@ def family(module: str) -> str:
 EDGES, EXTERNAL = import_graph()
 
 PIPELINE_CORE = ("pipeline.errors", "pipeline.config", "pipeline.schema", "pipeline.parallel", "pipeline.progress",
-                 "pipeline.store", "pipeline.executor", "pipeline.stage")
+                 "pipeline.storage", "pipeline.store", "pipeline.executor", "pipeline.stage")
 """The pipeline's foundations: they know no dataset and no stage."""
 STAGE_FAMILIES = ("pipeline.datasets", "pipeline.overseg", "pipeline.render", "pipeline.clip", "pipeline.teacher",
                   "pipeline.embed", "pipeline.stages", "pipeline.workflow", "pipeline.summary", "pipeline.validate")

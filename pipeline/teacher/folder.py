@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from pipeline.clip.defaults import DEFAULT_TEMPLATES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, is_local_model
 from pipeline.config import ConfigError, to_dict
-from pipeline.store import Store
+from pipeline.storage import canonical
+from pipeline.store import Store, same_store
 from pipeline.teacher.captions import COLOUR_NAMES, synonyms
 from pipeline.teacher.config import TeacherConfig
 
@@ -45,7 +46,7 @@ def save_folder(model: Any, out_dir: Path, cfg: TeacherConfig, class_names: Sequ
 def write_corpus_record(out_dir: str | Path, store: Store, scene_ids: Sequence[str], cfg: TeacherConfig) -> Path:
     """`teacher_corpus.json`: what the teacher was fitted on (store, its scenes, caption vocabulary)."""
     record = {
-        "store": str(Path(store.path).resolve()), "dataset": store.dataset, "created": store.attrs.get("created"),
+        "store": canonical(store.url), "dataset": store.dataset, "created": store.attrs.get("created"),
         "corpus": store.attrs.get("teacher_corpus"), "scenes": list(scene_ids),
         "caption_vocabulary": {
             "classes": list(store.class_names),
@@ -85,7 +86,7 @@ def check_teacher_corpus(provenance: dict[str, Any] | None, store_path: str | Pa
         return
     corpus = provenance.get("store")
     shared = sorted(set(provenance.get("scenes") or []) & set(scene_ids))
-    same = corpus is not None and Path(corpus).resolve() == Path(store_path).resolve()
+    same = corpus is not None and same_store(corpus, store_path)
     if same or shared:
         what = "is this store" if same else f"shares {len(shared)} scene(s) with it (e.g. {shared[:3]})"
         raise ConfigError(

@@ -427,3 +427,46 @@ def test_nan_embeddings_fail_the_scene_instead_of_done(tmp_path):
     assert result.status == "failed" and "not finite" in result.error and "image_std" in result.error
     record = Store.open(store_path).stage_record("scene0000_00", "embed")
     assert record["config_hash"] == "a"  # the hand-written embed output is untouched, no NaN written
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store_url", ["local", "s3"], indirect=True)
+def test_kill_minus_nine_while_reingesting_with_a_changed_config_leaves_a_store_every_command_reads(tmp_path, store_url):
+    """What broke stores before (3 of 3 kills): `scenes/.trash-*` taken for a scene by every
+    command. Killed mid-way through a re-ingest with another config, the store stays readable
+    (`info`, `validate`, the next stage) and a rerun equals a clean run with the new config."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    raw = small_raw(tmp_path / "raw", 6)
+    changed = ["reader.apply_axis_alignment=false"]
+    base = [sys.executable, "-m", "cli", "ingest", "-d", "synthetic", "-r", str(raw)]
+    clean = str(tmp_path / "clean.zarr")
+    assert subprocess.run(base + ["-s", clean, "-x", "sync", *changed], cwd=ROOT, capture_output=True).returncode == 0
+    assert subprocess.run(base + ["-s", store_url, "-x", "sync"], cwd=ROOT, capture_output=True).returncode == 0
+    new_hash = Store.open(clean).stage_record("scene0000_00", "ingest")["config_hash"]
+    proc = subprocess.Popen(base + ["-s", store_url, "-x", "local", "executor.workers=2", *changed], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = Store.open(store_url)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        hashes = [(store.stage_record(s, "ingest") or {}).get("config_hash") for s in scannet.list_scenes(raw)]
+        if sum(h == new_hash for h in hashes) >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    redone = sum((store.stage_record(s, "ingest") or {}).get("config_hash") == new_hash for s in scannet.list_scenes(raw))
+    assert 2 <= redone < 6, f"the kill was meant to land mid-run ({redone} of 6 re-ingested)"
+    runner = CliRunner()
+    for args in (["info"], ["validate"], ["overseg", "-x", "sync"]):  # no command takes a leftover for a scene
+        result = runner.invoke(app, [*args, "-s", store_url])
+        assert "invalid scene id" not in result.output and "Traceback" not in result.output, (args, result.output)
+        # validate may report a scene whose write the kill interrupted (an unmarked prefix on S3): exit 1
+        assert result.exit_code in ((0, 1) if args == ["validate"] else (0,)), (args, result.output)
+    result = runner.invoke(app, ["ingest", "-d", "synthetic", "-r", str(raw), "-s", store_url, "-x", "sync", *changed])
+    assert result.exit_code == 0, result.output
+    assert _store_arrays(Store.open(store_url)).keys() == _store_arrays(Store.open(clean)).keys()
+    a, b = _store_arrays(Store.open(store_url)), _store_arrays(Store.open(clean))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert Store.open(store_url).leftovers() == [] and runner.invoke(app, ["validate", "-s", store_url, "--deep"]).exit_code == 0

@@ -90,8 +90,9 @@ def test_store_round_trip_and_reader_truth(tmp_path):
 @pytest.mark.parametrize("batch_bytes", [1, 256 << 20])
 def test_store_write_matches_zarr_local_store_file_for_file(tmp_path, monkeypatch, batch_bytes):
     """The store encodes a stage in memory and writes the files itself: the directory it leaves is
-    what zarr's own LocalStore writes, file for file and byte for byte, also when the arrays go
-    in several memory batches (batch_bytes=1: one array a batch)."""
+    what zarr's own LocalStore writes (checksummed chunks, every chunk written), file for file and
+    byte for byte, also when the arrays go in several memory batches (batch_bytes=1: one array a
+    batch); each node's zarr.json adds a manifest of the node's other files and their sizes."""
     from pathlib import Path
 
     from pipeline import store as store_module
@@ -125,18 +126,32 @@ def test_store_write_matches_zarr_local_store_file_for_file(tmp_path, monkeypatc
         if spec.group == "views":
             group.attrs.update(render_record)
         group.create_array(spec.name, data=schema.coerce(spec, data), chunks=tuple(max(1, c) for c in spec.chunks(data.shape)),
-                           compressors=store_module._compressors(spec), fill_value=0, dimension_names=[str(d) for d in spec.dims])
+                           compressors=store_module._compressors(spec), fill_value=0, dimension_names=[str(d) for d in spec.dims],
+                           config={"write_empty_chunks": True})
 
     def files(top: Path) -> dict[str, bytes]:
         return {str(p.relative_to(top)): p.read_bytes() for p in sorted(top.rglob("*")) if p.is_file()}
 
     ours, theirs = files(scene), files(ref)
     assert sorted(ours) == sorted(theirs)
+    manifests = {}
     for name in ours:
-        if name.endswith("zarr.json"):  # same JSON (key order may differ)
-            assert json.loads(ours[name]) == json.loads(theirs[name]), name
+        if name.endswith("zarr.json"):  # same JSON (key order may differ) but for the manifest
+            mine = json.loads(ours[name])
+            manifest = mine["attributes"].pop(store_module.MANIFEST, None)
+            if manifest is not None:
+                manifests[name] = manifest
+                arrays_metadata = mine["attributes"].pop(store_module.ARRAYS)  # each array's zarr.json, once more
+                prefix = name[: -len("zarr.json")]
+                assert {prefix + k + "/zarr.json" for k in arrays_metadata} <= set(ours), name
+                assert all(json.loads(ours[prefix + k + "/zarr.json"]) == v for k, v in arrays_metadata.items())
+            assert mine == json.loads(theirs[name]), name
         else:
             assert ours[name] == theirs[name], name
+    assert sorted(manifests) == ["views/zarr.json", "zarr.json"]  # the two nodes: the scene and the stage group
+    assert manifests["views/zarr.json"] == {k[6:]: len(v) for k, v in ours.items() if k.startswith("views/") and k != "views/zarr.json"}
+    assert manifests["zarr.json"] == {k: len(v) for k, v in ours.items() if k.startswith(("points/", "mesh/"))}
+    assert all(store_module.Store.is_checked(json.loads(v)) for k, v in ours.items() if k.count("/") == 2 and k.endswith("zarr.json"))
     specs = [*arrays, *views]
     for spec, got in zip(specs, store.read_many("scene0000_00", specs)):
         data = schema.coerce(spec, {**arrays, **views}[spec])
@@ -182,10 +197,13 @@ def test_validator_catches_broken_scene(tmp_path):
     sem = zarr.open_array(str(store.scene_dir(broken) / "points" / "semantic"), mode="r+")
     sem[:5] = 99
     shutil.rmtree(store.scene_dir(broken) / "points" / "rgb")
-    report = validate_store(store)
+    report = validate_store(store)  # the structure: the manifest sees both, no chunk is read
     wheres = {(p.scene_id, p.where) for p in report.problems}
-    assert (broken, "points/rgb") in wheres and (broken, "points/semantic") in wheres
-    assert all(p.scene_id == broken for p in report.problems)
+    assert {(broken, "points/rgb"), (broken, "points/rgb/zarr.json"), (broken, "points/semantic/c/0")} <= wheres
+    assert all(p.scene_id == broken and p.stage == "ingest" for p in report.problems)
+    deep = validate_store(store, deep=True)  # values too: the labels out of range
+    assert any(p.where == "points/semantic" and "outside" in p.message for p in deep.problems)
+    assert all(p.scene_id == broken for p in deep.problems)
 
 
 def test_foreign_and_missing_stores_are_refused(tmp_path):

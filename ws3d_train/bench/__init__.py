@@ -5,7 +5,8 @@ Sections (each from the stage owner's bench function): rendering vs bare ray cas
 over-segmentation vs Open3D FPFH, CLIP embedding images/s, crops and seconds per scan of each
 embed mode (packed vs crops, a ViT-B/16-sized model on the real ScanNet sample), store read scenes/s, sparse
 convolution voxels/s of every installed backend side by side, each against a dense `nn.Conv3d`
-(`sparse.backends.<name>`), peak memory per stage, and, on a GPU, training steps/s and peak GPU
+(`sparse.backends.<name>`), store commits and reads on a disk and a local S3 server against zarr's
+own writes (and Icechunk's, when installed), peak memory per stage, and, on a GPU, training steps/s and peak GPU
 memory, and a trained run predicting on a 100k- and a 1M-point scan end to end against its bare
 forward (`predict`). Writes a JSON file and prints a table. `ws3d bench --section sparse` runs one section.
 """
@@ -32,6 +33,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "embed": ("ws3d_train.bench.embed", "bench_embed"),
     "embed_modes": ("ws3d_train.bench.embed", "bench_embed_modes"),
     "sparse": ("ws3d_train.bench.sparse", "bench_sparse"),
+    "store": ("ws3d_train.bench.store", "bench_store"),
     "store_read": ("ws3d_train.bench.data", "bench_store_read"),
     "train_step": ("ws3d_train.bench.data", "bench_train_step"),
     "predict": ("ws3d_train.bench.predict", "bench_predict"),
@@ -98,6 +100,8 @@ def _kwargs(name: str, size: str, store: str | None) -> dict[str, Any]:
         return {"store_path": store}
     if name == "predict":  # a run on a robot's scan, end to end, against the bare forward
         return {"sizes": (3_000, 20_000), "repeats": 1, "cli": False} if tiny else {}
+    if name == "store":  # commits and reads on a disk and a local S3 server (+ Icechunk when installed)
+        return {"tiny": True, "writers": False} if tiny else {}
     return {}
 
 

@@ -1,6 +1,7 @@
 """The trainer's data path: scenes of a store -> augmented, voxelised, cropped per-scene samples.
 
-Reads (through `pipeline.store.Store.read`, never by path) only what the losses need:
+Reads (through `pipeline.store.Store.read_many`, never by path; a store in a folder or at a URL)
+only what the losses need:
 ``points/`` xyz, rgb, semantic, instance; ``overseg/`` segment, boundary, semantic_boundary;
 ``views/`` visible_ptr, visible_ids (the CSR of point ids per view; never the images);
 ``clip/`` view, segment, segment_seen. Writes nothing.
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline import schema
 from pipeline.errors import UserError
 from pipeline.schema import IGNORE_INDEX
-from pipeline.store import Store
+from pipeline.store import DamagedDataError, Store
 from ws3d_train.data.batch import SceneSample, collate
 
 __all__ = [
@@ -673,7 +674,8 @@ class SceneDataset(Dataset):
 
     @property
     def store(self) -> Store:
-        # opened lazily again in each worker process (a Store is cheap: a path and attrs)
+        # opened lazily again in each worker process (a Store is cheap: a location and attrs; an
+        # object store's driver is made again in a forked worker, see pipeline.storage)
         if self._store is None:
             self._store = Store.open(self.store_path)
         return self._store
@@ -687,16 +689,26 @@ class SceneDataset(Dataset):
         return len(self.scene_ids)
 
     def read_arrays(self, scene_id: str) -> SceneArrays:
-        """Read exactly the arrays listed in ``POINT_ARRAYS`` and ``GROUP_ARRAYS`` for cfg.groups."""
-        read = self.store.read
-        out = SceneArrays(*(read(scene_id, spec) for spec in POINT_ARRAYS))
-        groups = set(self.cfg.groups)
+        """Read exactly the arrays listed in ``POINT_ARRAYS`` and ``GROUP_ARRAYS`` for cfg.groups,
+        in one call (concurrent reads: one round trip to an object store, not one an array).
+
+        Raises:
+            KeyError for an absent array; DataError naming the scene, array and chunk for one
+            that fails its checksum (a damaged store: ``ws3d validate --deep --repair``).
+        """
+        groups = [g for g in ("overseg", "views", "clip") if g in set(self.cfg.groups)]
+        specs = [*POINT_ARRAYS, *(spec for g in groups for spec in GROUP_ARRAYS[g])]
+        try:
+            values = iter(self.store.read_many(scene_id, specs))
+        except DamagedDataError as exc:
+            raise DataError(f"{self.store_path}: {exc}") from None
+        out = SceneArrays(*(next(values) for _ in POINT_ARRAYS))
         if "overseg" in groups:
-            out.segment, out.boundary, out.semantic_boundary = (read(scene_id, s) for s in GROUP_ARRAYS["overseg"])
+            out.segment, out.boundary, out.semantic_boundary = (next(values) for _ in GROUP_ARRAYS["overseg"])
         if "views" in groups:
-            out.visible_ptr, out.visible_ids = (read(scene_id, s) for s in GROUP_ARRAYS["views"])
+            out.visible_ptr, out.visible_ids = (next(values) for _ in GROUP_ARRAYS["views"])
         if "clip" in groups:
-            out.clip_view, out.clip_segment, out.clip_segment_seen = (read(scene_id, s) for s in GROUP_ARRAYS["clip"])
+            out.clip_view, out.clip_segment, out.clip_segment_seen = (next(values) for _ in GROUP_ARRAYS["clip"])
         return out
 
     def __getitem__(self, key: int | tuple[int, int]) -> SceneSample:

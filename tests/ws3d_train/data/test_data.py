@@ -188,13 +188,14 @@ def test_reads_only_what_the_losses_need(tmp_path: Path, monkeypatch: pytest.Mon
     for spec in (schema.VIEW_RGB, schema.VIEW_DEPTH, schema.VIEW_POINT_INDEX, schema.NORMAL, schema.ADJACENCY):
         shutil.rmtree(store.scene_dir(scene) / spec.group / spec.name)
     seen: list[schema.ArraySpec] = []
-    original = Store.read
+    original = Store.read_many
 
-    def spy(self: Store, scene_id: str, spec: schema.ArraySpec) -> np.ndarray:
-        seen.append(spec)
-        return original(self, scene_id, spec)
+    def spy(self: Store, scene_id: str, specs: list[schema.ArraySpec]) -> list[np.ndarray]:
+        seen.extend(specs)
+        return original(self, scene_id, specs)
 
-    monkeypatch.setattr(Store, "read", spy)
+    monkeypatch.setattr(Store, "read_many", spy)  # one call a scene: concurrent reads
+    monkeypatch.setattr(Store, "read", lambda *a: pytest.fail("the dataset reads a scene in one read_many call"))
     ds = SceneDataset(path, None, cfg=DataConfig())
     sample = ds[0]
     assert sample.view_ptr.shape[0] > 1
@@ -207,6 +208,18 @@ def test_reads_only_what_the_losses_need(tmp_path: Path, monkeypatch: pytest.Mon
     seen.clear()
     SceneDataset(path, None, cfg=DataConfig(groups=("overseg",)))[0]
     assert {s.group for s in seen} == {"points", "overseg"}
+
+
+def test_a_damaged_store_is_a_clear_error_never_wrong_data(tmp_path: Path) -> None:
+    path = make_tiny_store(tmp_path / "store", n_scenes=2, n_points=400)
+    chunk = path / "scenes" / "scene0001_00" / "clip" / "segment" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: before checksums, wrong embeddings were trained on
+    chunk.write_bytes(bytes(data))
+    dataset = SceneDataset(path, None, cfg=DataConfig())
+    assert dataset[0].segment_target.shape[0] > 0  # the sound scene loads
+    with pytest.raises(DataError, match="scene0001_00.*clip/segment: chunk c/0/0 fails its crc32c checksum"):
+        dataset[1]
 
 
 def test_missing_stage_names_the_command(tmp_path: Path) -> None:

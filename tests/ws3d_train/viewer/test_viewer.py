@@ -233,6 +233,17 @@ def test_state_on_an_ingest_only_scene(tmp_path):
     assert only.scene.scene_id == "scene_a" and only.points.shape == (only.scene.num_points, 3)  # unchanged
 
 
+def test_the_viewer_opens_a_store_on_s3(s3_store_url, tmp_path):
+    make_tiny_store(s3_store_url, n_scenes=2, n_points=400)
+    make_tiny_store(tmp_path / "copy", n_scenes=2, n_points=400)  # the same scenes in a folder
+    remote, local = ViewerState(s3_store_url, "scene0001_00"), ViewerState(tmp_path / "copy", "scene0001_00")
+    np.testing.assert_array_equal(remote.points, local.points)
+    np.testing.assert_array_equal(remote.colours, local.colours)
+    assert len(remote.scene.cameras) == len(local.scene.cameras) > 0
+    np.testing.assert_array_equal(core.view_image(remote.store, "scene0001_00", 0),
+                                  core.view_image(local.store, "scene0001_00", 0))
+
+
 def test_query_matches_ws3d_query(state, store, run):
     from ws3d_train.infer.predict import query_scene
 
