@@ -39,6 +39,9 @@ class OversegConfig:
     the tangent plane (0 = the band alone)."""
     min_pfh_affinity: float = 0.25
     """...and the histogram intersection of their PFHs is at least this (0..1)."""
+    mesh_pfh: bool = False
+    """Meshes (every item on a face): apply the PFH test too. Off: on the real ScanNet sample and
+    five synthetic rooms it changed no segment (identical counts and purity) and took half the time."""
     max_colour_dist: float = 40.0
     """...and their (neighbourhood-smoothed) RGB colours differ by at most this (0..255 units)..."""
     max_colour_dist_segment: float = 20.0

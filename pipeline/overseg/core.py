@@ -27,6 +27,7 @@ not depend on the thread count.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -259,8 +260,11 @@ def overseg_points(
     else:
         weight, min_weight, min_items = count.astype(np.float64), float(cfg.min_segment_points), 1
     lap("normals")
+    grow_cfg = cfg
+    if has_mesh.all() and not cfg.mesh_pfh and cfg.min_pfh_affinity > 0:
+        grow_cfg = dataclasses.replace(cfg, min_pfh_affinity=0.0)  # no PFH test on meshes
     i_seg = _grow_and_merge(nbr, i_xyz, i_normal, i_colour.astype(np.float32), curvature, weight, min_items,
-                            min_weight, cfg, lap)
+                            min_weight, grow_cfg, lap)
     # items are numbered by their first point, and segments by their first item (the merge's
     # numbering): so segments are numbered by their first point too
     segment = i_seg[inverse]
