@@ -27,30 +27,30 @@ not depend on the thread count.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from pipeline import schema
+from pipeline import parallel, schema
 from pipeline.overseg.config import OversegConfig
 from pipeline.overseg.features import (
     edge_affinity,
-    mesh_vertex_normals,
+    mesh_vertex_normals_areas,
     orient_normals,
+    SPAN,
     pca_normals_curvature,
     pfh_counts,
     smooth_colours,
+    surface_variation_along,
 )
-from pipeline.overseg.neighbours import knn
+from pipeline.overseg.neighbours import knn, mesh_neighbours
 from pipeline.overseg.regions import (
-    _boundary_kernel,
     grow_regions,
     merge_small_segments,
-    relabel_by_first_point,
     segment_graph,
-    semantic_boundary,
 )
 
 
@@ -80,35 +80,90 @@ class OversegResult:
         return int(self.segment.max()) + 1 if len(self.segment) else 0
 
 
+@njit(cache=True)
+def _voxel_kernel(xyz, normal, voxel_m):  # pragma: no cover - compiled
+    n = xyz.shape[0]
+    lo = np.empty(3, np.float64)
+    for d in range(3):
+        lo[d] = xyz[0, d]
+    for i in range(n):
+        for d in range(3):
+            lo[d] = min(lo[d], xyz[i, d])
+    cell = np.empty((n, 3), np.int64)
+    dims = np.zeros(3, np.int64)
+    for i in range(n):
+        for d in range(3):
+            c = np.int64(np.floor((xyz[i, d] - lo[d]) / voxel_m))
+            cell[i, d] = c
+            dims[d] = max(dims[d], c + 1)
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    table_key = np.full(1 << bits, -1, np.int64)
+    table_val = np.empty(1 << bits, np.int64)
+    inverse = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    n_vox = 0
+    for i in range(n):
+        ax, best = 0, abs(normal[i, 0])
+        for d in (1, 2):
+            if abs(normal[i, d]) > best:
+                ax, best = d, abs(normal[i, d])
+        side = 1 if normal[i, ax] < 0 else 0
+        key = ((cell[i, 0] * dims[1] + cell[i, 1]) * dims[2] + cell[i, 2]) * 6 + ax * 2 + side
+        h = (key * 0x9E3779B1) & mask  # open addressing, linear probing
+        while table_key[h] != -1 and table_key[h] != key:
+            h = (h + 1) & mask
+        if table_key[h] == -1:  # a new voxel: numbered in the order of first points
+            table_key[h] = key
+            table_val[h] = n_vox
+            first[n_vox] = i
+            n_vox += 1
+        inverse[i] = table_val[h]
+    return inverse, first[:n_vox].copy()
+
+
 def surface_voxels(xyz: np.ndarray, normal: np.ndarray, voxel_m: float) -> tuple[np.ndarray, np.ndarray]:
     """Pool points into surface voxels: a `voxel_m` cell and the normal's dominant signed axis.
 
     Args:
-        xyz: float [N, 3]. normal: float [N, 3] unit (oriented). voxel_m: metres.
+        xyz: float [N, 3]. normal: float [N, 3] unit (oriented), or zero rows (then plain
+            cells: every zero normal counts as +x). voxel_m: metres.
 
     Returns:
         inverse: int64 [N] voxel of each point, voxels numbered by their first point;
         first: int64 [V] that first point of each voxel.
     """
-    cell = np.floor((xyz - xyz.min(axis=0)) / voxel_m).astype(np.int64)
-    dims = cell.max(axis=0) + 1
-    axis = np.argmax(np.abs(normal), axis=1)
-    side = np.take_along_axis(normal, axis[:, None], axis=1)[:, 0] < 0
-    key = ((cell[:, 0] * dims[1] + cell[:, 1]) * dims[2] + cell[:, 2]) * 6 + axis * 2 + side
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    order = np.argsort(first, kind="stable")
-    rank[order] = np.arange(len(first))
-    return rank[inverse.ravel()], first[order]
+    return _voxel_kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
+                         float(voxel_m))
 
 
-def _pool(values: np.ndarray, inverse: np.ndarray, n_voxels: int) -> np.ndarray:
-    """Mean of float [N, d] values per voxel, float64 [V, d]."""
-    out = np.zeros((n_voxels, values.shape[1]), np.float64)
-    count = np.bincount(inverse, minlength=n_voxels).astype(np.float64)
-    for d in range(values.shape[1]):
-        out[:, d] = np.bincount(inverse, weights=values[:, d], minlength=n_voxels)
-    return out / np.maximum(count, 1.0)[:, None]
+@njit(cache=True)
+def _pool_kernel(inverse, n_items, xyz, rgb, normal, area):  # pragma: no cover - compiled
+    count = np.zeros(n_items, np.int64)
+    p = np.zeros((n_items, 3), np.float64)
+    c = np.zeros((n_items, 3), np.float64)
+    m = np.zeros((n_items, 3), np.float64)
+    a = np.zeros(n_items, np.float64)
+    has = np.zeros(n_items, np.bool_)
+    for i in range(inverse.shape[0]):
+        v = inverse[i]
+        count[v] += 1
+        a[v] += area[i]
+        for d in range(3):
+            p[v, d] += xyz[i, d]
+            c[v, d] += rgb[i, d]
+            m[v, d] += normal[i, d]
+    for v in range(n_items):
+        for d in range(3):
+            p[v, d] /= count[v]
+            c[v, d] /= count[v]
+        length = np.sqrt(m[v, 0] ** 2 + m[v, 1] ** 2 + m[v, 2] ** 2)
+        has[v] = length > 1e-9
+        for d in range(3):
+            m[v, d] = m[v, d] / length if has[v] else 0.0
+    return count, p, c, m, a, has
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +182,9 @@ def overseg_points(
 
     Args:
         xyz: float [N, 3] metres. rgb: uint8 [N, 3].
-        faces: int [F, 3] triangles (meshes): normals from the mesh; PCA normals otherwise (and
-            for vertices on no non-degenerate face).
+        faces: int [F, 3] triangles (meshes): normals from the mesh, and (`cfg.mesh_edges`)
+            neighbours from its edges; PCA normals otherwise (and for vertices on no
+            non-degenerate face).
         semantic: int [N] labels with `schema.IGNORE_INDEX`, for the semantic boundary (None: 255).
         viewpoint: float [3] that PCA normals are turned towards; None = the centre of the bounds
             (inside a room). LiDAR: the sensor.
@@ -154,131 +210,149 @@ def overseg_points(
         viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
     band = cfg.max_plane_offset_m
     has_faces = faces is not None and len(faces) > 0
-    if cfg.voxel_m > 0:
-        return _overseg_voxels(xyz, rgb, faces if has_faces else None, semantic, viewpoint, cfg, timings, lap)
-    nbr, _ = knn(xyz, cfg.k_neighbours, radius=cfg.radius_m if cfg.radius_m > 0 else None)
-    lap("neighbours")
     if has_faces:
-        mesh_n = mesh_vertex_normals(xyz, faces)
-        has_mesh = np.any(mesh_n != 0, axis=1)
-        pca_n, curvature = pca_normals_curvature(xyz, nbr, ref_normal=mesh_n, band_m=band)
-        normal = np.where(has_mesh[:, None], mesh_n, orient_normals(pca_n, xyz, viewpoint))
+        faces = np.ascontiguousarray(faces, np.int64).reshape(-1, 3)
+        mesh_n, mesh_area = mesh_vertex_normals_areas(xyz, faces)
     else:
-        pca_n, _ = pca_normals_curvature(xyz, nbr)
-        # a second pass inside the tangent band: better normals and curvature at thin slabs
-        pca_n, curvature = pca_normals_curvature(xyz, nbr, ref_normal=pca_n, band_m=band)
-        normal = orient_normals(pca_n, xyz, viewpoint)
-    lap("normals")
-    colour = np.asarray(rgb, np.float32)
-    segment = _grow_and_merge(nbr, xyz, normal, colour, curvature, cfg.min_segment_points, cfg, lap)
-    boundary, pairs, border = segment_graph(segment, nbr)
-    sem_boundary = semantic_boundary(semantic, nbr)
-    lap("graph")
-    return OversegResult(
-        normal=normal.astype(np.float32), curvature=curvature.astype(np.float32), segment=segment,
-        boundary=boundary, semantic_boundary=sem_boundary, adjacency=pairs, adjacency_border=border,
-        timings=timings,
-    )
-
-
-def _grow_and_merge(nbr, xyz, normal, colour, curvature, min_size: int, cfg: OversegConfig, lap) -> np.ndarray:
-    """PFH affinities, colour smoothing, region growing and small-segment merging over a
-    neighbour graph (of points or of surface voxels): int32 segment ids per item."""
-    counts, totals = pfh_counts(xyz, normal, nbr, k_pfh=cfg.k_pfh, bins=cfg.pfh_bins)
-    affinity = edge_affinity(counts, totals, nbr)
-    del counts, totals
-    lap("pfh")
-    if cfg.colour_smoothing:
-        colour = smooth_colours(xyz, normal, colour, nbr, band_m=cfg.max_plane_offset_m, cutoff=cfg.max_colour_dist)
-    segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg)
-    lap("grow")
-    segment = merge_small_segments(segment, nbr, normal, colour, min_points=min_size,
-                                   colour_scale=cfg.merge_colour_scale)
-    lap("merge")
-    return segment
-
-
-def _overseg_voxels(xyz, rgb, faces, semantic, viewpoint, cfg: OversegConfig, timings, lap) -> OversegResult:
-    """`overseg_points` on surface voxels (cfg.voxel_m > 0): no per-point neighbour search at all.
-
-    Meshes: voxels are split by the vertices' mesh normals (six signed axes), so the two sides
-    of a thin slab stay apart. Clouds: plain cells (a slab thinner than a voxel is one surface
-    at this resolution); voxel normals by PCA, oriented towards `viewpoint`. Boundaries, the
-    segment graph and semantic boundaries are computed between neighbouring voxels (a band
-    about `voxel_radius_factor * voxel_m` wide at any density); every point takes its voxel's
-    segment, curvature, boundary flags and (clouds, or vertices on no face) normal.
-    """
-    band = cfg.max_plane_offset_m
-    n = len(xyz)
-    mesh_n = mesh_vertex_normals(xyz, faces) if faces is not None else np.zeros((n, 3))
-    inverse, _ = surface_voxels(xyz, mesh_n, cfg.voxel_m)
-    n_vox = int(inverse.max()) + 1
-    weight = np.bincount(inverse, minlength=n_vox)
-    v_xyz = _pool(xyz, inverse, n_vox)
-    v_colour = _pool(np.asarray(rgb, np.float64), inverse, n_vox).astype(np.float32)
-    v_mesh = _pool(mesh_n, inverse, n_vox)
-    length = np.linalg.norm(v_mesh, axis=1, keepdims=True)
-    has_mesh = length[:, 0] > 1e-9
-    v_mesh = np.where(has_mesh[:, None], v_mesh / np.maximum(length, 1e-12), 0.0)
-    v_nbr, v_dist = knn(v_xyz, cfg.k_neighbours, radius=cfg.radius_m if cfg.radius_m > 0 else None)
-    band_nbr = v_nbr.copy()  # the metric neighbourhood of boundaries and the graph
-    if cfg.voxel_radius_factor > 0:
-        far = v_dist > cfg.voxel_radius_factor * cfg.voxel_m
+        mesh_n, mesh_area = np.zeros((n, 3)), np.zeros(n)
+    # items: surface voxels (a cell and, on meshes, the normal's signed axis) or the points
+    if cfg.voxel_m > 0:
+        inverse, _ = surface_voxels(xyz, mesh_n, cfg.voxel_m)
+    else:
+        inverse = np.arange(n, dtype=np.int64)
+    n_items = int(inverse.max()) + 1
+    count, i_xyz, i_colour, i_mesh, i_area, has_mesh = _pool_kernel(
+        inverse, n_items, xyz, np.ascontiguousarray(rgb, np.float64).reshape(n, 3), mesh_n, mesh_area)
+    lap("voxels")
+    k = cfg.k_neighbours
+    if has_faces and cfg.mesh_edges:
+        nbr, dist = mesh_neighbours(faces, inverse, i_xyz, k, contact_m=_contact_m(xyz, faces, cfg))
+        if not has_mesh.all():  # items of vertices on no face: their nearest items instead
+            rows = np.flatnonzero(~has_mesh)
+            nbr[rows], dist[rows] = knn(i_xyz, k, radius=cfg.radius_m if cfg.radius_m > 0 else None, rows=rows)
+    else:
+        nbr, dist = knn(i_xyz, k, radius=cfg.radius_m if cfg.radius_m > 0 else None)
+    band_nbr = nbr  # the metric neighbourhood of boundaries and the graph
+    if not (has_faces and cfg.mesh_edges) and cfg.voxel_m > 0 and cfg.voxel_radius_factor > 0:
+        far = dist > cfg.voxel_radius_factor * cfg.voxel_m
         far[:, :4] = False
-        band_nbr[far] = -1  # distances ascend along a row: -1 stays at the end
+        if far.any():
+            band_nbr = np.where(far, -1, nbr).astype(np.int32)  # distances ascend: -1 stays at the end
     lap("neighbours")
     if has_mesh.all():
-        _, v_curv = pca_normals_curvature(v_xyz, v_nbr, ref_normal=v_mesh, band_m=band)
-        v_normal = v_mesh
+        curvature = surface_variation_along(i_xyz, nbr, i_mesh, band_m=band)
+        i_normal = i_mesh
     else:
-        v_pca, _ = pca_normals_curvature(v_xyz, v_nbr, ref_normal=v_mesh, band_m=band if has_mesh.any() else 0.0)
-        v_pca, v_curv = pca_normals_curvature(v_xyz, v_nbr, ref_normal=np.where(has_mesh[:, None], v_mesh, v_pca),
-                                              band_m=band)
-        v_normal = np.where(has_mesh[:, None], v_mesh, orient_normals(v_pca, v_xyz, viewpoint))
-    point_has_mesh = np.any(mesh_n != 0, axis=1)
-    normal = np.where(point_has_mesh[:, None], mesh_n, orient_normals(v_normal[inverse], xyz, viewpoint))
+        pca, _ = pca_normals_curvature(i_xyz, nbr, ref_normal=i_mesh, band_m=band if has_mesh.any() else 0.0)
+        # a second pass inside the tangent band: better normals and curvature at thin slabs
+        pca, curvature = pca_normals_curvature(i_xyz, nbr, ref_normal=np.where(has_mesh[:, None], i_mesh, pca),
+                                               band_m=band)
+        i_normal = np.where(has_mesh[:, None], i_mesh, orient_normals(pca, i_xyz, viewpoint))
+    if has_faces:
+        point_has_mesh = np.any(mesh_n != 0, axis=1)
+        normal = mesh_n if point_has_mesh.all() else np.where(
+            point_has_mesh[:, None], mesh_n, orient_normals(i_normal[inverse], xyz, viewpoint))
+    else:
+        normal = orient_normals(i_normal[inverse], xyz, viewpoint)
+    if cfg.voxel_m > 0:  # sizes in square metres: the surface each item stands for
+        weight = item_areas(i_area, dist, has_mesh, cfg.voxel_m)
+        min_weight, min_items = cfg.min_segment_area_m2, 1
+    else:
+        weight, min_weight, min_items = count.astype(np.float64), float(cfg.min_segment_points), 1
     lap("normals")
-    min_size = max(1, int(round(cfg.min_segment_area_m2 / cfg.voxel_m ** 2)))
-    v_seg = _grow_and_merge(v_nbr, v_xyz, v_normal, v_colour, v_curv, min_size, cfg, lap)
-    segment = relabel_by_first_point(v_seg[inverse])
-    v_seg = np.zeros(n_vox, np.int32)
-    v_seg[inverse] = segment  # voxel segments in the points' numbering
-    nseg = int(segment.max()) + 1
-    v_boundary, keys = _boundary_kernel(v_seg.astype(np.int64), band_nbr, nseg)
-    owner = np.broadcast_to(np.arange(n_vox)[:, None], keys.shape)[keys >= 0]
-    keys = keys[keys >= 0]
-    uniq, slot = np.unique(keys, return_inverse=True)
-    border = np.bincount(slot.ravel(), weights=weight[owner], minlength=len(uniq)).astype(np.int32)
-    pairs = np.stack([uniq // nseg, uniq % nseg], axis=1).astype(np.int32).reshape(-1, 2)
-    sem_boundary = _voxel_semantic_boundary(semantic, inverse, n_vox, band_nbr)
+    grow_cfg = cfg
+    if has_mesh.all() and not cfg.mesh_pfh and cfg.min_pfh_affinity > 0:
+        grow_cfg = dataclasses.replace(cfg, min_pfh_affinity=0.0)  # no PFH test on meshes
+    i_seg = _grow_and_merge(nbr, i_xyz, i_normal, i_colour.astype(np.float32), curvature, weight, min_items,
+                            min_weight, grow_cfg, lap)
+    # items are numbered by their first point, and segments by their first item (the merge's
+    # numbering): so segments are numbered by their first point too
+    segment = i_seg[inverse]
+    i_boundary, pairs, border = segment_graph(i_seg, band_nbr, weight=count)
+    sem_boundary = _voxel_semantic_boundary(semantic, inverse, n_items, band_nbr)
     lap("graph")
     return OversegResult(
-        normal=normal.astype(np.float32), curvature=v_curv[inverse].astype(np.float32), segment=segment,
-        boundary=v_boundary[inverse], semantic_boundary=sem_boundary, adjacency=pairs,
+        normal=normal.astype(np.float32), curvature=curvature[inverse].astype(np.float32), segment=segment,
+        boundary=i_boundary[inverse], semantic_boundary=sem_boundary, adjacency=pairs,
         adjacency_border=border, timings=timings,
     )
 
 
-@njit(cache=True)
-def _voxel_semantic_boundary_kernel(sem, inverse, lo, hi, v_nbr, ignore):  # pragma: no cover - compiled
-    out = np.zeros(sem.shape[0], np.uint8)
-    for i in range(sem.shape[0]):
+def item_areas(mesh_area: np.ndarray, dist: np.ndarray, has_mesh: np.ndarray, voxel_m: float) -> np.ndarray:
+    """The surface (square metres) each item stands for: float64 [V].
+
+    Items pooled from mesh vertices: the vertices' share of the mesh's area. Items of a cloud:
+    a disc through its nearest neighbours, pi r^2 / 7 with r the distance to the 6th nearest
+    (about the spacing squared; at least `voxel_m` squared, at most 16 times that), so that a
+    sparse scan's far field (one point per cell) weighs by the area it samples, not by 1 voxel.
+    """
+    k = min(6, dist.shape[1])
+    r = dist[:, k - 1].astype(np.float64)
+    r = np.where(np.isfinite(r), r, 0.0)
+    cloud = np.clip(np.pi * r * r / (k + 1), voxel_m ** 2, 16 * voxel_m ** 2)
+    return np.where(has_mesh & (mesh_area > 0), mesh_area, cloud)
+
+
+def _contact_m(xyz: np.ndarray, faces: np.ndarray, cfg: OversegConfig) -> float:
+    """How close two pieces of a mesh must come to be linked: the boundaries' band
+    (`voxel_radius_factor` voxels; on points, that many median edge lengths)."""
+    if cfg.voxel_m > 0:
+        return cfg.voxel_radius_factor * cfg.voxel_m
+    sample = faces[:: max(1, len(faces) // 4096)]
+    edge = np.linalg.norm(xyz[sample[:, 0]] - xyz[sample[:, 1]], axis=1)
+    return cfg.voxel_radius_factor * float(np.median(edge)) if len(edge) else 0.0
+
+
+def _grow_and_merge(nbr, xyz, normal, colour, curvature, weight, min_items: int, min_weight: float,
+                    cfg: OversegConfig, lap) -> np.ndarray:
+    """(PFH affinities,) colour smoothing, region growing and small-segment merging over a
+    neighbour graph (of points or of surface voxels): int32 segment ids per item."""
+    affinity = None
+    if cfg.min_pfh_affinity > 0:
+        counts, totals = pfh_counts(xyz, normal, nbr, k_pfh=min(cfg.k_pfh, nbr.shape[1]), bins=cfg.pfh_bins)
+        affinity = edge_affinity(counts, totals, nbr)
+        del counts, totals
+        lap("pfh")
+    if cfg.colour_smoothing:
+        colour = smooth_colours(xyz, normal, colour, nbr, band_m=cfg.max_plane_offset_m, cutoff=cfg.max_colour_dist)
+    segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg)
+    lap("grow")
+    segment = merge_small_segments(segment, nbr, normal, colour, min_points=min_items,
+                                   colour_scale=cfg.merge_colour_scale, weight=weight, min_weight=min_weight)
+    lap("merge")
+    return segment
+
+
+@njit(inline="always")
+def _item_semantic_span(lo, hi, sem, inverse, lo_label, hi_label, nbr, ignore, out):  # pragma: no cover - compiled
+    for i in range(lo, hi):
         a = sem[i]
         if a == ignore:
             out[i] = 255
             continue
         v = inverse[i]
-        if lo[v] != a or hi[v] != a:
+        if lo_label[v] != a or hi_label[v] != a:
             out[i] = 1
             continue
-        for t in range(v_nbr.shape[1]):
-            w = v_nbr[v, t]
+        for t in range(nbr.shape[1]):
+            w = nbr[v, t]
             if w < 0:
                 break
-            if lo[w] <= hi[w] and (lo[w] != a or hi[w] != a):
+            if lo_label[w] <= hi_label[w] and (lo_label[w] != a or hi_label[w] != a):
                 out[i] = 1
                 break
-    return out
+
+
+@njit(cache=True)
+def _item_semantic_ser(sem, inverse, lo_label, hi_label, nbr, ignore, out):  # pragma: no cover - compiled
+    _item_semantic_span(0, sem.shape[0], sem, inverse, lo_label, hi_label, nbr, ignore, out)
+
+
+@njit(parallel=True, cache=True)
+def _item_semantic_par(sem, inverse, lo_label, hi_label, nbr, ignore, out):  # pragma: no cover - compiled
+    n = sem.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _item_semantic_span(c * SPAN, min(n, (c + 1) * SPAN), sem, inverse, lo_label, hi_label, nbr, ignore, out)
 
 
 def _voxel_semantic_boundary(semantic, inverse: np.ndarray, n_vox: int, v_nbr: np.ndarray) -> np.ndarray:
@@ -294,5 +368,8 @@ def _voxel_semantic_boundary(semantic, inverse: np.ndarray, n_vox: int, v_nbr: n
     hi = np.full(n_vox, -big, np.int64)
     np.minimum.at(lo, inverse[labelled], sem[labelled])
     np.maximum.at(hi, inverse[labelled], sem[labelled])
-    return _voxel_semantic_boundary_kernel(sem, inverse.astype(np.int64), lo, hi,
-                                           np.ascontiguousarray(v_nbr, np.int32), schema.IGNORE_INDEX)
+    out = np.zeros(n, np.uint8)
+    v_nbr = np.ascontiguousarray(v_nbr, np.int32)
+    kernel = _item_semantic_par if parallel.use_parallel(n * v_nbr.shape[1], 0) else _item_semantic_ser
+    kernel(sem, inverse.astype(np.int64), lo, hi, v_nbr, schema.IGNORE_INDEX, out)
+    return out

@@ -1,51 +1,82 @@
 """Per-point (or per-voxel) features of the over-segmentation: normals and curvature, Rusu's Point
 Feature Histograms, the PFH affinity of each neighbour edge, and colour smoothing within the
-tangent band. numba kernels (`cache=True`, no fastmath: fastmath changes floor() at PFH bin edges);
-parallel kernels write one row per item, so results do not depend on the thread count. Pure."""
+tangent band. numba kernels (`cache=True`, no fastmath: fastmath changes floor() at PFH bin edges).
+Each per-item kernel is one inlined body over a span of items with a serial and a parallel driver
+(`pipeline.parallel.use_parallel` picks: a parallel launch on shared cores costs more than a serial
+pass over a room); every item's row is written by one span, so results do not depend on the
+thread count. Pure."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
+from pipeline import parallel
+
+SPAN = 4096
+"""Items per span of the parallel drivers (one prange iteration each)."""
+
 
 # --------------------------------------------------------------------------------------------
 # normals and curvature
 # --------------------------------------------------------------------------------------------
-def mesh_vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted vertex normals of a triangle mesh (the faces' winding gives the side).
+@njit(cache=True)
+def _mesh_normals_kernel(v, f):  # pragma: no cover - compiled
+    n = v.shape[0]
+    out = np.zeros((n, 3), np.float64)
+    area = np.zeros(n, np.float64)
+    for t in range(f.shape[0]):
+        a, b, c = f[t, 0], f[t, 1], f[t, 2]
+        ux, uy, uz = v[b, 0] - v[a, 0], v[b, 1] - v[a, 1], v[b, 2] - v[a, 2]
+        wx, wy, wz = v[c, 0] - v[a, 0], v[c, 1] - v[a, 1], v[c, 2] - v[a, 2]
+        # the cross product's length is twice the face area: summing it weights faces by area
+        cx, cy, cz = uy * wz - uz * wy, uz * wx - ux * wz, ux * wy - uy * wx
+        third = np.sqrt(cx * cx + cy * cy + cz * cz) / 6.0
+        for q in (a, b, c):
+            out[q, 0] += cx
+            out[q, 1] += cy
+            out[q, 2] += cz
+            area[q] += third
+    for i in range(n):
+        length = np.sqrt(out[i, 0] ** 2 + out[i, 1] ** 2 + out[i, 2] ** 2)
+        if length > 1e-20:
+            out[i, 0] /= length
+            out[i, 1] /= length
+            out[i, 2] /= length
+        else:
+            out[i, 0] = out[i, 1] = out[i, 2] = 0.0
+    return out, area
+
+
+def mesh_vertex_normals_areas(xyz: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted vertex normals of a triangle mesh (the faces' winding gives the side) and
+    each vertex's share of the surface (a third of the area of every face it is a corner of).
 
     Args:
         xyz: float [N, 3] vertices. faces: int [F, 3] vertex ids.
 
     Returns:
-        float64 [N, 3], unit where the vertex touches a non-degenerate face, else zero.
+        normal: float64 [N, 3], unit where the vertex touches a non-degenerate face, else zero.
+        area: float64 [N] square metres (sums to the mesh's area).
     """
-    v = np.asarray(xyz, np.float64)
-    f = np.asarray(faces, np.int64)
-    n = len(v)
-    # the cross product's length is twice the face area: summing it weights faces by area
-    face_n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    ids = f.ravel()
-    out = np.empty((n, 3), np.float64)
-    for c in range(3):  # 3 bincounts over all corners, no loop over points
-        out[:, c] = np.bincount(ids, weights=np.repeat(face_n[:, c], 3), minlength=n)
-    length = np.linalg.norm(out, axis=1, keepdims=True)
-    return np.divide(out, length, out=np.zeros_like(out), where=length > 1e-20)
+    return _mesh_normals_kernel(np.ascontiguousarray(xyz, np.float64),
+                                np.ascontiguousarray(faces, np.int64).reshape(-1, 3))
+
+
+def mesh_vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals of a triangle mesh: float64 [N, 3] (see `mesh_vertex_normals_areas`)."""
+    return mesh_vertex_normals_areas(xyz, faces)[0]
 
 
 @njit(cache=True)
-def _smallest_eigen(cov):  # pragma: no cover - compiled
+def _smallest_eigen(c00, c01, c02, c11, c12, c22):  # pragma: no cover - compiled
     """Smallest eigenvalue, trace and a unit eigenvector of the smallest eigenvalue of a symmetric
-    3x3 matrix, in closed form (trigonometric eigenvalues, eigenvector from the largest cross
-    product of two rows of A - l0 I): ~20x faster than a LAPACK call per point."""
-    scale = 0.0
-    for a in range(3):
-        for b in range(3):
-            scale = max(scale, abs(cov[a, b]))
+    3x3 matrix (its six upper entries), in closed form (trigonometric eigenvalues, eigenvector
+    from the largest cross product of two rows of A - l0 I): ~20x faster than a LAPACK call."""
+    scale = max(abs(c00), abs(c01), abs(c02), abs(c11), abs(c12), abs(c22))
     if scale == 0.0:
         return 0.0, 0.0, 0.0, 0.0, 1.0
-    a00, a01, a02 = cov[0, 0] / scale, cov[0, 1] / scale, cov[0, 2] / scale
-    a11, a12, a22 = cov[1, 1] / scale, cov[1, 2] / scale, cov[2, 2] / scale
+    a00, a01, a02 = c00 / scale, c01 / scale, c02 / scale
+    a11, a12, a22 = c11 / scale, c12 / scale, c22 / scale
     q = (a00 + a11 + a22) / 3.0
     p1 = a01 * a01 + a02 * a02 + a12 * a12
     b00, b11, b22 = a00 - q, a11 - q, a22 - q
@@ -81,58 +112,145 @@ def _smallest_eigen(cov):  # pragma: no cover - compiled
     return l0 * scale, 3.0 * q * scale, ex / nn, ey / nn, ez / nn
 
 
-@njit(parallel=True, cache=True)
-def _pca_kernel(xyz, nbr, ref_normal, band):  # pragma: no cover - compiled
-    n, k = nbr.shape
-    normal = np.zeros((n, 3), np.float64)
-    curvature = np.ones(n, np.float64)
-    for i in prange(n):
-        ids = np.empty(k + 1, np.int64)
-        ids[0] = i
-        m = 1
+@njit(cache=True)
+def _in_band(xyz, i, j, r0, r1, r2, filtered, band):  # pragma: no cover - compiled
+    if not filtered:
+        return True
+    off = r0 * (xyz[j, 0] - xyz[i, 0]) + r1 * (xyz[j, 1] - xyz[i, 1]) + r2 * (xyz[j, 2] - xyz[i, 2])
+    return abs(off) <= band
+
+
+@njit(inline="always")
+def _pca_span(lo, hi, xyz, nbr, ref_normal, band, normal, curvature):  # pragma: no cover - compiled
+    # two passes over the neighbours (mean, then centred covariance) and no per-item arrays:
+    # allocations in the loop cost more than the arithmetic
+    k = nbr.shape[1]
+    for i in range(lo, hi):
         r0, r1, r2 = ref_normal[i, 0], ref_normal[i, 1], ref_normal[i, 2]
         filtered = band > 0 and (r0 != 0.0 or r1 != 0.0 or r2 != 0.0)
+        m = 1
+        mx, my, mz = xyz[i, 0], xyz[i, 1], xyz[i, 2]
         for t in range(k):
             j = nbr[i, t]
             if j < 0:
                 break
-            if filtered:
-                off = r0 * (xyz[j, 0] - xyz[i, 0]) + r1 * (xyz[j, 1] - xyz[i, 1]) + r2 * (xyz[j, 2] - xyz[i, 2])
-                if abs(off) > band:
-                    continue
-            ids[m] = j
-            m += 1
+            if _in_band(xyz, i, j, r0, r1, r2, filtered, band):
+                mx += xyz[j, 0]
+                my += xyz[j, 1]
+                mz += xyz[j, 2]
+                m += 1
         if m < 3:
+            curvature[i] = 1.0
             if filtered:
                 normal[i, 0], normal[i, 1], normal[i, 2] = r0, r1, r2
             else:
-                normal[i, 2] = 1.0
+                normal[i, 0], normal[i, 1], normal[i, 2] = 0.0, 0.0, 1.0
             continue
-        mx, my, mz = 0.0, 0.0, 0.0
-        for q in range(m):
-            mx += xyz[ids[q], 0]
-            my += xyz[ids[q], 1]
-            mz += xyz[ids[q], 2]
         mx /= m
         my /= m
         mz /= m
-        cov = np.zeros((3, 3), np.float64)
-        for q in range(m):
-            p = ids[q]
-            dx, dy, dz = xyz[p, 0] - mx, xyz[p, 1] - my, xyz[p, 2] - mz
-            cov[0, 0] += dx * dx
-            cov[0, 1] += dx * dy
-            cov[0, 2] += dx * dz
-            cov[1, 1] += dy * dy
-            cov[1, 2] += dy * dz
-            cov[2, 2] += dz * dz
-        cov[1, 0] = cov[0, 1]
-        cov[2, 0] = cov[0, 2]
-        cov[2, 1] = cov[1, 2]
-        l0, total, e0, e1, e2 = _smallest_eigen(cov)
+        dx, dy, dz = xyz[i, 0] - mx, xyz[i, 1] - my, xyz[i, 2] - mz
+        c00, c01, c02 = dx * dx, dx * dy, dx * dz
+        c11, c12, c22 = dy * dy, dy * dz, dz * dz
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            if _in_band(xyz, i, j, r0, r1, r2, filtered, band):
+                dx, dy, dz = xyz[j, 0] - mx, xyz[j, 1] - my, xyz[j, 2] - mz
+                c00 += dx * dx
+                c01 += dx * dy
+                c02 += dx * dz
+                c11 += dy * dy
+                c12 += dy * dz
+                c22 += dz * dz
+        l0, total, e0, e1, e2 = _smallest_eigen(c00, c01, c02, c11, c12, c22)
         curvature[i] = l0 / total if total > 0 else 1.0
         normal[i, 0], normal[i, 1], normal[i, 2] = e0, e1, e2
-    return normal, curvature
+
+
+@njit(cache=True)
+def _pca_ser(xyz, nbr, ref_normal, band, normal, curvature):  # pragma: no cover - compiled
+    _pca_span(0, nbr.shape[0], xyz, nbr, ref_normal, band, normal, curvature)
+
+
+@njit(parallel=True, cache=True)
+def _pca_par(xyz, nbr, ref_normal, band, normal, curvature):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _pca_span(c * SPAN, min(n, (c + 1) * SPAN), xyz, nbr, ref_normal, band, normal, curvature)
+
+
+@njit(inline="always")
+def _variation_span(lo, hi, xyz, nbr, normal, band, curvature):  # pragma: no cover - compiled
+    k = nbr.shape[1]
+    for i in range(lo, hi):
+        r0, r1, r2 = normal[i, 0], normal[i, 1], normal[i, 2]
+        m = 1
+        mx, my, mz = xyz[i, 0], xyz[i, 1], xyz[i, 2]
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            if _in_band(xyz, i, j, r0, r1, r2, band > 0, band):
+                mx += xyz[j, 0]
+                my += xyz[j, 1]
+                mz += xyz[j, 2]
+                m += 1
+        if m < 3:
+            curvature[i] = 1.0
+            continue
+        mx /= m
+        my /= m
+        mz /= m
+        dx, dy, dz = xyz[i, 0] - mx, xyz[i, 1] - my, xyz[i, 2] - mz
+        off = dx * r0 + dy * r1 + dz * r2
+        along, total = off * off, dx * dx + dy * dy + dz * dz
+        for t in range(k):
+            j = nbr[i, t]
+            if j < 0:
+                break
+            if _in_band(xyz, i, j, r0, r1, r2, band > 0, band):
+                dx, dy, dz = xyz[j, 0] - mx, xyz[j, 1] - my, xyz[j, 2] - mz
+                off = dx * r0 + dy * r1 + dz * r2
+                along += off * off
+                total += dx * dx + dy * dy + dz * dz
+        curvature[i] = along / total if total > 0 else 1.0
+
+
+@njit(cache=True)
+def _variation_ser(xyz, nbr, normal, band, curvature):  # pragma: no cover - compiled
+    _variation_span(0, nbr.shape[0], xyz, nbr, normal, band, curvature)
+
+
+@njit(parallel=True, cache=True)
+def _variation_par(xyz, nbr, normal, band, curvature):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _variation_span(c * SPAN, min(n, (c + 1) * SPAN), xyz, nbr, normal, band, curvature)
+
+
+def surface_variation_along(xyz: np.ndarray, nbr: np.ndarray, normal: np.ndarray, *, band_m: float) -> np.ndarray:
+    """Surface variation with a known normal (a mesh's): the neighbourhood's variance along the
+    normal over its total variance, sum((d . n)^2) / sum(|d|^2) about the centroid, over the
+    point and its neighbours within `band_m` of its tangent plane (all where `band_m` is 0).
+
+    The Rayleigh quotient of the covariance at `normal`: the PCA surface variation
+    l0 / (l0 + l1 + l2) where the normal is the PCA normal, a little above it elsewhere (the
+    median ratio on the real ScanNet sample is 1.16), with no eigen-solve.
+
+    Args:
+        xyz: float [N, 3]. nbr: int32 [N, k], -1 padded last. normal: float [N, 3] unit.
+
+    Returns:
+        float64 [N], 0 (plane) .. 1; 1 where fewer than 2 neighbours are left.
+    """
+    xyz = np.ascontiguousarray(xyz, np.float64)
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    out = np.empty(len(xyz), np.float64)
+    kernel = _variation_par if parallel.use_parallel(nbr.size, 0) else _variation_ser
+    kernel(xyz, nbr, np.ascontiguousarray(normal, np.float64), float(band_m), out)
+    return out
 
 
 def pca_normals_curvature(
@@ -155,8 +273,12 @@ def pca_normals_curvature(
         curvature: float64 [N] l0 / (l0 + l1 + l2); 1 where fewer than 2 neighbours are left.
     """
     xyz = np.ascontiguousarray(xyz, np.float64)
+    nbr = np.ascontiguousarray(nbr, np.int32)
     ref = np.zeros_like(xyz) if ref_normal is None else np.ascontiguousarray(ref_normal, np.float64)
-    return _pca_kernel(xyz, np.ascontiguousarray(nbr, np.int32), ref, float(band_m))
+    normal, curvature = np.empty((len(xyz), 3), np.float64), np.empty(len(xyz), np.float64)
+    kernel = _pca_par if parallel.use_parallel(nbr.size, 0) else _pca_ser
+    kernel(xyz, nbr, ref, float(band_m), normal, curvature)
+    return normal, curvature
 
 
 def orient_normals(normal: np.ndarray, xyz: np.ndarray, viewpoint: np.ndarray) -> np.ndarray:
@@ -210,15 +332,10 @@ def pfh_pair_bin(p1, n1, p2, n2, bins):  # pragma: no cover - compiled
     return b0 + b1 * bins + b2 * bins * bins
 
 
-@njit(parallel=True, cache=True)
-def _pfh_counts_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - compiled
-    n = nbr.shape[0]
-    nb = bins * bins * bins
-    # uint8 counts (at most (k+1)k/2 <= 253 pairs): 125 bytes a point, not 500, for big rooms
-    counts = np.zeros((n, nb), np.uint8)
-    totals = np.zeros(n, np.int32)
-    for i in prange(n):
-        ids = np.empty(k_pfh + 1, np.int64)
+@njit(inline="always")
+def _pfh_span(lo, hi, xyz, normal, nbr, k_pfh, bins, counts, totals):  # pragma: no cover - compiled
+    ids = np.empty(k_pfh + 1, np.int64)  # one per span, not per item
+    for i in range(lo, hi):
         ids[0] = i
         m = 1
         for t in range(k_pfh):
@@ -235,7 +352,18 @@ def _pfh_counts_kernel(xyz, normal, nbr, k_pfh, bins):  # pragma: no cover - com
                     counts[i, h] += 1
                     total += 1
         totals[i] = total
-    return counts, totals
+
+
+@njit(cache=True)
+def _pfh_ser(xyz, normal, nbr, k_pfh, bins, counts, totals):  # pragma: no cover - compiled
+    _pfh_span(0, nbr.shape[0], xyz, normal, nbr, k_pfh, bins, counts, totals)
+
+
+@njit(parallel=True, cache=True)
+def _pfh_par(xyz, normal, nbr, k_pfh, bins, counts, totals):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _pfh_span(c * SPAN, min(n, (c + 1) * SPAN), xyz, normal, nbr, k_pfh, bins, counts, totals)
 
 
 def pfh_counts(
@@ -249,10 +377,14 @@ def pfh_counts(
     """
     if (k_pfh + 1) * k_pfh // 2 > 255:
         raise ValueError(f"k_pfh={k_pfh}: at most 22 (pair counts are stored as uint8)")
-    return _pfh_counts_kernel(
-        np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
-        np.ascontiguousarray(nbr, np.int32), int(k_pfh), int(bins),
-    )
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    # uint8 counts (at most (k+1)k/2 <= 253 pairs): 125 bytes a point, not 500, for big rooms
+    counts = np.zeros((len(nbr), bins ** 3), np.uint8)
+    totals = np.zeros(len(nbr), np.int32)
+    kernel = _pfh_par if parallel.use_parallel(len(nbr) * k_pfh * k_pfh, 0) else _pfh_ser
+    kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64), nbr, int(k_pfh),
+           int(bins), counts, totals)
+    return counts, totals
 
 
 def pfh_histograms(xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pfh: int, bins: int = 5) -> np.ndarray:
@@ -262,16 +394,15 @@ def pfh_histograms(xyz: np.ndarray, normal: np.ndarray, nbr: np.ndarray, *, k_pf
     return (counts / np.maximum(totals, 1)[:, None]).astype(np.float32)
 
 
-@njit(parallel=True, cache=True)
-def _edge_affinity_kernel(counts, totals, nbr):  # pragma: no cover - compiled
-    n, k = nbr.shape
+@njit(inline="always")
+def _affinity_span(lo, hi, counts, totals, nbr, aff):  # pragma: no cover - compiled
+    k = nbr.shape[1]
     nb = counts.shape[1]
-    aff = np.zeros((n, k), np.float32)
-    for i in prange(n):
+    nz = np.empty(nb, np.int64)  # one per span, not per item
+    for i in range(lo, hi):
         if totals[i] == 0:
             continue
         # min(h_i, h_j) is zero wherever h_i is: only i's non-empty bins matter (few on surfaces)
-        nz = np.empty(nb, np.int64)
         m = 0
         for h in range(nb):
             if counts[i, h] > 0:
@@ -290,23 +421,34 @@ def _edge_affinity_kernel(counts, totals, nbr):  # pragma: no cover - compiled
                 h = nz[q]
                 s += min(counts[i, h] * ti, counts[j, h] * tj)
             aff[i, t] = s
-    return aff
+
+
+@njit(cache=True)
+def _affinity_ser(counts, totals, nbr, aff):  # pragma: no cover - compiled
+    _affinity_span(0, nbr.shape[0], counts, totals, nbr, aff)
+
+
+@njit(parallel=True, cache=True)
+def _affinity_par(counts, totals, nbr, aff):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _affinity_span(c * SPAN, min(n, (c + 1) * SPAN), counts, totals, nbr, aff)
 
 
 def edge_affinity(counts: np.ndarray, totals: np.ndarray, nbr: np.ndarray) -> np.ndarray:
     """PFH histogram intersection sum_b min(h_i[b], h_j[b]) of every neighbour edge, from
     `pfh_counts` output; float32 [N, k], 0 where the neighbour is -1 or a histogram is empty."""
-    return _edge_affinity_kernel(
-        np.ascontiguousarray(counts, np.uint8), np.ascontiguousarray(totals, np.int32),
-        np.ascontiguousarray(nbr, np.int32),
-    )
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    aff = np.zeros(nbr.shape, np.float32)
+    kernel = _affinity_par if parallel.use_parallel(nbr.size, 0) else _affinity_ser
+    kernel(np.ascontiguousarray(counts, np.uint8), np.ascontiguousarray(totals, np.int32), nbr, aff)
+    return aff
 
 
-@njit(parallel=True, cache=True)
-def _smooth_colour_kernel(xyz, normal, rgb, nbr, band, cutoff2):  # pragma: no cover - compiled
-    n, k = nbr.shape
-    out = np.empty((n, 3), np.float32)
-    for i in prange(n):
+@njit(inline="always")
+def _smooth_span(lo, hi, xyz, normal, rgb, nbr, band, cutoff2, out):  # pragma: no cover - compiled
+    k = nbr.shape[1]
+    for i in range(lo, hi):
         m = 1.0
         a0, a1, a2 = float(rgb[i, 0]), float(rgb[i, 1]), float(rgb[i, 2])
         for t in range(k):
@@ -325,7 +467,18 @@ def _smooth_colour_kernel(xyz, normal, rgb, nbr, band, cutoff2):  # pragma: no c
             a1 += rgb[j, 1]
             a2 += rgb[j, 2]
         out[i, 0], out[i, 1], out[i, 2] = a0 / m, a1 / m, a2 / m
-    return out
+
+
+@njit(cache=True)
+def _smooth_ser(xyz, normal, rgb, nbr, band, cutoff2, out):  # pragma: no cover - compiled
+    _smooth_span(0, nbr.shape[0], xyz, normal, rgb, nbr, band, cutoff2, out)
+
+
+@njit(parallel=True, cache=True)
+def _smooth_par(xyz, normal, rgb, nbr, band, cutoff2, out):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _smooth_span(c * SPAN, min(n, (c + 1) * SPAN), xyz, normal, rgb, nbr, band, cutoff2, out)
 
 
 def smooth_colours(
@@ -341,7 +494,9 @@ def smooth_colours(
     Returns:
         float32 [N, 3].
     """
-    return _smooth_colour_kernel(
-        np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
-        np.ascontiguousarray(rgb, np.float32), np.ascontiguousarray(nbr, np.int32), float(band_m), float(cutoff) ** 2,
-    )
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    out = np.empty((len(nbr), 3), np.float32)
+    kernel = _smooth_par if parallel.use_parallel(nbr.size, 0) else _smooth_ser
+    kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
+           np.ascontiguousarray(rgb, np.float32), nbr, float(band_m), float(cutoff) ** 2, out)
+    return out

@@ -1,20 +1,22 @@
 """Segments from features: region growing in order of curvature, small-segment merging, boundary
 flags, the segment adjacency graph, semantic-boundary flags and purity. The growing and merging are
-sequential numba kernels (results do not depend on the thread count). Pure."""
+sequential numba kernels; the per-item ones have a serial and a parallel driver around one body
+(see `pipeline.overseg.features`); results do not depend on the thread count. Pure."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from pipeline import schema
+from pipeline import parallel, schema
 from pipeline.overseg.config import OversegConfig
+from pipeline.overseg.features import SPAN
 
 
 # --------------------------------------------------------------------------------------------
 # region growing and merging
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
-def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane_off, min_aff,
+def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane_off, sin_slope, min_aff,
                  col2, colseg2, max_seed_curv, radius2):  # pragma: no cover - compiled
     n, k = nbr.shape
     seg = np.full(n, -1, np.int32)
@@ -43,9 +45,11 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
                 if abs(dot) < cos_max:
                     continue
                 dx, dy, dz = xyz[j, 0] - xyz[i, 0], xyz[j, 1] - xyz[i, 1], xyz[j, 2] - xyz[i, 2]
-                if abs(normal[i, 0] * dx + normal[i, 1] * dy + normal[i, 2] * dz) > plane_off:
+                off = abs(normal[i, 0] * dx + normal[i, 1] * dy + normal[i, 2] * dz)
+                # within the tangent band, or (far neighbours of sparse scans) within the slope
+                if off > plane_off and off > sin_slope * np.sqrt(dx * dx + dy * dy + dz * dz):
                     continue
-                if aff[i, t] < min_aff:
+                if min_aff > 0 and aff[i, t] < min_aff:
                     continue
                 e0, e1, e2 = colour[j, 0] - colour[i, 0], colour[j, 1] - colour[i, 1], colour[j, 2] - colour[i, 2]
                 if e0 * e0 + e1 * e1 + e2 * e2 > col2:
@@ -72,26 +76,34 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
 
 def grow_regions(
     nbr: np.ndarray, xyz: np.ndarray, normal: np.ndarray, colour: np.ndarray, curvature: np.ndarray,
-    affinity: np.ndarray, *, cfg: OversegConfig,
+    affinity: np.ndarray | None, *, cfg: OversegConfig,
 ) -> np.ndarray:
     """Region growing (a BFS per seed, seeds by increasing curvature, ties by point id).
 
     Args:
         nbr: int32 [N, k] neighbours (-1 padded last). xyz: [N, 3]. normal: [N, 3] unit.
         colour: [N, 3] RGB 0..255 (already smoothed if wanted). curvature: [N].
-        affinity: float32 [N, k] PFH histogram intersection per edge (`edge_affinity`).
+        affinity: float32 [N, k] PFH histogram intersection per edge (`edge_affinity`); None when
+            `cfg.min_pfh_affinity` is 0 (the test is off).
 
     Returns:
         int32 [N] segment ids 0..S-1 in seed order (every point gets one: leftover points seed
         their own segments after all low-curvature seeds).
     """
-    order = np.argsort(np.asarray(curvature, np.float64), kind="stable").astype(np.int64)
+    # seeds by curvature quantised to 16 bits on a square-root scale (fine near 0, where flat
+    # surfaces are): numpy's radix sort, ~10x faster than sorting the floats; ties by id
+    level = np.sqrt(np.clip(np.asarray(curvature, np.float64), 0.0, 1.0)) * 65535.0
+    order = np.argsort(level.astype(np.uint16), kind="stable").astype(np.int64)
+    if affinity is None:
+        if cfg.min_pfh_affinity > 0:
+            raise ValueError("grow_regions: min_pfh_affinity > 0 needs the PFH affinities")
+        affinity = np.zeros((1, 1), np.float32)
     seg, _ = _grow_kernel(
         order, np.ascontiguousarray(nbr, np.int32), np.ascontiguousarray(xyz, np.float64),
         np.ascontiguousarray(normal, np.float64), np.ascontiguousarray(colour, np.float64),
         np.ascontiguousarray(curvature, np.float64), np.ascontiguousarray(affinity, np.float32),
         float(np.cos(np.deg2rad(cfg.max_normal_angle_deg))), float(cfg.max_plane_offset_m),
-        float(cfg.min_pfh_affinity), float(cfg.max_colour_dist) ** 2, float(cfg.max_colour_dist_segment) ** 2,
+        float(np.sin(np.deg2rad(cfg.max_plane_slope_deg))), float(cfg.min_pfh_affinity), float(cfg.max_colour_dist) ** 2, float(cfg.max_colour_dist_segment) ** 2,
         float(cfg.max_seed_curvature), float(cfg.max_segment_radius_m) ** 2,
     )
     return seg
@@ -110,9 +122,10 @@ def _find(parent, a):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # pragma: no cover - compiled
+def _merge_kernel(seg, nseg, nbr, normal, colour, weight, min_points, min_weight, colour_scale):  # pragma: no cover - compiled
     n, k = nbr.shape
     count = np.zeros(nseg, np.int64)
+    wsum = np.zeros(nseg, np.float64)
     nsum = np.zeros((nseg, 3), np.float64)
     csum = np.zeros((nseg, 3), np.float64)
     ref = np.zeros((nseg, 3), np.float64)
@@ -128,6 +141,7 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
             nsum[s, c] += sign * normal[p, c]
             csum[s, c] += colour[p, c]
         count[s] += 1
+        wsum[s] += weight[p]
     # points of each segment (CSR) and member lists of the union-find roots
     ptr = np.zeros(nseg + 1, np.int64)
     for p in range(n):
@@ -142,14 +156,14 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
     parent = np.arange(nseg)
     nxt = np.full(nseg, -1, np.int64)
     last = np.arange(nseg)
-    initial = count.copy()
+    initial = wsum.copy()
     order = np.argsort(initial, kind="mergesort")  # smallest first, ties by id
     for q in range(nseg):
         s = order[q]
-        if initial[s] >= min_points:
-            break
+        if count[s] >= min_points and initial[s] >= min_weight:
+            continue
         r = _find(parent, s)
-        if count[r] >= min_points:
+        if count[r] >= min_points and wsum[r] >= min_weight:
             continue
         nr = np.sqrt(nsum[r, 0] ** 2 + nsum[r, 1] ** 2 + nsum[r, 2] ** 2)
         best = -1
@@ -186,6 +200,7 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
             nsum[best, c] += sign * nsum[r, c]
             csum[best, c] += csum[r, c]
         count[best] += count[r]
+        wsum[best] += wsum[r]
         parent[r] = best
         nxt[last[best]] = r
         last[best] = last[r]
@@ -197,16 +212,19 @@ def _merge_kernel(seg, nseg, nbr, normal, colour, min_points, colour_scale):  # 
 
 def merge_small_segments(
     segment: np.ndarray, nbr: np.ndarray, normal: np.ndarray, colour: np.ndarray, *,
-    min_points: int, colour_scale: float,
+    min_points: int, colour_scale: float, weight: np.ndarray | None = None, min_weight: float = 0.0,
 ) -> np.ndarray:
-    """Merge segments smaller than `min_points` into their most similar adjacent segment.
+    """Merge small segments (fewer than `min_points` items, or less than `min_weight` of
+    `weight`, e.g. square metres) into their most similar adjacent segment.
 
-    Small segments are taken smallest first (ties by id); each joins the adjacent segment (over
-    kNN edges) with the highest |cos(mean normals)| - |mean colour difference| / colour_scale,
-    and a merged segment that is still small is merged again when its turn comes.
+    Small segments are taken smallest first (by weight, ties by id); each joins the adjacent
+    segment (over neighbour edges) with the highest |cos(mean normals)| - |mean colour
+    difference| / colour_scale, and a merged segment that is still small is merged again when
+    its turn comes.
 
     Args:
         segment: int [N] ids 0..S-1. nbr: int32 [N, k]. normal: [N, 3]. colour: [N, 3] RGB.
+        weight: float [N] per item (None: 1 each).
 
     Returns:
         int32 [N] ids 0..S'-1, numbered by each segment's first point.
@@ -215,58 +233,143 @@ def merge_small_segments(
     nseg = int(segment.max()) + 1 if len(segment) else 0
     if nseg == 0:
         return segment.astype(np.int32)
+    weight = np.ones(len(segment)) if weight is None else weight
     root = _merge_kernel(
         segment.astype(np.int64), nseg, np.ascontiguousarray(nbr, np.int32),
         np.ascontiguousarray(normal, np.float64), np.ascontiguousarray(colour, np.float64),
-        int(min_points), float(colour_scale),
+        np.ascontiguousarray(weight, np.float64), int(min_points), float(min_weight), float(colour_scale),
     )
     return relabel_by_first_point(root[segment])
 
 
+@njit(cache=True)
+def _relabel_kernel(labels, lo, hi):  # pragma: no cover - compiled
+    rank = np.full(hi - lo + 1, -1, np.int64)
+    out = np.empty(labels.shape[0], np.int32)
+    s = 0
+    for i in range(labels.shape[0]):
+        q = labels[i] - lo
+        if rank[q] < 0:
+            rank[q] = s
+            s += 1
+        out[i] = rank[q]
+    return out
+
+
 def relabel_by_first_point(labels: np.ndarray) -> np.ndarray:
     """Map arbitrary labels to 0..S-1 in the order of each label's first point; int32 [N]."""
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse].astype(np.int32)
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    if len(labels) == 0:
+        return np.zeros(0, np.int32)
+    lo, hi = int(labels.min()), int(labels.max())
+    if hi - lo > 4 * len(labels) + 1024:  # sparse labels: a table would be mostly empty
+        _, labels = np.unique(labels, return_inverse=True)
+        lo, hi = 0, int(labels.max())
+    return _relabel_kernel(np.ascontiguousarray(labels.ravel(), np.int64), lo, hi)
 
 
 # --------------------------------------------------------------------------------------------
 # boundaries and the segment graph
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
-def _boundary_kernel(seg, nbr, nseg):  # pragma: no cover - compiled
-    n, k = nbr.shape
-    boundary = np.zeros(n, np.uint8)
-    keys = np.full((n, k), -1, np.int64)
-    for i in prange(n):
-        a = seg[i]
-        m = 0
-        for t in range(k):
-            j = nbr[i, t]
-            if j < 0:
+@njit(inline="always")
+def _pair_keys(i, seg, nbr, nseg, buf):  # pragma: no cover - compiled
+    """The distinct keys min * nseg + max of the segment pairs item i borders, into buf; how many."""
+    a = seg[i]
+    m = 0
+    for t in range(nbr.shape[1]):
+        j = nbr[i, t]
+        if j < 0:
+            break
+        b = seg[j]
+        if b == a:
+            continue
+        key = min(a, b) * nseg + max(a, b)
+        dup = False
+        for q in range(m):  # count each item once per pair
+            if buf[q] == key:
+                dup = True
                 break
-            b = seg[j]
-            if b == a:
-                continue
-            boundary[i] = 1
-            key = min(a, b) * nseg + max(a, b)
-            dup = False
-            for q in range(m):  # count each point once per pair
-                if keys[i, q] == key:
-                    dup = True
-                    break
-            if not dup:
-                keys[i, m] = key
-                m += 1
-    return boundary, keys
+        if not dup:
+            buf[m] = key
+            m += 1
+    return m
 
 
-def segment_graph(segment: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boundary flags and the segment adjacency graph over kNN edges.
+@njit(inline="always")
+def _count_span(lo, hi, seg, nbr, nseg, boundary, count):  # pragma: no cover - compiled
+    buf = np.empty(nbr.shape[1], np.int64)
+    for i in range(lo, hi):
+        m = _pair_keys(i, seg, nbr, nseg, buf)
+        count[i + 1] = m
+        boundary[i] = 1 if m > 0 else 0
+
+
+@njit(inline="always")
+def _fill_span(lo, hi, seg, nbr, nseg, start, keys, owner):  # pragma: no cover - compiled
+    buf = np.empty(nbr.shape[1], np.int64)
+    for i in range(lo, hi):
+        m = _pair_keys(i, seg, nbr, nseg, buf)
+        for q in range(m):
+            keys[start[i] + q] = buf[q]
+            owner[start[i] + q] = i
+
+
+@njit(cache=True)
+def _count_ser(seg, nbr, nseg, boundary, count):  # pragma: no cover - compiled
+    _count_span(0, nbr.shape[0], seg, nbr, nseg, boundary, count)
+
+
+@njit(parallel=True, cache=True)
+def _count_par(seg, nbr, nseg, boundary, count):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _count_span(c * SPAN, min(n, (c + 1) * SPAN), seg, nbr, nseg, boundary, count)
+
+
+@njit(cache=True)
+def _fill_ser(seg, nbr, nseg, start, keys, owner):  # pragma: no cover - compiled
+    _fill_span(0, nbr.shape[0], seg, nbr, nseg, start, keys, owner)
+
+
+@njit(parallel=True, cache=True)
+def _fill_par(seg, nbr, nseg, start, keys, owner):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _fill_span(c * SPAN, min(n, (c + 1) * SPAN), seg, nbr, nseg, start, keys, owner)
+
+
+def boundary_keys(segment: np.ndarray, nbr: np.ndarray, nseg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boundary flags and the segment pairs each item borders.
+
+    Args:
+        segment: int [N] ids 0..nseg-1. nbr: int32 [N, k], -1 padded last.
+
+    Returns:
+        boundary: uint8 [N], 1 where a neighbour is in another segment.
+        keys: int64 [M] pair keys min * nseg + max, each item's distinct pairs in item order.
+        owner: int64 [M] the item of each key.
+    """
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    seg = np.ascontiguousarray(segment, np.int64)
+    n = len(nbr)
+    boundary = np.empty(n, np.uint8)
+    count = np.zeros(n + 1, np.int64)
+    par = parallel.use_parallel(nbr.size, 0)
+    (_count_par if par else _count_ser)(seg, nbr, int(nseg), boundary, count)
+    start = np.cumsum(count)
+    keys, owner = np.empty(start[-1], np.int64), np.empty(start[-1], np.int64)
+    (_fill_par if par else _fill_ser)(seg, nbr, int(nseg), start, keys, owner)
+    return boundary, keys, owner
+
+
+def segment_graph(segment: np.ndarray, nbr: np.ndarray, *, weight: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boundary flags and the segment adjacency graph over neighbour edges.
 
     Args:
         segment: int [N] ids 0..S-1. nbr: int32 [N, k], -1 padded.
+        weight: int [N] what each item counts for in the border sizes (None: 1; the points a
+            voxel pools).
 
     Returns:
         boundary: uint8 [N], 1 where a neighbour is in another segment.
@@ -274,20 +377,18 @@ def segment_graph(segment: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.
         border: int32 [P] points of a or b with a neighbour in the other one.
     """
     nseg = int(segment.max()) + 1 if len(segment) else 1
-    boundary, keys = _boundary_kernel(
-        np.ascontiguousarray(segment, np.int64), np.ascontiguousarray(nbr, np.int32), nseg
-    )
-    keys = keys[keys >= 0]
-    uniq, border = np.unique(keys, return_counts=True)
+    boundary, keys, owner = boundary_keys(segment, nbr, nseg)
+    uniq, slot = np.unique(keys, return_inverse=True)
+    counts = None if weight is None else np.asarray(weight, np.float64)[owner]
+    border = np.bincount(slot.ravel(), weights=counts, minlength=len(uniq))
     pairs = np.stack([uniq // nseg, uniq % nseg], axis=1).astype(np.int32).reshape(-1, 2)
-    return boundary, pairs, border.astype(np.int32)
+    return boundary, pairs, np.rint(border).astype(np.int32)
 
 
-@njit(parallel=True, cache=True)
-def _semantic_boundary_kernel(sem, nbr, ignore):  # pragma: no cover - compiled
-    n, k = nbr.shape
-    out = np.zeros(n, np.uint8)
-    for i in prange(n):
+@njit(inline="always")
+def _semantic_span(lo, hi, sem, nbr, ignore, out):  # pragma: no cover - compiled
+    k = nbr.shape[1]
+    for i in range(lo, hi):
         a = sem[i]
         if a == ignore:
             out[i] = 255
@@ -300,7 +401,18 @@ def _semantic_boundary_kernel(sem, nbr, ignore):  # pragma: no cover - compiled
             if b != ignore and b != a:
                 out[i] = 1
                 break
-    return out
+
+
+@njit(cache=True)
+def _semantic_ser(sem, nbr, ignore, out):  # pragma: no cover - compiled
+    _semantic_span(0, nbr.shape[0], sem, nbr, ignore, out)
+
+
+@njit(parallel=True, cache=True)
+def _semantic_par(sem, nbr, ignore, out):  # pragma: no cover - compiled
+    n = nbr.shape[0]
+    for c in prange((n + SPAN - 1) // SPAN):
+        _semantic_span(c * SPAN, min(n, (c + 1) * SPAN), sem, nbr, ignore, out)
 
 
 def semantic_boundary(semantic: np.ndarray | None, nbr: np.ndarray) -> np.ndarray:
@@ -312,9 +424,11 @@ def semantic_boundary(semantic: np.ndarray | None, nbr: np.ndarray) -> np.ndarra
     n = len(nbr)
     if semantic is None or not np.any(np.asarray(semantic) != schema.IGNORE_INDEX):
         return np.full(n, 255, np.uint8)
-    return _semantic_boundary_kernel(
-        np.ascontiguousarray(semantic, np.int64), np.ascontiguousarray(nbr, np.int32), schema.IGNORE_INDEX
-    )
+    nbr = np.ascontiguousarray(nbr, np.int32)
+    out = np.zeros(n, np.uint8)
+    kernel = _semantic_par if parallel.use_parallel(nbr.size, 0) else _semantic_ser
+    kernel(np.ascontiguousarray(semantic, np.int64), nbr, schema.IGNORE_INDEX, out)
+    return out
 
 
 def purity(segment: np.ndarray, instance: np.ndarray) -> float:

@@ -564,3 +564,145 @@ def test_real_scan_purity_and_density_sweep():
     xyz, rgb, (sem12,) = sample_mesh_surface(scene.xyz, scene.rgb, scene.faces, 12 * len(scene.xyz), labels=(sem,))
     dense = overseg_points(xyz, rgb)
     assert dense.n_segments <= 1.5 * mesh.n_segments and purity(dense.segment, sem12) >= 0.96
+
+
+# --------------------------------------------------------------------------------------------
+# mesh-edge neighbourhoods (issue 24, item 4) against obvious versions and the kNN path
+# --------------------------------------------------------------------------------------------
+def _edge_oracle(faces, item):
+    """Each item's set of items that a face edge links (pure Python)."""
+    links = {}
+    for f in np.asarray(faces):
+        a, b, c = (int(item[v]) for v in f)
+        for p, q in ((a, b), (b, c), (c, a)):
+            if p != q:
+                links.setdefault(p, set()).add(q)
+                links.setdefault(q, set()).add(p)
+    return links
+
+
+@pytest.mark.parametrize("voxel_m", [0.0, 0.05])
+def test_mesh_neighbours_are_the_face_edges(voxel_m):
+    from pipeline.overseg.core import surface_voxels
+    from pipeline.overseg.neighbours import mesh_neighbours
+
+    xyz, faces, _ = _quad((0, 0, 0), (1, 0, 0), (0, 0.6, 0), 0.02)
+    xyz = xyz + np.random.default_rng(5).normal(0, 0.002, xyz.shape)
+    if voxel_m:
+        item, _ = surface_voxels(xyz, mesh_vertex_normals(xyz, faces), voxel_m)
+    else:
+        item = np.arange(len(xyz))
+    n_items = int(item.max()) + 1
+    pos = np.stack([np.bincount(item, weights=xyz[:, d]) for d in range(3)], 1) / np.bincount(item)[:, None]
+    k = 12
+    index, dist = mesh_neighbours(faces, item, pos, k)
+    oracle = _edge_oracle(faces, item)
+    for v in range(n_items):
+        row = index[v][index[v] >= 0]
+        assert np.all(index[v][len(row):] == -1) and np.all(np.isinf(dist[v][len(row):]))
+        want = oracle.get(v, set())
+        if len(want) <= k:
+            assert set(row.tolist()) == want
+        else:  # the k nearest of the linked items
+            near = sorted(want, key=lambda j: (np.linalg.norm(pos[j] - pos[v]), j))[:k]
+            assert set(row.tolist()) == set(near)
+        np.testing.assert_allclose(dist[v][: len(row)], np.linalg.norm(pos[row] - pos[v], axis=1), rtol=1e-6)
+    # on a mesh the edge neighbours are among the nearest items: the kNN search is an oracle for them
+    knn_index, _ = knn(pos, 16)
+    inside = [np.isin(index[v][index[v] >= 0], knn_index[v]).mean() for v in range(n_items)]
+    assert np.mean(inside) > 0.97
+
+
+def test_mesh_neighbours_link_separate_pieces_within_contact():
+    from pipeline.overseg.neighbours import CONTACTS, mesh_neighbours
+    from scipy.spatial import cKDTree
+
+    floor = _quad((0, 0, 0), (1, 0, 0), (0, 1, 0), 0.05)
+    lid = _quad((0.3, 0.3, 0.03), (0.4, 0, 0), (0, 0.4, 0), 0.05)  # a separate piece 3 cm above
+    xyz = np.concatenate([floor[0], lid[0]])
+    xyz = xyz + np.random.default_rng(6).normal(0, 0.003, xyz.shape)  # no ties in distance
+    faces = np.concatenate([floor[1], lid[1] + len(floor[0])])
+    piece = np.repeat([0, 1], [len(floor[0]), len(lid[0])])
+    k, contact = 16, 0.06
+    plain, _ = mesh_neighbours(faces, np.arange(len(xyz)), xyz, k)
+    index, dist = mesh_neighbours(faces, np.arange(len(xyz)), xyz, k, contact_m=contact)
+    trees = [cKDTree(xyz[piece == p]) for p in (0, 1)]
+    ids = [np.flatnonzero(piece == p) for p in (0, 1)]
+    added = 0
+    for v in range(len(xyz)):
+        edges = plain[v][plain[v] >= 0]
+        np.testing.assert_array_equal(index[v][: len(edges)], edges)  # mesh links first, unchanged
+        extra = index[v][len(edges):]
+        extra = extra[extra >= 0]
+        assert np.all(piece[extra] != piece[v])
+        other = 1 - piece[v]
+        d, j = trees[other].query(xyz[v], k=CONTACTS, distance_upper_bound=contact)
+        want = ids[other][j[np.isfinite(d)]][: k - len(edges)]
+        assert set(extra.tolist()) == set(want.tolist())
+        added += len(extra)
+    assert added > 0
+
+
+def test_mesh_edges_match_the_knn_path_on_the_toy_scene():
+    """The mesh-edge graph (no search) against the k-nearest graph of the same mesh (the oracle):
+    about as many segments, as pure."""
+    xyz, rgb, faces, inst, semantic, _ = _toy_scene()
+    edges = overseg_points(xyz, rgb, faces=faces, semantic=semantic)
+    near = overseg_points(xyz, rgb, faces=faces, semantic=semantic, cfg=OversegConfig(mesh_edges=False))
+    _validate(edges, len(xyz))
+    assert purity(edges.segment, inst) >= 0.95 and purity(near.segment, inst) >= 0.95
+    assert 0.67 <= edges.n_segments / near.n_segments <= 1.5, (edges.n_segments, near.n_segments)
+    np.testing.assert_array_equal(edges.normal, near.normal)  # both take the mesh's normals
+
+
+def test_surface_variation_along_the_pca_normal_is_the_pca_curvature():
+    from pipeline.overseg.features import surface_variation_along
+
+    rng = np.random.default_rng(8)
+    xyz = rng.normal(size=(400, 3)) * [1.0, 0.7, 0.04]
+    nbr, _ = knn(xyz, 12)
+    normal, curvature = pca_normals_curvature(xyz, nbr)
+    np.testing.assert_allclose(surface_variation_along(xyz, nbr, normal, band_m=0.0), curvature, atol=1e-9)
+    # any other direction gives at least the smallest eigenvalue's share
+    tilted = normal + rng.normal(0, 0.2, normal.shape)
+    tilted /= np.linalg.norm(tilted, axis=1, keepdims=True)
+    assert np.all(surface_variation_along(xyz, nbr, tilted, band_m=0.0) >= curvature - 1e-9)
+
+
+def test_parallel_kernels_equal_serial_ones(monkeypatch):
+    """The parallel drivers (rooms of a million items and more) give the serial drivers' results."""
+    from pipeline import parallel
+
+    xyz, rgb, faces, inst, semantic, _ = _toy_scene(0.03)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = [overseg_points(xyz, rgb, faces=faces, semantic=semantic), overseg_points(xyz, rgb, semantic=semantic)]
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_ITEMS", 0)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        par = [overseg_points(xyz, rgb, faces=faces, semantic=semantic), overseg_points(xyz, rgb, semantic=semantic)]
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(serial, par):
+        for name in ("normal", "curvature", "segment", "boundary", "semantic_boundary", "adjacency",
+                     "adjacency_border"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_density_sweep_on_several_synthetic_rooms(seed):
+    """Full-size synthetic rooms with scanner effects as a mesh and as 1x/4x/12x clouds: every
+    cloud within 2x of the mesh's count, purity >= 0.95 against the instances."""
+    from pipeline.datasets.synthetic import SynthConfig, make_room
+    from pipeline.overseg.scan_stats import sample_mesh_surface
+
+    room = make_room(seed, 0, SynthConfig())
+    mesh = overseg_points(room.xyz, room.rgb, faces=room.faces)
+    assert purity(mesh.segment, room.instance) >= 0.95
+    for mult in (1, 4, 12):
+        xyz, rgb, (inst,) = sample_mesh_surface(room.xyz, room.rgb, room.faces, mult * len(room.xyz),
+                                                labels=(room.instance,), seed=mult)
+        cloud = overseg_points(xyz, rgb)
+        assert 0.5 <= cloud.n_segments / mesh.n_segments <= 2.0, (mult, cloud.n_segments, mesh.n_segments)
+        assert purity(cloud.segment, inst) >= 0.95, mult
