@@ -108,8 +108,13 @@ def test_a_store_of_other_classes_is_refused(run, tmp_path):
     from ws3d_train.run import load_run, resolve_classes
 
     s = Store.create(tmp_path / "x.zarr", dataset="synthetic", class_names=["a", "b"])
-    with pytest.raises(ConfigError, match="trained on classes"):
-        resolve_classes(load_run(run, device="cpu"), s)
+    loaded = load_run(run, device="cpu")
+    with pytest.raises(ConfigError, match="trained on classes"):  # the store's vocabulary asked for
+        resolve_classes(loaded, s, vocab="classes")
+    if loaded.labels is not None and loaded.labels.text is not None:
+        # without a vocabulary (a store of one's own scans): the run's own label space
+        setup = resolve_classes(loaded, s)
+        assert list(setup.class_names) == list(loaded.labels.class_names) != ["a", "b"]
 
 
 def test_cli_eval_writes_one_file_per_store_and_split_and_query_into_the_run(run, stores):
