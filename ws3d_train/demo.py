@@ -509,7 +509,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
                                     for name, values in other_rule.items()}
     results["ratios"] = anchor_ratios(results["table"], results["chance_miou"])
     if not cfg.ablation and last_run is not None:  # the per-vertex boundaries of `ws3d predict` on the raw annotation
-        results["vertex_boundaries"] = vertex_boundary_check(last_run, prep, _eval_scenes(cfg, prep)[0], echo=echo)
+        scenes, hidden = _eval_scenes(cfg, prep)
+        results["vertex_boundaries"] = vertex_boundary_check(last_run, prep, scenes, hidden_classes=hidden, echo=echo)
     results["row_seconds"] = row_seconds
     results["seconds"] = time.perf_counter() - start
     out = Path(cfg.out)
@@ -527,14 +528,14 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
 
 
 def vertex_boundary_check(run: str, prep: dict[str, Any], scene_ids: list[str], *, radius_m: float = 0.05,
-                          echo: Callable[[str], None] = print) -> dict[str, Any]:
+                          hidden_classes: tuple[int, ...] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The per-vertex ``boundary`` of ``ws3d predict`` (:func:`ws3d_train.infer.predict.predict_scene`)
     against true semantic boundaries taken from the raw annotation: a labelled vertex joined to a
     labelled vertex of another class by a mesh edge or lying within `radius_m` of one (the dataset
     reader's labels, novel classes included; the synthetic rooms' objects are meshes of their own,
     so their edges never cross a class), beside the over-segmentation's per-point border flag and
     random (AP = the share of boundary vertices). Also the boundary network's voxel probability per
-    vertex (``head``)."""
+    vertex (``head``). `hidden_classes` are treated as unlabelled (dev rooms: the novel classes)."""
     from scipy.spatial import cKDTree
 
     from pipeline import schema
@@ -556,6 +557,7 @@ def vertex_boundary_check(run: str, prep: dict[str, Any], scene_ids: list[str], 
         near = cKDTree(raw.xyz).query_pairs(radius_m, output_type="ndarray").astype(np.int64)
         edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]], near.reshape(-1, 2)])
         labels = raw.semantic.astype(np.int64)
+        labels[np.isin(labels, np.asarray(hidden_classes, np.int64))] = schema.IGNORE_INDEX
         truth = semantic_boundaries(labels, edges)
         labelled = labels != schema.IGNORE_INDEX
         pred = predict_scene(loaded, prep["store"], scene_id)

@@ -355,3 +355,22 @@ def test_finetune_learns_with_20_labels(tmp_path):
     result = evaluate(tmp_path / "ft", store, min_region_size=20, device="cpu")
     assert result["semantic"]["miou"] > 0.4
     assert result["open_vocab"]["clip"]["miou"] > 0.4
+
+
+@pytest.mark.slow
+def test_boundary_network_learns_semantic_boundaries_of_its_training_rooms(tmp_path):
+    """200 steps on two fully labelled tiny rooms: the boundary network's voxel AP against true
+    semantic boundaries clears a set bar and 3x the over-segmentation flag's (measured: 0.49 after
+    100 steps, 0.93 after 300; the flag 0.12, random 0.04)."""
+    from ws3d_train.infer.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    store = make_tiny_store(tmp_path / "store", n_scenes=2, n_points=2000, seed=0)
+    cfg = _cfg(store, steps=200, warmup_steps=10, lr=0.01, seed=0, labels="all", two_copies=False,
+               data=DataConfig(voxel_size_m=0.08, max_voxels=4000), w_clip_ce=0.0, w_energy=0.0, w_region=0.0,
+               threads=1, log_every=50)
+    finetune(cfg, tmp_path / "ft")
+    boundary = evaluate(tmp_path / "ft", store, min_region_size=20, device="cpu")["boundary"]
+    assert boundary["head"]["ap"] > 0.6
+    assert boundary["head"]["ap"] > 3 * boundary["overseg_flag"]["ap"]
+    assert boundary["region"]["ap"] > boundary["overseg_interface"]["ap"]
