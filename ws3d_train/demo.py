@@ -147,9 +147,11 @@ ENERGY: dict[str, Any] = {"w_energy": 0.1}
 """The energy's weight in every row that has it (chosen on the dev rooms)."""
 REGION: dict[str, Any] = {"w_region": 0.1, "region_stages": [8, 4, 2, 1], "region_embedding": "projection"}
 """Region contrast at the four decoder stages, each through its projection head."""
-PRETRAINED: dict[str, Any] = {"init": True, "w_align": 1.0, "boundary_teacher_weight": 0.0}
+PRETRAINED: dict[str, Any] = {"init": True, "w_align": 1.0, "boundary_teacher_weight": 0.5}
 """With pre-training, fine-tuning keeps the segments aligned with the teacher (w_align): the only
-signal the novel classes get, since their labels are removed."""
+signal the novel classes get, since their labels are removed. The boundary network also learns the
+teacher's region-level edges at half weight (chosen on the dev rooms, LA seed 0: boundary AP 0.28
+-> 0.39, mIoU 20.2 -> 20.3; no 3D label involved)."""
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "supervised": {**COMMON, "init": False, "w_boundary": 0.0, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
