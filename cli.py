@@ -383,7 +383,7 @@ def finetune(store: str = STORE, out: Path = typer.Option(..., "--out", "-o", he
 def eval_cmd(run: Path = RUN, store: str = STORE,
              split: Optional[str] = typer.Option(None, "--split", help="Split name or scene list file (default: the val split, or every scene of a store that has none; 'all' = every scene)."),
              ov_split: Optional[str] = typer.Option(None, "--ov-split", help="Open-vocabulary split (default: the run's)."),
-             combine: str = typer.Option("calibrated", "--combine", help="calibrated | clip | semantic"),
+             combine: Optional[str] = typer.Option(None, "--combine", help="calibrated | clip | semantic (default: the run's rule, its config's `combine`)"),
              min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
              ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Per point, the 3D CLIP feature or the scene's fused 2D one, whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:

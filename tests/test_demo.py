@@ -13,18 +13,26 @@ from ws3d_train.demo import DemoConfig, format_results, run_demo
 
 
 def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=2, val_scenes=1, corpus_rooms=2, room=SMALL, teacher_steps=15, teacher_seconds=4.0,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), train_scenes=3, val_scenes=1, dev_scenes=1, corpus_rooms=2, room=SMALL,
+                     teacher_steps=15, teacher_seconds=4.0,
                      pretrain_steps=2, finetune_steps=2, voxel_size_m=0.1, max_voxels=5000, batch_size=1,
                      executor=ExecutorConfig(kind="sync"))
     lines: list[str] = []
     results = run_demo(cfg, echo=lines.append)
     written = json.loads((tmp_path / "demo" / "results.json").read_text())
-    row = written["table"]["+pretrain (full)"]
-    assert set(row) >= {"mIoU", "novel mIoU", "hIoU", "AP50", "box mAP@25"}
+    row = written["table"]["LA +pretrain (full)"]
+    assert set(row) >= {"mIoU", "novel mIoU", "hIoU", "AP50", "box mAP@25", "boundary AP", "region AP", "flag AP"}
     assert 0.0 <= row["mIoU"]["mean"] <= 1.0
-    assert written["val_scenes"] == 1 and written["train_scenes"] == 2
+    assert written["val_scenes"] == 1 and written["train_scenes"] == 2 and written["dev_scenes"] == 1
     assert set(written["preprocess_seconds"]) >= {"ingest", "overseg", "render", "corpus", "teacher", "embed"}
-    assert "+pretrain (full)" in format_results(results)
+    assert "LA +pretrain (full)" in format_results(results)
+    # boundaries: the evaluation's voxels and the per-vertex check of `ws3d predict` against the raw annotation
+    boundary = written["metrics"]["boundary"]
+    assert 0 < boundary["random"]["ap"] < 1 and boundary["head"]["rows"] == boundary["overseg_flag"]["rows"] > 0
+    assert row["boundary AP"]["mean"] == pytest.approx(boundary["head"]["ap"])
+    vertex = written["vertex_boundaries"]
+    assert 0 <= vertex["predict"]["ap"] <= 1 and vertex["overseg_flag"]["rows"] == vertex["predict"]["rows"] > 0
+    assert "boundaries per vertex" in format_results(results)
     # one table from one prediction: mIoU is the calibrated prediction's, the semantic head apart
     assert row["mIoU"]["mean"] == pytest.approx(written["metrics"]["open_vocab"]["combined"]["miou"])
     assert row["sem-head mIoU"]["mean"] == pytest.approx(written["metrics"]["semantic"]["miou"])
@@ -34,14 +42,15 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     fusion = written["table"]["2d fusion"]
     assert 0.0 <= fusion["mIoU"]["mean"] <= 1.0 and fusion["sem-head mIoU"]["mean"] is None
     # the 2D-3D ensemble: the full run's checkpoint, scored with the scenes' fused 2D features
-    ensemble = written["table"]["full + 2d-3d ensemble"]
+    ensemble = written["table"]["LA full + 2d-3d ensemble"]
     assert 0.0 <= ensemble["mIoU"]["mean"] <= 1.0
     assert ensemble["sem-head mIoU"]["mean"] == pytest.approx(row["sem-head mIoU"]["mean"])  # same network
     assert set(written["ratios"]) >= {"full_novel_over_base", "ensemble_novel_over_chance"}
     # the protocol: the teacher's corpus is its own rooms, never a 3D room
     protocol = written["protocol"]
     assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 2 and len(protocol["val_scenes"]) == 1
-    scenes_3d = set(protocol["train_scenes"]) | set(protocol["val_scenes"])
+    assert len(protocol["dev_scenes"]) == 1 and not set(protocol["dev_scenes"]) & set(protocol["train_scenes"])
+    scenes_3d = set(protocol["train_scenes"]) | set(protocol["val_scenes"]) | set(protocol["dev_scenes"])
     assert not set(protocol["teacher_scenes"]) & scenes_3d
     assert protocol["teacher_store"] != str(tmp_path / "demo" / "store.zarr")
     assert protocol["novel_classes"] == ["sofa", "bookshelf", "desk", "toilet"]
@@ -66,7 +75,27 @@ def test_demo_refuses_unknown_benchmark_rows_before_any_work(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"), ablation=True, rows=("supervised", "+magic"))
     with pytest.raises(ValueError, match=r"\+magic"):
         run_demo(cfg, echo=lambda _: None)
+    with pytest.raises(ValueError, match="setting xx"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), ablation=True, settings=("la", "xx")), echo=lambda _: None)
     assert not (tmp_path / "demo").exists()
+
+
+def test_dev_split_never_overlaps_the_training_or_validation_lists():
+    from ws3d_train.demo import split_rooms
+
+    train_all = [f"scene{i:04d}_00" for i in range(24)]
+    val = [f"scene{i:04d}_00" for i in range(24, 32)]
+    for seed in range(5):
+        lists = split_rooms(train_all, val, dev=4, limited=5, seed=seed)
+        train, dev, lr = set(lists["train"]), set(lists["dev"]), set(lists["lr"])
+        assert len(dev) == 4 and len(train) == 20 and train | dev == set(train_all)
+        assert not dev & train and not dev & set(val) and not train & set(val)
+        assert len(lr) == 5 and lr <= train  # the fully labelled rooms are training rooms
+    assert split_rooms(train_all, val, dev=4, limited=5, seed=0) == split_rooms(train_all, val, dev=4, limited=5, seed=0)
+    assert split_rooms(train_all, val, dev=4, limited=5, seed=0)["dev"] != split_rooms(train_all, val, dev=4, limited=5, seed=1)["dev"]
+    assert split_rooms(train_all, val, dev=0, limited=5, seed=0)["dev"] == []
+    with pytest.raises(ValueError, match="leaves none"):
+        split_rooms(train_all[:2], val, dev=2, limited=1, seed=0)
 
 
 def test_anchor_ratios_from_table_means():
@@ -75,14 +104,20 @@ def test_anchor_ratios_from_table_means():
     def row(miou, base, novel):
         return {"mIoU": {"mean": miou}, "base mIoU": {"mean": base}, "novel mIoU": {"mean": novel}}
 
-    table = {"supervised": row(0.10, 0.12, 0.04), "+pretrain (full)": row(0.16, 0.18, 0.09),
-             "all base labels": row(0.32, 0.36, 0.10)}
+    table = {"LA supervised": row(0.10, 0.12, 0.04), "LA +pretrain (full)": row(0.16, 0.18, 0.09),
+             "all base labels": row(0.32, 0.36, 0.10), "LR supervised": row(0.20, 0.2, 0.0),
+             "LR +boundary energy": row(0.215, 0.2, 0.0)}
+    table["LR +boundary energy"].update({"boundary AP": {"mean": 0.6}, "flag AP": {"mean": 0.2}, "region AP": {"mean": 0.5}})
     ratios = anchor_ratios(table, chance=0.02)
     assert ratios["full_novel_over_base"] == pytest.approx(0.5)
     assert ratios["full_novel_over_chance"] == pytest.approx(4.5)
     assert ratios["full_over_all_base_labels"] == pytest.approx(0.5)
     assert ratios["full_minus_supervised_miou"] == pytest.approx(6.0)
+    assert ratios["lr_energy_gain_miou"] == pytest.approx(1.5)
+    assert ratios["lr_plus_boundary_energy_boundary_ap_over_flag"] == pytest.approx(3.0)
+    assert ratios["lr_plus_boundary_energy_region_ap_over_flag"] == pytest.approx(2.5)
     assert not any(k.startswith("ensemble") for k in ratios)  # no such row, no such ratio
+    assert "energy_gain_miou" not in ratios  # LA has no such pair of rows
 
 
 def test_every_benchmark_setting_is_a_valid_finetune_config_and_diagnostics_change_one_term():
@@ -96,7 +131,8 @@ def test_every_benchmark_setting_is_a_valid_finetune_config_and_diagnostics_chan
         keys = set(SETTINGS[a]) | set(SETTINGS[b])
         return {k for k in keys if SETTINGS[a].get(k) != SETTINGS[b].get(k)}
 
-    assert differs("+boundary only", "+energy") == {"w_energy"}
-    assert differs("+energy x10", "+energy") == {"w_energy"}
+    assert differs("+boundary only", "+boundary energy") == {"w_energy"}
     assert differs("full without energy", "+pretrain (full)") == {"w_energy"}
     assert differs("+boundary only", "supervised") == {"w_boundary"}  # the boundary head alone
+    assert differs("+region (single-stage)", "+region (multi-stage)") == {"region_stages", "region_embedding"}
+    assert differs("+region (multi-stage)", "+boundary energy") == {"w_region", "region_stages", "region_embedding", "two_copies"}

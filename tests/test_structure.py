@@ -115,7 +115,7 @@ PIPELINE_CORE = ("pipeline.errors", "pipeline.config", "pipeline.schema", "pipel
 STAGE_FAMILIES = ("pipeline.datasets", "pipeline.overseg", "pipeline.render", "pipeline.clip", "pipeline.teacher",
                   "pipeline.embed", "pipeline.stages", "pipeline.workflow", "pipeline.summary", "pipeline.validate")
 TRAINER_FOUNDATIONS = ("ws3d_train.sparse", "ws3d_train.network", "ws3d_train.checkpoint", "ws3d_train.device",
-                       "ws3d_train.logging", "ws3d_train.open_vocab", "ws3d_train.data")
+                       "ws3d_train.logging", "ws3d_train.open_vocab", "ws3d_train.boundaries", "ws3d_train.data")
 """What training and inference both stand on: they import neither."""
 INFERENCE = ("ws3d_train.infer", "ws3d_train.viewer", "ws3d_train.run")
 

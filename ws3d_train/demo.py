@@ -6,8 +6,10 @@ The protocol (recorded in results.json as `protocol`):
   from a separate seed namespace with their own scene ids (:mod:`pipeline.teacher.corpus`), rendered into
   a separate store. It never opens the 3D store; the trainers refuse a teacher whose corpus is
   their store or shares any of their scenes;
-- the 3D rooms are split into named train and validation lists; pre-training and fine-tuning read
-  only the train list, evaluation only the validation list; nothing is tuned on validation rooms;
+- the 3D rooms are split into named train, dev and validation lists: the dev rooms are carved
+  from the training rooms (base-class labels only, left out of pre-training and fine-tuning) and
+  are where weights and rules are chosen; pre-training and fine-tuning read only the train list,
+  evaluation the validation list; nothing is tuned on validation rooms;
 - novel classes get no label from the 3D rooms through any path (loss, boundary target, model
   selection): fine-tuning sees `labels` points per scene of the base classes only;
 - one table from one prediction: mIoU, base, novel and harmonic-mean IoU all from the final
@@ -23,12 +25,18 @@ Synthesises rooms (train + val) in the ScanNet raw layout, preprocesses them thr
 (ingest, over-segment, render), builds the teacher corpus and fits the teacher on it, embeds,
 pre-trains, fine-tunes with few labels on the base classes of the synthetic open-vocabulary split,
 evaluates on the validation rooms, and writes a results table (JSON + terminal) and pictures.
-With `ablation=True` it runs the miniature benchmark instead: the settings of `rows` (supervised
-only; + energy; + region contrast; + pre-training; all base labels; 2D fusion) over `seeds`,
-resumable per row and seed (each finished evaluation is kept in eval/<row>_s<seed>.json).
+With `ablation=True` it runs the miniature benchmark instead: the rows of `rows` (supervised
+only; + the boundary network and energy; + region contrast at several stages (and at one, for
+comparison); + pre-training; all base labels; the 2D-3D ensemble; 2D fusion) in each label setting
+of `settings` (``la``: limited annotations, `labels` points a room; ``lr``: limited
+reconstructions, `limited_rooms` training rooms fully labelled on base classes) over `seeds`,
+resumable per row, setting and seed (each finished evaluation is kept in
+eval/<split>/<setting>_<row>_s<seed>.json). With `eval_split="dev"` it scores on the dev rooms
+instead (novel labels hidden there too), with `overrides` applied to every trained row: how the
+weights and rules of SETTINGS were chosen (docs/benchmarks.md).
 
-Writes under `out/`: raw/, store.zarr, corpus/ (raw/, store.zarr), teacher/, pretrain[_sN]/,
-finetune_*/, eval/, results.json, report/ (PNGs).
+Writes under `out/`: raw/, store.zarr, train.txt dev.txt val.txt lr.txt, corpus/ (raw/,
+store.zarr), teacher/, pretrain[_sN]/, finetune_*/, eval/, results.json, report/ (PNGs).
 """
 from __future__ import annotations
 
@@ -60,6 +68,12 @@ class DemoConfig:
     """Training rooms at scale 1."""
     val_scenes: int = 8
     """Validation rooms at scale 1 (never seen by the teacher or the trainer)."""
+    dev_scenes: int = 4
+    """Training rooms set aside at scale 1 as the dev split (base-class labels only, never trained
+    on): where weights and rules are chosen. 0: none (every training room is trained on)."""
+    limited_rooms: int = 5
+    """Limited reconstructions (setting ``lr``): training rooms fully labelled on base classes,
+    the only rooms fine-tuning reads (pre-training still reads every training room)."""
     seed: int = 0
     """Seed of the rooms, the label draw and training."""
     room: SynthConfig = SynthConfig()
@@ -98,9 +112,19 @@ class DemoConfig:
     """Run the miniature benchmark (the settings of `rows` over `seeds`) instead of the single full run."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds of the miniature benchmark (the rooms, corpus and labelled points stay those of `seed`)."""
-    rows: tuple[str, ...] = ("supervised", "+energy", "+region", "+pretrain (full)", "full + 2d-3d ensemble",
-                             "all base labels", "2d fusion")
+    rows: tuple[str, ...] = ("supervised", "+boundary energy", "+region (multi-stage)", "+region (single-stage)",
+                             "+pretrain (full)", "full + 2d-3d ensemble", "all base labels", "2d fusion")
     """Rows of the miniature benchmark (keys of SETTINGS, "full + 2d-3d ensemble" and "2d fusion")."""
+    settings: tuple[str, ...] = ("lr", "la")
+    """Label settings of the miniature benchmark (keys of LABEL_SETTINGS); "all base labels" and
+    "2d fusion" do not depend on them and run once."""
+    eval_split: str = "val"
+    """Where rows are scored: ``val`` (the validation rooms) or ``dev`` (the dev rooms carved from
+    the training rooms, novel labels hidden: model selection)."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """FinetuneConfig fields applied to every trained row on top of SETTINGS (dev searches)."""
+    tag: str = ""
+    """Suffix of run folders and kept evaluations (tells dev variants apart)."""
     min_region_size: int = 20
     """Smallest instance (points) counted by AP and box mAP (ScanNet: 100; the 8-cm demo rooms are small)."""
     embed: EmbedConfig = EmbedConfig()
@@ -119,25 +143,40 @@ class DemoConfig:
     """Write pictures of the run."""
 
 
+COMMON: dict[str, Any] = {"combine": "calibrated", "energy_confidence_weight": 1.0}
+"""Rules shared by every trained row (chosen on the dev rooms: docs/benchmarks.md)."""
+ENERGY: dict[str, Any] = {"w_energy": 0.1}
+"""The energy's weight in every row that has it (chosen on the dev rooms)."""
+REGION: dict[str, Any] = {"w_region": 0.1, "region_stages": [8, 4, 2, 1], "region_embedding": "projection"}
+"""Region contrast at the four decoder stages, each through its projection head."""
+PRETRAINED: dict[str, Any] = {"init": True, "w_align": 1.0, "boundary_teacher_weight": 0.5}
+"""With pre-training, fine-tuning keeps the segments aligned with the teacher (w_align): the only
+signal the novel classes get, since their labels are removed. The boundary network also learns the
+teacher's region-level edges at half weight (chosen on the dev rooms, LA seed 0: boundary AP 0.28
+-> 0.39, mIoU 20.2 -> 20.3; no 3D label involved)."""
+
 SETTINGS: dict[str, dict[str, Any]] = {
-    "supervised": {"init": False, "w_boundary": 0.0, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
-    "+energy": {"init": False, "w_energy": 0.1, "w_region": 0.0, "two_copies": False},
-    "+region": {"init": False, "w_energy": 0.1, "w_region": 0.1},
-    # with pre-training, fine-tuning also keeps the segments aligned with the teacher (w_align):
-    # the only signal the novel classes get, since their labels are removed
-    "+pretrain (full)": {"init": True, "w_energy": 0.1, "w_region": 0.1, "w_align": 1.0},
+    "supervised": {**COMMON, "init": False, "w_boundary": 0.0, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
+    # the boundary network and the boundary-aware energy acting on its region-level boundaries
+    "+boundary energy": {**COMMON, **ENERGY, "init": False, "w_region": 0.0, "two_copies": False},
+    "+region (multi-stage)": {**COMMON, **ENERGY, **REGION, "init": False},
+    # the earlier single-stage contrast (last decoder features, no projection head), for comparison
+    "+region (single-stage)": {**COMMON, **ENERGY, **REGION, "init": False, "region_stages": [1], "region_embedding": "feats"},
+    "+pretrain (full)": {**COMMON, **ENERGY, **REGION, **PRETRAINED},
     # the upper bound of the label budget: every point of the base classes labelled (novel still none)
-    "all base labels": {"init": True, "w_energy": 0.1, "w_region": 0.1, "w_align": 1.0, "labels": "all"},
-    # diagnostics of the energy loss (not in the default rows): the boundary head alone, and the
-    # energy at ten times its weight; read against "supervised" and "+energy", never used to
-    # choose a default (they are scored on the validation rooms)
-    "+boundary only": {"init": False, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
-    "+energy x10": {"init": False, "w_energy": 1.0, "w_region": 0.0, "two_copies": False},
-    # the energy term left out of the full method (boundary head kept): its effect where it is used
-    "full without energy": {"init": True, "w_energy": 0.0, "w_region": 0.1, "w_align": 1.0},
+    "all base labels": {**COMMON, **ENERGY, **REGION, **PRETRAINED, "labels": "all"},
+    # diagnostics (not in the default rows): the boundary network alone, the energy left out of
+    # the full method; read against the rows above, never used to choose a default
+    "+boundary only": {**COMMON, "init": False, "w_energy": 0.0, "w_region": 0.0, "two_copies": False},
+    "full without energy": {**COMMON, **REGION, **PRETRAINED, "w_energy": 0.0},
 }
-"""The miniature benchmark's trained settings, each adding one part of the method, and the
+"""The miniature benchmark's trained rows, each adding one part of the method, and the
 all-labels upper bound; the "2d fusion" row needs no training (:mod:`ws3d_train.infer.fusion`)."""
+LABEL_SETTINGS: dict[str, str] = {"la": "limited annotations", "lr": "limited reconstructions"}
+"""The label settings: ``la`` `labels` points a training room; ``lr`` `limited_rooms` training rooms
+fully labelled (base classes), the other training rooms unused by fine-tuning."""
+SHARED_ROWS = ("all base labels", "2d fusion")
+"""Rows that do not depend on the label setting (run once, named without it)."""
 FUSION_ROW = "2d fusion"
 ENSEMBLE_ROW = "full + 2d-3d ensemble"
 """The full run's network, its CLIP head ensembled per point with the scene's fused 2D features
@@ -165,11 +204,14 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     raw, store = out / "raw", out / "store.zarr"
     t0 = time.perf_counter()
     ids = synthesise(raw, n_train + n_val, seed=cfg.seed, cfg=cfg.room)
-    train_ids, val_ids = ids[:n_train], ids[n_train:]
-    (out / "train.txt").write_text("\n".join(train_ids) + "\n")
-    (out / "val.txt").write_text("\n".join(val_ids) + "\n")
+    lists = split_rooms(ids[:n_train], ids[n_train:], dev=min(_n(cfg.dev_scenes, cfg.scale), n_train - 1) if cfg.dev_scenes else 0,
+                        limited=_n(cfg.limited_rooms, cfg.scale), seed=cfg.seed)
+    for name, scene_list in lists.items():
+        (out / f"{name}.txt").write_text("\n".join(scene_list) + "\n")
+    train_ids, dev_ids, val_ids = lists["train"], lists["dev"], lists["val"]
     timings: dict[str, float] = {"synth": time.perf_counter() - t0}
-    echo(f"synth: {len(ids)} rooms ({n_train} train, {n_val} val) in {timings['synth']:.0f} s")
+    echo(f"synth: {len(ids)} rooms ({len(train_ids)} train, {len(dev_ids)} dev carved from the training rooms, "
+         f"{len(val_ids)} val) in {timings['synth']:.0f} s")
     base = WorkflowConfig(dataset="synthetic", raw=str(raw), store=str(store), executor=cfg.executor,
                           stages=("ingest", "overseg", "render"))
     reports = run_workflow(base, echo=echo)
@@ -214,9 +256,28 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
         if not report.ok:
             raise RuntimeError(f"demo embedding failed:\n{report.summary()}")
     return {"raw": str(raw), "store": str(store), "teacher": str(teacher_dir), "train": train_ids,
-            "val": val_ids, "train_list": str(out / "train.txt"), "val_list": str(out / "val.txt"),
+            "val": val_ids, "dev": dev_ids, "lr": lists["lr"], "train_list": str(out / "train.txt"),
+            "val_list": str(out / "val.txt"), "dev_list": str(out / "dev.txt"), "lr_list": str(out / "lr.txt"),
             "corpus_store": corpus["store"], "corpus_scenes": corpus["scenes"],
             "teacher_fit": fit, "teacher_on_val": on_val, "split": split, "preprocess_seconds": timings}
+
+
+def split_rooms(train_all: list[str], val: list[str], *, dev: int, limited: int, seed: int) -> dict[str, list[str]]:
+    """The scene lists of the demo: ``dev`` rooms drawn (seeded) from the training rooms and left
+    out of training, the rest ``train``; ``lr`` the first `limited` rooms of ``train`` in a seeded
+    order (the fully labelled rooms of limited reconstructions); ``val`` as given.
+
+    Raises:
+        ValueError when the dev split would take every training room.
+    """
+    if dev >= len(train_all) and dev > 0:
+        raise ValueError(f"dev split of {dev} rooms leaves none of the {len(train_all)} training rooms to train on")
+    rng = np.random.default_rng([seed, 2300])
+    order = rng.permutation(len(train_all))
+    dev_ids = sorted(train_all[i] for i in order[:dev])
+    train = [s for s in train_all if s not in set(dev_ids)]
+    lr = sorted(train[i] for i in rng.permutation(len(train))[:min(limited, len(train))])
+    return {"train": train, "dev": dev_ids, "val": list(val), "lr": lr}
 
 
 def _class_names(store_path: str) -> list[str]:
@@ -235,7 +296,10 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     return {
         "teacher_store": prep["corpus_store"], "teacher_scenes": list(prep["corpus_scenes"]),
         "teacher_seed_namespace": f"corpus_seed({cfg.seed})",
-        "train_scenes": list(prep["train"]), "val_scenes": list(prep["val"]),
+        "train_scenes": list(prep["train"]), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
+        "dev_split": "carved from the training rooms, never trained on; base-class labels only; weights and rules "
+                     "are chosen there, never on the validation rooms",
+        "lr_scenes": list(prep["lr"]),
         "base_classes": [names[c] for c in split.base], "novel_classes": [names[c] for c in split.novel],
         "ignored_classes": [names[c] for c in split.ignored],
         "labels": cfg.labels, "labelled_points_per_scene": int(amount) if kind == "count" else None,
@@ -266,33 +330,53 @@ def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callabl
 
 
 def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: dict[str, Any], seed: int,
-                 init: str | None, echo: Callable[[str], None] = print) -> str:
+                 init: str | None, echo: Callable[[str], None] = print, *, setting: str = "la") -> str:
     from ws3d_train.train.finetune import FinetuneConfig, finetune
 
-    run = Path(cfg.out) / (f"finetune_{_slug(name)}_s{seed}" if cfg.ablation else "finetune")
+    if cfg.ablation:
+        where = name if name in SHARED_ROWS else f"{setting}_{name}"
+        run = Path(cfg.out) / f"finetune_{_slug(where)}_s{seed}{_tag(cfg)}"
+    else:
+        run = Path(cfg.out) / "finetune"
     steps = _n(cfg.finetune_steps, cfg.scale)
     values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"], "init": init,
               "labels": cfg.labels, "label_seed": cfg.seed, "ov_split": cfg.ov_split, "steps": steps,
               "warmup_steps": max(1, steps // 10), "checkpoint_every": steps}
+    if setting == "lr" and name not in SHARED_ROWS:  # a few rooms, every base-class point labelled
+        values.update(labels="all", limited_scenes=prep["lr_list"])
     values.update({k: v for k, v in overrides.items() if k != "init"})
+    values.update(cfg.overrides)
     fcfg = from_dict(FinetuneConfig, values, where="demo.finetune")
     t0 = time.perf_counter()
     summary = finetune(fcfg, run, resume=(run / "metrics.jsonl").exists())
-    echo(f"finetune [{name}, seed {seed}]: {steps} steps in {time.perf_counter() - t0:.0f} s ({_brief(summary)})")
+    echo(f"finetune [{setting} {name}, seed {seed}]: {steps} steps in {time.perf_counter() - t0:.0f} s ({_brief(summary)})")
     return str(run)
 
 
+def _tag(cfg: DemoConfig) -> str:
+    return f"_{cfg.tag}" if cfg.tag else ""
+
+
 def _brief(summary: dict[str, Any]) -> str:
-    keys = [k for k in ("first_loss", "final_loss", "loss") if isinstance(summary.get(k), (int, float))]
+    keys = [k for k in ("first_loss", "final_loss", "loss", "share_energy") if isinstance(summary.get(k), (int, float))]
     return ", ".join(f"{k}={summary[k]:.3f}" for k in keys) or "done"
+
+
+COLUMNS = ("mIoU", "base mIoU", "novel mIoU", "hIoU", "sem-head mIoU", "AP50", "AP25", "box mAP@25", "box mAP@50",
+           "boundary AP", "region AP", "flag AP", "interface AP")
+"""The columns of the results table (in %; the boundary ones are average precisions against true
+semantic boundaries: the boundary network's voxels, its region-level labels, the over-segmentation
+flag, the voxels on over-segment interfaces)."""
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of the results table from an `evaluate` (or `evaluate_fusion`) result: mIoU,
-    base, novel and hIoU all from the final (combined) prediction; the semantic head alone apart."""
+    base, novel and hIoU all from the final (combined) prediction; the semantic head alone apart;
+    boundary average precisions."""
     sem = metrics.get("semantic", {})
     ov = (metrics.get("open_vocab", {}) or {}).get("combined", {}) or {}
     inst, box = metrics.get("instance", {}) or {}, metrics.get("box", {}) or {}
+    bd = metrics.get("boundary", {}) or {}
 
     def pick(d: dict[str, Any], *keys: str) -> float:
         for key in keys:
@@ -303,47 +387,82 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {"mIoU": pick(ov, "miou"), "base mIoU": pick(ov, "base_miou"), "novel mIoU": pick(ov, "novel_miou"),
             "hIoU": pick(ov, "hiou"), "sem-head mIoU": pick(sem, "miou"), "AP50": pick(inst, "ap50"),
             "AP25": pick(inst, "ap25"), "box mAP@25": pick(box, "map@0.25", "map25"),
-            "box mAP@50": pick(box, "map@0.5", "map50")}
+            "box mAP@50": pick(box, "map@0.5", "map50"), "boundary AP": pick(bd.get("head") or {}, "ap"),
+            "region AP": pick(bd.get("region") or {}, "ap"), "flag AP": pick(bd.get("overseg_flag") or {}, "ap"),
+            "interface AP": pick(bd.get("overseg_interface") or {}, "ap")}
 
 
 def _slug(name: str) -> str:
     return name.replace("+", "plus_").replace(" ", "_").replace("(", "").replace(")", "")
 
 
+def row_key(setting: str, name: str) -> str:
+    """The results table's name of a row in a label setting ("LA +pretrain (full)"); rows that do not
+    depend on the setting keep their own name."""
+    return name if name in SHARED_ROWS else f"{setting.upper()} {name}"
+
+
 def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, pre_run: Callable[[], str],
-                  echo: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
-    """One row and seed: train (resumable) and evaluate, or read the kept evaluation."""
+                  echo: Callable[[str], None], setting: str = "la") -> tuple[dict[str, Any], str | None]:
+    """One row, setting and seed: train (resumable) and evaluate on `cfg.eval_split`, or read the kept evaluation."""
     from ws3d_train.infer.evaluate import evaluate, evaluate_fusion, json_safe
 
-    kept = Path(cfg.out) / "eval" / f"{_slug(name)}_s{seed}.json"
+    where = name if name in SHARED_ROWS else f"{setting}_{name}"
+    kept = Path(cfg.out) / "eval" / cfg.eval_split / f"{_slug(where)}_s{seed}{_tag(cfg)}.json"
     if cfg.ablation and kept.is_file():
-        echo(f"{name} [seed {seed}]: kept evaluation {kept}")
+        echo(f"{row_key(setting, name)} [seed {seed}]: kept evaluation {kept}")
         return json.loads(kept.read_text()), None
+    scenes, hidden = _eval_scenes(cfg, prep)
     run = None
     if name == FUSION_ROW:
-        metrics = evaluate_fusion(prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=cfg.min_region_size)
+        metrics = evaluate_fusion(prep["store"], scenes, ov_split=cfg.ov_split, min_region_size=cfg.min_region_size)
     else:
         trained = FULL_ROW if name == ENSEMBLE_ROW else name  # the ensemble reuses the full run
         overrides = SETTINGS[trained]
-        run = run_finetune(cfg, prep, trained, overrides, seed, pre_run() if overrides["init"] else None, echo)
-        metrics = evaluate(run, prep["store"], prep["val"], ov_split=cfg.ov_split, min_region_size=cfg.min_region_size,
-                           ensemble_2d=name == ENSEMBLE_ROW)
+        run = run_finetune(cfg, prep, trained, overrides, seed, pre_run() if overrides["init"] else None, echo,
+                           setting=setting)
+        metrics = evaluate(run, prep["store"], scenes, ov_split=cfg.ov_split, min_region_size=cfg.min_region_size,
+                           ensemble_2d=name == ENSEMBLE_ROW, gt_ignore=hidden)
+        if cfg.eval_split == "dev":  # the other combination rule too: the rule is chosen here
+            rule = metrics["open_vocab"]["combine"]
+            other = "clip" if rule == "calibrated" else "calibrated"
+            metrics["other_combine"] = {"combine": other, **_headline(evaluate(
+                run, prep["store"], scenes, ov_split=cfg.ov_split, min_region_size=cfg.min_region_size,
+                ensemble_2d=name == ENSEMBLE_ROW, gt_ignore=hidden, combine=other))}
     kept.parent.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps(json_safe(metrics)))
     return metrics, run
+
+
+def _eval_scenes(cfg: DemoConfig, prep: dict[str, Any]) -> tuple[list[str], tuple[int, ...]]:
+    """The scenes rows are scored on and the classes whose labels are hidden there: on the dev
+    rooms the novel classes' labels stay unseen (nothing is chosen on a novel label)."""
+    if cfg.eval_split == "val":
+        return list(prep["val"]), ()
+    if cfg.eval_split == "dev":
+        if not prep["dev"]:
+            raise ValueError("DemoConfig.eval_split='dev' needs dev rooms (dev_scenes > 0)")
+        return list(prep["dev"]), tuple(prep["split"].novel)
+    raise ValueError(f"DemoConfig.eval_split: expected 'val' or 'dev', got {cfg.eval_split!r}")
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo (or, with cfg.ablation, the miniature benchmark). Returns and writes results.json."""
     start = time.perf_counter()
     names = list(cfg.rows) if cfg.ablation else [FULL_ROW, ENSEMBLE_ROW, FUSION_ROW]
+    settings = list(cfg.settings) if cfg.ablation else ["la"]
     unknown = [n for n in names if n not in SETTINGS and n not in (ENSEMBLE_ROW, FUSION_ROW)]
+    unknown += [f"setting {s}" for s in settings if s not in LABEL_SETTINGS]
     if unknown:  # before hours of preprocessing
-        raise ValueError(f"DemoConfig.rows: unknown {unknown}; choose from {[*SETTINGS, ENSEMBLE_ROW, FUSION_ROW]}")
+        raise ValueError(f"DemoConfig.rows/settings: unknown {unknown}; rows: {[*SETTINGS, ENSEMBLE_ROW, FUSION_ROW]}, "
+                         f"settings: {list(LABEL_SETTINGS)}")
+    if cfg.eval_split not in ("val", "dev"):
+        raise ValueError(f"DemoConfig.eval_split: expected 'val' or 'dev', got {cfg.eval_split!r}")
     prep = prepare(cfg, echo)
     fit, on_val = prep["teacher_fit"], prep["teacher_on_val"]
     results: dict[str, Any] = {
         "config": to_dict(cfg), "train_scenes": len(prep["train"]), "val_scenes": len(prep["val"]),
+        "dev_scenes": len(prep["dev"]), "eval_split": cfg.eval_split,
         "preprocess_seconds": prep["preprocess_seconds"], "protocol": protocol_record(cfg, prep),
         "teacher": {
             "crop_accuracy_heldout_corpus": fit.get("crop_accuracy_heldout"),
@@ -353,9 +472,10 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
             "crop_accuracy_3d_val": {k: on_val[k] for k in ("all", "base", "novel", "n_base", "n_novel")},
             "steps": fit.get("steps"), "seconds": prep["preprocess_seconds"].get("teacher"),
         },
-        **chance_iou(prep["store"], prep["val"], cfg.ov_split),
+        **chance_iou(prep["store"], _eval_scenes(cfg, prep)[0], cfg.ov_split),
     }
     rows: dict[str, list[dict[str, float]]] = {}
+    other_rule: dict[str, list[dict[str, float]]] = {}
     seeds = cfg.seeds if cfg.ablation else (cfg.seed,)
     last_run = None
     row_seconds: dict[str, float] = {}
@@ -367,21 +487,34 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
                 pre["run"] = run_pretrain(cfg, prep, seed, echo)
             return pre["run"]
 
-        for name in names:
-            if name == FUSION_ROW and seed != seeds[0]:
-                continue  # nothing is trained: the same for every seed
-            t0 = time.perf_counter()
-            metrics, run = _evaluate_row(cfg, prep, name, seed, pre_run, echo)
-            row_seconds[name] = row_seconds.get(name, 0.0) + time.perf_counter() - t0
-            rows.setdefault(name, []).append(_headline(metrics))
-            if name == FULL_ROW:
-                last_run = run or last_run
-                if not cfg.ablation:
-                    results["metrics"] = metrics
-            elif name == FUSION_ROW and not cfg.ablation:
-                results["fusion_metrics"] = metrics
+        for setting in settings:
+            for name in names:
+                if name in SHARED_ROWS and setting != settings[0]:
+                    continue  # the same in every setting
+                if name == FUSION_ROW and seed != seeds[0]:
+                    continue  # nothing is trained: the same for every seed
+                key = row_key(setting, name)
+                t0 = time.perf_counter()
+                metrics, run = _evaluate_row(cfg, prep, name, seed, pre_run, echo, setting)
+                row_seconds[key] = row_seconds.get(key, 0.0) + time.perf_counter() - t0
+                rows.setdefault(key, []).append(_headline(metrics))
+                if "other_combine" in metrics:
+                    other_rule.setdefault(key, []).append(metrics["other_combine"])
+                if name == FULL_ROW:
+                    last_run = run or last_run
+                    if not cfg.ablation:
+                        results["metrics"] = metrics
+                elif name == FUSION_ROW and not cfg.ablation:
+                    results["fusion_metrics"] = metrics
     results["table"] = {name: _aggregate(values) for name, values in rows.items()}
+    if other_rule:
+        results["other_combine"] = {name: {"combine": values[0]["combine"],
+                                           **_aggregate([{k: v for k, v in x.items() if k != "combine"} for x in values])}
+                                    for name, values in other_rule.items()}
     results["ratios"] = anchor_ratios(results["table"], results["chance_miou"])
+    if not cfg.ablation and last_run is not None:  # the per-vertex boundaries of `ws3d predict` on the raw annotation
+        scenes, hidden = _eval_scenes(cfg, prep)
+        results["vertex_boundaries"] = vertex_boundary_check(last_run, prep, scenes, hidden_classes=hidden, echo=echo)
     results["row_seconds"] = row_seconds
     results["seconds"] = time.perf_counter() - start
     out = Path(cfg.out)
@@ -396,6 +529,63 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
         except ImportError as exc:  # pictures are a nicety; the numbers are already written
             echo(f"report skipped: {exc}")
     return results
+
+
+def vertex_boundary_check(run: str, prep: dict[str, Any], scene_ids: list[str], *, radius_m: float = 0.05,
+                          hidden_classes: tuple[int, ...] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The per-vertex ``boundary`` of ``ws3d predict`` (:func:`ws3d_train.infer.predict.predict_scene`)
+    against true semantic boundaries taken from the raw annotation: a labelled vertex joined to a
+    labelled vertex of another class by a mesh edge or lying within `radius_m` of one (the dataset
+    reader's labels, novel classes included; the synthetic rooms' objects are meshes of their own,
+    so their edges never cross a class), beside the over-segmentation's per-point border flag and
+    random (AP = the share of boundary vertices). Also the boundary network's voxel probability per
+    vertex (``head``). `hidden_classes` are treated as unlabelled (dev rooms: the novel classes)."""
+    from scipy.spatial import cKDTree
+
+    from pipeline import schema
+    from pipeline.datasets import get_dataset
+    from pipeline.store import Store
+    from ws3d_train.infer.boundary import point_boundary, voxel_boundaries
+    from ws3d_train.infer.metrics import BoundaryCurve, boundary_quality, semantic_boundaries
+    from ws3d_train.infer.predict import infer_scene, load_run, predict_scene
+
+    store = Store.open(prep["store"])
+    reader = get_dataset(store.dataset, readable=True)
+    loaded = load_run(run)
+    curves = {"predict": BoundaryCurve(), "head": BoundaryCurve(), "overseg_flag": BoundaryCurve()}
+    for scene_id in scene_ids:
+        raw = reader.read_scene(prep["raw"], scene_id)
+        if raw.faces is None:
+            raise ValueError(f"{scene_id}: the vertex check needs a mesh (faces) in the raw annotation")
+        faces = raw.faces.astype(np.int64)
+        near = cKDTree(raw.xyz).query_pairs(radius_m, output_type="ndarray").astype(np.int64)
+        edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]], near.reshape(-1, 2)])
+        labels = raw.semantic.astype(np.int64)
+        labels[np.isin(labels, np.asarray(hidden_classes, np.int64))] = schema.IGNORE_INDEX
+        truth = semantic_boundaries(labels, edges)
+        labelled = labels != schema.IGNORE_INDEX
+        pred = predict_scene(loaded, prep["store"], scene_id)
+        if pred.boundary is None or pred.boundary.shape[0] != labels.shape[0]:
+            raise ValueError(f"{scene_id}: {0 if pred.boundary is None else pred.boundary.shape[0]} predicted vertices for "
+                             f"{labels.shape[0]} raw vertices")
+        flag = store.read(scene_id, schema.BOUNDARY)
+        outputs = infer_scene(loaded, store, scene_id)
+        p2v = outputs.point_to_voxel.cpu().numpy()
+        head = point_boundary(voxel_boundaries(outputs.coords, outputs.boundary, p2v, store.read(scene_id, schema.SEGMENT),
+                                               flag), p2v, flag, "head")
+        for name, score in (("predict", pred.boundary), ("head", head), ("overseg_flag", flag.astype(np.float64))):
+            curves[name].update(score[labelled], truth[labelled])
+    out: dict[str, Any] = {"truth": f"raw-annotation vertex joined by a mesh edge to, or within {radius_m} m of, a vertex "
+                                    "of another class",
+                           "scenes": len(scene_ids), **{k: boundary_quality(c) for k, c in curves.items()}}
+    out["random"] = {"ap": out["predict"]["positive_rate"]}
+    flag_ap = out["overseg_flag"]["ap"]
+    out["predict_ap_over_flag"] = out["predict"]["ap"] / flag_ap if flag_ap else float("nan")
+    out["head_ap_over_flag"] = out["head"]["ap"] / flag_ap if flag_ap else float("nan")
+    echo(f"boundaries per vertex (ws3d predict vs the raw annotation, {len(scene_ids)} rooms): AP {out['predict']['ap']:.3f} "
+         f"(head alone {out['head']['ap']:.3f}), over-segmentation flag {flag_ap:.3f}, random {out['random']['ap']:.3f}: "
+         f"{out['predict_ap_over_flag']:.2f}x the flag")
+    return out
 
 
 def chance_iou(store_path: str, scene_ids: list[str], ov_split: str) -> dict[str, float]:
@@ -423,23 +613,40 @@ def chance_iou(store_path: str, scene_ids: list[str], ov_split: str) -> dict[str
 
 
 def anchor_ratios(table: dict[str, dict[str, dict[str, float]]], chance: float) -> dict[str, float]:
-    """The ratios the issue compares with the literature's anchors, from the table's means:
-    full method (20 labelled points a scene) over the all-base-labels row (CSC on ScanNet: 0.73),
-    novel over base mIoU (PLA 0.92, RegionPLC 1.04 with a real CLIP), novel mIoU over chance, and
-    full minus supervised mIoU (points)."""
+    """The ratios the issues compare with their goals and the literature's anchors, from the
+    table's means, per label setting present (``la`` rows unprefixed in the keys, ``lr`` rows
+    ``lr_``): full method over the all-base-labels row (CSC on ScanNet, 20 points a scene: 0.73),
+    novel over base mIoU (PLA 0.92, RegionPLC 1.04 with a real CLIP), novel mIoU over chance, full
+    minus supervised mIoU (points), what each part adds (points: the boundary energy over
+    supervised, multi-stage region contrast over the boundary energy row, multi- over single-stage),
+    and each row's boundary AP over the over-segmentation flag's."""
     def mean(row: str, col: str) -> float:
         return float(table[row][col]["mean"]) if row in table and col in table[row] else float("nan")
 
     out: dict[str, float] = {}
-    for row, tag in ((FULL_ROW, "full"), (ENSEMBLE_ROW, "ensemble")):
-        if row not in table:
-            continue
-        out[f"{tag}_novel_over_base"] = mean(row, "novel mIoU") / mean(row, "base mIoU")
-        out[f"{tag}_novel_over_chance"] = mean(row, "novel mIoU") / chance
-        if "all base labels" in table:
-            out[f"{tag}_over_all_base_labels"] = mean(row, "mIoU") / mean("all base labels", "mIoU")
-        if "supervised" in table:
-            out[f"{tag}_minus_supervised_miou"] = 100 * (mean(row, "mIoU") - mean("supervised", "mIoU"))
+    for setting, prefix in (("LA", ""), ("LR", "lr_")):
+        full, ens, sup = f"{setting} {FULL_ROW}", f"{setting} {ENSEMBLE_ROW}", f"{setting} supervised"
+        for row, tag in ((full, "full"), (ens, "ensemble")):
+            if row not in table:
+                continue
+            out[f"{prefix}{tag}_novel_over_base"] = mean(row, "novel mIoU") / mean(row, "base mIoU")
+            out[f"{prefix}{tag}_novel_over_chance"] = mean(row, "novel mIoU") / chance
+            if "all base labels" in table:
+                out[f"{prefix}{tag}_over_all_base_labels"] = mean(row, "mIoU") / mean("all base labels", "mIoU")
+            if sup in table:
+                out[f"{prefix}{tag}_minus_supervised_miou"] = 100 * (mean(row, "mIoU") - mean(sup, "mIoU"))
+        steps = (("energy_gain_miou", "+boundary energy", "supervised"),
+                 ("region_gain_miou", "+region (multi-stage)", "+boundary energy"),
+                 ("multi_minus_single_stage_miou", "+region (multi-stage)", "+region (single-stage)"))
+        for name, a, b in steps:
+            if f"{setting} {a}" in table and f"{setting} {b}" in table:
+                out[f"{prefix}{name}"] = 100 * (mean(f"{setting} {a}", "mIoU") - mean(f"{setting} {b}", "mIoU"))
+        for row in table:
+            if row.startswith(f"{setting} ") and mean(row, "flag AP") > 0:
+                slug = _slug(row[len(setting) + 1:]).lower()
+                out[f"{prefix}{slug}_boundary_ap_over_flag"] = mean(row, "boundary AP") / mean(row, "flag AP")
+                out[f"{prefix}{slug}_region_ap_over_flag"] = mean(row, "region AP") / mean(row, "flag AP")
+                out[f"{prefix}{slug}_region_ap_over_interface"] = mean(row, "region AP") / mean(row, "interface AP")
     return out
 
 
@@ -466,7 +673,7 @@ def format_results(results: dict[str, Any]) -> str:
     """The results table (percentages; mean ± std over seeds where there are several), with the
     protocol and the teacher's numbers above it."""
     table = results["table"]
-    cols = ["mIoU", "base mIoU", "novel mIoU", "hIoU", "sem-head mIoU", "AP50", "AP25", "box mAP@25", "box mAP@50"]
+    cols = list(COLUMNS)
     protocol = results.get("protocol") or {}
     min_size = protocol.get("min_region_size", (results.get("config") or {}).get("min_region_size"))
     lines = []
@@ -474,8 +681,9 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"protocol: teacher fitted on {len(protocol['teacher_scenes'])} corpus rooms of its own "
                      f"(no 3D room); trained on {len(protocol['train_scenes'])} rooms with {protocol['labels']} labelled "
                      f"points per scene of {len(protocol['base_classes'])} base classes; novel "
-                     f"{', '.join(protocol['novel_classes'])} never labelled; evaluated on {len(protocol['val_scenes'])} "
-                     "validation rooms")
+                     f"{', '.join(protocol['novel_classes'])} never labelled; {len(protocol.get('dev_scenes') or [])} dev "
+                     "rooms carved from the training rooms (never trained on: weights and rules are chosen there); evaluated on "
+                     f"{len(protocol['val_scenes'])} validation rooms")
     teacher = results.get("teacher") or {}
     if teacher:
         on_val = teacher["crop_accuracy_3d_val"]
@@ -487,11 +695,16 @@ def format_results(results: dict[str, Any]) -> str:
                      f"(majority class {pct(teacher['majority_heldout_corpus'])}, mean class "
                      f"{pct(teacher['crop_class_accuracy_heldout_corpus'])}, colour {pct(teacher['colour_accuracy_heldout_corpus'])}); "
                      f"3D validation rooms base {pct(on_val['base'])}, novel {pct(on_val['novel'])}")
-    lines += [f"results on {results['val_scenes']} validation rooms (trained on {results['train_scenes']}; "
+    split = results.get("eval_split", "val")
+    where = (f"{results['val_scenes']} validation rooms" if split == "val" else
+             f"{results.get('dev_scenes')} DEV rooms (novel labels hidden; model selection)")
+    lines += [f"results on {where} (trained on {results['train_scenes']}; "
               f"chance mIoU {100 * results['chance_miou']:.1f}, chance novel mIoU "
               f"{100 * results['chance_novel_miou']:.1f}; percentages; mIoU/base/novel/hIoU from the final prediction; "
-              f"AP and box mAP over instances of >= {min_size} points)",
-              f"{'setting':<20}" + "".join(f"{c:>14}" for c in cols)]
+              f"AP and box mAP over instances of >= {min_size} points; boundary/region/flag/interface AP: average "
+              "precision against true semantic boundaries of the boundary network, its region-level labels, the "
+              "over-segmentation flag and the over-segment interfaces)",
+              f"{'setting':<28}" + "".join(f"{c:>14}" for c in cols)]
     for name, stats in table.items():
         cells = []
         for c in cols:
@@ -500,7 +713,15 @@ def format_results(results: dict[str, Any]) -> str:
                 continue
             m, s, n = stats[c]["mean"], stats[c]["std"], stats[c]["n"]
             cells.append("-" if not math.isfinite(m) else (f"{100 * m:.1f}±{100 * s:.1f}" if n > 1 else f"{100 * m:.1f}"))
-        lines.append(f"{name:<20}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{name:<28}" + "".join(f"{c:>14}" for c in cells))
+    for name, stats in (results.get("other_combine") or {}).items():
+        cells = [f"{100 * stats[c]['mean']:.1f}" if c in stats and math.isfinite(stats[c]["mean"]) else "-" for c in cols[:5]]
+        lines.append(f"  {name} with combine={stats['combine']}: " + ", ".join(f"{c} {v}" for c, v in zip(cols[:5], cells)))
+    vb = results.get("vertex_boundaries")
+    if vb:
+        lines.append(f"boundaries per vertex (ws3d predict against the raw annotation): AP {100 * vb['predict']['ap']:.1f}, "
+                     f"best F1 {100 * vb['predict']['best_f1']:.1f}; over-segmentation flag AP {100 * vb['overseg_flag']['ap']:.1f}; "
+                     f"random {100 * vb['random']['ap']:.1f}; {vb['predict_ap_over_flag']:.2f}x the flag")
     ratios = {k: v for k, v in (results.get("ratios") or {}).items() if v is not None and math.isfinite(v)}
     if ratios:
         lines.append("ratios (anchors: CSC 20 pts/all labels 0.73 on ScanNet; novel/base PLA 0.92, RegionPLC 1.04): "

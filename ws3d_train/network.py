@@ -9,7 +9,20 @@ Topology (strides 1 -> 16 -> 1): a stem convolution at stride 1; four encoder st
 kernel-2 stride-2 convolution then ``layers[i]`` residual blocks to ``planes[i]`` channels; four
 decoder stages, each a kernel-2 stride-2 transposed convolution to ``planes[4 + i]`` channels,
 concatenation with the encoder features of that stride, then ``layers[4 + i]`` residual blocks.
-The heads are linear maps (1x1x1 convolutions) of the last decoder features.
+
+Heads:
+
+- semantic logits and the CLIP-space projection: linear maps (1x1x1 convolutions) of the last
+  decoder features;
+- the boundary network (``boundary_head="multiscale"``, the default): its own decoder branch. Each
+  decoder stage (strides 8, 4, 2, 1: context from about a metre down to a voxel) is reduced to a
+  few channels at its own resolution, every stride-1 voxel gathers those of its ancestors, a 3x3x3
+  submanifold convolution over the concatenation compares each voxel with its neighbours (a
+  boundary is a change between neighbours), then a linear map gives the logit. ``"linear"`` is a linear map of the last decoder features (the
+  earlier head, kept for comparison);
+- region projection heads: one small MLP per decoder stage (stride 8, 4, 2, 1) applied to that
+  stage's features at its own resolution, for the region-level contrast at several stages
+  (:func:`ws3d_train.train.losses.stage_segment_mean` pools them per segment).
 """
 
 from __future__ import annotations
@@ -20,9 +33,12 @@ import torch
 from torch import nn
 
 from ws3d_train.sparse.nn import SparseBatchNorm, SparseConv3d, SparseReLU, sparse_add, sparse_cat
-from ws3d_train.sparse.tensor import SparseTensor, spatial_sort_order
+from ws3d_train.sparse.tensor import SparseTensor, coordinate_keys, spatial_sort_order
 
-__all__ = ["PRESETS", "MinkUNet", "NetworkConfig", "NetworkOutput", "build_network"]
+__all__ = ["DECODER_STRIDES", "PRESETS", "MinkUNet", "NetworkConfig", "NetworkOutput", "ancestor_rows", "build_network"]
+
+DECODER_STRIDES = (8, 4, 2, 1)
+"""Tensor stride of the output of each decoder stage, in order."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,18 @@ class NetworkConfig:
     """Sparse backend: ``auto``, ``torch`` or ``torchsparse`` (see ``ws3d_train.sparse.get_backend``)."""
     bn_momentum: float = 0.1
     """Momentum of every batch norm."""
+    boundary_head: str = "multiscale"
+    """``multiscale``: the boundary network's own branch over the features of every decoder stage
+    (module docstring); ``linear``: a linear map of the last decoder features."""
+    boundary_channels: int = 16
+    """Width of the multiscale boundary branch: each decoder stage is reduced to it before the
+    3x3x3 convolution (4 x this many input channels) to this many channels."""
+    region_dim: int = 64
+    """Output width of each stage's region projection head."""
 
     def __post_init__(self) -> None:
+        if self.boundary_head not in ("multiscale", "linear"):
+            raise ValueError(f"NetworkConfig.boundary_head: expected 'multiscale' or 'linear', got {self.boundary_head!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"NetworkConfig.preset: unknown {self.preset!r}, expected one of {sorted(PRESETS)}")
         for name in ("planes", "layers"):
@@ -82,7 +108,7 @@ class NetworkConfig:
                 object.__setattr__(self, name, value)
         if self.layers is not None and min(self.layers) < 1:
             raise ValueError(f"NetworkConfig.layers: every stage needs >= 1 block, got {self.layers}")
-        for name in ("in_channels", "num_classes", "clip_dim"):
+        for name in ("in_channels", "num_classes", "clip_dim", "boundary_channels", "region_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NetworkConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -110,6 +136,13 @@ class NetworkOutput:
     """float [N] boundary logit (sigmoid -> probability that the voxel lies on a boundary)."""
     feats: torch.Tensor
     """float [N, C] last decoder features (C = planes[7])."""
+    region: tuple[torch.Tensor, ...] = ()
+    """Per decoder stage (strides :data:`DECODER_STRIDES`): float [N_s, region_dim] the stage's
+    region projection head at its own voxels (N_s rows, the last stage's N_s = N in the rows of
+    the input)."""
+    stage_index: tuple[torch.Tensor, ...] = ()
+    """Per decoder stage: int64 [N], the row of ``region[k]`` that holds each input voxel's ancestor
+    at that stage's stride."""
 
 
 class _ConvBNReLU(nn.Sequential):
@@ -143,6 +176,59 @@ class _BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         identity = x if self.shortcut is None else self.shortcut(x)
         return self.relu(sparse_add(out, identity))
+
+
+def ancestor_rows(fine: torch.Tensor, coarse: torch.Tensor, stride: int) -> torch.Tensor:
+    """The row of ``coarse`` that holds each row of ``fine``'s ancestor at ``stride``.
+
+    Args:
+        fine: int [N, 4] (batch, x, y, z) voxel coordinates at stride 1.
+        coarse: int [M, 4] coordinates at ``stride`` (multiples of it, the strided convolutions'
+            ``floor(c / stride) * stride``), each row unique.
+        stride: the coarse tensor stride.
+
+    Returns:
+        int64 [N] rows of ``coarse``.
+
+    Raises:
+        ValueError if an ancestor is missing (``coarse`` was not built from ``fine``).
+    """
+    up = fine.to(torch.int64).clone()
+    up[:, 1:] = torch.div(up[:, 1:], stride, rounding_mode="floor") * stride
+    keys = coordinate_keys(coarse)
+    sorted_keys, order = torch.sort(keys)
+    query = coordinate_keys(up)
+    pos = torch.searchsorted(sorted_keys, query).clamp(max=max(sorted_keys.numel() - 1, 0))
+    if query.numel() and not bool((sorted_keys[pos] == query).all()):
+        raise ValueError(f"ancestor_rows: some voxels have no ancestor at stride {stride}")
+    return order[pos]
+
+
+class _Projection(nn.Sequential):
+    """Linear - ReLU - linear on feature rows (a SimCLR-style projection head)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Linear(c_in, c_in), nn.ReLU(inplace=True), nn.Linear(c_in, c_out))
+
+
+class _BoundaryBranch(nn.Module):
+    """The boundary network: every decoder stage's features reduced to ``channels`` at the stage's
+    own resolution (a linear map: cheap on coarse voxels), gathered at each voxel from its
+    ancestors and concatenated, a 3x3x3 submanifold convolution (each voxel against its
+    neighbours), batch norm, ReLU, linear."""
+
+    def __init__(self, widths: tuple[int, ...], channels: int, *, backend: str, bn_momentum: float) -> None:
+        super().__init__()
+        self.reduce = nn.ModuleList(nn.Linear(w, channels) for w in widths)
+        self.conv = _ConvBNReLU(channels * len(widths), channels, 3, backend=backend, bn_momentum=bn_momentum)
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, last: SparseTensor, stages: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
+        # index_select, not x[r]: its backward adds rows in order (x[r]'s uses parallel float
+        # atomics on a CPU, whose order, and so the last bits, change from run to run)
+        gathered = [reduce(feats).index_select(0, r) for reduce, feats, r in zip(self.reduce, stages, rows)]
+        h = self.conv(last.replace_feats(torch.cat(gathered, dim=1)))
+        return self.out(h.feats).squeeze(1)
 
 
 def _stage(c_in: int, c_out: int, n_blocks: int, *, backend: str, bn_momentum: float) -> nn.Sequential:
@@ -184,7 +270,13 @@ class MinkUNet(nn.Module):
         self.out_channels = width
         self.semantic_head = nn.Linear(width, cfg.num_classes)
         self.clip_head = nn.Linear(width, cfg.clip_dim)
-        self.boundary_head = nn.Linear(width, 1)
+        decoder_widths = tuple(planes[4:8])
+        self.boundary_head: nn.Module
+        if cfg.boundary_head == "multiscale":
+            self.boundary_head = _BoundaryBranch(decoder_widths, cfg.boundary_channels, backend=be, bn_momentum=mom)
+        else:
+            self.boundary_head = nn.Linear(width, 1)
+        self.region_head = nn.ModuleList(_Projection(w, cfg.region_dim) for w in decoder_widths)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -220,15 +312,29 @@ class MinkUNet(nn.Module):
             h = stage(down(h))
             skips.append(h)
         skips.pop()  # the bottleneck is not a skip
+        stages: list[SparseTensor] = []
         for up, stage in zip(self.up, self.decoder):
             h = stage(sparse_cat([up(h), skips.pop()]))
+            stages.append(h)
 
+        # ancestors of the stride-1 rows (sorted order) in each decoder stage; the last is itself
+        rows = [ancestor_rows(h.coords, s.coords, s.stride) for s in stages[:-1]]
+        rows.append(torch.arange(h.num_voxels, device=h.feats.device))
+        if isinstance(self.boundary_head, _BoundaryBranch):
+            boundary = self.boundary_head(h, [s.feats for s in stages], rows)[inverse]
+        else:
+            boundary = self.boundary_head(h.feats).squeeze(1)[inverse]
+        region = [head(s.feats) for head, s in zip(self.region_head, stages)]
+        region[-1] = region[-1][inverse]  # the last stage in the caller's rows, like every head
+        stage_index = tuple(r[inverse] for r in rows[:-1]) + (torch.arange(h.num_voxels, device=h.feats.device),)
         feats = h.feats[inverse]
         return NetworkOutput(
             semantic=self.semantic_head(feats),
             clip=self.clip_head(feats),
-            boundary=self.boundary_head(feats).squeeze(1),
+            boundary=boundary,
             feats=feats,
+            region=tuple(region),
+            stage_index=stage_index,
         )
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ws3d_train.network import PRESETS, MinkUNet, NetworkConfig, NetworkOutput, build_network
+from ws3d_train.network import DECODER_STRIDES, PRESETS, MinkUNet, NetworkConfig, NetworkOutput, ancestor_rows, build_network
 from ws3d_train.sparse import SparseTensor, collate_sparse
 from ws3d_train.sparse import backend_runs_on, spconv_backend
 
@@ -46,7 +46,11 @@ def test_forward_shapes_and_backward(tiny_config: NetworkConfig) -> None:
     assert out.boundary.shape == (n,)
     assert out.feats.shape == (n, net.out_channels) and net.out_channels == 32
     assert all(torch.isfinite(t).all() for t in (out.semantic, out.clip, out.boundary, out.feats))
+    assert len(out.region) == len(out.stage_index) == len(DECODER_STRIDES) == 4
+    assert out.region[-1].shape == (n, tiny_config.region_dim) and all(i.shape == (n,) for i in out.stage_index)
+    assert [r.shape[0] for r in out.region] == sorted(r.shape[0] for r in out.region)  # coarse stages have fewer voxels
     loss = out.semantic.logsumexp(1).mean() + out.clip.square().mean() + out.boundary.sigmoid().mean()
+    loss = loss + sum(r.square().mean() for r in out.region)
     loss.backward()
     no_grad = [name for name, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
@@ -63,6 +67,39 @@ def test_permuting_input_rows_permutes_outputs(tiny_config: NetworkConfig) -> No
         b = net(x.permute_rows(perm))
     for name in ("semantic", "clip", "boundary", "feats"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name)[perm], atol=1e-5, rtol=1e-5)
+    for k in range(4):  # each voxel's ancestor features at every stage follow it
+        torch.testing.assert_close(b.region[k][b.stage_index[k]], a.region[k][a.stage_index[k]][perm], atol=1e-5, rtol=1e-5)
+
+
+def test_stage_index_points_at_each_voxels_ancestor(tiny_config: NetworkConfig) -> None:
+    torch.manual_seed(5)
+    net = build_network(tiny_config)
+    x = _tiny_scene(6)
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(stride):  # the coordinates of each decoder stage's output
+        return lambda module, inputs, output: seen.__setitem__(stride, output.coords)
+
+    for stage, stride in zip(net.decoder, DECODER_STRIDES):
+        stage.register_forward_hook(keep(stride))
+    with torch.no_grad():
+        out = net(x)
+    for k, stride in enumerate(DECODER_STRIDES):
+        ancestor = seen[stride][out.stage_index[k]].long()
+        expected = x.coords.long().clone()
+        expected[:, 1:] = torch.div(expected[:, 1:], stride, rounding_mode="floor") * stride
+        assert torch.equal(ancestor, expected), stride
+    with pytest.raises(ValueError, match="no ancestor"):
+        ancestor_rows(x.coords, seen[8][1:], 8)
+
+
+def test_linear_boundary_head_is_kept_for_comparison(tiny_config: NetworkConfig) -> None:
+    torch.manual_seed(3)
+    linear = build_network(dataclasses.replace(tiny_config, boundary_head="linear"))
+    assert isinstance(linear.boundary_head, torch.nn.Linear)
+    assert linear(_tiny_scene(7)).boundary.shape == (_tiny_scene(7).num_voxels,)
+    with pytest.raises(ValueError, match="boundary_head"):
+        NetworkConfig(boundary_head="deep")
 
 
 def test_scenes_in_a_batch_do_not_interact_in_eval_mode(tiny_config: NetworkConfig) -> None:
@@ -123,10 +160,14 @@ def test_network_gives_the_same_outputs_and_gradients_on_spconv(tiny_config: Net
     outs = []
     for net in (ref, other):
         out = net(SparseTensor(x.feats, x.coords))
-        (out.semantic.square().mean() + out.clip.sin().mean() + out.boundary.mean()).backward()
+        (out.semantic.square().mean() + out.clip.sin().mean() + out.boundary.mean()
+         + sum(r.tanh().mean() for r in out.region)).backward()
         outs.append(out)
     for name in ("semantic", "clip", "boundary"):
         torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), atol=1e-9, rtol=1e-9)
+    for k in range(4):  # coarse rows may come in another order: compare each voxel's ancestor
+        a, b = outs[0].region[k][outs[0].stage_index[k]], outs[1].region[k][outs[1].stage_index[k]]
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9)
     for (name, p), q in zip(ref.named_parameters(), other.parameters()):
         assert p.grad is not None and q.grad is not None, name
         torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=1e-7, msg=name)

@@ -18,7 +18,14 @@ its voxel's outputs) and compared with the labels of every point of the store:
   merged into instances; ScanNet AP (0.50:0.90), AP50, AP25 over the non-stuff classes, with the
   benchmark's ``min_region_size`` (100 points; pass less for small synthetic scenes);
 - ``box``: axis-aligned boxes of those instances against boxes of the ground-truth instances;
-  VOC mAP at IoU 0.25 and 0.5.
+  VOC mAP at IoU 0.25 and 0.5;
+- ``boundary``: per voxel (the run's voxel size), the boundary network's probability (``head``),
+  its region-level aggregation (``region``, :mod:`ws3d_train.infer.boundary`) and the baselines
+  (``overseg_flag``: the over-segmentation's border flag; ``overseg_interface``: the voxels on an
+  interface between two over-segments, the geometric part of ``region``; ``random``: a constant
+  score, whose AP is the share of boundary voxels) against true semantic boundaries (a labelled voxel with a labelled
+  6-neighbour of another class, from every label of the store, novel classes included): average
+  precision, best F1 and its threshold, and each score's AP over the flag's.
 
 Classes ignored by the open-vocabulary split are ignored in the ground truth too.
 """
@@ -39,20 +46,31 @@ from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.schema import IGNORE_INDEX
 from pipeline.store import Store
+from ws3d_train.infer.boundary import BOUNDARY_SCORES, voxel_boundaries
 from ws3d_train.infer.instances import boxes_from_instances
 from ws3d_train.infer.metrics import (
+    BoundaryCurve,
     Boxes,
     ConfusionMatrix,
     InstanceGroundTruth,
     InstancePrediction,
+    boundary_quality,
     box_map,
     instance_ap,
     open_vocab_metrics,
     semantic_metrics,
 )
 from ws3d_train.infer.fusion import fuse_scene
-from ws3d_train.infer.predict import STUFF_CLASSES, CombineMode, infer_scene, point_heads, predict_classes, predict_instances
 from ws3d_train.data.dataset import DataError
+from ws3d_train.infer.predict import (
+    STUFF_CLASSES,
+    CombineMode,
+    infer_scene,
+    point_heads,
+    predict_classes,
+    predict_instances,
+    run_combine,
+)
 from ws3d_train.run import gt_to_run_classes, load_run, resolve_classes, resolve_ov_split
 
 __all__ = ["evaluate", "evaluate_fusion", "format_table", "json_safe", "write_json"]
@@ -87,12 +105,13 @@ def evaluate(
     *,
     vocab: str | None = None,
     ov_split: str | None = None,
-    combine: CombineMode = "calibrated",
+    combine: CombineMode | None = None,
     novel_bias: float = 0.0,
     sim_threshold: float = 0.9,
     min_region_size: int = 100,
     instance_ignore: Sequence[str] | None = None,
     ensemble_2d: bool = False,
+    gt_ignore: Sequence[int] = (),
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -107,8 +126,9 @@ def evaluate(
             store vocabulary.
         ov_split: None: the run's own split; "none": no split; else a manifest name (``b15n4``)
             or ``novel=name,...``.
-        combine: ``calibrated`` (default), ``clip`` or ``semantic``: the final prediction that
-            instances and boxes are built from.
+        combine: ``calibrated``, ``clip`` or ``semantic``: the final prediction that instances
+            and boxes are built from; None (default): the run's rule
+            (:func:`ws3d_train.infer.predict.run_combine`).
         novel_bias: calibrated-stacking margin added to novel log-scores.
         sim_threshold: cosine threshold for merging segments into instances.
         min_region_size: smallest ground-truth / predicted instance in points (ScanNet: 100).
@@ -117,6 +137,8 @@ def evaluate(
         ensemble_2d: the CLIP head per point is the 3D feature or the scene's fused 2D feature,
             whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage's
             ``clip/segment`` of the scenes); ``open_vocab.share_2d`` says how often 2D won.
+        gt_ignore: class ids whose ground truth is treated as unlabelled (the predictions are
+            unchanged): model selection on dev rooms hides the novel classes' labels this way.
         device: ``auto``, ``cpu``, ``cuda`` ...
         progress: show a progress bar over scenes.
 
@@ -132,6 +154,7 @@ def evaluate(
     if not scene_ids:
         raise ValueError(f"{store_path}: no scene to evaluate")
     setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
+    combine = combine or run_combine(loaded)
     names = list(setup.class_names)
     # a store of another class list: its labels scored in the run's label space, by class name
     gt_lut = gt_to_run_classes(store.class_names, names)
@@ -140,7 +163,7 @@ def evaluate(
         raise DataError(f"{store_path}: {len(no_overseg)} scene(s) have no overseg/segment (e.g. {no_overseg[:3]}); "
                         "run `ws3d overseg` first (instances are built from over-segments)")
     num_classes = len(names)
-    ignored = np.asarray(setup.ignored_ids, np.int64)
+    ignored = np.asarray(sorted(set(setup.ignored_ids) | {int(c) for c in gt_ignore}), np.int64)
     stuff = STUFF_CLASSES if instance_ignore is None else frozenset(instance_ignore)
     instance_ids = np.array(
         [c for c in range(num_classes) if names[c] not in stuff and c not in set(setup.ignored_ids)], np.int64
@@ -153,6 +176,7 @@ def evaluate(
     inst_gt: list[InstanceGroundTruth] = []
     box_pred: list[Boxes] = []
     box_gt: list[Boxes] = []
+    curves = {name: BoundaryCurve() for name in BOUNDARY_SCORES}
     total_points = 0
     points_2d = 0.0
     unlabelled: list[str] = []
@@ -180,8 +204,13 @@ def evaluate(
         score = comb_score.cpu().numpy().astype(np.float64)
         cm_combined.update(pred, gt)
 
+        segment = store.read(scene_id, schema.SEGMENT)
+        voxels = voxel_boundaries(outputs.coords, outputs.boundary, outputs.point_to_voxel.cpu().numpy(), segment,
+                                  store.read(scene_id, schema.BOUNDARY), gt)
+        for name, curve in curves.items():
+            curve.update(voxels.scores[name][voxels.labelled], voxels.truth[voxels.labelled])
         instance, inst_class, inst_score = predict_instances(
-            store.read(scene_id, schema.SEGMENT), store.read(scene_id, schema.ADJACENCY), pred,
+            segment, store.read(scene_id, schema.ADJACENCY), pred,
             outputs.to_points(outputs.feats).cpu().numpy(), score, names, sim_threshold=sim_threshold, min_points=min_region_size,
             ignore_classes=list(stuff),
         )
@@ -226,8 +255,25 @@ def evaluate(
             **instance_ap(inst_pred, inst_gt, class_ids=instance_ids, class_names=instance_names, min_region_size=min_region_size),
         },
         "box": box_map(box_pred, box_gt, (0.25, 0.5), class_ids=instance_ids.tolist(), class_names=instance_names),
+        "boundary": boundary_summary(curves, voxel_size_m=loaded.data.voxel_size_m),
         "seconds": round(time.time() - t0, 3),
     }
+
+
+def boundary_summary(curves: dict[str, BoundaryCurve], *, voxel_size_m: float | None) -> dict[str, Any]:
+    """The ``boundary`` record of an evaluation: each score's quality, the random baseline (AP =
+    the share of boundary voxels) and each score's AP over the over-segmentation flag's."""
+    out: dict[str, Any] = {
+        "truth": "labelled voxel with a labelled 6-neighbour of another class",
+        "voxel_size_m": voxel_size_m,
+        **{name: boundary_quality(curve) for name, curve in curves.items()},
+    }
+    rate = out["head"]["positive_rate"]
+    out["random"] = {"ap": rate, "best_f1": 2 * rate / (1 + rate) if rate == rate else float("nan")}
+    flag_ap = out["overseg_flag"]["ap"]
+    for name in curves:
+        out[f"{name}_ap_over_flag"] = out[name]["ap"] / flag_ap if flag_ap and flag_ap == flag_ap else float("nan")
+    return out
 
 
 def evaluate_fusion(
@@ -352,6 +398,13 @@ def format_table(results: dict[str, Any], *, per_class: bool = True) -> str:
     size = f" (>= {inst['min_region_size']} pts)" if inst.get("min_region_size") is not None else ""
     lines.append(f"{'instances' + size:<30} AP {_pct(inst['ap']):>5}   AP50 {_pct(inst['ap50']):>5}   AP25 {_pct(inst['ap25']):>5}")
     lines.append(f"{'boxes' + size:<30} mAP@25 {_pct(box['map@0.25']):>5}   mAP@50 {_pct(box['map@0.5']):>5}")
+    bd = results.get("boundary")
+    if bd:
+        lines.append(f"{'boundaries (AP / best F1)':<30} head {_pct(bd['head']['ap']):>5} / {_pct(bd['head']['best_f1']):>5}   "
+                     f"region {_pct(bd['region']['ap']):>5} / {_pct(bd['region']['best_f1']):>5}   "
+                     f"over-seg flag {_pct(bd['overseg_flag']['ap']):>5} / {_pct(bd['overseg_flag']['best_f1']):>5}   "
+                     f"interface {_pct(bd['overseg_interface']['ap']):>5} / {_pct(bd['overseg_interface']['best_f1']):>5}   "
+                     f"random {_pct(bd['random']['ap']):>5}")
     if per_class:
         novel = set(results["split"]["novel"])
         lines += ["", f"{'class':<20} {'IoU sem':>8} {'IoU ov':>8} {'AP50':>6} {'box@25':>7}"]

@@ -7,6 +7,10 @@ returned dicts to the terminal table and the JSON file.
   split; IoU, accuracies and the open-vocabulary base/novel/harmonic IoU all derive from it.
 - Instances: the logic of the ScanNet benchmark script (``evaluate_semantic_instance.py``).
 - Boxes: the VOC area-under-the-envelope AP used by VoteNet/ScanNet detection (``eval_det``).
+- Boundaries: a score per voxel (or point) against true semantic boundaries, accumulated in a
+  fixed histogram of scores (:class:`BoundaryCurve`, memory bounded whatever the split's size);
+  average precision (the step-wise sum ``sum_k (R_k - R_{k-1}) P_k`` over descending thresholds,
+  as scikit-learn's ``average_precision_score``) and the best F1 over thresholds.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ import numpy as np
 from pipeline.schema import IGNORE_INDEX
 
 __all__ = [
+    "BOUNDARY_BINS",
+    "BoundaryCurve",
     "Boxes",
     "ConfusionMatrix",
     "InstanceGroundTruth",
     "InstancePrediction",
     "INSTANCE_OVERLAPS",
     "box_iou_3d",
+    "boundary_quality",
     "box_map",
     "confusion_matrix",
     "instance_ap",
     "open_vocab_metrics",
     "semantic_metrics",
+    "semantic_boundaries",
     "voc_ap",
 ]
 
@@ -186,6 +194,87 @@ def open_vocab_metrics(
 #: IoU thresholds of the ScanNet AP: ``np.arange(0.5, 0.95, 0.05)`` (0.50 ... 0.90, as the
 #: benchmark script has it; 0.95 is not included) plus 0.25 for AP25.
 INSTANCE_OVERLAPS: tuple[float, ...] = tuple(float(x) for x in np.append(np.arange(0.5, 0.95, 0.05), 0.25))
+
+
+BOUNDARY_BINS = 10_000
+"""Score bins of :class:`BoundaryCurve`: scores are quantised to 1e-4 (a 0/1 flag stays exact)."""
+
+
+def semantic_boundaries(labels: np.ndarray, edges: np.ndarray, ignore: int = IGNORE_INDEX) -> np.ndarray:
+    """True semantic boundaries: a row with a neighbour of another class.
+
+    Args:
+        labels: [N] int class per row (voxel or point), ``ignore`` unlabelled.
+        edges: [E, 2] int neighbouring row pairs (6-neighbour voxels, mesh edges ...).
+        ignore: the unlabelled value; an unlabelled neighbour makes no boundary.
+
+    Returns:
+        [N] bool.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    out = np.zeros(labels.shape[0], bool)
+    if edges.size == 0:
+        return out
+    a, b = labels[edges[:, 0]], labels[edges[:, 1]]
+    differ = (a != b) & (a != ignore) & (b != ignore)
+    out[edges[differ, 0]] = True
+    out[edges[differ, 1]] = True
+    return out
+
+
+class BoundaryCurve:
+    """Accumulates boundary scores against truth over scenes in a fixed histogram.
+
+    ``curve.update(score, truth)`` per scene (scores in [0, 1]; rows to leave out, e.g. unlabelled
+    ones, are not passed), then :func:`boundary_quality` ``(curve)``. Memory: two arrays of
+    :data:`BOUNDARY_BINS` + 1 counts.
+    """
+
+    def __init__(self, bins: int = BOUNDARY_BINS) -> None:
+        self.bins = int(bins)
+        self.positive = np.zeros(self.bins + 1, np.int64)
+        self.negative = np.zeros(self.bins + 1, np.int64)
+
+    def update(self, score: np.ndarray, truth: np.ndarray) -> None:
+        score = np.asarray(score, np.float64).reshape(-1)
+        truth = np.asarray(truth).reshape(-1).astype(bool)
+        if score.shape != truth.shape:
+            raise ValueError(f"BoundaryCurve.update: {score.size} scores for {truth.size} truths")
+        if score.size and not np.isfinite(score).all():
+            raise ValueError("BoundaryCurve.update: scores must be finite")
+        index = np.clip(np.rint(score * self.bins), 0, self.bins).astype(np.int64)
+        self.positive += np.bincount(index[truth], minlength=self.bins + 1)
+        self.negative += np.bincount(index[~truth], minlength=self.bins + 1)
+
+
+def boundary_quality(curve: BoundaryCurve) -> dict[str, float]:
+    """Average precision, best F1 (and its threshold) and the positive rate of a :class:`BoundaryCurve`.
+
+    Thresholds run over the occupied score bins from the top; rows in one bin are tied. A
+    constant (or random) score has AP equal to the positive rate, the reference every boundary
+    figure is read against.
+
+    Returns:
+        ``{"ap", "best_f1", "best_threshold", "positive_rate", "rows"}``; NaN AP and F1 without a
+        positive row.
+    """
+    pos = curve.positive[::-1].astype(np.float64)
+    neg = curve.negative[::-1].astype(np.float64)
+    total_pos, rows = pos.sum(), pos.sum() + neg.sum()
+    out = {"positive_rate": float(total_pos / rows) if rows else float("nan"), "rows": int(rows)}
+    if total_pos == 0:
+        return {"ap": float("nan"), "best_f1": float("nan"), "best_threshold": float("nan"), **out}
+    occupied = (pos + neg) > 0
+    tp, fp = np.cumsum(pos)[occupied], np.cumsum(neg)[occupied]
+    precision = tp / (tp + fp)
+    recall = tp / total_pos
+    ap = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f1))
+    thresholds = (curve.bins - np.flatnonzero(occupied)) / curve.bins
+    return {"ap": ap, "best_f1": float(f1[best]), "best_threshold": float(thresholds[best]), **out}
 
 
 @dataclass(frozen=True)

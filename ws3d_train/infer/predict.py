@@ -37,6 +37,7 @@ from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.store import Store
 from ws3d_train.data.dataset import INDOOR_VOXEL_M, DataConfig, DataError, default_voxel_size, voxelise
+from ws3d_train.infer.boundary import point_boundary, voxel_boundaries
 from ws3d_train.infer.fusion import ensemble_features, fused_embeddings
 from ws3d_train.infer.instances import instances_from_segments
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
@@ -68,6 +69,7 @@ __all__ = [
     "predict_scene",
     "query_scene",
     "rank_segments_by_similarity",
+    "run_combine",
     "resolve_classes",
     "voxel_input",
     "write_heatmap_ply",
@@ -75,6 +77,11 @@ __all__ = [
 ]
 
 CombineMode = Literal["semantic", "clip", "calibrated"]
+
+POINT_BOUNDARY_RULE = "region"
+"""How ``predict_scene`` gives each point its ``boundary`` probability
+(:func:`ws3d_train.infer.boundary.point_boundary`); chosen on the dev rooms of the miniature
+benchmark (docs/benchmarks.md), never on validation rooms."""
 
 STUFF_CLASSES: frozenset[str] = frozenset(
     {"wall", "floor", "ceiling", "road", "sidewalk", "parking", "other-ground", "terrain", "vegetation", "building"}
@@ -123,6 +130,8 @@ class SceneOutputs:
     """[Nv] float32 boundary probability."""
     feats: torch.Tensor
     """[Nv, F] float32 last decoder features."""
+    coords: torch.Tensor | None = None
+    """[Nv, 4] int32 voxel coordinates (batch, x, y, z), for boundaries between neighbouring voxels."""
 
     def to_points(self, values: torch.Tensor) -> torch.Tensor:
         """Per-voxel [Nv, ...] -> per-point [N, ...]."""
@@ -217,6 +226,7 @@ def infer_points(run: LoadedRun, xyz: np.ndarray, rgb: np.ndarray, *, scene_id: 
         clip=out.clip.float(),
         boundary=torch.sigmoid(out.boundary.float()),
         feats=out.feats.float(),
+        coords=inputs.coords,
     )
     if timings is not None:
         timings["voxelise"] = timings.get("voxelise", 0.0) + t1 - t0
@@ -380,6 +390,17 @@ class ScenePrediction:
     """[N, D] float32 unit CLIP-space feature per point."""
     class_names: tuple[str, ...]
     """The C class names."""
+    boundary: np.ndarray | None = None
+    """[N] float32 probability that a semantic boundary passes through the point
+    (:data:`POINT_BOUNDARY_RULE`)."""
+
+
+def run_combine(run: LoadedRun) -> CombineMode:
+    """The prediction rule a run was fine-tuned for (its config's ``combine``): ``calibrated`` for
+    runs that predate the setting, ``clip`` for pre-training runs (their semantic head is untrained)."""
+    if run.base_ids is None:
+        return "clip"
+    return run.config.get("combine") or "calibrated"
 
 
 def _read_overseg(store: Store, scene_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +416,7 @@ def predict_scene(
     *,
     vocab: str | None = None,
     ov_split: str | None = None,
-    combine: CombineMode = "calibrated",
+    combine: CombineMode | None = None,
     novel_bias: float = 0.0,
     sim_threshold: float = 0.9,
     min_instance_points: int = 20,
@@ -411,7 +432,7 @@ def predict_scene(
         vocab: None: the run's own text embeddings (else the store's ``classes``); a name: that
             store vocabulary (see :func:`ws3d_train.run.resolve_classes`).
         ov_split: see :func:`resolve_classes`.
-        combine: how the heads decide (module docstring).
+        combine: how the heads decide (module docstring); None: the run's rule (:func:`run_combine`).
         novel_bias: calibrated-stacking margin for novel classes.
         sim_threshold: cosine threshold for merging segments into instances.
         min_instance_points: smallest instance kept.
@@ -426,7 +447,7 @@ def predict_scene(
     setup = resolve_classes(loaded, store, vocab=vocab, ov_split=ov_split)
     outputs = infer_scene(loaded, store, scene_id)
     semantic, clip_points, _ = point_heads(outputs, setup, store, ensemble_2d)
-    cls_p, score_p = predict_classes(semantic, clip_points, setup, mode=combine, novel_bias=novel_bias)
+    cls_p, score_p = predict_classes(semantic, clip_points, setup, mode=combine or run_combine(loaded), novel_bias=novel_bias)
     pred = cls_p.cpu().numpy()
     score = score_p.cpu().numpy().astype(np.float32)
     segment, adjacency = _read_overseg(store, scene_id)
@@ -435,9 +456,13 @@ def predict_scene(
         sim_threshold=sim_threshold, min_points=min_instance_points,
     )
     clip = torch.nn.functional.normalize(clip_points, dim=1).cpu().numpy()
+    p2v, flag = outputs.point_to_voxel.cpu().numpy(), store.read(scene_id, schema.BOUNDARY)
+    boundary = point_boundary(voxel_boundaries(outputs.coords, outputs.boundary, p2v, segment, flag), p2v, flag,
+                              POINT_BOUNDARY_RULE)
     return ScenePrediction(
         scene_id=scene_id, xyz=outputs.xyz, pred_class=pred, score=score, instance=instance,
         instance_class=inst_class, instance_score=inst_score, clip=clip, class_names=setup.class_names,
+        boundary=boundary,
     )
 
 
@@ -500,13 +525,16 @@ def write_prediction_ply(
         num_classes: palette size (default: max class + 1); colours come from :func:`class_palette`.
 
     Returns:
-        The path. Any PLY viewer shows the colours; ``label``/``instance`` are int32 properties.
+        The path. Any PLY viewer shows the colours; ``label``/``instance`` are int32 properties,
+        ``boundary`` (a :class:`ScenePrediction`'s, when it has one) a float32 property.
     """
+    boundary = None
     if isinstance(xyz, ScenePrediction):
         if pred_class is not None or instance is not None:
             raise TypeError("write_prediction_ply: pass either a ScenePrediction or xyz + pred_class, not both")
         prediction = xyz
         xyz, pred_class, instance = prediction.xyz, prediction.pred_class, prediction.instance
+        boundary = prediction.boundary
         num_classes = num_classes or len(prediction.class_names)
     if pred_class is None:
         raise TypeError("write_prediction_ply: pred_class is required with xyz")
@@ -519,6 +547,8 @@ def write_prediction_ply(
     extra = {"label": pred_class.astype(np.int32)}
     if instance is not None:
         extra["instance"] = np.asarray(instance).reshape(-1).astype(np.int32)
+    if boundary is not None:
+        extra["boundary"] = np.asarray(boundary).reshape(-1).astype(np.float32)
     return _write_ply(path, xyz, rgb, extra)
 
 

@@ -164,12 +164,23 @@ class _TiedHeads(nn.Module):
         out = self.net(x)
         if not dataclasses.is_dataclass(out):
             return out
-        tensors = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-        tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-        if len(tensors) < 2:
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+
+        def grads(v: Any) -> list[torch.Tensor]:  # a tensor field, or a tuple of them (per decoder stage)
+            items = v if isinstance(v, tuple) else (v,)
+            return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        tied = {k: v for k, v in fields.items() if grads(v)}
+        if sum(len(grads(v)) for v in tied.values()) < 2:
             return out
-        zero = sum(v.float().sum() for v in tensors.values()) * 0.0
-        return dataclasses.replace(out, **{k: v + zero.to(v.dtype) for k, v in tensors.items()})
+        zero = sum(t.float().sum() for v in tied.values() for t in grads(v)) * 0.0
+
+        def tie(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return tuple(t + zero.to(t.dtype) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in v)
+            return v + zero.to(v.dtype)
+
+        return dataclasses.replace(out, **{k: tie(v) for k, v in tied.items()})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

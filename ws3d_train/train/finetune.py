@@ -20,14 +20,22 @@ The loss of a batch (voxels; every term switchable by its weight, see :class:`Fi
 - ``w_ce`` cross-entropy of the semantic head on labelled voxels;
 - ``w_clip_ce`` cross-entropy of the CLIP-space head's cosine logits against the text embeddings
   of the supervised classes (keeps that head a classifier in CLIP space);
-- ``w_boundary`` BCE of the boundary head: semantic boundaries where the masked labels show them
-  (6-neighbour voxels with two different labels), the over-segmentation's geometric boundaries
-  elsewhere with weight ``boundary_geometric_weight``;
-- ``w_energy`` the boundary-aware energy: ``w_ij ||p_i - p_j||^2`` over neighbouring voxels with
-  ``w_ij = (1 - b_i)(1 - b_j)``, plus ``energy_entropy_weight`` times the entropy off boundaries;
-- ``w_region`` region-level supervised InfoNCE: segment embeddings pooled from voxels, segment
+- ``w_boundary`` BCE of the boundary network (its own multi-scale decoder branch, see
+  :mod:`ws3d_train.network`): semantic edges between labelled voxels (dense in fully labelled
+  scenes), region-level edges between labelled segments, optionally the teacher's region-level
+  edges, the over-segmentation's geometric boundaries elsewhere as the weakest target
+  (:func:`boundary_targets`);
+- ``w_energy`` the boundary-aware energy on the prediction that is evaluated (``combine``; over the
+  base classes, :func:`evaluated_log_probs`): voxel
+  boundary probabilities are aggregated into region-level boundaries on the segment graph; the
+  prediction is pulled to agree inside segments and across borders that are not semantic, and
+  made confident (low entropy) on the voxels of boundary regions
+  (:func:`ws3d_train.train.losses.energy_terms`); its share of the objective is logged;
+- ``w_region`` region-level supervised InfoNCE at several decoder stages (``region_stages``): each
+  stage's features pooled per segment at its own resolution through its projection head, segment
   labels from their labelled voxels or confident predictions (> ``region_gamma``), the same
-  segment in the scene's two augmented copies (``two_copies``) as a positive pair;
+  segment in the scene's two augmented copies (``two_copies``) as a positive pair, the same
+  ``region_tau`` at every stage;
 - ``w_align`` the pre-training object-level term (segment cosine against CLIP segment
   embeddings), so that fine-tuning does not wash out what the CLIP head knows about novel classes.
 
@@ -53,23 +61,26 @@ from ws3d_train.checkpoint import load_checkpoint
 from ws3d_train.data.batch import Batch
 from ws3d_train.data.dataset import DataConfig, drop_unlabelled
 from ws3d_train.data.labels import FinetuneDataset, collate_copies, parse_label_budget
-from ws3d_train.network import NetworkConfig, NetworkOutput, build_network
-from ws3d_train.open_vocab import classify_open_vocab
+from ws3d_train.network import DECODER_STRIDES, NetworkConfig, NetworkOutput, build_network
+from ws3d_train.open_vocab import classify_open_vocab, combine_heads
 from ws3d_train.run import find_checkpoint, label_space_from_store, resolve_ov_split, resolve_scene_ids, write_label_space
 from ws3d_train.train import loop
 from ws3d_train.train.losses import (
     boundary_bce,
-    energy_loss,
-    region_contrast,
+    energy_terms,
+    region_boundary_targets,
+    region_contrast_pooled,
     segment_cosine,
     segment_mean,
     segment_pseudo_labels,
+    stage_segment_mean,
     supervised_ce,
     voxel_neighbour_edges,
 )
 from ws3d_train.train.pretrain import load_pretrained
 
-__all__ = ["FinetuneConfig", "finetune", "finetune_losses", "label_boundary"]
+__all__ = ["LOSS_KEYS", "FinetuneConfig", "boundary_targets", "evaluated_log_probs", "finetune", "finetune_losses",
+           "label_boundary"]
 
 
 @dataclass(frozen=True)
@@ -122,23 +133,48 @@ class FinetuneConfig(loop.LoopConfig):
     clip_temperature: float = 0.07
     """Temperature of the CLIP-head cosine logits in `w_clip_ce`."""
     w_boundary: float = 1.0
-    """Weight of the boundary-head BCE."""
+    """Weight of the boundary network's BCE (`loss_boundary`). Its targets, strongest first: semantic
+    edges between labelled voxels (6-neighbours with two labels: dense where scenes are fully
+    labelled), region-level edges between labelled segments (`boundary_region_weight`), the
+    teacher's region-level edges (`boundary_teacher_weight`), the over-segmentation's geometric
+    boundaries elsewhere (`boundary_geometric_weight`)."""
+    boundary_region_weight: float = 1.0
+    """Weight of region-level targets: at the interface of two adjacent segments that both hold
+    labelled voxels, 1 where their (majority) labels differ, 0 where they agree."""
+    boundary_teacher_weight: float = 0.0
+    """Weight of the teacher's region-level targets (needs the `clip` data group): at the interface
+    of two adjacent segments seen by the teacher, the probability that their teacher class
+    distributions over the run's vocabulary (base and novel names; no 3D label) differ,
+    ``1 - sum_c q_a(c) q_b(c)``. 0 switches them off."""
     boundary_geometric_weight: float = 0.2
-    """Relative weight of geometric (over-segmentation) boundary targets where labels say nothing."""
+    """Weight of the geometric targets (1 on over-segment borders, 0 inside) where nothing above says."""
     boundary_pos_weight: float | None = None
     """Optional weight of positive boundary targets (boundaries are a minority); None: 1."""
     w_energy: float = 0.1
-    """Weight of the boundary-aware energy loss."""
-    energy_entropy_weight: float = 0.1
-    """Weight of the entropy term inside the energy loss."""
+    """Weight of the boundary-aware energy (`loss_energy`, its share of the objective logged as
+    `share_energy`): agreement of the evaluated prediction inside regions and across borders the
+    boundary network calls non-semantic, plus `energy_confidence_weight` times its entropy on the
+    voxels of boundary regions (:func:`ws3d_train.train.losses.energy_terms`)."""
+    energy_confidence_weight: float = 1.0
+    """Weight of the confidence (entropy at boundary regions) part inside the energy."""
+    combine: Literal["calibrated", "clip"] = "calibrated"
+    """The prediction that is evaluated (and that the energy acts on, over the base classes): ``calibrated`` (the CLIP head
+    decides base vs novel mass, the semantic head splits the base mass) or ``clip`` (the CLIP head
+    alone); without an open-vocabulary split, ``calibrated`` is the semantic head. `ws3d eval` and
+    `ws3d predict` use the run's rule unless told otherwise. Chosen on a dev split of training rooms."""
     w_region: float = 0.1
     """Weight of the region-level contrastive loss."""
     region_gamma: float = 0.9
     """Confidence (mean max probability) above which an unlabelled segment takes its prediction."""
     region_tau: float = 0.1
-    """InfoNCE temperature of the region contrast."""
-    region_embedding: Literal["feats", "clip"] = "feats"
-    """What segments pool for the region contrast: the last decoder features or the CLIP head."""
+    """InfoNCE temperature of the region contrast (the same at every stage)."""
+    region_stages: tuple[int, ...] = (8, 4, 2, 1)
+    """Decoder stages (by tensor stride) whose features are pooled per segment at their own
+    resolution and contrasted, each through its projection head; the loss is their mean.
+    ``[1]`` is the single-stage version (the last decoder stage only)."""
+    region_embedding: Literal["projection", "feats", "clip"] = "projection"
+    """What segments pool: each stage's projection head (``projection``), or, single-stage only,
+    the last decoder features (``feats``, the earlier single-stage contrast) or the CLIP head."""
     region_max_segments: int = 2048
     """Physical segments per batch in the region contrast (O(S^2) memory); more are subsampled
     (both copies of a chosen segment are kept)."""
@@ -148,6 +184,16 @@ class FinetuneConfig(loop.LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.region_stages or not set(self.region_stages) <= set(DECODER_STRIDES):
+            raise ValueError(f"FinetuneConfig.region_stages must be a non-empty subset of {DECODER_STRIDES}, got {self.region_stages}")
+        object.__setattr__(self, "region_stages", tuple(int(v) for v in self.region_stages))
+        if self.region_embedding != "projection" and self.region_stages != (1,):
+            raise ValueError(f"FinetuneConfig.region_embedding={self.region_embedding!r} pools the last stage only: "
+                             "set region_stages=[1]")
+        for name in ("boundary_region_weight", "boundary_teacher_weight", "boundary_geometric_weight",
+                     "energy_confidence_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.region_max_segments < 1:
             raise ValueError(f"FinetuneConfig.region_max_segments must be >= 1, got {self.region_max_segments}")
         weights = ("w_ce", "w_clip_ce", "w_boundary", "w_energy", "w_region", "w_align")
@@ -214,6 +260,110 @@ def _subsample_segments(
     return lut[seg], seg_label[keep], seg_key[keep]  # seg == -1 -> lut[-1] == -1
 
 
+LOSS_KEYS = ("loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_energy_agreement",
+             "loss_energy_confidence", "loss_region", "loss_align", "share_boundary", "share_energy", "share_region")
+"""What `metrics.jsonl` logs of each fine-tuning step (``loss`` first)."""
+
+TEACHER_TEMPERATURE = 0.01
+"""Softmax temperature of class distributions over text embeddings (CLIP's logit scale of 100, as
+in :func:`ws3d_train.open_vocab.combine_heads`): the teacher's boundary targets, the CLIP head's
+prediction in the energy."""
+
+
+def boundary_targets(
+    batch: Batch,
+    labels: torch.Tensor,
+    edges: torch.Tensor,
+    cfg: FinetuneConfig,
+    *,
+    text_vocab: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel targets and weights of the boundary network, the strongest source winning.
+
+    1. geometric: 1 on over-segment borders, 0 inside, weight ``boundary_geometric_weight``;
+    2. the teacher's region-level edges (``boundary_teacher_weight`` > 0 and ``text_vocab`` given):
+       on the interface voxels of two adjacent segments both seen by the teacher, ``1 - sum_c
+       q_a(c) q_b(c)`` with q the softmax of the segments' CLIP embeddings against the vocabulary
+       (temperature :data:`TEACHER_TEMPERATURE`); no 3D label is used;
+    3. region-level edges of labelled segments (``boundary_region_weight``): at the interface of
+       two adjacent segments that both hold labelled voxels, whether their majority labels differ;
+    4. semantic edges of labelled voxels (:func:`label_boundary`), weight 1.
+
+    Args:
+        batch: the batch (``voxel_segment``, ``voxel_boundary``, ``segment_target``, ``segment_seen``).
+        labels: [Nv] int64 masked voxel labels.
+        edges: [E, 2] int64 neighbouring voxel pairs.
+        cfg: the weights.
+        text_vocab: [K, D] text embeddings of the run's vocabulary (base and novel names).
+
+    Returns:
+        ``(target [Nv] float in [0, 1], weight [Nv] float >= 0)``.
+    """
+    device = labels.device
+    target = batch.voxel_boundary.to(device=device, dtype=torch.float32)
+    weight = torch.full_like(target, float(cfg.boundary_geometric_weight))
+    seg = batch.voxel_segment.long()
+    num_segments = batch.num_segments
+    if cfg.boundary_teacher_weight > 0 and text_vocab is not None and num_segments and edges.numel():
+        seen = batch.segment_seen.bool()
+        with torch.autocast(device_type=device.type, enabled=False):
+            q = torch.softmax(classify_open_vocab(batch.segment_target.float(), text_vocab.float()) / TEACHER_TEMPERATURE, dim=1)
+        i, j = edges[:, 0], edges[:, 1]
+        si, sj = seg[i], seg[j]
+        ok = (si != sj) & (si >= 0) & (sj >= 0)
+        ok &= seen[si.clamp(min=0)] & seen[sj.clamp(min=0)]
+        differ = 1.0 - (q[si[ok]] * q[sj[ok]]).sum(dim=1)
+        teacher = torch.full_like(target, -1.0)
+        for side in (i[ok], j[ok]):
+            teacher = teacher.scatter_reduce(0, side, differ, reduce="amax", include_self=True)
+        known = teacher >= 0
+        target = torch.where(known, teacher, target)
+        weight = torch.where(known, torch.full_like(weight, float(cfg.boundary_teacher_weight)), weight)
+    if cfg.boundary_region_weight > 0 and num_segments:
+        seg_label = _segment_majority(seg, labels, num_segments)
+        region = region_boundary_targets(seg_label, seg, edges, num_segments)
+        known = region >= 0
+        target = torch.where(known, region.to(target.dtype), target)
+        weight = torch.where(known, torch.full_like(weight, float(cfg.boundary_region_weight)), weight)
+    voxel = label_boundary(labels, edges)
+    known = voxel >= 0
+    target = torch.where(known, voxel.to(target.dtype), target)
+    weight = torch.where(known, torch.ones_like(weight), weight)
+    return target, weight
+
+
+def _segment_majority(seg: torch.Tensor, labels: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[S] int64 majority label of each segment's labelled voxels, IGNORE_INDEX where none."""
+    keep = (seg >= 0) & (labels != IGNORE_INDEX)
+    if not bool(keep.any()):
+        return torch.full((num_segments,), IGNORE_INDEX, dtype=torch.long, device=seg.device)
+    num_classes = int(labels[keep].max()) + 1
+    votes = torch.bincount(seg[keep] * num_classes + labels[keep], minlength=num_segments * num_classes)
+    votes = votes.view(num_segments, num_classes)
+    return torch.where(votes.sum(dim=1) > 0, votes.argmax(dim=1), torch.full((num_segments,), IGNORE_INDEX, dtype=torch.long, device=seg.device))
+
+
+def evaluated_log_probs(out: NetworkOutput, text: torch.Tensor, base_ids: torch.Tensor, combine: str) -> torch.Tensor:
+    """[Nv, Cb] log-probabilities over the base classes (in id order) of the prediction that is
+    evaluated: how it ranks the classes labels supervise.
+
+    ``calibrated`` (:func:`ws3d_train.open_vocab.combine_heads`): the base classes' share of the
+    prediction is the CLIP head's base mass times the semantic head's softmax, so over the base
+    classes it is the semantic head's softmax; ``clip``: the CLIP head's softmax over the base
+    classes' text embeddings (at CLIP's logit scale, as the prediction). Where the prediction is a
+    base class, it is this distribution's argmax. The novel classes are left out: no label says
+    anything about them, and an entropy over them made the CLIP head confident on a novel class
+    wherever it leaned that way (docs/benchmarks.md).
+    """
+    with torch.autocast(device_type=out.semantic.device.type, enabled=False):
+        if combine == "calibrated":
+            return torch.log_softmax(out.semantic.float()[:, base_ids], dim=1)
+        if combine == "clip":
+            clip_logits = classify_open_vocab(out.clip.float(), text[base_ids].float())
+            return torch.log_softmax(clip_logits / TEACHER_TEMPERATURE, dim=1)
+    raise ValueError(f"combine must be 'calibrated' or 'clip', got {combine!r}")
+
+
 def finetune_losses(
     out: NetworkOutput,
     batch: Batch,
@@ -222,10 +372,11 @@ def finetune_losses(
     *,
     supervised_ids: torch.Tensor,
     num_scenes: int,
+    novel_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The fine-tuning terms and their weighted sum for one batch (terms with weight 0 are skipped
-    and reported as 0).
+    """The fine-tuning terms, their weighted sum and the shares of the weighted terms in it (terms
+    with weight 0 are skipped and reported as 0).
 
     Args:
         out: network outputs per voxel (rows of ``batch.coords``), any float dtype.
@@ -234,16 +385,24 @@ def finetune_losses(
         cfg: weights, temperatures, thresholds.
         supervised_ids: [Cs] int64 classes that may carry labels (base classes; all without a split).
         num_scenes: B, distinct scenes in the batch (copies of a scene share segment keys).
+        novel_ids: [Cn] int64 novel classes of the open-vocabulary split (their names, never a
+            label: the teacher's boundary targets range over them).
         generator: CPU generator for subsampling segments (deterministic runs).
 
     Returns:
-        ``{"loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region",
-        "loss_align"}`` scalars.
+        ``{"loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy",
+        "loss_energy_agreement", "loss_energy_confidence", "loss_region", "loss_align",
+        "share_boundary", "share_energy", "share_region"}`` scalars (a share is the weighted term
+        over the total, detached).
     """
     logits = out.semantic.float()
     labels = batch.voxel_semantic
+    device = logits.device
     zero = logits.sum() * 0.0
     terms: dict[str, torch.Tensor] = {}
+    if novel_ids is None:
+        novel_ids = torch.zeros(0, dtype=torch.long, device=device)
+    vocab_ids = torch.sort(torch.cat([supervised_ids, novel_ids])).values
     need_edges = cfg.w_boundary > 0 or cfg.w_energy > 0
     edges = voxel_neighbour_edges(batch.coords) if need_edges else None
 
@@ -259,26 +418,36 @@ def finetune_losses(
         terms["loss_clip_ce"] = zero
     boundary_logit = out.boundary.float()
     if cfg.w_boundary > 0:
-        terms["loss_boundary"] = boundary_bce(
-            boundary_logit, label_boundary(labels, edges), batch.voxel_boundary,
-            cfg.boundary_geometric_weight, pos_weight=cfg.boundary_pos_weight,
-        )
+        b_target, b_weight = boundary_targets(batch, labels, edges, cfg, text_vocab=text[vocab_ids])
+        terms["loss_boundary"] = boundary_bce(boundary_logit, b_target, b_weight, pos_weight=cfg.boundary_pos_weight)
     else:
         terms["loss_boundary"] = zero
-    prob = torch.softmax(logits, dim=1)
     if cfg.w_energy > 0:
-        terms["loss_energy"] = energy_loss(prob, torch.sigmoid(boundary_logit), edges, cfg.energy_entropy_weight)
+        prob_eval = evaluated_log_probs(out, text, supervised_ids, cfg.combine).exp()
+        agreement, confidence = energy_terms(prob_eval, torch.sigmoid(boundary_logit), edges, batch.voxel_segment,
+                                             batch.num_segments)
+        terms["loss_energy_agreement"], terms["loss_energy_confidence"] = agreement, confidence
+        terms["loss_energy"] = agreement + cfg.energy_confidence_weight * confidence
     else:
-        terms["loss_energy"] = zero
+        terms["loss_energy"] = terms["loss_energy_agreement"] = terms["loss_energy_confidence"] = zero
     if cfg.w_region > 0:
+        prob = torch.softmax(logits, dim=1)
         seg = batch.voxel_segment
         seg_label = segment_pseudo_labels(prob, seg, labels, cfg.region_gamma, num_segments=batch.num_segments)
         seg_key = _segment_keys(batch, num_scenes)
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         seg, seg_label, seg_key = _subsample_segments(seg, seg_label, seg_key, cfg.region_max_segments, generator)
-        embed = (out.feats if cfg.region_embedding == "feats" else out.clip).float()
-        terms["loss_region"] = region_contrast(embed, seg, seg_label, seg_key, cfg.region_tau)
+        per_stage = []
+        for stride in cfg.region_stages:
+            k = DECODER_STRIDES.index(stride)
+            if cfg.region_embedding == "projection":
+                pooled, count = stage_segment_mean(out.region[k].float(), out.stage_index[k], seg, seg_label.shape[0])
+            else:
+                embed = (out.feats if cfg.region_embedding == "feats" else out.clip).float()
+                pooled, count = segment_mean(embed, seg, seg_label.shape[0])
+            per_stage.append(region_contrast_pooled(pooled, count > 0, seg_label, seg_key, cfg.region_tau))
+        terms["loss_region"] = torch.stack(per_stage).mean()
     else:
         terms["loss_region"] = zero
     if cfg.w_align > 0:
@@ -286,10 +455,17 @@ def finetune_losses(
         terms["loss_align"] = segment_cosine(seg_embed, batch.segment_target, batch.segment_seen & (count > 0))
     else:
         terms["loss_align"] = zero
+    weighted = {
+        "boundary": cfg.w_boundary * terms["loss_boundary"], "energy": cfg.w_energy * terms["loss_energy"],
+        "region": cfg.w_region * terms["loss_region"],
+    }
     terms["loss"] = (
-        cfg.w_ce * terms["loss_ce"] + cfg.w_clip_ce * terms["loss_clip_ce"] + cfg.w_boundary * terms["loss_boundary"]
-        + cfg.w_energy * terms["loss_energy"] + cfg.w_region * terms["loss_region"] + cfg.w_align * terms["loss_align"]
+        cfg.w_ce * terms["loss_ce"] + cfg.w_clip_ce * terms["loss_clip_ce"] + weighted["boundary"]
+        + weighted["energy"] + weighted["region"] + cfg.w_align * terms["loss_align"]
     )
+    total = terms["loss"].detach().abs().clamp(min=1e-12)
+    for name, value in weighted.items():
+        terms[f"share_{name}"] = value.detach() / total
     return terms
 
 
@@ -375,7 +551,8 @@ def _recipe(cfg: FinetuneConfig, device: torch.device) -> loop.Recipe:
         )
     network_cfg, data_cfg, init_path = _network_and_data(cfg, store, int(text_np.shape[1]))
     # read only what the enabled terms use: a store without render/embed can still be fine-tuned
-    data_cfg = dataclasses.replace(data_cfg, groups=("overseg", "views", "clip") if cfg.w_align > 0 else ("overseg",))
+    needs_clip = cfg.w_align > 0 or (cfg.w_boundary > 0 and cfg.boundary_teacher_weight > 0)
+    data_cfg = dataclasses.replace(data_cfg, groups=("overseg", "views", "clip") if needs_clip else ("overseg",))
     dataset = FinetuneDataset(
         cfg.store, scene_ids, cfg=data_cfg, seed=cfg.seed, labels=cfg.labels, label_seed=cfg.label_seed,
         official_file=cfg.official_labels, removed_classes=removed, copies=2 if cfg.two_copies else 1,
@@ -384,6 +561,7 @@ def _recipe(cfg: FinetuneConfig, device: torch.device) -> loop.Recipe:
     cfg = dataclasses.replace(cfg, data=data_cfg, network=network_cfg)
     text = torch.from_numpy(text_np.astype(np.float32)).to(device)
     supervised_ids = torch.tensor(supervised, dtype=torch.long, device=device)
+    novel_ids = torch.tensor(list(split.novel) if split is not None else [], dtype=torch.long, device=device)
     run_info = {
         "class_names": list(class_names),
         "base_ids": supervised,
@@ -400,7 +578,7 @@ def _recipe(cfg: FinetuneConfig, device: torch.device) -> loop.Recipe:
     def losses(out: NetworkOutput, batch: Batch, step: int, micro: int) -> dict[str, torch.Tensor]:
         # segment subsampling depends on (seed, step, micro-batch) only: resumable
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
-        return finetune_losses(out, batch, text, cfg, supervised_ids=supervised_ids,
+        return finetune_losses(out, batch, text, cfg, supervised_ids=supervised_ids, novel_ids=novel_ids,
                                num_scenes=batch.num_scenes // (2 if cfg.two_copies else 1), generator=generator)
 
     def write_run_files(out_dir: Path) -> None:
@@ -411,7 +589,7 @@ def _recipe(cfg: FinetuneConfig, device: torch.device) -> loop.Recipe:
 
     return loop.Recipe(
         cfg=cfg, dataset=dataset, build_model=build_model, losses=losses,
-        loss_keys=("loss", "loss_ce", "loss_clip_ce", "loss_boundary", "loss_energy", "loss_region", "loss_align"),
+        loss_keys=LOSS_KEYS,
         write_run_files=write_run_files, description="finetune", collate_fn=collate_copies,
         counters=lambda batch: {"labelled_voxels": int((batch.voxel_semantic != IGNORE_INDEX).sum())},
         checkpoint_extra={"finetune": run_info},

@@ -22,15 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.schema import IGNORE_INDEX
+# the voxel graph and region-level boundaries are shared with inference (which never imports train/)
+from ws3d_train.boundaries import RegionBoundaries, region_boundaries, voxel_neighbour_edges
 
 __all__ = [
     "boundary_bce",
     "distill_kl",
+    "RegionBoundaries",
     "energy_loss",
+    "energy_terms",
+    "region_boundaries",
+    "region_boundary_targets",
     "region_contrast",
+    "region_contrast_pooled",
     "segment_cosine",
     "segment_mean",
     "segment_pseudo_labels",
+    "stage_segment_mean",
     "supervised_ce",
     "view_infonce",
     "voxel_neighbour_edges",
@@ -223,39 +231,29 @@ def supervised_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def boundary_bce(
     logit: torch.Tensor,
-    semantic_boundary: torch.Tensor,
-    geometric_boundary: torch.Tensor,
-    geometric_weight: float = 0.2,
+    target: torch.Tensor,
+    weight: torch.Tensor,
     *,
     pos_weight: float | None = None,
 ) -> torch.Tensor:
-    """Binary cross-entropy of the boundary head.
+    """Weighted binary cross-entropy of the boundary network: ``sum(w * bce) / sum(w)``.
 
-    Where labels show whether a row is a semantic boundary (``semantic_boundary`` 0 or 1) that
-    is the target, with weight 1; elsewhere (-1) the over-segmentation's geometric boundary is
-    the target, with weight ``geometric_weight``. The result is the weighted mean
-    ``sum(w * bce) / sum(w)``, so its scale does not depend on how many rows are labelled.
+    The caller decides each row's target and weight (semantic edges from labels at weight 1,
+    weaker region-level and geometric targets below it; see ``ws3d_train.train.finetune``), so the
+    scale does not depend on how many rows are labelled.
 
     Args:
         logit: [N] boundary logits.
-        semantic_boundary: [N] int, -1 unknown, 0 inside a labelled region, 1 on a boundary.
-        geometric_boundary: [N] int/bool 0/1 from the over-segmentation.
-        geometric_weight: weight of the geometric targets relative to semantic ones.
-        pos_weight: optional weight of positive (boundary) targets, as in
+        target: [N] float targets in [0, 1] (soft targets allowed).
+        weight: [N] float weights >= 0 (0: no target).
+        pos_weight: optional weight of the positive part, as in
             ``BCEWithLogitsLoss(pos_weight=...)``; boundaries are a small minority of rows.
 
     Returns:
         Scalar loss; a graph-attached zero when every weight is zero.
     """
-    semantic_boundary = semantic_boundary.to(logit.device)
-    known = semantic_boundary >= 0
-    target = torch.where(known, semantic_boundary, geometric_boundary.to(semantic_boundary.dtype))
-    target = target.to(logit.dtype)
-    weight = torch.where(
-        known,
-        torch.ones_like(target),
-        torch.full_like(target, float(geometric_weight)),
-    )
+    target = target.to(device=logit.device, dtype=logit.dtype)
+    weight = weight.to(device=logit.device, dtype=logit.dtype)
     pw = None if pos_weight is None else logit.new_tensor(float(pos_weight))
     bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none", pos_weight=pw)
     denom = weight.sum()
@@ -264,46 +262,113 @@ def boundary_bce(
     return (weight * bce).sum() / denom
 
 
+def energy_terms(
+    prob: torch.Tensor,
+    boundary_prob: torch.Tensor,
+    edges: torch.Tensor,
+    seg: torch.Tensor,
+    num_segments: int,
+    *,
+    detach_boundary: bool = True,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of the boundary-aware energy: agreement inside regions, confidence at boundaries.
+
+    With region-level boundaries (:func:`region_boundaries`: ``B_ab`` per adjacent segment pair,
+    ``r_a = max_b B_ab`` per segment):
+
+    - agreement ``sum_e w_e ||p_i - p_j||^2 / E`` over the voxel edges e = (i, j), with ``w_e = 1``
+      inside a segment and ``w_e = 1 - B_ab`` between segments a and b (no pull across a border
+      the boundary network calls semantic; edges touching no segment have ``w_e = 0``);
+    - confidence ``sum_i r_(seg i) H(p_i) / sum_i r_(seg i)``: the entropy of the prediction on the
+      voxels of boundary regions, weighted by how much their region is one (WS3D++'s energy makes
+      predictions confident at boundaries, where a smooth network is least sure).
+
+    Args:
+        prob: [N, C] class probabilities of the prediction that is evaluated.
+        boundary_prob: [N] voxel boundary probability.
+        edges: [E, 2] int64 neighbouring voxel pairs.
+        seg: [N] int64 global segment id, -1 for none.
+        num_segments: S.
+        detach_boundary: treat the boundary probabilities as constants (default): otherwise the
+            network could lower the agreement term by predicting a boundary everywhere; the
+            boundary network is trained by :func:`boundary_bce` alone.
+        eps: floor inside the logarithm.
+
+    Returns:
+        ``(agreement, confidence)`` scalars; graph-attached zeros where there is nothing to sum.
+    """
+    b = boundary_prob.detach() if detach_boundary else boundary_prob
+    b = b.to(prob.dtype)
+    seg = seg.long()
+    zero = _graph_zero(prob)
+    if edges.numel() == 0 or prob.shape[0] == 0:
+        return zero, zero
+    regions = region_boundaries(b, seg, edges, num_segments)
+    i, j = edges[:, 0].long(), edges[:, 1].long()
+    inside = (seg[i] == seg[j]) & (seg[i] >= 0)
+    w = torch.where(inside, torch.ones_like(b[i]), torch.zeros_like(b[i]))
+    across = regions.edge_pair >= 0
+    if regions.prob.numel():
+        w = torch.where(across, 1.0 - regions.prob[regions.edge_pair.clamp(min=0)], w)
+    # index_select: a deterministic backward on a CPU (see ws3d_train.network)
+    agreement = (w * (prob.index_select(0, i) - prob.index_select(0, j)).pow(2).sum(dim=1)).mean()
+    r = torch.where(seg >= 0, regions.segment_score[seg.clamp(min=0)], torch.zeros_like(b))
+    denom = r.sum()
+    if float(denom) <= 0.0:
+        return agreement, zero
+    entropy = -(prob * prob.clamp(min=eps).log()).sum(dim=1)
+    return agreement, (r * entropy).sum() / denom
+
+
 def energy_loss(
     prob: torch.Tensor,
     boundary_prob: torch.Tensor,
     edges: torch.Tensor,
-    entropy_weight: float = 0.1,
+    seg: torch.Tensor,
+    num_segments: int,
+    confidence_weight: float = 1.0,
     *,
     detach_boundary: bool = True,
-    eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Boundary-aware energy: smooth and confident inside regions, free at boundaries.
+    """Boundary-aware energy: ``agreement + confidence_weight * confidence`` (:func:`energy_terms`)."""
+    agreement, confidence = energy_terms(prob, boundary_prob, edges, seg, num_segments, detach_boundary=detach_boundary)
+    return agreement + confidence_weight * confidence
 
-    ``mean_{(i,j) in edges} w_ij ||p_i - p_j||^2 + entropy_weight * mean_i (1 - b_i) H(p_i)``
-    with ``w_ij = (1 - b_i)(1 - b_j)`` and ``H(p) = -sum_c p_c log p_c``.
+
+def region_boundary_targets(
+    seg_label: torch.Tensor, seg: torch.Tensor, edges: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """Per-voxel semantic-boundary targets from segment labels, at segment interfaces.
+
+    A voxel joined by an edge to a voxel of another segment is a target 1 when the two segments
+    carry different known labels, 0 when the same (a voxel on several interfaces takes the
+    largest); voxels with no interface between two labelled segments are -1 (unknown).
 
     Args:
-        prob: [N, C] class probabilities (softmax of the semantic logits).
-        boundary_prob: [N] predicted boundary probability b in [0, 1].
-        edges: [E, 2] int64 pairs of neighbouring rows (e.g. :func:`voxel_neighbour_edges`).
-        entropy_weight: weight of the entropy term.
-        detach_boundary: treat b as a constant here (default). Otherwise the network could lower
-            this energy by predicting a boundary everywhere; the boundary head is trained by
-            :func:`boundary_bce` alone.
-        eps: floor inside the logarithm.
+        seg_label: [S] int64 label per segment, IGNORE_INDEX unknown.
+        seg: [N] int64 global segment id, -1 none.
+        edges: [E, 2] int64 neighbouring voxel pairs.
+        num_segments: S (rows of ``seg_label``).
 
     Returns:
-        Scalar loss (the pair term is zero when there are no edges).
+        [N] int64 in {-1, 0, 1}.
     """
-    b = boundary_prob.detach() if detach_boundary else boundary_prob
-    b = b.to(prob.dtype)
-    inside = 1.0 - b
-    if edges.numel():
-        i, j = edges[:, 0].long(), edges[:, 1].long()
-        w = inside[i] * inside[j]
-        pair = (w * (prob[i] - prob[j]).pow(2).sum(dim=1)).mean()
-    else:
-        pair = _graph_zero(prob)
-    if entropy_weight == 0.0 or prob.shape[0] == 0:
-        return pair + _graph_zero(prob)
-    entropy = -(prob * prob.clamp(min=eps).log()).sum(dim=1)
-    return pair + entropy_weight * (inside * entropy).mean()
+    n = seg.shape[0]
+    out = torch.full((n,), -1, dtype=torch.long, device=seg.device)
+    if edges.numel() == 0 or num_segments == 0:
+        return out
+    seg = seg.long()
+    i, j = edges[:, 0].long(), edges[:, 1].long()
+    si, sj = seg[i], seg[j]
+    ok = (si != sj) & (si >= 0) & (sj >= 0)
+    li = torch.where(ok, seg_label[si.clamp(min=0)], torch.full_like(si, IGNORE_INDEX))
+    lj = torch.where(ok, seg_label[sj.clamp(min=0)], torch.full_like(sj, IGNORE_INDEX))
+    known = ok & (li != IGNORE_INDEX) & (lj != IGNORE_INDEX)
+    value = (li != lj).long()[known]
+    for side in (i[known], j[known]):
+        out = out.scatter_reduce(0, side, value, reduce="amax", include_self=True)
+    return out
 
 
 def region_contrast(
@@ -336,12 +401,36 @@ def region_contrast(
         Scalar loss; a graph-attached zero when no anchor has a positive.
     """
     num_segments = seg_label.shape[0]
-    if seg_key.shape != seg_label.shape:
-        raise ValueError(f"seg_key {tuple(seg_key.shape)} and seg_label {tuple(seg_label.shape)} differ")
     pooled, count = segment_mean(point_embed, seg, num_segments)
-    present = count > 0
+    return region_contrast_pooled(pooled, count > 0, seg_label, seg_key, temperature)
+
+
+def region_contrast_pooled(
+    pooled: torch.Tensor,
+    present: torch.Tensor,
+    seg_label: torch.Tensor,
+    seg_key: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """:func:`region_contrast` on segment embeddings already pooled (e.g. per decoder stage by
+    :func:`stage_segment_mean`, then projected).
+
+    Args:
+        pooled: [S, D] segment embeddings (normalised here).
+        present: [S] bool, segments that have rows in the batch (the others are left out).
+        seg_label: [S] int64 label or IGNORE_INDEX.
+        seg_key: [S] int64 physical segment identity (negative never matches).
+        temperature: tau.
+
+    Returns:
+        Scalar loss; a graph-attached zero when no anchor has a positive.
+    """
+    if seg_key.shape != seg_label.shape or pooled.shape[0] != seg_label.shape[0]:
+        raise ValueError(f"pooled {tuple(pooled.shape)}, seg_label {tuple(seg_label.shape)} and seg_key "
+                         f"{tuple(seg_key.shape)} must have one row per segment")
+    present = present.bool()
     if int(present.sum()) < 2:
-        return _graph_zero(point_embed)
+        return _graph_zero(pooled)
     z = pooled[present]
     label = seg_label.to(z.device)[present].long()
     key = seg_key.to(z.device)[present].long()
@@ -352,7 +441,7 @@ def region_contrast(
     n_pos = positive.sum(dim=1)
     anchors = n_pos > 0
     if int(anchors.sum()) == 0:
-        return _graph_zero(point_embed)
+        return _graph_zero(pooled)
     logits = _scaled_cosine(z, z, temperature)
     # exclude self from the denominator (a large negative, not -inf: 0 * -inf would be NaN below)
     logits = logits.masked_fill(eye, torch.finfo(logits.dtype).min)
@@ -360,6 +449,31 @@ def region_contrast(
     pos_log_prob = (log_prob * positive.to(log_prob.dtype)).sum(dim=1)
     per_anchor = -pos_log_prob[anchors] / n_pos[anchors].to(log_prob.dtype)
     return per_anchor.mean()
+
+
+def stage_segment_mean(
+    stage_feats: torch.Tensor, stage_index: torch.Tensor, seg: torch.Tensor, num_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment embeddings pooled at a decoder stage's own resolution.
+
+    Segment a's embedding is the mean of the stage's voxel features over the distinct stage voxels
+    that hold at least one voxel of a (each coarse voxel counted once, however many of a's fine
+    voxels it holds; at stride 1 this is :func:`segment_mean`).
+
+    Args:
+        stage_feats: [M, D] features of the stage's voxels.
+        stage_index: [N] int64 row of ``stage_feats`` holding each (stride-1) voxel's ancestor.
+        seg: [N] int64 global segment id per voxel, -1 none.
+        num_segments: S.
+
+    Returns:
+        ``(mean [S, D], count [S] int64 distinct stage voxels)``; differentiable in ``stage_feats``.
+    """
+    seg = seg.long()
+    keep = seg >= 0
+    m = stage_feats.shape[0]
+    pair = torch.unique(seg[keep] * m + stage_index.long()[keep])
+    return segment_mean(stage_feats.index_select(0, pair % m), pair // m, num_segments)
 
 
 @torch.no_grad()
@@ -405,60 +519,3 @@ def segment_pseudo_labels(
     has_label = votes.sum(dim=1) > 0
     majority = votes.argmax(dim=1)  # first maximum: ties go to the smallest class id
     return torch.where(has_label, majority, out)
-
-
-# ---------------------------------------------------------------------------------------------
-# neighbourhoods
-
-
-def voxel_neighbour_edges(coords: torch.Tensor) -> torch.Tensor:
-    """6-connected neighbour pairs among voxels.
-
-    Each voxel coordinate is packed into one int64 key; keys are sorted once and the +x, +y and
-    +z neighbour of every voxel is found by binary search. Pairs never cross scenes (the batch
-    index is part of the key).
-
-    Args:
-        coords: [N, 4] integer (batch, x, y, z), each row unique.
-
-    Returns:
-        [E, 2] int64 row pairs (i, j) with i < j, each unordered neighbour pair once, sorted
-        lexicographically.
-
-    Raises:
-        ValueError: on duplicate rows or coordinates too spread out to pack into 63 bits.
-    """
-    if coords.dim() != 2 or coords.shape[1] != 4:
-        raise ValueError(f"coords must be [N,4] (batch,x,y,z); got {tuple(coords.shape)}")
-    device = coords.device
-    n = coords.shape[0]
-    if n == 0:
-        return torch.zeros((0, 2), dtype=torch.long, device=device)
-    c = coords.long()
-    c = c - c.min(dim=0).values
-    # +2: room for the +1 neighbour of the largest coordinate without wrapping into the next row
-    extent = (c.max(dim=0).values + 2).tolist()
-    total = 1
-    for e in extent:
-        total *= int(e)
-    if total >= 2**62:
-        raise ValueError(f"voxel coordinate extents {extent} are too large to pack into int64 keys")
-    strides = [extent[1] * extent[2] * extent[3], extent[2] * extent[3], extent[3], 1]
-    stride_t = torch.tensor(strides, dtype=torch.long, device=device)
-    key = (c * stride_t).sum(dim=1)
-    sorted_key, order = torch.sort(key)
-    if bool((sorted_key[1:] == sorted_key[:-1]).any()):
-        raise ValueError("voxel_neighbour_edges: coords contain duplicate voxels")
-    pairs = []
-    for axis_stride in strides[1:]:  # three axis offsets, not a loop over voxels
-        query = key + axis_stride
-        pos = torch.searchsorted(sorted_key, query).clamp(max=n - 1)
-        hit = sorted_key[pos] == query
-        src = torch.nonzero(hit, as_tuple=True)[0]
-        dst = order[pos[hit]]
-        pairs.append(torch.stack([src, dst], dim=1))
-    edges = torch.cat(pairs, dim=0)
-    edges = torch.sort(edges, dim=1).values
-    # lexicographic order for a deterministic output
-    edges = edges[torch.argsort(edges[:, 0] * n + edges[:, 1])]
-    return edges

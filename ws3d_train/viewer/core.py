@@ -38,6 +38,7 @@ __all__ = [
     "ViewerState",
     "base_novel_colours",
     "boundary_colours",
+    "boundary_probability_colours",
     "camera_views",
     "check_scene",
     "class_colours",
@@ -60,7 +61,7 @@ DEFAULT_POINT_BUDGET = 400_000
 
 SCENE_MODES: tuple[str, ...] = ("rgb", "gt class", "gt instance", "segments", "boundaries")
 """Colour modes that need only the store."""
-RUN_MODES: tuple[str, ...] = ("predicted class", "predicted instance", "base/novel", "query")
+RUN_MODES: tuple[str, ...] = ("predicted class", "predicted instance", "predicted boundaries", "base/novel", "query")
 """Colour modes that need a run (``query`` after a query was made)."""
 MODES: tuple[str, ...] = SCENE_MODES + RUN_MODES
 
@@ -112,6 +113,13 @@ def boundary_colours(boundary: np.ndarray) -> np.ndarray:
     """[N] 0/1 boundary flags -> [N, 3] uint8: boundary points red, the rest light grey."""
     flag = np.asarray(boundary).reshape(-1) == 1
     return np.where(flag[:, None], BOUNDARY_RGB, INTERIOR_RGB).astype(np.uint8)
+
+
+def boundary_probability_colours(prob: np.ndarray) -> np.ndarray:
+    """[N] boundary probabilities in [0, 1] -> [N, 3] uint8, from :data:`INTERIOR_RGB` (0) to
+    :data:`BOUNDARY_RGB` (1), as the ``boundaries`` mode draws over-segment borders."""
+    p = np.clip(np.asarray(prob, np.float32).reshape(-1), 0.0, 1.0)[:, None]
+    return np.round(INTERIOR_RGB * (1.0 - p) + BOUNDARY_RGB * p).astype(np.uint8)
 
 
 def base_novel_colours(pred_class: np.ndarray, base_ids: Sequence[int], novel_ids: Sequence[int]) -> np.ndarray:
@@ -484,6 +492,8 @@ class RunScene:
     novel_ids: tuple[int, ...]
     segment: np.ndarray | None = None
     """[N] over-segments computed for the instances (scans without a store), else None."""
+    boundary: np.ndarray | None = None
+    """[N] float32 predicted semantic-boundary probability (``ws3d predict``'s ``boundary``)."""
 
 
 class RunModel:
@@ -521,7 +531,8 @@ class RunModel:
         combine = "clip" if self.loaded.base_ids is None else "calibrated"
         pred = predict_scene(self.loaded, self.store.path, scene_id, combine=combine,
                              min_instance_points=min_instance_points)
-        return RunScene(pred.pred_class, pred.instance, pred.clip, self.setup.base_ids, self.setup.novel_ids)
+        return RunScene(pred.pred_class, pred.instance, pred.clip, self.setup.base_ids, self.setup.novel_ids,
+                        boundary=pred.boundary)
 
     def encode_text(self, text: str) -> np.ndarray:
         """[D] unit text embedding of ``text`` by the text tower of the CLIP model that embedded
@@ -595,6 +606,8 @@ class ViewerState:
             modes.append("boundaries")
         if self.prediction is not None:
             modes += ["predicted class", "predicted instance"]
+            if self.prediction.boundary is not None:
+                modes.append("predicted boundaries")
             if self.prediction.novel_ids:
                 modes.append("base/novel")
         if self.similarity is not None:
@@ -693,6 +706,12 @@ class ViewerState:
             return class_colours(p.pred_class, len(names)), class_legend(p.pred_class, names)
         if mode == "predicted instance":
             return id_colours(p.instance), _count_legend(p.instance, "instances")
+        if mode == "predicted boundaries":
+            high = int((p.boundary >= 0.5).sum())
+            return boundary_probability_colours(p.boundary), [
+                LegendEntry("semantic boundary (p = 1)", tuple(int(v) for v in BOUNDARY_RGB), high),
+                LegendEntry("no boundary (p = 0); count: p < 0.5", tuple(int(v) for v in INTERIOR_RGB), s.num_points - high),
+            ]
         if mode == "base/novel":
             base = int(np.isin(p.pred_class, p.base_ids).sum())
             novel = int(np.isin(p.pred_class, p.novel_ids).sum())

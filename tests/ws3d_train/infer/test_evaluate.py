@@ -58,12 +58,19 @@ def test_evaluate_returns_every_group_finite(run, store, tmp_path):
     assert all(_finite(inst[k]) for k in ("ap", "ap50", "ap25"))
     assert set(inst["per_class"]) == {"chair", "table", "cabinet"}  # wall and floor form no instances
     assert _finite(result["box"]["map@0.25"]) and _finite(result["box"]["map@0.5"])
+    bd = result["boundary"]
+    for name in ("head", "region", "overseg_flag", "overseg_interface"):
+        assert 0.0 <= bd[name]["ap"] <= 1.0 and bd[name]["rows"] == bd["head"]["rows"] > 0, name
+    assert bd["random"]["ap"] == pytest.approx(bd["head"]["positive_rate"]) and 0 < bd["random"]["ap"] < 1
+    assert bd["head_ap_over_flag"] == pytest.approx(bd["head"]["ap"] / bd["overseg_flag"]["ap"])
+    assert result["open_vocab"]["combine"] == "calibrated"  # the run's rule (its config's default)
 
     path = write_json(result, tmp_path / "eval.json")
     loaded = json.loads(path.read_text())  # strict JSON: NaN would not parse back as a number
     assert loaded["semantic"]["miou"] == pytest.approx(sem["miou"])
     table = format_table(result)
-    for words in ("semantic", "open-vocab (CLIP head)", "open-vocab (calibrated)", "instances", "boxes", "chair *"):
+    for words in ("semantic", "open-vocab (CLIP head)", "open-vocab (calibrated)", "instances", "boxes", "chair *",
+                  "boundaries (AP / best F1)"):
         assert words in table
     size = result["instance"]["min_region_size"]
     assert f"instances (>= {size} pts)" in table and f"boxes (>= {size} pts)" in table  # AP states its region size
@@ -123,6 +130,15 @@ def test_json_safe():
     out = json_safe({"a": float("nan"), "b": [np.float32(1.5), np.inf], "c": np.arange(2), "d": {1: np.int64(3)}})
     assert out == {"a": None, "b": [1.5, None], "c": [0, 1], "d": {"1": 3}}
     json.dumps(out, allow_nan=False)
+
+
+def test_hidden_ground_truth_leaves_predictions_alone(run, store):
+    plain = evaluate(run, store, min_region_size=20, device="cpu")
+    hidden = evaluate(run, store, min_region_size=20, device="cpu", gt_ignore=[TINY_CLASSES.index("chair")])
+    assert plain["points"] == hidden["points"]
+    # the chair's points are no longer scored, its predictions still made (false positives now)
+    assert math.isnan(hidden["open_vocab"]["combined"]["iou"]["chair"]) or hidden["open_vocab"]["combined"]["iou"]["chair"] == 0.0
+    assert hidden["open_vocab"]["combined"]["iou"] != plain["open_vocab"]["combined"]["iou"]
 
 
 def test_ignored_classes_are_ignored_in_ground_truth(run, store):

@@ -10,15 +10,18 @@ import torch
 
 from pipeline.schema import IGNORE_INDEX
 from ws3d_train.infer.metrics import (
+    BoundaryCurve,
     Boxes,
     ConfusionMatrix,
     InstanceGroundTruth,
     InstancePrediction,
     box_iou_3d,
+    boundary_quality,
     box_map,
     confusion_matrix,
     instance_ap,
     open_vocab_metrics,
+    semantic_boundaries,
     semantic_metrics,
 )
 from ws3d_train.open_vocab import classify_open_vocab, combine_heads
@@ -345,3 +348,58 @@ def test_combine_heads_calibrated() -> None:
     assert combine_heads(sem, clip, [0, 2], [1], novel_bias=20.0).argmax(1).tolist() == [1, 1]
     with pytest.raises(ValueError):
         combine_heads(sem, clip, [0], [1])
+
+
+# --- boundaries ------------------------------------------------------------------------------------
+
+
+def _brute_ap_f1(score: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Average precision (scikit-learn's step-wise definition, ties as one threshold) and best F1,
+    one threshold at a time."""
+    ap, prev_recall, best = 0.0, 0.0, 0.0
+    for t in sorted(set(score.tolist()), reverse=True):
+        chosen = score >= t
+        tp = float((chosen & truth).sum())
+        precision, recall = tp / chosen.sum(), tp / truth.sum()
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+        if precision + recall > 0:
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return ap, best
+
+
+def test_boundary_quality_matches_a_brute_force_reference() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n = 400
+        truth = rng.random(n) < 0.15
+        score = np.round(np.clip(0.3 * truth + rng.random(n) * 0.8, 0, 1), 2)  # ties on purpose
+        curve = BoundaryCurve()
+        half = n // 2  # accumulated over two "scenes"
+        curve.update(score[:half], truth[:half])
+        curve.update(score[half:], truth[half:])
+        got = boundary_quality(curve)
+        ap, f1 = _brute_ap_f1(score, truth)
+        assert got["ap"] == pytest.approx(ap, abs=1e-9) and got["best_f1"] == pytest.approx(f1, abs=1e-9)
+        assert got["positive_rate"] == pytest.approx(truth.mean()) and got["rows"] == n
+    # a constant score (random's expectation) has AP = the positive rate; a perfect one 1
+    flat = BoundaryCurve()
+    flat.update(np.full(10, 0.5), np.arange(10) < 3)
+    assert boundary_quality(flat)["ap"] == pytest.approx(0.3)
+    perfect = BoundaryCurve()
+    perfect.update((np.arange(10) < 3).astype(float), np.arange(10) < 3)
+    assert boundary_quality(perfect)["ap"] == pytest.approx(1.0) and boundary_quality(perfect)["best_f1"] == 1.0
+    assert boundary_quality(perfect)["best_threshold"] == 1.0
+    empty = BoundaryCurve()
+    empty.update(np.zeros(3), np.zeros(3, bool))
+    assert math.isnan(boundary_quality(empty)["ap"])
+    with pytest.raises(ValueError):
+        flat.update(np.full(2, np.nan), np.zeros(2, bool))
+
+
+def test_semantic_boundaries_by_hand() -> None:
+    labels = np.array([0, 0, 1, IGNORE_INDEX, 1, 2])
+    edges = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]])
+    # 1|2 differ, 4|5 differ; an unlabelled neighbour (3) makes no boundary
+    assert semantic_boundaries(labels, edges).tolist() == [False, True, True, False, True, True]
+    assert not semantic_boundaries(labels, np.zeros((0, 2), np.int64)).any()

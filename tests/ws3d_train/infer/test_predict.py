@@ -89,8 +89,18 @@ def test_predict_scene_writes_a_readable_ply(run, store, tmp_path):
     np.testing.assert_allclose(pred.xyz, s.read(scene_id, schema.XYZ))
     path = write_prediction_ply(tmp_path / "pred.ply", pred.xyz, pred.pred_class, pred.instance, num_classes=len(TINY_CLASSES))
     assert len(o3d.io.read_point_cloud(str(path)).points) == n
-    whole = write_prediction_ply(tmp_path / "whole.ply", pred)  # the same from the prediction object
-    assert whole.read_bytes() == path.read_bytes()
+    whole = write_prediction_ply(tmp_path / "whole.ply", pred)  # the same from the prediction object, plus boundary
+    from plyfile import PlyData
+
+    a, b = PlyData.read(str(path))["vertex"], PlyData.read(str(whole))["vertex"]
+    for name in ("x", "y", "z", "red", "green", "blue", "label", "instance"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert "boundary" not in a.data.dtype.names
+    boundary = np.asarray(b["boundary"])
+    np.testing.assert_array_equal(boundary, pred.boundary)
+    assert boundary.shape == (n,) and boundary.min() >= 0.0 and boundary.max() <= 1.0
+    flag = s.read(scene_id, schema.BOUNDARY).astype(bool)
+    assert (boundary[~flag] == 0).all() and boundary[flag].max() > 0  # semantic borders lie on over-segment borders
 
 
 def test_clip_model_of_store_reads_identities(tmp_path, clip_dir, store):

@@ -14,10 +14,15 @@ from ws3d_train.train.losses import (
     boundary_bce,
     distill_kl,
     energy_loss,
+    energy_terms,
+    region_boundaries,
+    region_boundary_targets,
     region_contrast,
+    region_contrast_pooled,
     segment_cosine,
     segment_mean,
     segment_pseudo_labels,
+    stage_segment_mean,
     supervised_ce,
     view_infonce,
     voxel_neighbour_edges,
@@ -134,62 +139,131 @@ def test_supervised_ce_ignores_unlabelled_and_is_zero_when_empty() -> None:
 
 def test_boundary_bce_hand_value() -> None:
     logit = torch.tensor([0.0, 2.0, -1.0, 0.5])
-    semantic = torch.tensor([1, 0, -1, -1])
-    geometric = torch.tensor([0, 1, 1, 0])  # first two are overridden by semantic labels
-    w = 0.2
-    bce = [math.log(2.0), math.log1p(math.exp(2.0)), math.log1p(math.exp(1.0)), math.log1p(math.exp(0.5))]
-    expected = (bce[0] + bce[1] + w * bce[2] + w * bce[3]) / (2 + 2 * w)
-    assert boundary_bce(logit, semantic, geometric, w).item() == pytest.approx(expected, rel=1e-6)
-    # only geometric targets and a zero weight: nothing to learn from, a zero, not NaN
-    zero = boundary_bce(logit, torch.full((4,), -1), geometric, 0.0)
+    target = torch.tensor([1.0, 0.0, 1.0, 0.25])
+    w = torch.tensor([1.0, 1.0, 0.2, 0.2])
+    bce = [math.log(2.0), math.log1p(math.exp(2.0)), math.log1p(math.exp(1.0)),
+           -(0.25 * math.log(1 / (1 + math.exp(-0.5))) + 0.75 * math.log(1 - 1 / (1 + math.exp(-0.5))))]
+    expected = (bce[0] + bce[1] + 0.2 * bce[2] + 0.2 * bce[3]) / 2.4
+    assert boundary_bce(logit, target, w).item() == pytest.approx(expected, rel=1e-6)
+    # every weight zero: nothing to learn from, a zero, not NaN
+    zero = boundary_bce(logit, target, torch.zeros(4))
     assert zero.item() == 0.0
 
 
+def _line(n: int = 10):
+    """A line of n voxels in two segments (left half 0, right half 1), edges between neighbours."""
+    edges = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
+    seg = (torch.arange(n) >= n // 2).long()
+    return edges, seg
+
+
+def test_region_boundaries_by_hand() -> None:
+    # segments 0 | 1 | 2 along a line, voxels 0-1 | 2-3 | 4; interfaces (1,2) and (3,4)
+    edges = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4]])
+    seg = torch.tensor([0, 0, 1, 1, 2])
+    b = torch.tensor([0.0, 0.8, 0.6, 0.2, 0.4])
+    r = region_boundaries(b, seg, edges, 4)
+    assert r.pairs.tolist() == [[0, 1], [1, 2]]
+    assert r.prob.tolist() == pytest.approx([0.7, 0.3])
+    assert r.edge_pair.tolist() == [-1, 0, -1, 1]
+    assert r.segment_score.tolist() == pytest.approx([0.7, 0.7, 0.3, 0.0])  # segment 3 has no voxel
+
+
 def test_energy_zero_for_constant_predictions() -> None:
-    n = 20
-    prob = torch.tensor([0.2, 0.5, 0.3]).repeat(n, 1)
-    edges = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
-    b = torch.rand(n)
-    assert energy_loss(prob, b, edges, entropy_weight=0.0).item() == 0.0
-    one_hot = F.one_hot(torch.full((n,), 1), 3).float()
-    assert energy_loss(one_hot, b, edges, entropy_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    edges, seg = _line(20)
+    prob = torch.tensor([0.2, 0.5, 0.3]).repeat(20, 1)
+    agreement, confidence = energy_terms(prob, torch.rand(20), edges, seg, 2)
+    assert agreement.item() == 0.0 and confidence.item() > 0  # not confident
+    one_hot = F.one_hot(torch.full((20,), 1), 3).float()
+    assert energy_loss(one_hot, torch.rand(20), edges, seg, 2, 1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_energy_hand_value_and_growth_with_variation() -> None:
-    prob = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+def test_energy_hand_value() -> None:
+    # two voxels in two segments: B = (b0 + b1) / 2 on their one edge
+    prob = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     edges = torch.tensor([[0, 1]])
-    assert energy_loss(prob, torch.zeros(2), edges, 0.0).item() == pytest.approx(2.0)
-    b = torch.tensor([0.5, 0.0])
-    assert energy_loss(prob, b, edges, 0.0).item() == pytest.approx(1.0)
-    # entropy term: uniform p off boundaries has entropy log 2
-    uniform = torch.full((2, 2), 0.5)
-    assert energy_loss(uniform, b, edges, 2.0).item() == pytest.approx(2.0 * (0.5 + 1.0) / 2 * math.log(2))
-
-    n = 30
-    edges = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
-    base = torch.tensor([0.7, 0.2, 0.1]).repeat(n, 1)
-    losses = []
-    for scale in (0.0, 0.1, 0.3):
-        noisy = torch.softmax(base.log() + scale * torch.randn(n, 3), dim=1)
-        losses.append(energy_loss(noisy, torch.zeros(n), edges, 0.0).item())
-    assert losses[0] == pytest.approx(0.0, abs=1e-7)
-    assert losses[0] < losses[1] < losses[2]
+    seg = torch.tensor([0, 1])
+    agreement, confidence = energy_terms(prob, torch.tensor([0.2, 0.4]), edges, seg, 2)
+    assert agreement.item() == pytest.approx((1 - 0.3) * 0.5)
+    # both segments score 0.3: the entropy mean over both voxels, (0 + log 2) / 2
+    assert confidence.item() == pytest.approx(math.log(2) / 2, rel=1e-5)
+    # inside one segment the pull is whole, whatever the boundary network says
+    agreement, confidence = energy_terms(prob, torch.tensor([0.9, 0.9]), edges, torch.tensor([0, 0]), 1)
+    assert agreement.item() == pytest.approx(0.5)
+    assert confidence.item() == 0.0  # a lone segment is no boundary region
 
 
-def test_energy_ignores_changes_across_predicted_boundaries() -> None:
-    # two regions, constant inside, different across the edge (4, 5); b = 1 at the boundary
-    n = 10
-    edges = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
-    prob = torch.cat([torch.tensor([[0.9, 0.1]]).repeat(5, 1), torch.tensor([[0.1, 0.9]]).repeat(5, 1)])
-    b = torch.zeros(n)
-    assert energy_loss(prob, b, edges, 0.0).item() > 0.1
-    b[4] = 1.0
-    assert energy_loss(prob, b, edges, 0.0).item() == 0.0
+def test_energy_finite_difference_gradients() -> None:
+    gen = torch.Generator().manual_seed(2)
+    n, c = 12, 3
+    coords = torch.stack([torch.zeros(n), torch.arange(n) % 4, torch.arange(n) // 4, torch.zeros(n)], 1).long()
+    edges = voxel_neighbour_edges(coords)
+    seg = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 2, -1])
+    b = torch.rand(n, generator=gen, dtype=torch.float64)
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def agreement(x):
+        return energy_terms(torch.softmax(x, 1), b, edges, seg, 3)[0]
+
+    def confidence(x):
+        return energy_terms(torch.softmax(x, 1), b, edges, seg, 3)[1]
+
+    assert torch.autograd.gradcheck(agreement, (logits,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(confidence, (logits,), eps=1e-6, atol=1e-6)
+    # the boundary probabilities are constants of the energy (the BCE alone trains them)
     b_grad = b.clone().requires_grad_()
-    prob_grad = prob.clone().requires_grad_()
-    energy_loss(prob_grad, b_grad, edges, 0.5).backward()
-    assert b_grad.grad is None  # boundary detached by default
-    assert prob_grad.grad is not None
+    energy_loss(torch.softmax(logits, 1), b_grad, edges, seg, 3).backward()
+    assert b_grad.grad is None and logits.grad is not None
+
+
+def test_energy_without_boundaries_is_plain_smoothing_and_no_confidence() -> None:
+    edges, seg = _line(10)
+    logits = torch.randn(10, 3, requires_grad=True)
+    prob = torch.softmax(logits, 1)
+    agreement, confidence = energy_terms(prob, torch.zeros(10), edges, seg, 2)
+    plain = (prob[edges[:, 0]] - prob[edges[:, 1]]).pow(2).sum(1).mean()
+    assert agreement.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert confidence.item() == 0.0
+    confidence.backward()
+    assert logits.grad is None or logits.grad.abs().sum() == 0
+
+
+def test_energy_sharpens_boundary_predictions_in_a_two_region_scene() -> None:
+    # left segment class 0, right segment class 1, unsure near the border (voxels 4 and 5)
+    edges, seg = _line(10)
+    margin = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.3, -0.3, -1.0, -2.0, -2.5, -3.0])
+    start = torch.stack([margin, -margin], dim=1) / 2
+
+    def descend(b: torch.Tensor, steps: int = 60) -> torch.Tensor:
+        logits = start.clone().requires_grad_()
+        opt = torch.optim.SGD([logits], lr=1.0)
+        for _ in range(steps):
+            opt.zero_grad()
+            energy_loss(torch.softmax(logits, 1), b, edges, seg, 2, 1.0).backward()
+            opt.step()
+        return torch.softmax(logits.detach(), 1)
+
+    before = torch.softmax(start, 1)
+    border = torch.tensor([4, 5])
+    b = torch.zeros(10)
+    b[border] = 0.95  # the boundary network sees the border
+    after = descend(b)
+    assert (after.max(1).values[border] > before.max(1).values[border] + 0.1).all()  # confident there
+    assert after[4].argmax() == 0 and after[5].argmax() == 1  # and on the right side of it
+    # with no boundary predicted, the pull across the border blurs it instead
+    smooth = descend(torch.zeros(10))
+    assert (smooth[4] - smooth[5]).abs().sum() < (before[4] - before[5]).abs().sum()
+    assert (smooth.max(1).values[border] < after.max(1).values[border]).all()
+
+
+def test_region_boundary_targets_by_hand() -> None:
+    # segments 0 | 1 | 2 | 3 along a line; labels: 0 -> A, 1 -> A, 2 -> B, 3 unknown
+    edges = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]])
+    seg = torch.tensor([0, 0, 1, 2, 2, 3])
+    seg_label = torch.tensor([0, 0, 1, IGNORE_INDEX])
+    out = region_boundary_targets(seg_label, seg, edges, 4)
+    # interface 0|1 agrees (0), 1|2 differs (1, voxel 2 takes the max of its two interfaces), 2|3 unknown
+    assert out.tolist() == [-1, 0, 1, 1, -1, -1]
 
 
 def _region_setup(separable: bool):
@@ -224,6 +298,32 @@ def test_region_contrast_hand_value_keys_and_no_positive() -> None:
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
     none = region_contrast(z.requires_grad_(), seg, label, torch.tensor([1, 2, 3]), t)
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_stage_segment_mean_matches_brute_force() -> None:
+    gen = torch.Generator().manual_seed(5)
+    n, m, d, s_count = 200, 17, 3, 9
+    feats = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, m, (n,), generator=gen)
+    seg = torch.randint(-1, s_count - 1, (n,), generator=gen)  # the last segment stays empty
+    mean, count = stage_segment_mean(feats, index, seg, s_count)
+    for a in range(s_count):
+        rows = sorted({int(index[i]) for i in range(n) if int(seg[i]) == a})  # each coarse voxel once
+        assert int(count[a]) == len(rows)
+        want = feats[rows].mean(0) if rows else torch.zeros(d, dtype=torch.float64)
+        assert torch.allclose(mean[a], want, atol=1e-12)
+    # at stride 1 (every voxel its own row) it is the plain segment mean
+    plain, _ = segment_mean(feats[index], seg, s_count)
+    ident, _ = stage_segment_mean(feats[index], torch.arange(n), seg, s_count)
+    assert torch.allclose(plain, ident, atol=1e-12)
+
+
+def test_region_contrast_pooled_equals_region_contrast() -> None:
+    embed, seg, label = _region_setup(False)
+    key = torch.tensor([3, 3, -1, -1])
+    pooled, count = segment_mean(embed, seg, 4)
+    assert region_contrast_pooled(pooled, count > 0, label, key, 0.1).item() == pytest.approx(
+        region_contrast(embed, seg, label, key, 0.1).item(), rel=1e-6)
 
 
 def test_segment_pseudo_labels_respect_gamma_and_majority() -> None:
@@ -297,8 +397,8 @@ def test_all_losses_have_finite_gradients() -> None:
     view_ptr = torch.tensor([0, 10, 25, 40])
     total = (
         supervised_ce(logits, labels)
-        + boundary_bce(b_logit, torch.randint(-1, 2, (n,)), torch.randint(0, 2, (n,)))
-        + energy_loss(prob, torch.sigmoid(b_logit), edges, 0.1)
+        + boundary_bce(b_logit, torch.randint(0, 2, (n,)).float(), torch.rand(n))
+        + energy_loss(prob, torch.sigmoid(b_logit), edges, seg, 6, 0.1)
         + region_contrast(embed, seg, segment_pseudo_labels(prob, seg, labels, num_segments=6), torch.arange(6), 0.1)
         + view_infonce(embed, view_ptr, torch.randperm(n), torch.randn(3, d), 0.07)
         + segment_cosine(seg_embed, torch.randn(6, d), seen)
@@ -325,8 +425,8 @@ def _all_losses(device: str) -> torch.Tensor:
     targets = torch.randn(6, d, generator=gen).to(device)
     return (
         supervised_ce(logits, labels)
-        + boundary_bce(logits[:, 0], (torch.arange(n, device=device) % 3) - 1, torch.arange(n, device=device) % 2)
-        + energy_loss(prob, torch.sigmoid(logits[:, 1]), edges, 0.1)
+        + boundary_bce(logits[:, 0], (torch.arange(n, device=device) % 2).float(), (torch.arange(n, device=device) % 3) / 2.0)
+        + energy_loss(prob, torch.sigmoid(logits[:, 1]), edges, seg, 6, 0.1)
         + region_contrast(embed, seg, segment_pseudo_labels(prob, seg, labels, num_segments=6), torch.arange(6, device=device) % 3, 0.1)
         + view_infonce(embed, torch.tensor([0, 20, 60], device=device), torch.arange(n, device=device), targets[:2], 0.07)
         + segment_cosine(seg_embed, targets, seen)

@@ -199,6 +199,13 @@ def test_state_scene_arrays_and_class_mode(state, store):
     for mode in ("gt instance", "segments", "boundaries", "predicted instance"):
         state.set_mode(mode)
         assert state.colours.shape == (n, 3) and state.legend
+    state.set_mode("predicted boundaries")  # grey (p = 0) to red (p = 1), the probability of ws3d predict's PLY
+    p = state.prediction.boundary
+    assert p.shape == (n,) and ((p >= 0) & (p <= 1)).all()
+    np.testing.assert_array_equal(state.colours, core.boundary_probability_colours(p))
+    np.testing.assert_array_equal(state.colours[p == 0], np.tile(core.INTERIOR_RGB, (int((p == 0).sum()), 1)))
+    np.testing.assert_array_equal(core.boundary_probability_colours(np.ones(1)), core.BOUNDARY_RGB[None])
+    assert sum(e.points for e in state.legend) == n
     with pytest.raises(ValueError, match="not available"):
         state.set_mode("query")  # no query made yet
     assert len(state.scene.cameras) == 6
