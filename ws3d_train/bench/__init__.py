@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import platform
 import resource
 import time
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 """The project's root folder."""
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("WS3D_SHARED_DATA") or ROOT.parent / "shared" / "data")
 """The real samples beside the project, where present (the real-scan rows need them)."""
 
 SECTIONS: dict[str, tuple[str, str]] = {
