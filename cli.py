@@ -459,7 +459,8 @@ def _predict_files(run: Path, input_: Path, out: Path, reader: list[str] | None,
             failed += 1
             typer.secho(f"error: {path}: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
             continue
-        write_prediction_ply(target, pred.xyz, pred.labels, pred.instance, num_classes=len(pred.class_names))
+        write_prediction_ply(target, pred.xyz, pred.labels, pred.instance, num_classes=len(pred.class_names),
+                             boundary=pred.boundary)
         counts = np.bincount(pred.labels, minlength=len(pred.class_names))
         top = ", ".join(f"{pred.class_names[c]} {counts[c]}" for c in np.argsort(-counts)[:4] if counts[c])
         typer.echo(f"wrote {target}: {pred.num_points} points, {len(pred.instance_class)} instances in "

@@ -94,5 +94,10 @@ def test_a_folder_of_plain_scans_goes_through_every_stage(tmp_path):
            "threads=1")
     out = invoke("predict", "--run", run, "--input", raw / "val", "--out", tmp_path / "pred")
     assert "wrote" in out and (tmp_path / "pred" / "c.ply").is_file()
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(tmp_path / "pred" / "c.ply"))["vertex"]  # label, instance and boundary per vertex
+    assert {"label", "instance", "boundary"} <= set(vertex.data.dtype.names)
+    assert 0.0 <= vertex["boundary"].min() and vertex["boundary"].max() <= 1.0
     out = invoke("query", "a chair", "--run", run, "--input", raw / "val" / "c.npy", "--out", tmp_path / "q.ply")
     assert (tmp_path / "q.ply").is_file() and "rank" in out

@@ -513,6 +513,7 @@ def write_prediction_ply(
     instance: np.ndarray | None = None,
     *,
     num_classes: int | None = None,
+    boundary: np.ndarray | None = None,
 ) -> Path:
     """Write a scene coloured by predicted class; class and instance ids as extra vertex properties.
 
@@ -523,14 +524,14 @@ def write_prediction_ply(
         pred_class: [N] int class ids (negative: unknown, drawn black).
         instance: optional [N] int instance ids (-1 none), written as property ``instance``.
         num_classes: palette size (default: max class + 1); colours come from :func:`class_palette`.
+        boundary: optional [N] float boundary probability, written as property ``boundary``.
 
     Returns:
         The path. Any PLY viewer shows the colours; ``label``/``instance`` are int32 properties,
-        ``boundary`` (a :class:`ScenePrediction`'s, when it has one) a float32 property.
+        ``boundary`` (given, or a :class:`ScenePrediction`'s when it has one) a float32 property.
     """
-    boundary = None
     if isinstance(xyz, ScenePrediction):
-        if pred_class is not None or instance is not None:
+        if pred_class is not None or instance is not None or boundary is not None:
             raise TypeError("write_prediction_ply: pass either a ScenePrediction or xyz + pred_class, not both")
         prediction = xyz
         xyz, pred_class, instance = prediction.xyz, prediction.pred_class, prediction.instance
