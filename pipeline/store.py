@@ -65,7 +65,7 @@ array's zarr.json), so that reading a node's arrays takes one metadata request, 
 STALE_TMP_S = 6 * 3600.0
 """A temporary folder of another host (or of an unknown process) older than this is a leftover."""
 
-__all__ = ["DamagedDataError", "Store", "StoreError", "StorageError", "log_dir", "append_log"]
+__all__ = ["DamagedDataError", "Store", "StoreError", "StorageError", "is_node_name", "log_dir", "append_log"]
 
 
 class StoreError(UserError, RuntimeError):
@@ -298,7 +298,7 @@ class Store:
             found = _scene_datasets(location)
             if set(children) - {"scenes", "vocab"} or found - {dataset}:
                 raise StoreError(f"{location.url}: exists, is not empty and is not a ws3d store")
-            if any(_valid_id(n) for n in location.children("scenes")):  # not just another process creating it
+            if any(is_node_name(n) for n in location.children("scenes")):  # not just another process creating it
                 warnings.warn(f"{location.url}: the store's root zarr.json was missing (deleted or damaged); "
                               f"restored for dataset {dataset!r}", stacklevel=2)
         attrs = {
@@ -381,7 +381,7 @@ class Store:
 
     def scene_ids(self) -> list[str]:
         """Sorted ids of the scenes whose ingest is complete (marker and points present)."""
-        names = [n for n in self.location.children("scenes") if _valid_id(n)]
+        names = [n for n in self.location.children("scenes") if is_node_name(n)]
         if isinstance(self.location, LocalLocation):
             base = self.location.path / "scenes"
             return sorted(n for n in names if (base / n / MARKER).is_file() and (base / n / "points").is_dir())
@@ -748,7 +748,7 @@ class Store:
 
     # -- vocabularies -----------------------------------------------------------------------
     def vocab_names(self) -> list[str]:
-        names = [n for n in self.location.children("vocab") if _valid_id(n)]
+        names = [n for n in self.location.children("vocab") if is_node_name(n)]
         return [n for n in names if self.location.exists(f"vocab/{n}/{MARKER}")]
 
     def read_vocab(self, name: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -832,7 +832,7 @@ def _read_file(path: Path) -> bytes | None:
         return None
 
 
-def _valid_id(name: str) -> bool:
+def is_node_name(name: str) -> bool:
     """A scene or vocabulary name (not a group's zarr.json, a leftover or a stray file)."""
     if name == MARKER:
         return False
@@ -845,7 +845,7 @@ def _valid_id(name: str) -> bool:
 
 def _scene_datasets(location: Location) -> set[str]:
     """The datasets named by the ingest records of a store's scenes (a few are enough)."""
-    names = [n for n in location.children("scenes") if _valid_id(n)][:16]
+    names = [n for n in location.children("scenes") if is_node_name(n)][:16]
     found = set()
     for name in names:
         record = (_attributes(location.get(f"scenes/{name}/{MARKER}")) or {}).get("ws3d_stage") or {}

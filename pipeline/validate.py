@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline import schema
 from pipeline.errors import is_suspect, warning_kind
-from pipeline.store import MARKER, DamagedDataError, Store, StoreError
+from pipeline.store import MARKER, DamagedDataError, Store, StoreError, is_node_name
 
 GROUP_STAGE = {group: stage for stage, groups in schema.STAGE_GROUPS.items() for group in groups}
 """The stage that writes each group."""
@@ -275,7 +275,7 @@ def validate_store(store: Store, scene_ids: list[str] | None = None, *, deep: bo
             report.problems.append(Problem("store", f"{group}/zarr.json", "missing (deleted)"))
     complete = store.scene_ids()
     if scene_ids is None:
-        orphans = [n for n in location.children("scenes") if _valid(n) and n not in set(complete)]
+        orphans = [n for n in location.children("scenes") if is_node_name(n) and n not in set(complete)]
         ids = sorted(complete + orphans)
     else:
         ids = list(scene_ids)
@@ -287,7 +287,7 @@ def validate_store(store: Store, scene_ids: list[str] | None = None, *, deep: bo
         report.problems.extend(validate_scene(store, scene_id, deep=deep, unchecked=report.unchecked))
         report.flagged.extend(suspect_warnings(store, scene_id))
     for name in location.children("vocab"):
-        if not _valid(name):
+        if not is_node_name(name):
             continue
         attributes = store.node_attributes(f"vocab/{name}")
         if attributes is None or "ws3d_vocab" not in attributes:
@@ -307,16 +307,6 @@ def validate_store(store: Store, scene_ids: list[str] | None = None, *, deep: bo
     return report
 
 
-def _valid(name: str) -> bool:
-    if name == MARKER:
-        return False
-    try:
-        schema.check_scene_id(name)
-        return True
-    except ValueError:
-        return False
-
-
 # -- repair ------------------------------------------------------------------------------------
 def open_for_repair(url: str, echo: Callable[[str], None] = print) -> Store:
     """Open a store, restoring its root zarr.json from its scenes' ingest records when it was
@@ -333,7 +323,7 @@ def open_for_repair(url: str, echo: Callable[[str], None] = print) -> Store:
 
     location = open_location(url)
     datasets = set()
-    for name in [n for n in location.children("scenes") if _valid(n)]:
+    for name in [n for n in location.children("scenes") if is_node_name(n)]:
         record = (Store(location, {}).stage_record(name, "ingest") or {})
         dataset = (record.get("config") or {}).get("dataset")
         if dataset:

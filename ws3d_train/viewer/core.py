@@ -293,18 +293,9 @@ def rank_segments(
     """The best segments for a query, ranked exactly as ``ws3d query`` ranks them
     (:func:`ws3d_train.infer.predict.query_scene`): mean similarity of a segment's points, segments
     under ``min_segment_points`` left out. Returns :class:`ws3d_train.infer.predict.SegmentMatch` rows."""
-    from ws3d_train.infer.predict import SegmentMatch
+    from ws3d_train.infer.predict import rank_segments_by_similarity
 
-    segment = np.asarray(segment).astype(np.int64)
-    num_segments = int(segment.max()) + 1 if segment.size else 0
-    count = np.bincount(segment, minlength=num_segments)
-    mean_sim = np.bincount(segment, weights=similarity, minlength=num_segments) / np.maximum(count, 1)
-    centroid = np.stack(
-        [np.bincount(segment, weights=xyz[:, k], minlength=num_segments) for k in range(3)], axis=1
-    ) / np.maximum(count, 1)[:, None]
-    ranked = np.flatnonzero(count >= min_segment_points)
-    ranked = ranked[np.argsort(-mean_sim[ranked], kind="stable")][:top_k]
-    return [SegmentMatch(int(s), float(mean_sim[s]), tuple(float(v) for v in centroid[s]), int(count[s])) for s in ranked]
+    return rank_segments_by_similarity(segment, similarity, xyz, top_k=top_k, min_segment_points=min_segment_points)
 
 
 def mesh_glb(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray) -> bytes:
