@@ -196,7 +196,7 @@ def synth(
     scenes: int = typer.Option(8, "--scenes", "-n", help="Number of rooms."),
     seed: int = typer.Option(0, "--seed", help="Random seed (rooms are deterministic per seed and index)."),
     start: int = typer.Option(0, "--start", help="Index of the first room (scene ids follow it)."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the room config, e.g. room_edge_m=0.018 (in-process: no executor)."),
 ) -> None:
     """Generate synthetic rooms in the ScanNet raw layout."""
     from pipeline.datasets.synthetic import SynthConfig, synthesise
