@@ -72,7 +72,7 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
         listing.write_text("\n".join(ids) + "\n")
         out: dict[str, Any] = {"backend": backend, "workers": workers, "rooms": list(rooms), "scenes": len(ids), "stages": {}}
         # one local cluster for the three stages (the executor's own, reached by its address)
-        with dask_client(ExecutorConfig(kind="local", workers=workers)) as client:
+        with dask_client(ExecutorConfig(kind="local", workers=workers)) as client, _client_tls(client):
             executor = ExecutorConfig(kind="address", address=client.scheduler.address)
             client.run(lambda: None)
             configs = {"ingest": IngestConfig(dataset="synthetic"), "overseg": OversegConfig(), "render": RenderConfig()}
@@ -103,6 +103,17 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
         if server is not None:
             server.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _client_tls(client: Any) -> Any:
+    """The local cluster's run-made TLS credentials as dask config, so that the stages' own
+    clients (executor kind=address, as a user's would read ~/.config/dask) can join it."""
+    import dask
+
+    sec = client.security
+    return dask.config.set({"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": sec.tls_ca_file,
+                            "distributed.comm.tls.client.cert": sec.tls_client_cert,
+                            "distributed.comm.tls.client.key": sec.tls_client_key})
 
 
 def _copy_store(url: str, folder: Path) -> None:
