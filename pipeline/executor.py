@@ -363,6 +363,18 @@ def make_local_cluster(cfg: ExecutorConfig) -> Any:
     return cluster
 
 
+def joinable_by_address(client: Any) -> Any:
+    """A context in which `executor kind=address` clients can join ``client``'s cluster: its run-made
+    TLS credentials set as dask config (as a user's ``~/.config/dask`` would set a cluster's), e.g.
+    for a benchmark that keeps one local cluster for several stages."""
+    import dask
+
+    sec = client.security
+    return dask.config.set({"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": sec.tls_ca_file,
+                            "distributed.comm.tls.client.cert": sec.tls_client_cert,
+                            "distributed.comm.tls.client.key": sec.tls_client_key})
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ExecutorConfig) -> Iterator[Any]:
     """A distributed Client for the configured cluster, closed (and the cluster stopped) on exit."""

@@ -48,7 +48,7 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
     """Preprocess rooms [a, b) of `raw` into a fresh store on `backend` with `workers` local
     Dask workers; measure (see the module docstring)."""
     from pipeline.datasets.ingest import IngestConfig
-    from pipeline.executor import ExecutorConfig, dask_client
+    from pipeline.executor import ExecutorConfig, dask_client, joinable_by_address
     from pipeline.overseg.config import OversegConfig
     from pipeline.render.config import RenderConfig
     from pipeline.stage import StageRun, run_stage
@@ -72,7 +72,7 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
         listing.write_text("\n".join(ids) + "\n")
         out: dict[str, Any] = {"backend": backend, "workers": workers, "rooms": list(rooms), "scenes": len(ids), "stages": {}}
         # one local cluster for the three stages (the executor's own, reached by its address)
-        with dask_client(ExecutorConfig(kind="local", workers=workers)) as client, _client_tls(client):
+        with dask_client(ExecutorConfig(kind="local", workers=workers)) as client, joinable_by_address(client):
             executor = ExecutorConfig(kind="address", address=client.scheduler.address)
             client.run(lambda: None)
             configs = {"ingest": IngestConfig(dataset="synthetic"), "overseg": OversegConfig(), "render": RenderConfig()}
@@ -103,17 +103,6 @@ def run_piece(raw: str, rooms: tuple[int, int], backend: str, workers: int, read
         if server is not None:
             server.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _client_tls(client: Any) -> Any:
-    """The local cluster's run-made TLS credentials as dask config, so that the stages' own
-    clients (executor kind=address, as a user's would read ~/.config/dask) can join it."""
-    import dask
-
-    sec = client.security
-    return dask.config.set({"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": sec.tls_ca_file,
-                            "distributed.comm.tls.client.cert": sec.tls_client_cert,
-                            "distributed.comm.tls.client.key": sec.tls_client_key})
 
 
 def _copy_store(url: str, folder: Path) -> None:
