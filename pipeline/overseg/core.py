@@ -46,7 +46,7 @@ from pipeline.overseg.features import (
     smooth_colours,
     surface_variation_along,
 )
-from pipeline.overseg.neighbours import knn, mesh_neighbours
+from pipeline.overseg.neighbours import knn, lower_corner, mesh_neighbours
 from pipeline.overseg.regions import (
     grow_regions,
     merge_small_segments,
@@ -83,12 +83,7 @@ class OversegResult:
 @njit(cache=True)
 def _voxel_kernel(xyz, normal, voxel_m):  # pragma: no cover - compiled
     n = xyz.shape[0]
-    lo = np.empty(3, np.float64)
-    for d in range(3):
-        lo[d] = xyz[0, d]
-    for i in range(n):
-        for d in range(3):
-            lo[d] = min(lo[d], xyz[i, d])
+    lo = lower_corner(xyz)
     cell = np.empty((n, 3), np.int64)
     dims = np.zeros(3, np.int64)
     for i in range(n):

@@ -215,15 +215,22 @@ CONTACTS = 4
 
 
 @njit(cache=True)
-def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compiled
-    # adds the contacts to index and dist in place
-    n, k = index.shape
+def lower_corner(xyz):  # pragma: no cover - compiled
+    """[3] float64 per-axis minimum of [N, 3] points (N >= 1), in one pass."""
     lo = np.empty(3, np.float64)
     for d in range(3):
         lo[d] = xyz[0, d]
-    for i in range(n):
+    for i in range(xyz.shape[0]):
         for d in range(3):
             lo[d] = min(lo[d], xyz[i, d])
+    return lo
+
+
+@njit(cache=True)
+def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compiled
+    # adds the contacts to index and dist in place
+    n, k = index.shape
+    lo = lower_corner(xyz)
     # cells of side `radius` (a margin of one cell on every side), numbered in first-item order:
     # a dense grid where the bounds are small (a room), else a hash table
     cx = np.empty(n, np.int64)

@@ -349,7 +349,7 @@ def test_label_coverage_of_real_and_synthetic_scans_passes_the_default(tmp_path)
     assert check_label_coverage(scene, 0.5) is None
 
 
-def _run_with_a_dying_scene(tmp_path, how: str, cfg: ExecutorConfig) -> None:
+def _assert_a_dying_scene_fails_alone(tmp_path, how: str, cfg: ExecutorConfig) -> None:
     """Three scenes through the stage runner, the middle one's worker dying each time (see
     tests/pipeline/faulty.py); it alone fails, with the reason, the others are written, and every
     scene has its line in the stage log."""
@@ -373,14 +373,14 @@ def _run_with_a_dying_scene(tmp_path, how: str, cfg: ExecutorConfig) -> None:
 def test_a_scene_that_kills_its_worker_fails_alone(tmp_path):
     """A scene that kept killing its worker ended the stage with a KilledWorker traceback, no
     failure table and no log lines, though the other scenes were written."""
-    _run_with_a_dying_scene(tmp_path, "kill", ExecutorConfig(kind="local", workers=2, task_retries=0))
+    _assert_a_dying_scene_fails_alone(tmp_path, "kill", ExecutorConfig(kind="local", workers=2, task_retries=0))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_scene_whose_worker_runs_out_of_memory_fails_alone(tmp_path):
     """The same with a real memory limit: the nanny kills the worker at 95 % of it, twice."""
-    _run_with_a_dying_scene(tmp_path, "memory",
+    _assert_a_dying_scene_fails_alone(tmp_path, "memory",
                             ExecutorConfig(kind="local", workers=2, memory_per_worker="400MiB", task_retries=1))
 
 

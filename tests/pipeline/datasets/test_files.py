@@ -30,7 +30,7 @@ def _cloud(seed: int = 0, n: int = N) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return xyz, rgb, label, instance
 
 
-def _check(scan: files.Scan, xyz, rgb=None, label=None, *, atol=1e-5) -> None:
+def _assert_scan(scan: files.Scan, xyz, rgb=None, label=None, *, atol=1e-5) -> None:
     np.testing.assert_allclose(scan.xyz, xyz, atol=atol)
     if rgb is not None:
         np.testing.assert_array_equal(scan.rgb, rgb)
@@ -53,7 +53,7 @@ def test_ply_mesh_and_cloud_round_trip(tmp_path):
     quads = np.array([(list(range(k, k + 4)),) for k in range(0, 200, 4)], [("vertex_indices", "i4", (4,))])
     PlyData([PlyElement.describe(vertex, "vertex"), PlyElement.describe(quads, "face")]).write(str(tmp_path / "m.ply"))
     mesh = load_scan(tmp_path / "m.ply")
-    _check(mesh, xyz, rgb, label)
+    _assert_scan(mesh, xyz, rgb, label)
     np.testing.assert_array_equal(mesh.instance, instance)
     assert mesh.kind == "mesh" and mesh.faces.shape == (100, 3)  # quads fanned into two triangles each
     np.testing.assert_array_equal(mesh.faces[:2], [[0, 1, 2], [4, 5, 6]])
@@ -66,7 +66,7 @@ def test_ply_mesh_and_cloud_round_trip(tmp_path):
     empty = np.zeros(0, [("vertex_indices", "i4", (3,))])
     PlyData([PlyElement.describe(cloud, "vertex"), PlyElement.describe(empty, "face")], text=True).write(str(tmp_path / "c.ply"))
     scan = load_scan(tmp_path / "c.ply")
-    _check(scan, xyz, rgb, label)
+    _assert_scan(scan, xyz, rgb, label)
     assert scan.kind == "points" and scan.faces is None and scan.instance is None
 
 
@@ -82,7 +82,7 @@ def test_pcd_round_trip(tmp_path, ascii_):
     path = tmp_path / "scan.pcd"
     assert o3d.t.io.write_point_cloud(str(path), pcd, write_ascii=ascii_)
     assert (b"DATA ascii" if ascii_ else b"DATA binary") in path.read_bytes()[:400]
-    _check(load_scan(path), xyz, rgb, label)
+    _assert_scan(load_scan(path), xyz, rgb, label)
 
 
 
@@ -113,7 +113,7 @@ def test_npy_npz_round_trip(tmp_path):
     xyz, rgb, label, instance = _cloud(3)
     np.save(tmp_path / "six.npy", np.concatenate([xyz, rgb.astype(np.float32)], axis=1))
     scan = load_scan(tmp_path / "six.npy")
-    _check(scan, xyz, rgb)
+    _assert_scan(scan, xyz, rgb)
     assert scan.label is None and any("columns-guessed" in w for w in scan.warnings)
 
     structured = np.empty(N, [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"),
@@ -122,12 +122,12 @@ def test_npy_npz_round_trip(tmp_path):
     structured["red"], structured["green"], structured["blue"] = rgb.T
     structured["semantic"] = label
     np.save(tmp_path / "fields.npy", structured)
-    _check(load_scan(tmp_path / "fields.npy"), xyz, rgb, label)
+    _assert_scan(load_scan(tmp_path / "fields.npy"), xyz, rgb, label)
 
     np.savez(tmp_path / "named.npz", points=xyz, colors=rgb, labels=label, instance=instance,
              faces=np.array([[0, 1, 2]]))
     scan = load_scan(tmp_path / "named.npz")
-    _check(scan, xyz, rgb, label)
+    _assert_scan(scan, xyz, rgb, label)
     np.testing.assert_array_equal(scan.instance, instance)
     assert scan.kind == "mesh" and scan.faces.tolist() == [[0, 1, 2]]
 
@@ -149,7 +149,7 @@ def test_las_and_laz_round_trip(tmp_path):
         las.red, las.green, las.blue = (rgb.astype(np.uint16) * 257).T  # LAS colour is 16-bit
         las.classification = label.astype(np.uint8)
         las.write(str(tmp_path / name))
-        _check(load_scan(tmp_path / name), xyz, rgb, label, atol=1e-3)
+        _assert_scan(load_scan(tmp_path / name), xyz, rgb, label, atol=1e-3)
 
 
 @pytest.mark.parametrize("suffix,delimiter,count_line", [(".txt", " ", False), (".xyz", ",", False), (".pts", " ", True)])
@@ -160,7 +160,7 @@ def test_text_columns_round_trip(tmp_path, suffix, delimiter, count_line):
         np.concatenate([xyz, np.full((N, 1), 7.0), rgb], axis=1)  # Leica: x y z intensity r g b
     np.savetxt(path, values, fmt="%.6f", delimiter=delimiter, header=str(N) if count_line else "", comments="")
     scan = load_scan(path)
-    _check(scan, xyz, rgb, None if suffix == ".pts" else label)
+    _assert_scan(scan, xyz, rgb, None if suffix == ".pts" else label)
 
 
 def test_bin_records_and_an_xyz_only_bin(tmp_path):
@@ -168,7 +168,7 @@ def test_bin_records_and_an_xyz_only_bin(tmp_path):
     intensity = np.linspace(0, 1, N, dtype=np.float32)
     np.concatenate([xyz, intensity[:, None]], axis=1).astype(np.float32).tofile(tmp_path / "kitti.bin")
     scan = load_scan(tmp_path / "kitti.bin")
-    _check(scan, xyz)
+    _assert_scan(scan, xyz)
     np.testing.assert_array_equal(scan.rgb[:, 0], np.rint(intensity * 255).astype(np.uint8))
     assert scan.colour == "intensity"
     # 3 floats a point read 4 at a time would be garbage: refused with the way out
@@ -177,7 +177,7 @@ def test_bin_records_and_an_xyz_only_bin(tmp_path):
     sweep.tofile(tmp_path / "xyz_only.bin")
     with pytest.raises(SceneError, match="x y z records.*reader.columns='x y z'"):
         load_scan(tmp_path / "xyz_only.bin")
-    _check(load_scan(tmp_path / "xyz_only.bin", FilesReaderConfig(columns="x y z")), sweep)
+    _assert_scan(load_scan(tmp_path / "xyz_only.bin", FilesReaderConfig(columns="x y z")), sweep)
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_up_axis_units_and_columns(tmp_path):
     y_up_mm = np.stack([xyz[:, 0], xyz[:, 2], -xyz[:, 1]], axis=1) * 1000.0
     np.savetxt(tmp_path / "scan.txt", np.concatenate([label[:, None], y_up_mm, rgb], axis=1), fmt="%.4f")
     cfg = FilesReaderConfig(up_axis="y", units="mm", columns="label x y z red green blue")
-    _check(load_scan(tmp_path / "scan.txt", cfg), xyz, rgb, label, atol=1e-4)
+    _assert_scan(load_scan(tmp_path / "scan.txt", cfg), xyz, rgb, label, atol=1e-4)
     for bad, message in (({"columns": "x y z r g b colour"}, "unknown column"), ({"units": "furlong"}, "units")):
         with pytest.raises(UserError, match=message):
             load_scan(tmp_path / "scan.txt", FilesReaderConfig(**{**{"columns": "label x y z r g b"}, **bad}))
