@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,6 @@ class Prediction:
     """[N] int64 class id of each point (an index of ``class_names``)."""
     class_names: tuple[str, ...]
     """The C class names of the run's label space."""
-    confidence: np.ndarray
-    """[N] float32 score of each point's class (its row's maximum of :attr:`scores`)."""
-    boundary: np.ndarray
-    """[N] float32 boundary probability of the boundary head (0..1)."""
     instance: np.ndarray
     """[N] int64 instance id, -1 for none (and everywhere when instances were not asked for)."""
     instance_class: np.ndarray
@@ -69,9 +66,13 @@ class Prediction:
     instance_score: np.ndarray
     """[I] float64 confidence of each instance (the mean confidence of its points)."""
     point_to_voxel: np.ndarray
-    """[N] int64 voxel of each point (rows of :attr:`voxel_scores`)."""
+    """[N] int64 voxel of each point (rows of the ``voxel_*`` arrays)."""
     voxel_scores: np.ndarray
     """[Nv, C] float32 class probabilities per voxel (see :attr:`scores`)."""
+    voxel_confidence: np.ndarray
+    """[Nv] float32 score of each voxel's class (see :attr:`confidence`)."""
+    voxel_boundary: np.ndarray
+    """[Nv] float32 boundary probability of each voxel (see :attr:`boundary`)."""
     xyz: np.ndarray
     """[N, 3] float32 the positions predicted on (metres)."""
     voxel_clip: np.ndarray | None = None
@@ -81,6 +82,22 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: voxelise, network, classify, overseg, instances (and read for a file)."""
 
+    # Every point takes its voxel's outputs, so the per-point arrays below are the per-voxel ones
+    # gathered through point_to_voxel: built on first access (a robot that wants only labels does
+    # not pay for them) and then kept; exactly what the per-point heads give (tests).
+
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        """[N] float32 score of each point's class (its row's maximum of :attr:`scores`); built
+        on first access from :attr:`voxel_confidence`, then kept."""
+        return self.voxel_confidence[self.point_to_voxel]
+
+    @cached_property
+    def boundary(self) -> np.ndarray:
+        """[N] float32 boundary probability of the boundary head (0..1) of each point's voxel;
+        built on first access from :attr:`voxel_boundary`, then kept."""
+        return self.voxel_boundary[self.point_to_voxel]
+
     @property
     def scores(self) -> np.ndarray:
         """[N, C] float32 class probabilities of each point: with the default ``calibrated``
@@ -88,7 +105,7 @@ class Prediction:
         classes at their CLIP probability (rows sum to 1 over the classes a prediction can choose;
         0 for classes the run's open-vocabulary split ignores); ``semantic``: the semantic head's
         softmax over the base classes; ``clip``: the CLIP head's softmax (temperature 0.01).
-        Built on access from :attr:`voxel_scores` (4 N C bytes)."""
+        Gathered from :attr:`voxel_scores` on every access, not kept (4 N C bytes)."""
         return self.voxel_scores[self.point_to_voxel]
 
     @property
@@ -105,7 +122,7 @@ class Prediction:
 
 
 def _as_arrays(xyz: Any, rgb: Any, faces: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Checked inputs: xyz float32 [N, 3] finite; rgb uint8 [N, 3] (floats in 0..1 scaled; None: grey);
+    """Checked inputs: xyz float32 [N, 3] (NaN and infinities: the voxelisation raises); rgb uint8 [N, 3] (floats in 0..1 scaled; None: grey);
     faces int32 [F, 3] with indices in range, or None."""
     from pipeline.datasets.files import colour_u8
 
@@ -113,8 +130,7 @@ def _as_arrays(xyz: Any, rgb: Any, faces: Any) -> tuple[np.ndarray, np.ndarray, 
     if xyz.ndim != 2 or xyz.shape[1] != 3 or xyz.shape[0] == 0:
         raise ValueError(f"xyz must be a non-empty [N, 3] array, got shape {xyz.shape}")
     xyz = np.ascontiguousarray(xyz, np.float32)
-    if not np.isfinite(xyz).all():  # a reduction over a float32 view: ~2 ms for 1M points
-        raise ValueError(f"xyz has {int((~np.isfinite(xyz).all(axis=1)).sum())} points with NaN or infinite coordinates")
+    # finite coordinates: checked by the voxelisation's first read of the points (a ValueError)
     n = xyz.shape[0]
     if rgb is None:
         rgb = np.full((n, 3), GREY, np.uint8)
@@ -222,9 +238,8 @@ class Model:
                                     novel_bias=novel_bias)
         score_v, class_v = probs.max(dim=1)
         p2v = outputs.point_to_voxel.numpy()
-        labels = class_v.cpu().numpy()[p2v]
-        confidence = score_v.cpu().numpy().astype(np.float32)[p2v]
-        boundary = outputs.boundary.cpu().numpy().astype(np.float32)[p2v]
+        voxel_confidence = score_v.cpu().numpy()
+        labels = class_v.cpu().numpy()[p2v]  # classes per voxel, handed to the points
         timings["classify"] = time.perf_counter() - t0
         n = xyz.shape[0]
         instance = np.full(n, -1, np.int64)
@@ -236,14 +251,15 @@ class Model:
             t2 = time.perf_counter()
             feats = outputs.feats.cpu().numpy()[p2v]
             instance, inst_class, inst_score = predict_instances(
-                seg.segment, seg.adjacency, labels, feats, confidence, self.class_names,
+                seg.segment, seg.adjacency, labels, feats, voxel_confidence[p2v], self.class_names,
                 sim_threshold=sim_threshold, min_points=min_instance_points)
             segment = seg.segment
             timings["overseg"] = t2 - t1
             timings["instances"] = time.perf_counter() - t2
-        return Prediction(labels=labels, class_names=self.class_names, confidence=confidence, boundary=boundary,
-                          instance=instance, instance_class=inst_class, instance_score=inst_score, point_to_voxel=p2v,
-                          voxel_scores=probs.cpu().numpy(), xyz=xyz, segment=segment, timings=timings,
+        return Prediction(labels=labels, class_names=self.class_names, instance=instance, instance_class=inst_class,
+                          instance_score=inst_score, point_to_voxel=p2v, voxel_scores=probs.cpu().numpy(),
+                          voxel_confidence=voxel_confidence, voxel_boundary=outputs.boundary.cpu().numpy(), xyz=xyz,
+                          segment=segment, timings=timings,
                           voxel_clip=torch.nn.functional.normalize(outputs.clip, dim=1).cpu().numpy())
 
     def oversegment(self, xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray | None = None, *, cfg: Any = None,

@@ -46,6 +46,35 @@ def test_voxelise_maps_every_point_to_its_voxel(use_rng: bool) -> None:
         np.testing.assert_array_equal(rep, first)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_voxelise_dense_table_and_hash_table_agree_with_unique(dtype) -> None:
+    """Inference's voxelisation (a dense table of the grid's cells, or a hash table where the grid
+    is too large for one) gives np.unique's voxels, first points and point -> voxel map on a scan
+    with many points a voxel, points exactly on voxel edges and negative coordinates."""
+    from ws3d_train.data.dataset import _dense_table_fits, _voxelise_first
+
+    rng = np.random.default_rng(4)
+    size = 0.25
+    on_edges = rng.integers(-8, 6, (3000, 3)) * size  # multiples of the voxel size
+    xyz = np.concatenate([rng.uniform(-2, 1.5, (20000, 3)), on_edges, on_edges[:50]]).astype(dtype)
+    xyz = xyz[rng.permutation(len(xyz))]
+    q = np.floor(xyz / dtype(size)).astype(np.int64)
+    _, rep, inverse = np.unique(q - q.min(axis=0), axis=0, return_index=True, return_inverse=True)
+    assert len(rep) < len(xyz) / 3  # several points share voxels
+    assert _dense_table_fits(15 * 15 * 15, len(xyz)) and not _dense_table_fits(10**9, len(xyz))
+    for dense in (True, False):
+        coords, origin, got_rep, p2v = _voxelise_first(xyz, size, dense=dense)
+        np.testing.assert_array_equal(origin, q.min(axis=0))
+        np.testing.assert_array_equal(got_rep, rep)
+        np.testing.assert_array_equal(p2v, inverse.reshape(-1))
+        np.testing.assert_array_equal(coords, (q - origin)[rep])
+        assert p2v.dtype == np.int64 and coords.dtype == np.int32
+    with pytest.raises(DataError, match="1 points with NaN"):
+        voxelise(np.where(np.arange(len(xyz))[:, None] == 7, np.nan, xyz), size)
+    with pytest.raises(DataError, match="2 points with NaN or infinite"):
+        voxelise(np.where(np.isin(np.arange(len(xyz)), [3, 9003])[:, None], np.inf, xyz), size)
+
+
 def test_voxel_majority_matches_a_loop() -> None:
     rng = np.random.default_rng(2)
     p2v = rng.integers(-1, 30, 500)

@@ -76,6 +76,33 @@ def test_predict_on_arrays_matches_the_store_path(setup):
         m.predict(np.where(np.arange(n)[:, None] == 3, np.nan, setup["xyz"]))
 
 
+def test_per_voxel_classes_equal_the_per_point_heads_where_points_share_voxels(setup):
+    """`Model.predict` picks each voxel's class once and hands it, its score and its boundary to
+    the voxel's points; on a scan of several points a voxel that equals picking every point's class from
+    its own copy of the heads (the evaluation's path: point_heads, predict_classes)."""
+    from ws3d_train import Model
+    from ws3d_train.infer.predict import class_probabilities, infer_points, point_heads, predict_classes
+
+    m = Model.load(setup["run"], device="cpu")
+    k = 10
+    rng = np.random.default_rng(3)
+    xyz = (np.repeat(setup["xyz"], k, axis=0) + rng.normal(0, 0.01, (k * len(setup["xyz"]), 3))).astype(np.float32)
+    rgb = np.repeat(setup["rgb"], k, axis=0)
+    out = m.predict(xyz, rgb, instances=False)
+    assert len(out.voxel_scores) < len(xyz) / 4  # several points a voxel
+    ref = infer_points(m.run, xyz, rgb, voxel_size=m.voxel_size_m)
+    semantic, clip, _ = point_heads(ref, m.classes)
+    cls, score = predict_classes(semantic, clip, m.classes, mode=m.combine)
+    np.testing.assert_array_equal(out.labels, cls.numpy())
+    assert "confidence" not in vars(out) and "boundary" not in vars(out)  # not built until asked for
+    assert out.confidence.dtype == np.float32 and out.boundary.dtype == np.float32
+    np.testing.assert_allclose(out.confidence, score.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.scores, class_probabilities(semantic, clip, m.classes, mode=m.combine).numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out.boundary, ref.to_points(ref.boundary).numpy())
+    assert out.confidence is out.confidence  # built once, then kept
+
+
 def test_file_cli_and_api_give_the_same_labels(setup, tmp_path):
     from plyfile import PlyData
 
