@@ -483,18 +483,36 @@ def class_palette(num_classes: int) -> np.ndarray:
     return np.concatenate([_BASE_PALETTE, rgb])
 
 
-def _write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, extra: dict[str, np.ndarray]) -> Path:
-    """Binary little-endian PLY with x, y, z, red, green, blue and extra scalar vertex properties."""
+def _void_rows(a: np.ndarray) -> np.ndarray:
+    """[N, K] -> [N] opaque items of K * itemsize bytes (a contiguous view, copied if needed)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype(f"V{a.shape[1] * a.itemsize}")).reshape(-1)
+
+
+def _void_column(vertex: np.ndarray, offset: int, size: int) -> np.ndarray:
+    """[N] view of ``size`` bytes at ``offset`` in each row of a structured array."""
+    return np.ndarray((vertex.shape[0],), np.dtype(f"V{size}"), vertex, offset, (vertex.dtype.itemsize,))
+
+
+def _write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, extra: dict[str, np.ndarray],
+               dtypes: dict[str, str] | None = None) -> Path:
+    """Binary little-endian PLY with x, y, z, red, green, blue and extra scalar vertex properties
+    (each of its values' dtype, or ``dtypes[name]``). The vertex rows are filled through two
+    [N, 3] views (positions, colours) and one column per extra property, casting on the way."""
     from plyfile import PlyData, PlyElement
 
-    xyz = np.asarray(xyz, np.float32).reshape(-1, 3)
+    xyz = np.asarray(xyz).reshape(-1, 3)
     n = xyz.shape[0]
-    fields = [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    fields += [(name, np.asarray(values).dtype.str.lstrip("<>|=")) for name, values in extra.items()]
+    dtypes = dtypes or {}
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    fields += [(name, np.dtype(dtypes.get(name, np.asarray(values).dtype)).newbyteorder("<").str)
+               for name, values in extra.items()]
     vertex = np.empty(n, dtype=fields)
-    vertex["x"], vertex["y"], vertex["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    rgb = np.asarray(rgb, np.uint8).reshape(n, 3)
-    vertex["red"], vertex["green"], vertex["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    # positions and colours copied a row at a time (12 and 3 bytes), not a coordinate at a time
+    _void_column(vertex, 0, 12)[...] = _void_rows(np.asarray(xyz, "<f4").reshape(n, 3))
+    rgb = np.asarray(rgb)
+    _void_column(vertex, 12, 3)[...] = rgb.reshape(-1) if rgb.dtype == np.dtype("V3") else _void_rows(
+        np.asarray(rgb, np.uint8).reshape(n, 3))
     for name, values in extra.items():
         values = np.asarray(values).reshape(-1)
         if values.shape[0] != n:
@@ -539,18 +557,23 @@ def write_prediction_ply(
         num_classes = num_classes or len(prediction.class_names)
     if pred_class is None:
         raise TypeError("write_prediction_ply: pred_class is required with xyz")
-    pred_class = np.asarray(pred_class).reshape(-1).astype(np.int64)
+    pred_class = np.asarray(pred_class).reshape(-1)
+    if not np.issubdtype(pred_class.dtype, np.integer):
+        pred_class = pred_class.astype(np.int64)
     n = np.asarray(xyz).reshape(-1, 3).shape[0]
     if pred_class.shape[0] != n:
         raise ValueError(f"{path}: {pred_class.shape[0]} classes for {n} points")
-    palette = class_palette(max(int(num_classes or 0), int(pred_class.max(initial=-1)) + 1, 1))
-    rgb = np.where((pred_class >= 0)[:, None], palette[pred_class.clip(min=0)], _UNKNOWN_RGB)
-    extra = {"label": pred_class.astype(np.int32)}
+    low, high = (int(pred_class.min()), int(pred_class.max())) if n else (0, -1)
+    palette = class_palette(max(int(num_classes or 0), high + 1, 1))
+    # unknown (negative) classes: the black row after the palette, reached by index -1
+    colours = _void_rows(np.concatenate([palette, _UNKNOWN_RGB[None]]))  # [C + 1] 3-byte items
+    rgb = colours[pred_class if low >= -1 else np.maximum(pred_class, -1)]
+    extra, dtypes = {"label": pred_class}, {"label": "i4"}
     if instance is not None:
-        extra["instance"] = np.asarray(instance).reshape(-1).astype(np.int32)
+        extra["instance"], dtypes["instance"] = instance, "i4"
     if boundary is not None:
-        extra["boundary"] = np.asarray(boundary).reshape(-1).astype(np.float32)
-    return _write_ply(path, xyz, rgb, extra)
+        extra["boundary"], dtypes["boundary"] = boundary, "f4"
+    return _write_ply(path, xyz, rgb, extra, dtypes)
 
 
 def write_heatmap_ply(path: str | Path, xyz: np.ndarray, values: np.ndarray, *, cmap: str = "turbo") -> Path:

@@ -52,7 +52,7 @@ def test_prediction_ply_round_trip(tmp_path):
 
     rng = np.random.default_rng(0)
     xyz = rng.uniform(0, 3, (500, 3)).astype(np.float32)
-    cls = rng.integers(-1, 5, 500)
+    cls = rng.integers(-3, 5, 500)  # below -1: unknown too (black)
     inst = rng.integers(-1, 9, 500)
     path = write_prediction_ply(tmp_path / "sub" / "pred.ply", xyz, cls, inst, num_classes=5)
     pcd = o3d.io.read_point_cloud(str(path))
