@@ -435,7 +435,7 @@ def _scan_inputs(input_: Path) -> dict[str, Path]:
 
 
 def _predict_files(run: Path, input_: Path, out: Path, reader: list[str] | None, min_region_size: int,
-                   device: str) -> None:
+                   device: str, instances: bool = True) -> None:
     """`ws3d predict --input`: one PLY per scan, the model loaded once for the whole folder."""
     import time
 
@@ -454,7 +454,8 @@ def _predict_files(run: Path, input_: Path, out: Path, reader: list[str] | None,
         target = out if single and out.suffix.lower() == ".ply" else out / f"{scene_id}.ply"
         start = time.perf_counter()
         try:
-            pred = model.predict_file(path, reader=reader_cfg, min_instance_points=min_region_size)
+            pred = model.predict_file(path, reader=reader_cfg, min_instance_points=min_region_size,
+                                      instances=instances)
         except (SceneError, ValueError) as exc:  # one bad file: said in one line, the others go on
             failed += 1
             typer.secho(f"error: {path}: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
@@ -481,6 +482,7 @@ def predict(run: Path = RUN, store: Optional[str] = STORE_OR_INPUT,
             min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest exported instance in points."),
             ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Combine the CLIP head with the scene's fused 2D features (as `ws3d eval --ensemble-2d`)."),
             reader: Optional[list[str]] = READER,
+            instances: bool = typer.Option(True, "--instances/--no-instances", help="--input: group over-segments into instances (over-segmenting is most of a scan's time); --no-instances writes instance -1."),
             device: str = typer.Option("auto", "--device")) -> None:
     """Write a scene coloured by predicted class (PLY), scans from files, or scenes in the ScanNet benchmark formats."""
     from ws3d_train.infer.predict import predict_scene, write_prediction_ply
@@ -489,8 +491,10 @@ def predict(run: Path = RUN, store: Optional[str] = STORE_OR_INPUT,
     if input_ is not None:
         if fmt != "ply" or ensemble_2d or scene or scenes:
             fail("--input predicts scan files as PLY files: --format, --scene(s) and --ensemble-2d need a --store")
-        _predict_files(run, input_, out, reader, min_region_size, device)
+        _predict_files(run, input_, out, reader, min_region_size, device, instances)
         return
+    if not instances:
+        fail("--no-instances applies to --input (a store's scenes take their over-segments from the store)")
     if fmt in ("scannet", "scannet-instance"):
         from ws3d_train.infer.export import export_scenes
         from ws3d_train.run import resolve_scene_ids

@@ -10,7 +10,7 @@ kernels, is not counted). The reference is ``forward_voxels`` on the same voxels
 after each prediction. Ratios are rates, ``forward / predict`` per pair, median and range over the
 pairs (1.0 = no overhead; the goal is >= 0.5 without instances).
 The ``cli`` rows time `ws3d predict --input` in a fresh process on one scan and on a folder of
-four (start-up, imports included, paid once per folder).
+four (start-up, imports included, paid once per folder), with and without instances.
 
 The run: ``data/demo/finetune`` when the demo has been run, else a run of the demo's shape (its
 network preset, voxel size, 20 classes, 64-d CLIP head, its training thread count) with random
@@ -158,26 +158,36 @@ def bench_size(model: Any, scan: Path, *, repeats: int, repeats_instances: int =
 
 
 def bench_cli(run: Path, scan: Path, folder: Path) -> dict[str, Any]:
-    """`ws3d predict --input` in a fresh process: one scan, then a folder of four copies of it."""
+    """`ws3d predict --input` in a fresh process: one scan, then a folder of four copies of it,
+    with and without instances. ``per_scan_s``: the seconds the CLI prints for each scan of the
+    folder after the first (read, predict, write; the first pays the kernels' first calls), the
+    median; ``per_extra_scan_s`` is (folder - one) / 3 from the wall clock, which also carries
+    the noise of two process starts."""
+    import re
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(4):
         shutil.copy(scan, folder / f"scan_{k}.ply")
 
-    def timed(args: list[str]) -> float:
+    def timed(args: list[str]) -> tuple[float, list[float]]:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cli", "predict", "--run", str(run), *args], check=True, cwd=ROOT,
-                       capture_output=True, timeout=600)
-        return time.perf_counter() - t0
+        done = subprocess.run([sys.executable, "-m", "cli", "predict", "--run", str(run), *args], check=True, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        return time.perf_counter() - t0, [float(v) for v in re.findall(r" in ([0-9.]+) s;", done.stdout)]
 
     t_import = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import cli, ws3d_train.infer.model"], check=True, cwd=ROOT, timeout=300)
     imports = time.perf_counter() - t_import
-    one = timed(["--input", str(scan), "--out", str(folder / "one.ply")])
-    four = timed(["--input", str(folder), "--out", str(folder / "pred")])
+    one, _ = timed(["--input", str(scan), "--out", str(folder / "one.ply")])
+    four, each = timed(["--input", str(folder), "--out", str(folder / "pred")])
+    four_fast, each_fast = timed(["--input", str(folder), "--out", str(folder / "fast"), "--no-instances"])
     return {"imports_s": round(imports, 3), "one_scan_s": round(one, 3), "folder_of_4_s": round(four, 3),
-            "per_extra_scan_s": round((four - one) / 3, 3)}
+            "per_extra_scan_s": round((four - one) / 3, 3),
+            "per_scan_s": round(statistics.median(each[1:]), 3) if len(each) > 1 else None,
+            "first_scan_s": each[0] if each else None,
+            "folder_of_4_no_instances_s": round(four_fast, 3),
+            "per_scan_no_instances_s": round(statistics.median(each_fast[1:]), 3) if len(each_fast) > 1 else None}
 
 
 def bench_predict(sizes: tuple[int, ...] = (100_000, 1_000_000), *, repeats: int = 7, run: str | None = None,

@@ -136,6 +136,12 @@ def test_file_cli_and_api_give_the_same_labels(setup, tmp_path):
                                       "--out", str(single), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(PlyData.read(str(single))["vertex"]["label"], api.labels)
+    result = CliRunner().invoke(app, ["predict", "--run", str(setup["run"]), "--input", str(scans / "room.ply"),
+                                      "--out", str(single), "--device", "cpu", "--no-instances"])
+    assert result.exit_code == 0 and "0 instances" in result.output, result.output
+    vertex = PlyData.read(str(single))["vertex"]
+    np.testing.assert_array_equal(vertex["label"], api.labels)
+    assert (vertex["instance"] == -1).all() and (api.instance >= 0).any()
 
 
 def test_threads_are_the_runs(setup):
