@@ -13,6 +13,14 @@ class OversegConfig:
     voxel_m: float = 0.02
     """Side of the surface voxels that segments are grown on (metres); 0 = grow on the points
     themselves (then counts depend on the sampling density)."""
+    range_scale: float = 0.003
+    """Clouds seen from a sensor (a `viewpoint` is given: LiDAR): an item at range r from it has
+    its metric thresholds grown by s = max(1, range_scale * r / voxel_m) (tangent band, radius
+    cap, boundary band; the smallest segment's area by s**2), and points are pooled into cells of
+    the first `voxel_m * 2**L` >= 4 * range_scale * r (0.003: 0.16 m cells from 7 m, 0.64 m from
+    27 m), so that a sweep's sparse far field gives about the same segments at any point density
+    (SemanticKITTI: all / half / quarter of a sweep within 1.5x; plain `voxel_m`: 2.8x). 0 = off.
+    Meshes and clouds without a viewpoint (rooms) never use it."""
     voxel_radius_factor: float = 2.5
     """Boundaries and the segment graph link voxels within this many `voxel_m` (a band of fixed
     width in metres at any density; the nearest 4 always count, for sparse LiDAR far field).
@@ -68,7 +76,7 @@ class OversegConfig:
             raise ValueError(f"overseg: pfh_bins must be in 2..12, got {self.pfh_bins}")
         if not 0.0 < self.max_normal_angle_deg <= 180.0:
             raise ValueError(f"overseg: max_normal_angle_deg must be in (0, 180], got {self.max_normal_angle_deg}")
-        for name in ("radius_m", "voxel_m", "voxel_radius_factor", "min_segment_area_m2", "max_plane_offset_m", "max_plane_slope_deg", "max_colour_dist", "max_colour_dist_segment",
+        for name in ("radius_m", "voxel_m", "range_scale", "voxel_radius_factor", "min_segment_area_m2", "max_plane_offset_m", "max_plane_slope_deg", "max_colour_dist", "max_colour_dist_segment",
                      "max_seed_curvature", "max_segment_radius_m", "min_pfh_affinity", "merge_colour_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"overseg: {name} must be >= 0, got {getattr(self, name)}")

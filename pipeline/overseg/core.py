@@ -81,14 +81,15 @@ class OversegResult:
 
 
 @njit(cache=True)
-def _voxel_kernel(xyz, normal, voxel_m):  # pragma: no cover - compiled
+def _voxel_kernel(xyz, normal, voxel_m, level):  # pragma: no cover - compiled
     n = xyz.shape[0]
     lo = lower_corner(xyz)
     cell = np.empty((n, 3), np.int64)
     dims = np.zeros(3, np.int64)
     for i in range(n):
+        side = voxel_m * (1 << level[i])  # level 0 everywhere but on range-adaptive grids
         for d in range(3):
-            c = np.int64(np.floor((xyz[i, d] - lo[d]) / voxel_m))
+            c = np.int64(np.floor((xyz[i, d] - lo[d]) / side))
             cell[i, d] = c
             dims[d] = max(dims[d], c + 1)
     bits = 1
@@ -106,7 +107,7 @@ def _voxel_kernel(xyz, normal, voxel_m):  # pragma: no cover - compiled
             if abs(normal[i, d]) > best:
                 ax, best = d, abs(normal[i, d])
         side = 1 if normal[i, ax] < 0 else 0
-        key = ((cell[i, 0] * dims[1] + cell[i, 1]) * dims[2] + cell[i, 2]) * 6 + ax * 2 + side
+        key = (((cell[i, 0] * dims[1] + cell[i, 1]) * dims[2] + cell[i, 2]) * 6 + ax * 2 + side) * 16 + level[i]
         h = (key * 0x9E3779B1) & mask  # open addressing, linear probing
         while table_key[h] != -1 and table_key[h] != key:
             h = (h + 1) & mask
@@ -119,19 +120,34 @@ def _voxel_kernel(xyz, normal, voxel_m):  # pragma: no cover - compiled
     return inverse, first[:n_vox].copy()
 
 
-def surface_voxels(xyz: np.ndarray, normal: np.ndarray, voxel_m: float) -> tuple[np.ndarray, np.ndarray]:
+def surface_voxels(xyz: np.ndarray, normal: np.ndarray, voxel_m: float,
+                   level: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pool points into surface voxels: a `voxel_m` cell and the normal's dominant signed axis.
 
     Args:
         xyz: float [N, 3]. normal: float [N, 3] unit (oriented), or zero rows (then plain
             cells: every zero normal counts as +x). voxel_m: metres.
+        level: int [N] in 0..15 (None: 0): a point at level L falls into a cell of side
+            `voxel_m * 2**L` of that level's grid (range-adaptive grids, `range_levels`).
 
     Returns:
         inverse: int64 [N] voxel of each point, voxels numbered by their first point;
         first: int64 [V] that first point of each voxel.
     """
+    level = np.zeros(len(xyz), np.int64) if level is None else np.ascontiguousarray(level, np.int64)
+    if len(level) and (level.min() < 0 or level.max() > 15):
+        raise ValueError("surface_voxels: levels must be in 0..15")
     return _voxel_kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
-                         float(voxel_m))
+                         float(voxel_m), level)
+
+
+def range_levels(xyz: np.ndarray, sensor: np.ndarray, voxel_m: float, per_m: float) -> np.ndarray:
+    """Range-adaptive voxel levels: int64 [N], the smallest L with `voxel_m * 2**L` at least
+    `per_m` times the point's distance from the sensor (0 near it, at most 15)."""
+    reach = per_m * np.linalg.norm(np.asarray(xyz, np.float64) - np.asarray(sensor, np.float64)[None, :], axis=1)
+    with np.errstate(divide="ignore"):
+        level = np.ceil(np.log2(np.maximum(reach, 1e-12) / voxel_m))
+    return np.clip(level, 0, 15).astype(np.int64)
 
 
 @njit(cache=True)
@@ -182,7 +198,8 @@ def overseg_points(
             non-degenerate face).
         semantic: int [N] labels with `schema.IGNORE_INDEX`, for the semantic boundary (None: 255).
         viewpoint: float [3] that PCA normals are turned towards; None = the centre of the bounds
-            (inside a room). LiDAR: the sensor.
+            (inside a room). LiDAR: the sensor; a cloud with a viewpoint is taken as seen from
+            that sensor: its cells and thresholds grow with the range (`cfg.range_scale`).
         cfg: thresholds.
 
     Returns:
@@ -201,8 +218,8 @@ def overseg_points(
     n = len(xyz)
     if n == 0:
         raise ValueError("overseg: the scene has no points")
-    if viewpoint is None:
-        viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
+    sensor = viewpoint is not None
+    viewpoint = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0)) if viewpoint is None else np.asarray(viewpoint, np.float64)
     band = cfg.max_plane_offset_m
     has_faces = faces is not None and len(faces) > 0
     if has_faces:
@@ -210,14 +227,22 @@ def overseg_points(
         mesh_n, mesh_area = mesh_vertex_normals_areas(xyz, faces)
     else:
         mesh_n, mesh_area = np.zeros((n, 3)), np.zeros(n)
-    # items: surface voxels (a cell and, on meshes, the normal's signed axis) or the points
+    # items: surface voxels (a cell and, on meshes, the normal's signed axis) or the points;
+    # clouds seen from a sensor: cells and thresholds that grow with the range (`range_scale`)
+    ranged = cfg.voxel_m > 0 and sensor and not has_faces and cfg.range_scale > 0
+    level = range_levels(xyz, viewpoint, cfg.voxel_m, 4 * cfg.range_scale) if ranged else None
     if cfg.voxel_m > 0:
-        inverse, _ = surface_voxels(xyz, mesh_n, cfg.voxel_m)
+        inverse, _ = surface_voxels(xyz, mesh_n, cfg.voxel_m, level)
     else:
         inverse = np.arange(n, dtype=np.int64)
     n_items = int(inverse.max()) + 1
     count, i_xyz, i_colour, i_mesh, i_area, has_mesh = _pool_kernel(
         inverse, n_items, xyz, np.ascontiguousarray(rgb, np.float64).reshape(n, 3), mesh_n, mesh_area)
+    # per item: the factor its metric thresholds grow by (1 but far from a sensor)
+    scale = np.ones(n_items)
+    if ranged:
+        scale = np.maximum(1.0, cfg.range_scale * np.linalg.norm(i_xyz - viewpoint[None, :], axis=1) / cfg.voxel_m)
+    band_i = band * scale
     lap("voxels")
     k = cfg.k_neighbours
     if has_faces and cfg.mesh_edges:
@@ -229,7 +254,7 @@ def overseg_points(
         nbr, dist = knn(i_xyz, k, radius=cfg.radius_m if cfg.radius_m > 0 else None)
     band_nbr = nbr  # the metric neighbourhood of boundaries and the graph
     if not (has_faces and cfg.mesh_edges) and cfg.voxel_m > 0 and cfg.voxel_radius_factor > 0:
-        far = dist > cfg.voxel_radius_factor * cfg.voxel_m
+        far = dist > cfg.voxel_radius_factor * cfg.voxel_m * scale[:, None]
         far[:, :4] = False
         if far.any():
             band_nbr = np.where(far, -1, nbr).astype(np.int32)  # distances ascend: -1 stays at the end
@@ -238,10 +263,10 @@ def overseg_points(
         curvature = surface_variation_along(i_xyz, nbr, i_mesh, band_m=band)
         i_normal = i_mesh
     else:
-        pca, _ = pca_normals_curvature(i_xyz, nbr, ref_normal=i_mesh, band_m=band if has_mesh.any() else 0.0)
+        pca, _ = pca_normals_curvature(i_xyz, nbr, ref_normal=i_mesh, band_m=band_i if has_mesh.any() else 0.0)
         # a second pass inside the tangent band: better normals and curvature at thin slabs
         pca, curvature = pca_normals_curvature(i_xyz, nbr, ref_normal=np.where(has_mesh[:, None], i_mesh, pca),
-                                               band_m=band)
+                                               band_m=band_i)
         i_normal = np.where(has_mesh[:, None], i_mesh, orient_normals(pca, i_xyz, viewpoint))
     if has_faces:
         point_has_mesh = np.any(mesh_n != 0, axis=1)
@@ -250,7 +275,8 @@ def overseg_points(
     else:
         normal = orient_normals(i_normal[inverse], xyz, viewpoint)
     if cfg.voxel_m > 0:  # sizes in square metres: the surface each item stands for
-        weight = item_areas(i_area, dist, has_mesh, cfg.voxel_m)
+        # the smallest segment's area grows by scale**2: weigh each item's area down by it
+        weight = item_areas(i_area, dist, has_mesh, cfg.voxel_m * scale) / scale ** 2
         min_weight, min_items = cfg.min_segment_area_m2, 1
     else:
         weight, min_weight, min_items = count.astype(np.float64), float(cfg.min_segment_points), 1
@@ -259,7 +285,7 @@ def overseg_points(
     if has_mesh.all() and not cfg.mesh_pfh and cfg.min_pfh_affinity > 0:
         grow_cfg = dataclasses.replace(cfg, min_pfh_affinity=0.0)  # no PFH test on meshes
     i_seg = _grow_and_merge(nbr, i_xyz, i_normal, i_colour.astype(np.float32), curvature, weight, min_items,
-                            min_weight, grow_cfg, lap)
+                            min_weight, grow_cfg, lap, scale)
     # items are numbered by their first point, and segments by their first item (the merge's
     # numbering): so segments are numbered by their first point too
     segment = i_seg[inverse]
@@ -273,12 +299,13 @@ def overseg_points(
     )
 
 
-def item_areas(mesh_area: np.ndarray, dist: np.ndarray, has_mesh: np.ndarray, voxel_m: float) -> np.ndarray:
+def item_areas(mesh_area: np.ndarray, dist: np.ndarray, has_mesh: np.ndarray, voxel_m: float | np.ndarray) -> np.ndarray:
     """The surface (square metres) each item stands for: float64 [V].
 
     Items pooled from mesh vertices: the vertices' share of the mesh's area. Items of a cloud:
     a disc through its nearest neighbours, pi r^2 / 7 with r the distance to the 6th nearest
-    (about the spacing squared; at least `voxel_m` squared, at most 16 times that), so that a
+    (about the spacing squared; at least `voxel_m` squared, at most 16 times that; `voxel_m` may
+    be per item, the side of its cell on a range-adaptive grid), so that a
     sparse scan's far field (one point per cell) weighs by the area it samples, not by 1 voxel.
     """
     k = min(6, dist.shape[1])
@@ -299,7 +326,7 @@ def _contact_m(xyz: np.ndarray, faces: np.ndarray, cfg: OversegConfig) -> float:
 
 
 def _grow_and_merge(nbr, xyz, normal, colour, curvature, weight, min_items: int, min_weight: float,
-                    cfg: OversegConfig, lap) -> np.ndarray:
+                    cfg: OversegConfig, lap, scale: np.ndarray) -> np.ndarray:
     """(PFH affinities,) colour smoothing, region growing and small-segment merging over a
     neighbour graph (of points or of surface voxels): int32 segment ids per item."""
     affinity = None
@@ -309,8 +336,9 @@ def _grow_and_merge(nbr, xyz, normal, colour, curvature, weight, min_items: int,
         del counts, totals
         lap("pfh")
     if cfg.colour_smoothing:
-        colour = smooth_colours(xyz, normal, colour, nbr, band_m=cfg.max_plane_offset_m, cutoff=cfg.max_colour_dist)
-    segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg)
+        colour = smooth_colours(xyz, normal, colour, nbr, band_m=cfg.max_plane_offset_m * scale,
+                                cutoff=cfg.max_colour_dist)
+    segment = grow_regions(nbr, xyz, normal, colour, curvature, affinity, cfg=cfg, scale=scale)
     lap("grow")
     segment = merge_small_segments(segment, nbr, normal, colour, min_points=min_items,
                                    colour_scale=cfg.merge_colour_scale, weight=weight, min_weight=min_weight)

@@ -19,6 +19,16 @@ SPAN = 4096
 # --------------------------------------------------------------------------------------------
 # normals and curvature
 # --------------------------------------------------------------------------------------------
+def per_item(value: float | np.ndarray, n: int) -> np.ndarray:
+    """A threshold given once for all items or per item, as a contiguous float64 [n] array."""
+    if np.ndim(value) == 0:
+        return np.full(n, float(value), np.float64)
+    value = np.ascontiguousarray(value, np.float64)
+    if value.shape != (n,):
+        raise ValueError(f"per-item threshold: expected shape ({n},), got {value.shape}")
+    return value
+
+
 @njit(cache=True)
 def _mesh_normals_kernel(v, f):  # pragma: no cover - compiled
     n = v.shape[0]
@@ -127,14 +137,15 @@ def _pca_span(lo, hi, xyz, nbr, ref_normal, band, normal, curvature):  # pragma:
     k = nbr.shape[1]
     for i in range(lo, hi):
         r0, r1, r2 = ref_normal[i, 0], ref_normal[i, 1], ref_normal[i, 2]
-        filtered = band > 0 and (r0 != 0.0 or r1 != 0.0 or r2 != 0.0)
+        b = band[i]
+        filtered = b > 0 and (r0 != 0.0 or r1 != 0.0 or r2 != 0.0)
         m = 1
         mx, my, mz = xyz[i, 0], xyz[i, 1], xyz[i, 2]
         for t in range(k):
             j = nbr[i, t]
             if j < 0:
                 break
-            if _in_band(xyz, i, j, r0, r1, r2, filtered, band):
+            if _in_band(xyz, i, j, r0, r1, r2, filtered, b):
                 mx += xyz[j, 0]
                 my += xyz[j, 1]
                 mz += xyz[j, 2]
@@ -156,7 +167,7 @@ def _pca_span(lo, hi, xyz, nbr, ref_normal, band, normal, curvature):  # pragma:
             j = nbr[i, t]
             if j < 0:
                 break
-            if _in_band(xyz, i, j, r0, r1, r2, filtered, band):
+            if _in_band(xyz, i, j, r0, r1, r2, filtered, b):
                 dx, dy, dz = xyz[j, 0] - mx, xyz[j, 1] - my, xyz[j, 2] - mz
                 c00 += dx * dx
                 c01 += dx * dy
@@ -265,7 +276,7 @@ def pca_normals_curvature(
 
     Args:
         xyz: float [N, 3]. nbr: int32 [N, k] neighbour ids, -1 padded last.
-        ref_normal: float [N, 3] or None. band_m: metres.
+        ref_normal: float [N, 3] or None. band_m: metres, one for all or float [N] per point.
 
     Returns:
         normal: float64 [N, 3] unit, unoriented (see `orient_normals`); where fewer than 2
@@ -277,7 +288,7 @@ def pca_normals_curvature(
     ref = np.zeros_like(xyz) if ref_normal is None else np.ascontiguousarray(ref_normal, np.float64)
     normal, curvature = np.empty((len(xyz), 3), np.float64), np.empty(len(xyz), np.float64)
     kernel = _pca_par if parallel.use_parallel(nbr.size, 0) else _pca_ser
-    kernel(xyz, nbr, ref, float(band_m), normal, curvature)
+    kernel(xyz, nbr, ref, per_item(band_m, len(xyz)), normal, curvature)
     return normal, curvature
 
 
@@ -457,7 +468,7 @@ def _smooth_span(lo, hi, xyz, normal, rgb, nbr, band, cutoff2, out):  # pragma: 
                 break
             off = (normal[i, 0] * (xyz[j, 0] - xyz[i, 0]) + normal[i, 1] * (xyz[j, 1] - xyz[i, 1])
                    + normal[i, 2] * (xyz[j, 2] - xyz[i, 2]))
-            if abs(off) > band:
+            if abs(off) > band[i]:
                 continue
             e0, e1, e2 = float(rgb[j, 0]) - rgb[i, 0], float(rgb[j, 1]) - rgb[i, 1], float(rgb[j, 2]) - rgb[i, 2]
             if e0 * e0 + e1 * e1 + e2 * e2 > cutoff2:
@@ -490,6 +501,7 @@ def smooth_colours(
 
     Args:
         xyz: [N, 3]. normal: [N, 3] unit. rgb: [N, 3] 0..255. nbr: int32 [N, k].
+        band_m: metres, one for all or float [N] per point.
 
     Returns:
         float32 [N, 3].
@@ -498,5 +510,5 @@ def smooth_colours(
     out = np.empty((len(nbr), 3), np.float32)
     kernel = _smooth_par if parallel.use_parallel(nbr.size, 0) else _smooth_ser
     kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
-           np.ascontiguousarray(rgb, np.float32), nbr, float(band_m), float(cutoff) ** 2, out)
+           np.ascontiguousarray(rgb, np.float32), nbr, per_item(band_m, len(nbr)), float(cutoff) ** 2, out)
     return out

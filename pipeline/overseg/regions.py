@@ -32,6 +32,7 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
         count = 1.0
         c0, c1, c2 = colour[s, 0], colour[s, 1], colour[s, 2]
         sx, sy, sz = xyz[s, 0], xyz[s, 1], xyz[s, 2]
+        r2 = radius2[s]
         while head < tail:
             i = queue[head]
             head += 1
@@ -47,7 +48,7 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
                 dx, dy, dz = xyz[j, 0] - xyz[i, 0], xyz[j, 1] - xyz[i, 1], xyz[j, 2] - xyz[i, 2]
                 off = abs(normal[i, 0] * dx + normal[i, 1] * dy + normal[i, 2] * dz)
                 # within the tangent band, or (far neighbours of sparse scans) within the slope
-                if off > plane_off and off > sin_slope * np.sqrt(dx * dx + dy * dy + dz * dz):
+                if off > plane_off[i] and off > sin_slope * np.sqrt(dx * dx + dy * dy + dz * dz):
                     continue
                 if min_aff > 0 and aff[i, t] < min_aff:
                     continue
@@ -57,9 +58,9 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
                 e0, e1, e2 = colour[j, 0] - c0 / count, colour[j, 1] - c1 / count, colour[j, 2] - c2 / count
                 if e0 * e0 + e1 * e1 + e2 * e2 > colseg2:
                     continue
-                if radius2 > 0:
+                if r2 > 0:
                     dx, dy, dz = xyz[j, 0] - sx, xyz[j, 1] - sy, xyz[j, 2] - sz
-                    if dx * dx + dy * dy + dz * dz > radius2:
+                    if dx * dx + dy * dy + dz * dz > r2:
                         continue
                 seg[j] = nseg
                 count += 1.0
@@ -76,7 +77,7 @@ def _grow_kernel(order, nbr, xyz, normal, colour, curvature, aff, cos_max, plane
 
 def grow_regions(
     nbr: np.ndarray, xyz: np.ndarray, normal: np.ndarray, colour: np.ndarray, curvature: np.ndarray,
-    affinity: np.ndarray | None, *, cfg: OversegConfig,
+    affinity: np.ndarray | None, *, cfg: OversegConfig, scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Region growing (a BFS per seed, seeds by increasing curvature, ties by point id).
 
@@ -85,6 +86,9 @@ def grow_regions(
         colour: [N, 3] RGB 0..255 (already smoothed if wanted). curvature: [N].
         affinity: float32 [N, k] PFH histogram intersection per edge (`edge_affinity`); None when
             `cfg.min_pfh_affinity` is 0 (the test is off).
+        scale: float [N] per item, >= 1 (None: 1): the tangent band (`max_plane_offset_m`) of an
+            item and the radius cap (`max_segment_radius_m`) of a segment it seeds grow with it
+            (items of a range-adaptive LiDAR grid stand for larger cells far from the sensor).
 
     Returns:
         int32 [N] segment ids 0..S-1 in seed order (every point gets one: leftover points seed
@@ -98,13 +102,14 @@ def grow_regions(
         if cfg.min_pfh_affinity > 0:
             raise ValueError("grow_regions: min_pfh_affinity > 0 needs the PFH affinities")
         affinity = np.zeros((1, 1), np.float32)
+    scale = np.ones(len(nbr)) if scale is None else np.asarray(scale, np.float64)
     seg, _ = _grow_kernel(
         order, np.ascontiguousarray(nbr, np.int32), np.ascontiguousarray(xyz, np.float64),
         np.ascontiguousarray(normal, np.float64), np.ascontiguousarray(colour, np.float64),
         np.ascontiguousarray(curvature, np.float64), np.ascontiguousarray(affinity, np.float32),
-        float(np.cos(np.deg2rad(cfg.max_normal_angle_deg))), float(cfg.max_plane_offset_m),
+        float(np.cos(np.deg2rad(cfg.max_normal_angle_deg))), np.ascontiguousarray(cfg.max_plane_offset_m * scale),
         float(np.sin(np.deg2rad(cfg.max_plane_slope_deg))), float(cfg.min_pfh_affinity), float(cfg.max_colour_dist) ** 2, float(cfg.max_colour_dist_segment) ** 2,
-        float(cfg.max_seed_curvature), float(cfg.max_segment_radius_m) ** 2,
+        float(cfg.max_seed_curvature), np.ascontiguousarray((cfg.max_segment_radius_m * scale) ** 2),
     )
     return seg
 

@@ -706,3 +706,76 @@ def test_density_sweep_on_several_synthetic_rooms(seed):
         cloud = overseg_points(xyz, rgb)
         assert 0.5 <= cloud.n_segments / mesh.n_segments <= 2.0, (mult, cloud.n_segments, mesh.n_segments)
         assert purity(cloud.segment, inst) >= 0.95, mult
+
+
+# --------------------------------------------------------------------------------------------
+# LiDAR: cells and thresholds that grow with the range from the sensor
+# --------------------------------------------------------------------------------------------
+def test_range_levels_grow_with_the_distance_from_the_sensor():
+    from pipeline.overseg.core import range_levels, surface_voxels
+
+    xyz = np.array([[0.5, 0, 0], [3.0, 0, 0], [10.0, 0, 0], [40.0, 0, 0], [1e6, 0, 0]])
+    level = range_levels(xyz, np.zeros(3), 0.02, 0.012)
+    # the first 0.02 * 2**L >= 0.012 r: r=0.5 -> 0, 3 -> 1 (0.04 >= 0.036), 10 -> 3, 40 -> 5; capped at 15
+    np.testing.assert_array_equal(level, [0, 1, 3, 5, 15])
+    # a point pooled at level L shares a cell with a point 2**L * 0.02 * 0.9 away on that level only
+    pts = np.array([[10.0, 0.01, 0.01], [10.0, 0.01 + 0.9 * 0.16, 0.01]])
+    same, _ = surface_voxels(pts, np.zeros_like(pts), 0.02, np.array([3, 3]))
+    apart, _ = surface_voxels(pts, np.zeros_like(pts), 0.02, np.array([0, 0]))
+    mixed, _ = surface_voxels(pts, np.zeros_like(pts), 0.02, np.array([3, 2]))
+    assert same[0] == same[1] and apart[0] != apart[1] and mixed[0] != mixed[1]
+
+
+def test_range_scale_leaves_rooms_and_meshes_alone():
+    """Without a viewpoint (rooms) and on meshes, `range_scale` changes nothing."""
+    xyz, rgb, faces, _, _, _ = _toy_scene()
+    for f in (faces, None):
+        base = overseg_points(xyz, rgb, faces=f, cfg=OversegConfig(range_scale=0.0))
+        ranged = overseg_points(xyz, rgb, faces=f, cfg=OversegConfig(range_scale=0.05))
+        np.testing.assert_array_equal(base.segment, ranged.segment)
+    viewpoint = xyz.mean(axis=0)
+    base = overseg_points(xyz, rgb, faces=faces, viewpoint=viewpoint, cfg=OversegConfig(range_scale=0.0))
+    ranged = overseg_points(xyz, rgb, faces=faces, viewpoint=viewpoint, cfg=OversegConfig(range_scale=0.05))
+    np.testing.assert_array_equal(base.segment, ranged.segment)
+
+
+def _lidar_density_sweep(xyz, rgb, truth, viewpoint, cfg=OversegConfig()):
+    counts, purities = [], []
+    for frac in (1, 2, 4):
+        keep = np.sort(np.random.default_rng(frac).permutation(len(xyz))[: len(xyz) // frac])
+        result = overseg_points(xyz[keep], rgb[keep], viewpoint=viewpoint, cfg=cfg)
+        counts.append(result.n_segments)
+        purities.append(purity(result.segment, truth[keep]))
+    return counts, purities
+
+
+def test_lidar_density_sweep_keeps_counts_and_purity():
+    """A ray-cast street sweep and its half and quarter: counts within 1.5x, purity within 0.02
+    of the full sweep's; without range-adaptive cells the far field splits with the density."""
+    from pipeline.overseg.scan_stats import synthetic_lidar_sweep
+
+    xyz, rgb, inst = synthetic_lidar_sweep(3, columns=1024)
+    counts, purities = _lidar_density_sweep(xyz, rgb, inst, np.zeros(3))
+    assert max(counts) <= 1.5 * min(counts), counts
+    assert min(purities) >= purities[0] - 0.02 and purities[0] >= 0.98, purities
+    plain, _ = _lidar_density_sweep(xyz, rgb, inst, np.zeros(3), OversegConfig(range_scale=0.0))
+    assert plain[0] / plain[2] > counts[0] / counts[2], (plain, counts)
+
+
+REAL_LIDAR = SHARED_DATA / "semantickitti" / "sequences" / "08"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_LIDAR / "velodyne" / "000000.bin").is_file(),
+                    reason=f"real SemanticKITTI sample absent ({REAL_LIDAR})")
+def test_real_lidar_density_sweep():
+    """The real SemanticKITTI sweep (sensor at the origin): all / half / quarter of its points
+    within 2x of each other at purity within 0.02 of the full sweep's (against instances)."""
+    pts = np.fromfile(REAL_LIDAR / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
+    lab = np.fromfile(REAL_LIDAR / "labels" / "000000.label", np.uint32)
+    sem, ins = (lab & 0xFFFF).astype(np.int64), (lab >> 16).astype(np.int64)
+    truth = np.where(sem == 0, -1, sem * 100000 + ins)
+    rgb = np.repeat(np.clip(pts[:, 3:4] * 255, 0, 255).astype(np.uint8), 3, axis=1)
+    counts, purities = _lidar_density_sweep(pts[:, :3], rgb, truth, np.zeros(3))
+    assert max(counts) <= 2.0 * min(counts), counts
+    assert min(purities) >= purities[0] - 0.02 and purities[0] >= 0.93, purities
