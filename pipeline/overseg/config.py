@@ -17,8 +17,8 @@ class OversegConfig:
     """Clouds seen from a sensor (a `viewpoint` is given: LiDAR): an item at range r from it has
     its metric thresholds grown by s = max(1, range_scale * r / voxel_m) (tangent band, radius
     cap, boundary band; the smallest segment's area by s**2), and points are pooled into cells of
-    the first `voxel_m * 2**L` >= 4 * range_scale * r (0.003: 0.16 m cells from 7 m, 0.64 m from
-    27 m), so that a sweep's sparse far field gives about the same segments at any point density
+    the first `voxel_m * 2**L` >= 4 * range_scale * r (0.003: 0.16 m cells at 7-13 m, 0.64 m at
+    27-53 m), so that a sweep's sparse far field gives about the same segments at any point density
     (SemanticKITTI: all / half / quarter of a sweep within 1.5x; plain `voxel_m`: 2.8x). 0 = off.
     Meshes and clouds without a viewpoint (rooms) never use it."""
     voxel_radius_factor: float = 2.5

@@ -14,15 +14,30 @@ in this process:
 - the same on the real ScanNet sample (`../shared/data/scannet/scans/scene0470_00`) when present:
   it has semantics only (the labels PLY), so purity there is against the semantic labels;
 - edge-length, normal-noise and curvature statistics of the synthetic room against the real scan
-  (`scan_stats.mesh_statistics`): how scan-like the generated rooms are.
+  (`scan_stats.mesh_statistics`): how scan-like the generated rooms are;
+- `mesh_paths`: on the same mesh (the bench room, and the real sample when present), the
+  mesh-edge path (neighbours from the triangles' edges) against the kNN path (`mesh_edges=False`,
+  a k-nearest-neighbour search as for clouds): wall and CPU seconds, counts and purity; and, when
+  the user names a build of ScanNet's Segmentator (`segmentator=` or the environment variable
+  `WS3D_SEGMENTATOR=/path/to/segmentator`; ws3d never builds or fetches it), that binary on the
+  same mesh written as a PLY: its whole-process seconds (reading the PLY and writing the JSON
+  included), its compute seconds where the binary prints `compute_s` on stderr, its count and
+  purity;
+- `lidar_sweep`: a ray-cast street sweep (`scan_stats.synthetic_lidar_sweep`) and the real
+  SemanticKITTI sample when present, at all / half / quarter of their points, with the
+  range-adaptive cells (`range_scale`) and without: counts, purity, seconds.
 
 `python -m ws3d_train.bench.overseg [N]` prints the result.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -31,7 +46,12 @@ import numpy as np
 from pipeline.overseg.config import OversegConfig
 from pipeline.overseg.core import overseg_points
 from pipeline.overseg.regions import purity
-from pipeline.overseg.scan_stats import felzenszwalb_mesh_segments, mesh_statistics, sample_mesh_surface
+from pipeline.overseg.scan_stats import (
+    felzenszwalb_mesh_segments,
+    mesh_statistics,
+    sample_mesh_surface,
+    synthetic_lidar_sweep,
+)
 from pipeline.datasets.synthetic import SynthConfig, SynthRoom, make_room
 from ws3d_train.bench import SHARED_DATA
 
@@ -81,7 +101,8 @@ def _time_fpfh(xyz: np.ndarray, repeats: int) -> float:
     return float(best)
 
 
-def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfig = OversegConfig()) -> dict[str, Any]:
+def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfig = OversegConfig(),
+                  segmentator: str | None = None) -> dict[str, Any]:
     """Time the stage and Open3D FPFH on the same ~`n_points` room; measure purity and count.
 
     Timings are the best of `repeats` runs of each (the machine may be shared). numba kernels
@@ -90,8 +111,11 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
     Returns:
         A dict: points, stage_s, fpfh_s, stage_over_fpfh (< 1: the stage is faster), speedup,
         steps_s (per step, best run), purity, segments, reference_segments, segment_ratio
-        (segments / reference), points_per_segment, threads.
+        (segments / reference), points_per_segment, threads, mesh_paths, lidar_sweep.
+
+    `segmentator`: path of a ScanNet Segmentator binary (default: `WS3D_SEGMENTATOR`, else none).
     """
+    segmentator = segmentator or os.environ.get("WS3D_SEGMENTATOR") or None
     room = bench_room(n_points)
     warm = make_room(1, 0, SynthConfig(room_size_m=(2.0, 2.0), min_objects=5, max_objects=5,
                                        room_edge_m=0.1, object_edge_m=0.08))
@@ -126,6 +150,9 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
     fh = int(felzenszwalb_mesh_segments(room.xyz, room.faces).max()) + 1
     out.update(segmentator_segments=fh, segment_ratio_vs_segmentator=round(segments / max(1, fh), 3))
     tiny = n_points < 20_000
+    out["mesh_paths"] = {"synthetic": mesh_paths(room.xyz, room.rgb, room.faces, room.instance, cfg=cfg,
+                                                 repeats=repeats, segmentator=segmentator, truth="instances")}
+    out["lidar_sweep"] = lidar_sweep(tiny=tiny, cfg=cfg)
     sweep = (1, 4) if tiny else (1, 4, 12)
     out["density_sweep"] = density_sweep(room.xyz, room.rgb, room.faces, room.instance, sweep, cfg=cfg,
                                          truth="instances")
@@ -143,6 +170,8 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
             "segmentator_segments": fh, "segment_ratio_vs_segmentator": round(result.n_segments / max(1, fh), 3),
             "density_sweep": density_sweep(scene.xyz, scene.rgb, scene.faces, sem, sweep, cfg=cfg, truth="semantics"),
         }
+        out["mesh_paths"]["real"] = mesh_paths(scene.xyz, scene.rgb, scene.faces, sem, cfg=cfg, repeats=repeats,
+                                               segmentator=segmentator, truth="semantics")
         out["synth_vs_real_mesh"] = {"synthetic": mesh_statistics(room.xyz, room.faces),
                                      "real": mesh_statistics(scene.xyz, scene.faces)}
         syn, rl = out["synth_vs_real_mesh"]["synthetic"], out["synth_vs_real_mesh"]["real"]
@@ -151,6 +180,114 @@ def bench_overseg(n_points: int = 80_000, *, repeats: int = 3, cfg: OversegConfi
                                                    "curvature_p50", "curvature_p90") if rl[k]}
     else:
         out["real_scan"] = {"skipped": f"{real} absent" if not tiny else "tiny"}
+    return out
+
+
+def _best_of(fn, repeats: int) -> tuple[Any, float, float]:
+    """(result, best wall seconds, CPU seconds of that run) of `repeats` calls."""
+    best, cpu, result = np.inf, np.inf, None
+    for _ in range(max(1, repeats)):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        out = fn()
+        wall = time.perf_counter() - wall0
+        if wall < best:
+            best, cpu, result = wall, time.process_time() - cpu0, out
+    return result, float(best), float(cpu)
+
+
+def run_segmentator(binary: str, xyz: np.ndarray, faces: np.ndarray, *, k_thresh: float = 0.01,
+                    min_verts: int = 20, repeats: int = 3) -> dict[str, Any]:
+    """Run a user's build of ScanNet's Segmentator on a mesh (written as a binary PLY to a
+    temporary folder): its segments per vertex and the best of `repeats` whole-process seconds
+    (and compute seconds, where the binary prints `compute_s <seconds>` on stderr)."""
+    from plyfile import PlyData, PlyElement
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mesh.ply"
+        vertex = np.empty(len(xyz), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+        vertex["x"], vertex["y"], vertex["z"] = (np.asarray(xyz, np.float32)[:, d] for d in range(3))
+        face = np.empty(len(faces), dtype=[("vertex_indices", "i4", (3,))])
+        face["vertex_indices"] = np.asarray(faces, np.int32)
+        PlyData([PlyElement.describe(vertex, "vertex"), PlyElement.describe(face, "face")]).write(str(path))
+        process_s, compute_s = np.inf, np.inf
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            done = subprocess.run([binary, str(path), str(k_thresh), str(min_verts)], capture_output=True,
+                                  text=True, check=True, timeout=600)
+            process_s = min(process_s, time.perf_counter() - start)
+            if "compute_s" in done.stderr:
+                compute_s = min(compute_s, float(done.stderr.split("compute_s")[1].split()[0]))
+        found = sorted(Path(tmp).glob("*.segs.json"))
+        if not found:
+            raise RuntimeError(f"{binary} wrote no .segs.json next to {path}")
+        seg = np.asarray(json.loads(found[0].read_text())["segIndices"])
+    out = {"segment": np.unique(seg, return_inverse=True)[1], "process_s": round(float(process_s), 4)}
+    if np.isfinite(compute_s):
+        out["compute_s"] = round(float(compute_s), 4)
+    return out
+
+
+def mesh_paths(xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray, truth_labels: np.ndarray, *,
+               cfg: OversegConfig, repeats: int, segmentator: str | None, truth: str) -> dict[str, Any]:
+    """The mesh-edge path against the kNN path on one mesh (and a Segmentator binary if given)."""
+    import dataclasses
+
+    rows: dict[str, Any] = {"points": int(len(xyz)), "faces": int(len(faces))}
+    for name, path_cfg in (("mesh_edges", dataclasses.replace(cfg, mesh_edges=True)),
+                           ("knn", dataclasses.replace(cfg, mesh_edges=False))):
+        result, wall, cpu = _best_of(lambda: overseg_points(xyz, rgb, faces=faces, cfg=path_cfg), repeats)
+        rows[name] = {"seconds": round(wall, 4), "cpu_s": round(cpu, 4), "segments": result.n_segments,
+                      f"purity_vs_{truth}": round(purity(result.segment, truth_labels), 5),
+                      "steps_s": {k: round(v, 4) for k, v in result.timings.items()}}
+    rows["knn_over_mesh_edges"] = round(rows["knn"]["seconds"] / rows["mesh_edges"]["seconds"], 3)
+    if segmentator:
+        try:
+            ext = run_segmentator(segmentator, xyz, faces, repeats=repeats)
+        except (OSError, subprocess.SubprocessError, RuntimeError, ValueError, KeyError) as exc:
+            rows["segmentator"] = {"error": f"{segmentator}: {type(exc).__name__}: {exc}"}
+        else:
+            seg = ext.pop("segment")
+            ext.update(segments=int(seg.max()) + 1, **{f"purity_vs_{truth}": round(purity(seg, truth_labels), 5)})
+            rows["segmentator"] = ext
+            ref = ext.get("compute_s", ext["process_s"])
+            rows["mesh_edges_over_segmentator"] = round(rows["mesh_edges"]["seconds"] / ref, 3)
+            rows["mesh_edges_cpu_over_segmentator"] = round(rows["mesh_edges"]["cpu_s"] / ref, 3)
+            rows["segments_over_segmentator"] = round(rows["mesh_edges"]["segments"] / max(1, ext["segments"]), 3)
+            rows["segmentator_reference"] = "compute_s" if "compute_s" in ext else "process_s"
+    return rows
+
+
+def lidar_sweep(*, tiny: bool, cfg: OversegConfig) -> dict[str, Any]:
+    """All / half / quarter of a LiDAR sweep's points (random subsets), with the range-adaptive
+    cells (`cfg.range_scale`) and without: counts, purity against instances, seconds."""
+    import dataclasses
+
+    scans: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    xyz, rgb, inst = synthetic_lidar_sweep(0, columns=512 if tiny else 2048)
+    scans["synthetic_street"] = (xyz, rgb, inst)
+    kitti = SHARED_DATA / "semantickitti" / "sequences" / "08"
+    if not tiny and (kitti / "velodyne" / "000000.bin").is_file():
+        pts = np.fromfile(kitti / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
+        lab = np.fromfile(kitti / "labels" / "000000.label", np.uint32)
+        sem, ins = (lab & 0xFFFF).astype(np.int64), (lab >> 16).astype(np.int64)
+        scans["semantickitti_08_000000"] = (pts[:, :3], np.repeat(np.clip(pts[:, 3:4] * 255, 0, 255).astype(np.uint8), 3, 1),
+                                           np.where(sem == 0, -1, sem * 100000 + ins))
+    out: dict[str, Any] = {}
+    for name, (xyz, rgb, truth_labels) in scans.items():
+        rows: dict[str, Any] = {"points": int(len(xyz))}
+        for label, run_cfg in (("range_adaptive", cfg), ("fixed_voxels", dataclasses.replace(cfg, range_scale=0.0))):
+            counts, row = [], {}
+            for frac in (1, 2, 4):
+                keep = np.sort(np.random.default_rng(frac).permutation(len(xyz))[: len(xyz) // frac])
+                start = time.perf_counter()
+                result = overseg_points(xyz[keep], rgb[keep], viewpoint=np.zeros(3), cfg=run_cfg)
+                row[f"1/{frac}"] = {"points": int(len(keep)), "segments": result.n_segments,
+                                    "purity_vs_instances": round(purity(result.segment, truth_labels[keep]), 5),
+                                    "seconds": round(time.perf_counter() - start, 3)}
+                counts.append(result.n_segments)
+            row["count_max_over_min"] = round(max(counts) / max(1, min(counts)), 3)
+            rows[label] = row
+        out[name] = rows
     return out
 
 
@@ -193,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['fpfh_s']:.3f} s (ratio {result['stage_over_fpfh']:.3f}, {result['speedup']:.1f}x faster); "
           f"purity {result['purity']:.4f}; {result['segments']} segments vs {result['reference_segments']} "
           f"shipped ({result['segment_ratio']:.2f}x)")
+    for room, row in result["mesh_paths"].items():
+        line = (f"overseg {room} mesh: mesh edges {row['mesh_edges']['seconds']:.4f} s vs kNN {row['knn']['seconds']:.4f} s "
+                f"(kNN/edges {row['knn_over_mesh_edges']:.2f})")
+        if "mesh_edges_over_segmentator" in row:
+            line += (f"; Segmentator {row['segmentator'].get('compute_s', row['segmentator']['process_s']):.4f} s "
+                     f"(ratio {row['mesh_edges_over_segmentator']:.2f}), segments {row['mesh_edges']['segments']} vs "
+                     f"{row['segmentator']['segments']}")
+        print(line)
+    for scan, rows in result["lidar_sweep"].items():
+        print(f"overseg LiDAR {scan}: all/half/quarter count max/min {rows['range_adaptive']['count_max_over_min']:.2f} "
+              f"(fixed voxels {rows['fixed_voxels']['count_max_over_min']:.2f})")
     return 0
 
 
