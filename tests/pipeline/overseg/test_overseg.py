@@ -739,7 +739,8 @@ def test_range_scale_leaves_rooms_and_meshes_alone():
     np.testing.assert_array_equal(base.segment, ranged.segment)
 
 
-def _lidar_density_sweep(xyz, rgb, truth, viewpoint, cfg=OversegConfig()):
+def _lidar_density_sweep(xyz, rgb, truth, viewpoint, cfg=None):
+    cfg = cfg or OversegConfig()
     counts, purities = [], []
     for frac in (1, 2, 4):
         keep = np.sort(np.random.default_rng(frac).permutation(len(xyz))[: len(xyz) // frac])

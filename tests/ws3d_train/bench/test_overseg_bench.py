@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from pipeline.datasets.synthetic import SynthConfig, make_room
-from ws3d_train.bench.overseg import lidar_sweep, mesh_paths
 from pipeline.overseg.config import OversegConfig
+from ws3d_train.bench.overseg import lidar_sweep, mesh_paths
 
 # A stand-in for a user's Segmentator build, run for real as a separate process: it reads the
 # PLY it is given and writes `<name>.<kthr>.segs.json` beside it, as the binary does, with one
