@@ -25,7 +25,7 @@ class OversegConfig:
     """Boundaries and the segment graph link voxels within this many `voxel_m` (a band of fixed
     width in metres at any density; the nearest 4 always count, for sparse LiDAR far field).
     Growing uses the k nearest voxels (bounded by `radius_m` when set)."""
-    min_segment_area_m2: float = 0.01
+    min_segment_area_m2: float = 0.012
     """With voxels: segments covering fewer than this many square metres (area / voxel_m**2
     voxels) are merged into their most similar neighbour (replaces `min_segment_points`)."""
     mesh_edges: bool = True
@@ -52,7 +52,7 @@ class OversegConfig:
     five synthetic rooms it changed no segment (identical counts and purity) and took half the time."""
     max_colour_dist: float = 40.0
     """...and their (neighbourhood-smoothed) RGB colours differ by at most this (0..255 units)..."""
-    max_colour_dist_segment: float = 20.0
+    max_colour_dist_segment: float = 30.0
     """...and its smoothed colour is within this of the segment's running mean colour."""
     max_seed_curvature: float = 0.05
     """Points with higher curvature do not spread a segment they join; those that no segment
