@@ -393,6 +393,6 @@ def _voxel_semantic_boundary(semantic, inverse: np.ndarray, n_vox: int, v_nbr: n
     np.maximum.at(hi, inverse[labelled], sem[labelled])
     out = np.zeros(n, np.uint8)
     v_nbr = np.ascontiguousarray(v_nbr, np.int32)
-    kernel = _item_semantic_par if parallel.use_parallel(n * v_nbr.shape[1], 0) else _item_semantic_ser
+    kernel = _item_semantic_par if parallel.use_parallel(n, 0) else _item_semantic_ser
     kernel(sem, inverse.astype(np.int64), lo, hi, v_nbr, schema.IGNORE_INDEX, out)
     return out

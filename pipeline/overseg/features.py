@@ -2,8 +2,10 @@
 Feature Histograms, the PFH affinity of each neighbour edge, and colour smoothing within the
 tangent band. numba kernels (`cache=True`, no fastmath: fastmath changes floor() at PFH bin edges).
 Each per-item kernel is one inlined body over a span of items with a serial and a parallel driver
-(`pipeline.parallel.use_parallel` picks: a parallel launch on shared cores costs more than a serial
-pass over a room); every item's row is written by one span, so results do not depend on the
+(`pipeline.parallel.use_parallel` picks, on the item count: a parallel launch on shared cores
+costs more than a serial pass over a room, and the work per item, ~k neighbour reads, is small:
+a room's mesh runs on one thread, as ScanNet's Segmentator does, and costs no more CPU time than
+it); every item's row is written by one span, so results do not depend on the
 thread count. Pure."""
 from __future__ import annotations
 
@@ -259,7 +261,7 @@ def surface_variation_along(xyz: np.ndarray, nbr: np.ndarray, normal: np.ndarray
     xyz = np.ascontiguousarray(xyz, np.float64)
     nbr = np.ascontiguousarray(nbr, np.int32)
     out = np.empty(len(xyz), np.float64)
-    kernel = _variation_par if parallel.use_parallel(nbr.size, 0) else _variation_ser
+    kernel = _variation_par if parallel.use_parallel(len(nbr), 0) else _variation_ser
     kernel(xyz, nbr, np.ascontiguousarray(normal, np.float64), float(band_m), out)
     return out
 
@@ -287,7 +289,7 @@ def pca_normals_curvature(
     nbr = np.ascontiguousarray(nbr, np.int32)
     ref = np.zeros_like(xyz) if ref_normal is None else np.ascontiguousarray(ref_normal, np.float64)
     normal, curvature = np.empty((len(xyz), 3), np.float64), np.empty(len(xyz), np.float64)
-    kernel = _pca_par if parallel.use_parallel(nbr.size, 0) else _pca_ser
+    kernel = _pca_par if parallel.use_parallel(len(nbr), 0) else _pca_ser
     kernel(xyz, nbr, ref, per_item(band_m, len(xyz)), normal, curvature)
     return normal, curvature
 
@@ -451,7 +453,7 @@ def edge_affinity(counts: np.ndarray, totals: np.ndarray, nbr: np.ndarray) -> np
     `pfh_counts` output; float32 [N, k], 0 where the neighbour is -1 or a histogram is empty."""
     nbr = np.ascontiguousarray(nbr, np.int32)
     aff = np.zeros(nbr.shape, np.float32)
-    kernel = _affinity_par if parallel.use_parallel(nbr.size, 0) else _affinity_ser
+    kernel = _affinity_par if parallel.use_parallel(len(nbr), 0) else _affinity_ser
     kernel(np.ascontiguousarray(counts, np.uint8), np.ascontiguousarray(totals, np.int32), nbr, aff)
     return aff
 
@@ -508,7 +510,7 @@ def smooth_colours(
     """
     nbr = np.ascontiguousarray(nbr, np.int32)
     out = np.empty((len(nbr), 3), np.float32)
-    kernel = _smooth_par if parallel.use_parallel(nbr.size, 0) else _smooth_ser
+    kernel = _smooth_par if parallel.use_parallel(len(nbr), 0) else _smooth_ser
     kernel(np.ascontiguousarray(xyz, np.float64), np.ascontiguousarray(normal, np.float64),
            np.ascontiguousarray(rgb, np.float32), nbr, per_item(band_m, len(nbr)), float(cutoff) ** 2, out)
     return out

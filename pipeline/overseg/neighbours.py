@@ -107,38 +107,44 @@ def radius_csr(xyz: np.ndarray, radius: float, *, tree: cKDTree | None = None) -
 
 @njit(cache=True)
 def _mesh_graph_kernel(faces, item, n_items, xyz, k):  # pragma: no cover - compiled
-    # the face edges linking two different items, then both directions of each as CSR
+    # both directions of the face edges linking two different items, as CSR: a pass over the
+    # faces counts them, a second fills them (no edge list in between)
     nf = faces.shape[0]
-    ea = np.empty(3 * nf, np.int32)
-    eb = np.empty(3 * nf, np.int32)
-    m = 0
+    ptr = np.zeros(n_items + 1, np.int64)
     for f in range(nf):
         a, b, c = item[faces[f, 0]], item[faces[f, 1]], item[faces[f, 2]]
         if a != b:
-            ea[m], eb[m] = a, b
-            m += 1
+            ptr[a + 1] += 1
+            ptr[b + 1] += 1
         if b != c:
-            ea[m], eb[m] = b, c
-            m += 1
+            ptr[b + 1] += 1
+            ptr[c + 1] += 1
         if c != a:
-            ea[m], eb[m] = c, a
-            m += 1
-    ptr = np.zeros(n_items + 1, np.int64)
-    for e in range(m):
-        ptr[ea[e] + 1] += 1
-        ptr[eb[e] + 1] += 1
+            ptr[c + 1] += 1
+            ptr[a + 1] += 1
     most = 0
     for v in range(n_items):
         most = max(most, ptr[v + 1])
         ptr[v + 1] += ptr[v]
     fill = ptr[:-1].copy()
     col = np.empty(ptr[n_items], np.int32)
-    for e in range(m):
-        a, b = ea[e], eb[e]
-        col[fill[a]] = b
-        fill[a] += 1
-        col[fill[b]] = a
-        fill[b] += 1
+    for f in range(nf):
+        a, b, c = item[faces[f, 0]], item[faces[f, 1]], item[faces[f, 2]]
+        if a != b:
+            col[fill[a]] = b
+            fill[a] += 1
+            col[fill[b]] = a
+            fill[b] += 1
+        if b != c:
+            col[fill[b]] = c
+            fill[b] += 1
+            col[fill[c]] = b
+            fill[c] += 1
+        if c != a:
+            col[fill[c]] = a
+            fill[c] += 1
+            col[fill[a]] = c
+            fill[a] += 1
     index = np.empty((n_items, k), np.int32)
     dist = np.empty((n_items, k), np.float32)
     mark = np.full(n_items, -1, np.int32)  # mark[j] == v: j is already in v's row

@@ -313,6 +313,8 @@ def _count_span(lo, hi, seg, nbr, nseg, boundary, count):  # pragma: no cover - 
 def _fill_span(lo, hi, seg, nbr, nseg, start, keys, owner):  # pragma: no cover - compiled
     buf = np.empty(nbr.shape[1], np.int64)
     for i in range(lo, hi):
+        if start[i + 1] == start[i]:  # an interior item (most of them): no pairs, no second scan
+            continue
         m = _pair_keys(i, seg, nbr, nseg, buf)
         for q in range(m):
             keys[start[i] + q] = buf[q]
@@ -359,7 +361,7 @@ def boundary_keys(segment: np.ndarray, nbr: np.ndarray, nseg: int) -> tuple[np.n
     n = len(nbr)
     boundary = np.empty(n, np.uint8)
     count = np.zeros(n + 1, np.int64)
-    par = parallel.use_parallel(nbr.size, 0)
+    par = parallel.use_parallel(len(nbr), 0)
     (_count_par if par else _count_ser)(seg, nbr, int(nseg), boundary, count)
     start = np.cumsum(count)
     keys, owner = np.empty(start[-1], np.int64), np.empty(start[-1], np.int64)
@@ -383,11 +385,39 @@ def segment_graph(segment: np.ndarray, nbr: np.ndarray, *, weight: np.ndarray | 
     """
     nseg = int(segment.max()) + 1 if len(segment) else 1
     boundary, keys, owner = boundary_keys(segment, nbr, nseg)
-    uniq, slot = np.unique(keys, return_inverse=True)
-    counts = None if weight is None else np.asarray(weight, np.float64)[owner]
-    border = np.bincount(slot.ravel(), weights=counts, minlength=len(uniq))
+    w = np.ones(len(segment)) if weight is None else np.ascontiguousarray(weight, np.float64)
+    uniq, border = _sum_by_key(keys, owner, w)  # a hash table: only the P distinct pairs are sorted
+    order = np.argsort(uniq)
+    uniq, border = uniq[order], border[order]
     pairs = np.stack([uniq // nseg, uniq % nseg], axis=1).astype(np.int32).reshape(-1, 2)
     return boundary, pairs, np.rint(border).astype(np.int32)
+
+
+@njit(cache=True)
+def _sum_by_key(keys, owner, weight):  # pragma: no cover - compiled
+    """The distinct keys (in first-seen order) and the sum of weight[owner] over each."""
+    m = keys.shape[0]
+    bits = 4
+    while (1 << bits) < 2 * m:
+        bits += 1
+    mask = (1 << bits) - 1
+    table_key = np.full(1 << bits, -1, np.int64)
+    table_val = np.empty(1 << bits, np.int64)
+    uniq = np.empty(m, np.int64)
+    total = np.zeros(m, np.float64)
+    u = 0
+    for e in range(m):
+        key = keys[e]
+        h = (key * 0x9E3779B1) & mask
+        while table_key[h] != -1 and table_key[h] != key:
+            h = (h + 1) & mask
+        if table_key[h] == -1:
+            table_key[h] = key
+            table_val[h] = u
+            uniq[u] = key
+            u += 1
+        total[table_val[h]] += weight[owner[e]]
+    return uniq[:u].copy(), total[:u].copy()
 
 
 @njit(inline="always")
@@ -431,7 +461,7 @@ def semantic_boundary(semantic: np.ndarray | None, nbr: np.ndarray) -> np.ndarra
         return np.full(n, 255, np.uint8)
     nbr = np.ascontiguousarray(nbr, np.int32)
     out = np.zeros(n, np.uint8)
-    kernel = _semantic_par if parallel.use_parallel(nbr.size, 0) else _semantic_ser
+    kernel = _semantic_par if parallel.use_parallel(len(nbr), 0) else _semantic_ser
     kernel(np.ascontiguousarray(semantic, np.int64), nbr, schema.IGNORE_INDEX, out)
     return out
 
