@@ -69,8 +69,13 @@ class DemoConfig:
     val_scenes: int = 8
     """Validation rooms at scale 1 (never seen by the teacher or the trainer)."""
     dev_scenes: int = 4
-    """Training rooms set aside at scale 1 as the dev split (base-class labels only, never trained
-    on): where weights and rules are chosen. 0: none (every training room is trained on)."""
+    """Training rooms set aside at scale 1 as the dev split (base-class labels only): where weights
+    and rules are chosen, by runs that never train on them. 0: none."""
+    refit: bool = True
+    """Runs scored on the validation rooms train on the training and dev rooms together (the usual
+    refit once model selection is done: the dev rooms' labelled points are part of the label
+    budget, and the validation rooms stay unseen); runs scored on the dev rooms never train on
+    them. False: validation runs train on the training rooms alone."""
     limited_rooms: int = 5
     """Limited reconstructions (setting ``lr``): training rooms fully labelled on base classes,
     the only rooms fine-tuning reads (pre-training still reads every training room)."""
@@ -209,6 +214,7 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     for name, scene_list in lists.items():
         (out / f"{name}.txt").write_text("\n".join(scene_list) + "\n")
     train_ids, dev_ids, val_ids = lists["train"], lists["dev"], lists["val"]
+    (out / "fit.txt").write_text("\n".join(sorted(train_ids + dev_ids)) + "\n")  # the refit's rooms
     timings: dict[str, float] = {"synth": time.perf_counter() - t0}
     echo(f"synth: {len(ids)} rooms ({len(train_ids)} train, {len(dev_ids)} dev carved from the training rooms, "
          f"{len(val_ids)} val) in {timings['synth']:.0f} s")
@@ -258,6 +264,7 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     return {"raw": str(raw), "store": str(store), "teacher": str(teacher_dir), "train": train_ids,
             "val": val_ids, "dev": dev_ids, "lr": lists["lr"], "train_list": str(out / "train.txt"),
             "val_list": str(out / "val.txt"), "dev_list": str(out / "dev.txt"), "lr_list": str(out / "lr.txt"),
+            "fit_list": str(out / "fit.txt"),
             "corpus_store": corpus["store"], "corpus_scenes": corpus["scenes"],
             "teacher_fit": fit, "teacher_on_val": on_val, "split": split, "preprocess_seconds": timings}
 
@@ -296,9 +303,11 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     return {
         "teacher_store": prep["corpus_store"], "teacher_scenes": list(prep["corpus_scenes"]),
         "teacher_seed_namespace": f"corpus_seed({cfg.seed})",
-        "train_scenes": list(prep["train"]), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
-        "dev_split": "carved from the training rooms, never trained on; base-class labels only; weights and rules "
-                     "are chosen there, never on the validation rooms",
+        "train_scenes": _trained_rooms(cfg, prep), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
+        "dev_split": "carved from the training rooms; base-class labels only; weights and rules are chosen there "
+                     "(by runs that never train on them), never on the validation rooms"
+                     + ("; the runs scored on the validation rooms then train on the training and dev rooms together (refit)"
+                        if training_rooms(cfg, prep)[1] else ""),
         "lr_scenes": list(prep["lr"]),
         "base_classes": [names[c] for c in split.base], "novel_classes": [names[c] for c in split.novel],
         "ignored_classes": [names[c] for c in split.ignored],
@@ -308,6 +317,10 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _trained_rooms(cfg: DemoConfig, prep: dict[str, Any]) -> list[str]:
+    return sorted(prep["train"] + prep["dev"]) if training_rooms(cfg, prep)[1] else list(prep["train"])
+
+
 def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
     return {"data": {"voxel_size_m": cfg.voxel_size_m, "max_voxels": cfg.max_voxels},
             "network": {"preset": cfg.network_preset}, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -315,12 +328,21 @@ def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
             "tensorboard": False}
 
 
+def training_rooms(cfg: DemoConfig, prep: dict[str, Any]) -> tuple[str, str]:
+    """(scene list file, run-folder suffix) that training reads: the training rooms, or, for runs
+    scored on the validation rooms with `cfg.refit`, the training and dev rooms together."""
+    if cfg.refit and cfg.eval_split == "val" and prep["dev"]:
+        return prep["fit_list"], "_refit"
+    return prep["train_list"], ""
+
+
 def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callable[[str], None] = print) -> str:
     from ws3d_train.train.pretrain import PretrainConfig, pretrain
 
-    run = Path(cfg.out) / (f"pretrain_s{seed}" if cfg.ablation else "pretrain")
+    scenes, suffix = training_rooms(cfg, prep)
+    run = Path(cfg.out) / ((f"pretrain_s{seed}{suffix}" if cfg.ablation else "pretrain"))
     steps = _n(cfg.pretrain_steps, cfg.scale)
-    pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"],
+    pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": scenes,
                                       "steps": steps, "warmup_steps": max(1, steps // 10),
                                       "checkpoint_every": steps}, where="demo.pretrain")
     t0 = time.perf_counter()
@@ -333,13 +355,14 @@ def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: di
                  init: str | None, echo: Callable[[str], None] = print, *, setting: str = "la") -> str:
     from ws3d_train.train.finetune import FinetuneConfig, finetune
 
+    scenes, suffix = training_rooms(cfg, prep)
     if cfg.ablation:
         where = name if name in SHARED_ROWS else f"{setting}_{name}"
-        run = Path(cfg.out) / f"finetune_{_slug(where)}_s{seed}{_tag(cfg)}"
+        run = Path(cfg.out) / f"finetune_{_slug(where)}_s{seed}{_tag(cfg)}{suffix}"
     else:
         run = Path(cfg.out) / "finetune"
     steps = _n(cfg.finetune_steps, cfg.scale)
-    values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"], "init": init,
+    values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": scenes, "init": init,
               "labels": cfg.labels, "label_seed": cfg.seed, "ov_split": cfg.ov_split, "steps": steps,
               "warmup_steps": max(1, steps // 10), "checkpoint_every": steps}
     if setting == "lr" and name not in SHARED_ROWS:  # a few rooms, every base-class point labelled
@@ -465,7 +488,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
     prep = prepare(cfg, echo)
     fit, on_val = prep["teacher_fit"], prep["teacher_on_val"]
     results: dict[str, Any] = {
-        "config": to_dict(cfg), "train_scenes": len(prep["train"]), "val_scenes": len(prep["val"]),
+        "config": to_dict(cfg), "train_scenes": len(_trained_rooms(cfg, prep)), "val_scenes": len(prep["val"]),
         "dev_scenes": len(prep["dev"]), "eval_split": cfg.eval_split,
         "preprocess_seconds": prep["preprocess_seconds"], "protocol": protocol_record(cfg, prep),
         "teacher": {
@@ -686,7 +709,9 @@ def format_results(results: dict[str, Any]) -> str:
                      f"(no 3D room); trained on {len(protocol['train_scenes'])} rooms with {protocol['labels']} labelled "
                      f"points per scene of {len(protocol['base_classes'])} base classes; novel "
                      f"{', '.join(protocol['novel_classes'])} never labelled; {len(protocol.get('dev_scenes') or [])} dev "
-                     "rooms carved from the training rooms (never trained on: weights and rules are chosen there); evaluated on "
+                     "rooms carved from the training rooms (weights and rules are chosen there, by runs that never train on them"
+                     + ("; the validation runs refit on them too" if "refit" in protocol.get("dev_split", "") else "")
+                     + "); evaluated on "
                      f"{len(protocol['val_scenes'])} validation rooms")
     teacher = results.get("teacher") or {}
     if teacher:
