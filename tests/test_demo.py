@@ -23,7 +23,8 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     row = written["table"]["LA +pretrain (full)"]
     assert set(row) >= {"mIoU", "novel mIoU", "hIoU", "AP50", "box mAP@25", "boundary AP", "region AP", "flag AP"}
     assert 0.0 <= row["mIoU"]["mean"] <= 1.0
-    assert written["val_scenes"] == 1 and written["train_scenes"] == 2 and written["dev_scenes"] == 1
+    # model selection happened on the dev room; the validation run refits on the training and dev rooms
+    assert written["val_scenes"] == 1 and written["train_scenes"] == 3 and written["dev_scenes"] == 1
     assert set(written["preprocess_seconds"]) >= {"ingest", "overseg", "render", "corpus", "teacher", "embed"}
     assert "LA +pretrain (full)" in format_results(results)
     # boundaries: the evaluation's voxels and the per-vertex check of `ws3d predict` against the raw annotation
@@ -48,8 +49,15 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     assert set(written["ratios"]) >= {"full_novel_over_base", "ensemble_novel_over_chance"}
     # the protocol: the teacher's corpus is its own rooms, never a 3D room
     protocol = written["protocol"]
-    assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 2 and len(protocol["val_scenes"]) == 1
-    assert len(protocol["dev_scenes"]) == 1 and not set(protocol["dev_scenes"]) & set(protocol["train_scenes"])
+    assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 3 and len(protocol["val_scenes"]) == 1
+    assert len(protocol["dev_scenes"]) == 1 and set(protocol["dev_scenes"]) <= set(protocol["train_scenes"])
+    assert "refit" in protocol["dev_split"] and not set(protocol["val_scenes"]) & set(protocol["train_scenes"])
+    import yaml
+
+    read = tmp_path / "demo" / "fit.txt"
+    for run in ("pretrain", "finetune"):  # what the runs read: the refit's rooms, never a validation room
+        assert yaml.safe_load((tmp_path / "demo" / run / "config.yaml").read_text())["scenes"] == str(read)
+    assert sorted(read.read_text().split()) == sorted(protocol["train_scenes"])
     scenes_3d = set(protocol["train_scenes"]) | set(protocol["val_scenes"]) | set(protocol["dev_scenes"])
     assert not set(protocol["teacher_scenes"]) & scenes_3d
     assert protocol["teacher_store"] != str(tmp_path / "demo" / "store.zarr")
@@ -96,6 +104,17 @@ def test_dev_split_never_overlaps_the_training_or_validation_lists():
     assert split_rooms(train_all, val, dev=0, limited=5, seed=0)["dev"] == []
     with pytest.raises(ValueError, match="leaves none"):
         split_rooms(train_all[:2], val, dev=2, limited=1, seed=0)
+
+
+def test_runs_scored_on_the_dev_rooms_never_train_on_them():
+    from ws3d_train.demo import training_rooms
+
+    prep = {"train_list": "train.txt", "fit_list": "fit.txt", "dev": ["scene0001_00"]}
+    assert training_rooms(DemoConfig(eval_split="dev"), prep) == ("train.txt", "")
+    assert training_rooms(DemoConfig(eval_split="dev", refit=True), prep) == ("train.txt", "")
+    assert training_rooms(DemoConfig(eval_split="val"), prep) == ("fit.txt", "_refit")
+    assert training_rooms(DemoConfig(eval_split="val", refit=False), prep) == ("train.txt", "")
+    assert training_rooms(DemoConfig(eval_split="val"), {**prep, "dev": []}) == ("train.txt", "")
 
 
 def test_anchor_ratios_from_table_means():

@@ -69,8 +69,13 @@ class DemoConfig:
     val_scenes: int = 8
     """Validation rooms at scale 1 (never seen by the teacher or the trainer)."""
     dev_scenes: int = 4
-    """Training rooms set aside at scale 1 as the dev split (base-class labels only, never trained
-    on): where weights and rules are chosen. 0: none (every training room is trained on)."""
+    """Training rooms set aside at scale 1 as the dev split (base-class labels only): where weights
+    and rules are chosen, by runs that never train on them. 0: none."""
+    refit: bool = True
+    """Runs scored on the validation rooms train on the training and dev rooms together (the usual
+    refit once model selection is done: the dev rooms' labelled points are part of the label
+    budget, and the validation rooms stay unseen); runs scored on the dev rooms never train on
+    them. False: validation runs train on the training rooms alone."""
     limited_rooms: int = 5
     """Limited reconstructions (setting ``lr``): training rooms fully labelled on base classes,
     the only rooms fine-tuning reads (pre-training still reads every training room)."""
@@ -209,6 +214,7 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     for name, scene_list in lists.items():
         (out / f"{name}.txt").write_text("\n".join(scene_list) + "\n")
     train_ids, dev_ids, val_ids = lists["train"], lists["dev"], lists["val"]
+    (out / "fit.txt").write_text("\n".join(sorted(train_ids + dev_ids)) + "\n")  # the refit's rooms
     timings: dict[str, float] = {"synth": time.perf_counter() - t0}
     echo(f"synth: {len(ids)} rooms ({len(train_ids)} train, {len(dev_ids)} dev carved from the training rooms, "
          f"{len(val_ids)} val) in {timings['synth']:.0f} s")
@@ -258,6 +264,7 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     return {"raw": str(raw), "store": str(store), "teacher": str(teacher_dir), "train": train_ids,
             "val": val_ids, "dev": dev_ids, "lr": lists["lr"], "train_list": str(out / "train.txt"),
             "val_list": str(out / "val.txt"), "dev_list": str(out / "dev.txt"), "lr_list": str(out / "lr.txt"),
+            "fit_list": str(out / "fit.txt"),
             "corpus_store": corpus["store"], "corpus_scenes": corpus["scenes"],
             "teacher_fit": fit, "teacher_on_val": on_val, "split": split, "preprocess_seconds": timings}
 
@@ -296,9 +303,11 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     return {
         "teacher_store": prep["corpus_store"], "teacher_scenes": list(prep["corpus_scenes"]),
         "teacher_seed_namespace": f"corpus_seed({cfg.seed})",
-        "train_scenes": list(prep["train"]), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
-        "dev_split": "carved from the training rooms, never trained on; base-class labels only; weights and rules "
-                     "are chosen there, never on the validation rooms",
+        "train_scenes": _trained_rooms(cfg, prep), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
+        "dev_split": "carved from the training rooms; base-class labels only; weights and rules are chosen there "
+                     "(by runs that never train on them), never on the validation rooms"
+                     + ("; the runs scored on the validation rooms then train on the training and dev rooms together (refit)"
+                        if training_rooms(cfg, prep)[1] else ""),
         "lr_scenes": list(prep["lr"]),
         "base_classes": [names[c] for c in split.base], "novel_classes": [names[c] for c in split.novel],
         "ignored_classes": [names[c] for c in split.ignored],
@@ -308,6 +317,10 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _trained_rooms(cfg: DemoConfig, prep: dict[str, Any]) -> list[str]:
+    return sorted(prep["train"] + prep["dev"]) if training_rooms(cfg, prep)[1] else list(prep["train"])
+
+
 def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
     return {"data": {"voxel_size_m": cfg.voxel_size_m, "max_voxels": cfg.max_voxels},
             "network": {"preset": cfg.network_preset}, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -315,12 +328,21 @@ def _train_common(cfg: DemoConfig, seed: int) -> dict[str, Any]:
             "tensorboard": False}
 
 
+def training_rooms(cfg: DemoConfig, prep: dict[str, Any]) -> tuple[str, str]:
+    """(scene list file, run-folder suffix) that training reads: the training rooms, or, for runs
+    scored on the validation rooms with `cfg.refit`, the training and dev rooms together."""
+    if cfg.refit and cfg.eval_split == "val" and prep["dev"]:
+        return prep["fit_list"], "_refit"
+    return prep["train_list"], ""
+
+
 def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callable[[str], None] = print) -> str:
     from ws3d_train.train.pretrain import PretrainConfig, pretrain
 
-    run = Path(cfg.out) / (f"pretrain_s{seed}" if cfg.ablation else "pretrain")
+    scenes, suffix = training_rooms(cfg, prep)
+    run = Path(cfg.out) / ((f"pretrain_s{seed}{suffix}" if cfg.ablation else "pretrain"))
     steps = _n(cfg.pretrain_steps, cfg.scale)
-    pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"],
+    pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": scenes,
                                       "steps": steps, "warmup_steps": max(1, steps // 10),
                                       "checkpoint_every": steps}, where="demo.pretrain")
     t0 = time.perf_counter()
@@ -333,13 +355,14 @@ def run_finetune(cfg: DemoConfig, prep: dict[str, Any], name: str, overrides: di
                  init: str | None, echo: Callable[[str], None] = print, *, setting: str = "la") -> str:
     from ws3d_train.train.finetune import FinetuneConfig, finetune
 
+    scenes, suffix = training_rooms(cfg, prep)
     if cfg.ablation:
         where = name if name in SHARED_ROWS else f"{setting}_{name}"
-        run = Path(cfg.out) / f"finetune_{_slug(where)}_s{seed}{_tag(cfg)}"
+        run = Path(cfg.out) / f"finetune_{_slug(where)}_s{seed}{_tag(cfg)}{suffix}"
     else:
         run = Path(cfg.out) / "finetune"
     steps = _n(cfg.finetune_steps, cfg.scale)
-    values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": prep["train_list"], "init": init,
+    values = {**_train_common(cfg, seed), "store": prep["store"], "scenes": scenes, "init": init,
               "labels": cfg.labels, "label_seed": cfg.seed, "ov_split": cfg.ov_split, "steps": steps,
               "warmup_steps": max(1, steps // 10), "checkpoint_every": steps}
     if setting == "lr" and name not in SHARED_ROWS:  # a few rooms, every base-class point labelled
@@ -363,10 +386,13 @@ def _brief(summary: dict[str, Any]) -> str:
 
 
 COLUMNS = ("mIoU", "base mIoU", "novel mIoU", "hIoU", "sem-head mIoU", "AP50", "AP25", "box mAP@25", "box mAP@50",
-           "boundary AP", "region AP", "flag AP", "interface AP")
+           "boundary AP", "region AP", "flag AP", "interface AP", "novel mIoU vs 2d fusion")
 """The columns of the results table (in %; the boundary ones are average precisions against true
 semantic boundaries: the boundary network's voxels, its region-level labels, the over-segmentation
-flag, the voxels on over-segment interfaces)."""
+flag, the voxels on over-segment interfaces); "novel mIoU vs 2d fusion" scores the prediction's
+novel classes against the 2D fusion's class of every point (CLIP on the rooms' own images, no 3D
+label): on the dev rooms, where novel labels stay hidden, it is how model selection sees what
+fine-tuning keeps of the open vocabulary."""
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -389,7 +415,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
             "AP25": pick(inst, "ap25"), "box mAP@25": pick(box, "map@0.25", "map25"),
             "box mAP@50": pick(box, "map@0.5", "map50"), "boundary AP": pick(bd.get("head") or {}, "ap"),
             "region AP": pick(bd.get("region") or {}, "ap"), "flag AP": pick(bd.get("overseg_flag") or {}, "ap"),
-            "interface AP": pick(bd.get("overseg_interface") or {}, "ap")}
+            "interface AP": pick(bd.get("overseg_interface") or {}, "ap"),
+            "novel mIoU vs 2d fusion": pick(metrics.get("vs_2d_fusion") or {}, "novel_miou")}
 
 
 def _slug(name: str) -> str:
@@ -422,7 +449,7 @@ def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, p
         run = run_finetune(cfg, prep, trained, overrides, seed, pre_run() if overrides["init"] else None, echo,
                            setting=setting)
         metrics = evaluate(run, prep["store"], scenes, ov_split=cfg.ov_split, min_region_size=cfg.min_region_size,
-                           ensemble_2d=name == ENSEMBLE_ROW, gt_ignore=hidden)
+                           ensemble_2d=name == ENSEMBLE_ROW, gt_ignore=hidden, vs_fusion=True)
         if cfg.eval_split == "dev":  # the other combination rule too: the rule is chosen here
             rule = metrics["open_vocab"]["combine"]
             other = "clip" if rule == "calibrated" else "calibrated"
@@ -461,7 +488,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
     prep = prepare(cfg, echo)
     fit, on_val = prep["teacher_fit"], prep["teacher_on_val"]
     results: dict[str, Any] = {
-        "config": to_dict(cfg), "train_scenes": len(prep["train"]), "val_scenes": len(prep["val"]),
+        "config": to_dict(cfg), "train_scenes": len(_trained_rooms(cfg, prep)), "val_scenes": len(prep["val"]),
         "dev_scenes": len(prep["dev"]), "eval_split": cfg.eval_split,
         "preprocess_seconds": prep["preprocess_seconds"], "protocol": protocol_record(cfg, prep),
         "teacher": {
@@ -682,7 +709,9 @@ def format_results(results: dict[str, Any]) -> str:
                      f"(no 3D room); trained on {len(protocol['train_scenes'])} rooms with {protocol['labels']} labelled "
                      f"points per scene of {len(protocol['base_classes'])} base classes; novel "
                      f"{', '.join(protocol['novel_classes'])} never labelled; {len(protocol.get('dev_scenes') or [])} dev "
-                     "rooms carved from the training rooms (never trained on: weights and rules are chosen there); evaluated on "
+                     "rooms carved from the training rooms (weights and rules are chosen there, by runs that never train on them"
+                     + ("; the validation runs refit on them too" if "refit" in protocol.get("dev_split", "") else "")
+                     + "); evaluated on "
                      f"{len(protocol['val_scenes'])} validation rooms")
     teacher = results.get("teacher") or {}
     if teacher:
@@ -704,7 +733,7 @@ def format_results(results: dict[str, Any]) -> str:
               f"AP and box mAP over instances of >= {min_size} points; boundary/region/flag/interface AP: average "
               "precision against true semantic boundaries of the boundary network, its region-level labels, the "
               "over-segmentation flag and the over-segment interfaces)",
-              f"{'setting':<28}" + "".join(f"{c:>14}" for c in cols)]
+              f"{'setting':<28}" + "".join(f" {c:>13}" for c in cols)]
     for name, stats in table.items():
         cells = []
         for c in cols:
@@ -713,7 +742,7 @@ def format_results(results: dict[str, Any]) -> str:
                 continue
             m, s, n = stats[c]["mean"], stats[c]["std"], stats[c]["n"]
             cells.append("-" if not math.isfinite(m) else (f"{100 * m:.1f}±{100 * s:.1f}" if n > 1 else f"{100 * m:.1f}"))
-        lines.append(f"{name:<28}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{name:<28}" + "".join(f" {c:>13}" for c in cells))
     for name, stats in (results.get("other_combine") or {}).items():
         cells = [f"{100 * stats[c]['mean']:.1f}" if c in stats and math.isfinite(stats[c]["mean"]) else "-" for c in cols[:5]]
         lines.append(f"  {name} with combine={stats['combine']}: " + ", ".join(f"{c} {v}" for c, v in zip(cols[:5], cells)))

@@ -112,6 +112,7 @@ def evaluate(
     instance_ignore: Sequence[str] | None = None,
     ensemble_2d: bool = False,
     gt_ignore: Sequence[int] = (),
+    vs_fusion: bool = False,
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -139,6 +140,10 @@ def evaluate(
             ``clip/segment`` of the scenes); ``open_vocab.share_2d`` says how often 2D won.
         gt_ignore: class ids whose ground truth is treated as unlabelled (the predictions are
             unchanged): model selection on dev rooms hides the novel classes' labels this way.
+        vs_fusion: also score the final prediction against the 2D fusion's class of every point
+            (:func:`ws3d_train.infer.fusion.fuse_scene`: CLIP on the scene's own images, no 3D
+            label), key ``vs_2d_fusion``: on dev rooms, where the novel classes' labels stay
+            hidden, its novel mIoU says how much of the open vocabulary fine-tuning kept.
         device: ``auto``, ``cpu``, ``cuda`` ...
         progress: show a progress bar over scenes.
 
@@ -172,6 +177,9 @@ def evaluate(
     cm_semantic = ConfusionMatrix(num_classes)
     cm_clip = ConfusionMatrix(num_classes)
     cm_combined = ConfusionMatrix(num_classes)
+    cm_vs_fusion = ConfusionMatrix(num_classes)
+    fusion_text = _fusion_text(store, names) if vs_fusion else None
+    candidates = list(setup.base_ids) + list(setup.novel_ids)
     inst_pred: list[InstancePrediction] = []
     inst_gt: list[InstanceGroundTruth] = []
     box_pred: list[Boxes] = []
@@ -203,6 +211,9 @@ def evaluate(
         pred = comb_cls.cpu().numpy()
         score = comb_score.cpu().numpy().astype(np.float64)
         cm_combined.update(pred, gt)
+        if fusion_text is not None:
+            fused, _, _ = fuse_scene(store, scene_id, fusion_text, candidates)
+            cm_vs_fusion.update(pred, fused)
 
         segment = store.read(scene_id, schema.SEGMENT)
         voxels = voxel_boundaries(outputs.coords, outputs.boundary, outputs.point_to_voxel.cpu().numpy(), segment,
@@ -249,6 +260,8 @@ def evaluate(
             "clip": _group_metrics(cm_clip.matrix, names, base, novel),
             "combined": _group_metrics(cm_combined.matrix, names, base, novel),
         },
+        **({"vs_2d_fusion": {"reference": "2d fusion class of every point (no 3D label)",
+                              **_group_metrics(cm_vs_fusion.matrix, names, base, novel)}} if vs_fusion else {}),
         "instance": {
             "min_region_size": min_region_size,
             "sim_threshold": sim_threshold,
@@ -276,6 +289,23 @@ def boundary_summary(curves: dict[str, BoundaryCurve], *, voxel_size_m: float | 
     return out
 
 
+def _fusion_text(store: Store, names: Sequence[str], vocab: str = "classes") -> np.ndarray:
+    """The store vocabulary's text embeddings, one row per name of `names` (in that order).
+
+    Raises:
+        ConfigError when the store has no such vocabulary or it lacks one of the names.
+    """
+    try:
+        text, attrs = store.read_vocab(vocab)
+    except KeyError as exc:
+        raise ConfigError(str(exc)) from exc
+    vocab_names = list(attrs.get("names") or store.class_names)
+    missing = [n for n in names if n not in vocab_names]
+    if missing:
+        raise ConfigError(f"{store.path}: vocabulary {vocab!r} lacks {missing[:3]}")
+    return text[[vocab_names.index(n) for n in names]]
+
+
 def evaluate_fusion(
     store_path: str | Path,
     scene_ids: Sequence[str],
@@ -296,12 +326,7 @@ def evaluate_fusion(
     store = Store.open(store_path)
     names = store.class_names
     C = len(names)
-    try:
-        text, attrs = store.read_vocab(vocab)
-    except KeyError as exc:
-        raise ConfigError(str(exc)) from exc
-    vocab_names = list(attrs.get("names") or names)
-    text = text[[vocab_names.index(n) for n in names]]
+    text = _fusion_text(store, names, vocab)
     split = resolve_ov_split(ov_split, names, store.dataset)
     base = list(split.base) if split is not None else list(range(C))
     novel = list(split.novel) if split is not None else []

@@ -196,3 +196,31 @@ def test_evaluate_with_the_2d_ensemble_uses_the_scenes_fused_features(run, store
     assert torch.allclose(clip, expect, atol=1e-6)
     pred = predict_scene(run, store, scene, ensemble_2d=True, device="cpu")
     assert np.allclose(pred.clip, expect.numpy(), atol=1e-5)
+
+
+def test_score_against_the_2d_fusion_uses_no_label_and_matches_a_direct_computation(run, store):
+    from ws3d_train.infer.evaluate import _fusion_text
+    from ws3d_train.infer.fusion import fuse_scene
+    from ws3d_train.infer.metrics import open_vocab_metrics
+
+    hidden = [TINY_CLASSES.index("chair")]
+    result = evaluate(run, store, min_region_size=20, device="cpu", vs_fusion=True, gt_ignore=hidden)
+    plain = evaluate(run, store, min_region_size=20, device="cpu")
+    assert "vs_2d_fusion" not in plain
+    vs = result["vs_2d_fusion"]
+    opened = Store.open(store)
+    loaded = load_run(run, device="cpu")
+    text = _fusion_text(opened, TINY_CLASSES)
+    base = [TINY_CLASSES.index(n) for n in result["split"]["base"]]
+    novel = [TINY_CLASSES.index(n) for n in result["split"]["novel"]]
+    cm = ConfusionMatrix(len(TINY_CLASSES))
+    for scene_id in opened.scene_ids():
+        pred = predict_scene(loaded, store, scene_id)
+        fused, _, _ = fuse_scene(opened, scene_id, text, base + novel)
+        cm.update(pred.pred_class, fused)
+    direct = open_vocab_metrics(cm.matrix, base, novel)
+    assert vs["novel_miou"] == pytest.approx(direct["novel_miou"])
+    assert vs["base_miou"] == pytest.approx(direct["base_miou"])
+    # the reference is the 2D fusion, not the ground truth: hiding the novel labels changes nothing in it
+    unhidden = evaluate(run, store, min_region_size=20, device="cpu", vs_fusion=True)
+    assert unhidden["vs_2d_fusion"]["novel_miou"] == pytest.approx(vs["novel_miou"])
