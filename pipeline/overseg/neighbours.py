@@ -295,6 +295,17 @@ def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compi
     for i in range(n):
         members[fill[of[i]]] = i
         fill[of[i]] += 1
+    # a coarse grid (cells of 4 x 4 x 4 cells, dense grids only) with each coarse cell's
+    # components: where a coarse cell and its 26 neighbours hold one piece, so do the
+    # neighbourhoods of all its cells, and their 27 look-ups in the large grid are skipped
+    g0, g1, g2 = (d0 // 4 + 3, d1 // 4 + 3, d2 // 4 + 3) if dense else (0, 0, 0)
+    g_lo = np.full(g0 * g1 * g2, np.iinfo(np.int64).max, np.int64)
+    g_hi = np.full(g0 * g1 * g2, -1, np.int64)
+    g_state = np.zeros(g0 * g1 * g2, np.int8)  # 0 not known yet, 1 one piece around, 2 several
+    for i in range(n if dense else 0):
+        g = ((cx[i] // 4 + 1) * g1 + cy[i] // 4 + 1) * g2 + cz[i] // 4 + 1
+        g_lo[g] = min(g_lo[g], comp[i])
+        g_hi[g] = max(g_hi[g], comp[i])
     out_i, out_d = index, dist  # in place: a copy of two [V, k] arrays costs more than the search
     near = np.empty(27, np.int64)
     cand = np.empty(CONTACTS, np.int64)
@@ -302,6 +313,20 @@ def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compi
     r2 = radius * radius
     for c in range(n_cells):
         i0 = first_item[c]
+        if dense:
+            gx, gy, gz = cx[i0] // 4 + 1, cy[i0] // 4 + 1, cz[i0] // 4 + 1
+            g = (gx * g1 + gy) * g2 + gz
+            if g_state[g] == 0:
+                a_lo, a_hi = g_lo[g], g_hi[g]
+                for ex in range(-1, 2):
+                    for ey in range(-1, 2):
+                        for ez in range(-1, 2):
+                            h = ((gx + ex) * g1 + gy + ey) * g2 + gz + ez
+                            a_lo = min(a_lo, g_lo[h])
+                            a_hi = max(a_hi, g_hi[h])
+                g_state[g] = 1 if a_lo == a_hi else 2
+            if g_state[g] == 1:  # one mesh piece all around
+                continue
         m, c_lo, c_hi = 0, lo_comp[c], hi_comp[c]
         for dx in range(-1, 2):
             for dy in range(-1, 2):
