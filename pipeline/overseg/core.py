@@ -332,11 +332,14 @@ def item_areas(mesh_area: np.ndarray, dist: np.ndarray, has_mesh: np.ndarray, vo
     be per item, the side of its cell on a range-adaptive grid), so that a
     sparse scan's far field (one point per cell) weighs by the area it samples, not by 1 voxel.
     """
+    use_mesh = has_mesh & (mesh_area > 0)
+    if use_mesh.all():  # a mesh's items (the common case): no disc to work out
+        return np.array(mesh_area, np.float64)
     k = min(6, dist.shape[1])
     r = dist[:, k - 1].astype(np.float64)
     r = np.where(np.isfinite(r), r, 0.0)
     cloud = np.clip(np.pi * r * r / (k + 1), voxel_m ** 2, 16 * voxel_m ** 2)
-    return np.where(has_mesh & (mesh_area > 0), mesh_area, cloud)
+    return np.where(use_mesh, mesh_area, cloud)
 
 
 def _contact_m(xyz: np.ndarray, faces: np.ndarray, cfg: OversegConfig) -> float:
