@@ -613,11 +613,14 @@ def test_mesh_neighbours_are_the_face_edges(voxel_m):
     assert np.mean(inside) > 0.97
 
 
-def test_mesh_neighbours_link_separate_pieces_within_contact():
+@pytest.mark.parametrize("side", [1.0, 3.0])
+def test_mesh_neighbours_link_separate_pieces_within_contact(side):
+    """Against a k-d tree per piece; a 3 m floor also has stretches far from the lid, where the
+    search skips whole blocks of cells (its coarse grid) and must add nothing."""
     from pipeline.overseg.neighbours import CONTACTS, mesh_neighbours
     from scipy.spatial import cKDTree
 
-    floor = _quad((0, 0, 0), (1, 0, 0), (0, 1, 0), 0.05)
+    floor = _quad((0, 0, 0), (side, 0, 0), (0, side, 0), 0.05)
     lid = _quad((0.3, 0.3, 0.03), (0.4, 0, 0), (0, 0.4, 0), 0.05)  # a separate piece 3 cm above
     xyz = np.concatenate([floor[0], lid[0]])
     xyz = xyz + np.random.default_rng(6).normal(0, 0.003, xyz.shape)  # no ties in distance
