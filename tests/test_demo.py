@@ -51,7 +51,8 @@ def test_demo_smallest_scale_runs_and_writes_results_and_pictures(tmp_path):
     protocol = written["protocol"]
     assert len(protocol["teacher_scenes"]) == 2 and len(protocol["train_scenes"]) == 3 and len(protocol["val_scenes"]) == 1
     assert len(protocol["dev_scenes"]) == 1 and set(protocol["dev_scenes"]) <= set(protocol["train_scenes"])
-    assert "refit" in protocol["dev_split"] and not set(protocol["val_scenes"]) & set(protocol["train_scenes"])
+    assert protocol["refit"] and "refit" in protocol["dev_split"] and not set(protocol["val_scenes"]) & set(protocol["train_scenes"])
+    assert "validation runs refit" in format_results(results)
     import yaml
 
     read = tmp_path / "demo" / "fit.txt"

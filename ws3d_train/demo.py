@@ -304,6 +304,7 @@ def protocol_record(cfg: DemoConfig, prep: dict[str, Any]) -> dict[str, Any]:
         "teacher_store": prep["corpus_store"], "teacher_scenes": list(prep["corpus_scenes"]),
         "teacher_seed_namespace": f"corpus_seed({cfg.seed})",
         "train_scenes": _trained_rooms(cfg, prep), "val_scenes": list(prep["val"]), "dev_scenes": list(prep["dev"]),
+        "refit": bool(training_rooms(cfg, prep)[1]),
         "dev_split": "carved from the training rooms; base-class labels only; weights and rules are chosen there "
                      "(by runs that never train on them), never on the validation rooms"
                      + ("; the runs scored on the validation rooms then train on the training and dev rooms together (refit)"
@@ -340,7 +341,7 @@ def run_pretrain(cfg: DemoConfig, prep: dict[str, Any], seed: int, echo: Callabl
     from ws3d_train.train.pretrain import PretrainConfig, pretrain
 
     scenes, suffix = training_rooms(cfg, prep)
-    run = Path(cfg.out) / ((f"pretrain_s{seed}{suffix}" if cfg.ablation else "pretrain"))
+    run = Path(cfg.out) / (f"pretrain_s{seed}{suffix}" if cfg.ablation else "pretrain")
     steps = _n(cfg.pretrain_steps, cfg.scale)
     pcfg = from_dict(PretrainConfig, {**_train_common(cfg, seed), "store": prep["store"], "scenes": scenes,
                                       "steps": steps, "warmup_steps": max(1, steps // 10),
@@ -710,7 +711,7 @@ def format_results(results: dict[str, Any]) -> str:
                      f"points per scene of {len(protocol['base_classes'])} base classes; novel "
                      f"{', '.join(protocol['novel_classes'])} never labelled; {len(protocol.get('dev_scenes') or [])} dev "
                      "rooms carved from the training rooms (weights and rules are chosen there, by runs that never train on them"
-                     + ("; the validation runs refit on them too" if "refit" in protocol.get("dev_split", "") else "")
+                     + ("; the validation runs refit on them too" if protocol.get("refit") else "")
                      + "); evaluated on "
                      f"{len(protocol['val_scenes'])} validation rooms")
     teacher = results.get("teacher") or {}
