@@ -46,7 +46,7 @@ from pipeline.overseg.features import (
     smooth_colours,
     surface_variation_along,
 )
-from pipeline.overseg.neighbours import knn, lower_corner, mesh_neighbours
+from pipeline.overseg.neighbours import hash_keys, hash_slot, knn, lower_corner, mesh_neighbours
 from pipeline.overseg.regions import (
     grow_regions,
     merge_small_segments,
@@ -92,12 +92,8 @@ def _voxel_kernel(xyz, normal, voxel_m, level):  # pragma: no cover - compiled
             c = np.int64(np.floor((xyz[i, d] - lo[d]) / side))
             cell[i, d] = c
             dims[d] = max(dims[d], c + 1)
-    bits = 1
-    while (1 << bits) < 2 * n:
-        bits += 1
-    mask = (1 << bits) - 1
-    table_key = np.full(1 << bits, -1, np.int64)
-    table_val = np.empty(1 << bits, np.int64)
+    table_key, mask = hash_keys(n)
+    table_val = np.empty(len(table_key), np.int64)
     inverse = np.empty(n, np.int64)
     first = np.empty(n, np.int64)
     n_vox = 0
@@ -108,9 +104,7 @@ def _voxel_kernel(xyz, normal, voxel_m, level):  # pragma: no cover - compiled
                 ax, best = d, abs(normal[i, d])
         side = 1 if normal[i, ax] < 0 else 0
         key = (((cell[i, 0] * dims[1] + cell[i, 1]) * dims[2] + cell[i, 2]) * 6 + ax * 2 + side) * 16 + level[i]
-        h = (key * 0x9E3779B1) & mask  # open addressing, linear probing
-        while table_key[h] != -1 and table_key[h] != key:
-            h = (h + 1) & mask
+        h = hash_slot(table_key, key, mask)
         if table_key[h] == -1:  # a new voxel: numbered in the order of first points
             table_key[h] = key
             table_val[h] = n_vox

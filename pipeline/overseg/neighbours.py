@@ -209,7 +209,19 @@ def _components(index):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _hash_slot(table_key, key, mask):  # pragma: no cover - compiled
+def hash_keys(n):  # pragma: no cover - compiled
+    """An empty open-addressing table for up to `n` int64 keys: (keys [2^b >= 2n], filled with -1;
+    the mask 2^b - 1). Slots are found by :func:`hash_slot`."""
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    return np.full(1 << bits, -1, np.int64), (1 << bits) - 1
+
+
+@njit(cache=True)
+def hash_slot(table_key, key, mask):  # pragma: no cover - compiled
+    """The slot of `key` in a table of :func:`hash_keys` (linear probing): where it is, or the
+    empty slot (-1) where it goes."""
     h = (key * 0x9E3779B1) & mask
     while table_key[h] != -1 and table_key[h] != key:
         h = (h + 1) & mask
@@ -255,11 +267,7 @@ def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compi
         table_key = np.empty(0, np.int64)
     else:
         grid = np.empty(0, np.int32)
-        bits = 1
-        while (1 << bits) < 2 * n:
-            bits += 1
-        mask = (1 << bits) - 1
-        table_key = np.full(1 << bits, -1, np.int64)
+        table_key, mask = hash_keys(n)
     table_val = np.empty(len(table_key), np.int32)
     of = np.empty(n, np.int32)
     n_cells = 0
@@ -271,7 +279,7 @@ def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compi
                 n_cells += 1
             of[i] = grid[key]
         else:
-            h = _hash_slot(table_key, key, mask)
+            h = hash_slot(table_key, key, mask)
             if table_key[h] == -1:
                 table_key[h] = key
                 table_val[h] = n_cells
@@ -335,7 +343,7 @@ def _contact_kernel(xyz, comp, index, dist, radius):  # pragma: no cover - compi
                     if dense:
                         other = grid[key]
                     else:
-                        h = _hash_slot(table_key, key, mask)
+                        h = hash_slot(table_key, key, mask)
                         other = table_val[h] if table_key[h] == key else -1
                     if other >= 0:
                         near[m] = other

@@ -10,6 +10,7 @@ from numba import njit, prange
 from pipeline import parallel, schema
 from pipeline.overseg.config import OversegConfig
 from pipeline.overseg.features import SPAN
+from pipeline.overseg.neighbours import hash_keys, hash_slot
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,20 +398,14 @@ def segment_graph(segment: np.ndarray, nbr: np.ndarray, *, weight: np.ndarray | 
 def _sum_by_key(keys, owner, weight):  # pragma: no cover - compiled
     """The distinct keys (in first-seen order) and the sum of weight[owner] over each."""
     m = keys.shape[0]
-    bits = 4
-    while (1 << bits) < 2 * m:
-        bits += 1
-    mask = (1 << bits) - 1
-    table_key = np.full(1 << bits, -1, np.int64)
-    table_val = np.empty(1 << bits, np.int64)
+    table_key, mask = hash_keys(m)
+    table_val = np.empty(len(table_key), np.int64)
     uniq = np.empty(m, np.int64)
     total = np.zeros(m, np.float64)
     u = 0
     for e in range(m):
         key = keys[e]
-        h = (key * 0x9E3779B1) & mask
-        while table_key[h] != -1 and table_key[h] != key:
-            h = (h + 1) & mask
+        h = hash_slot(table_key, key, mask)
         if table_key[h] == -1:
             table_key[h] = key
             table_val[h] = u
