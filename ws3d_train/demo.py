@@ -31,7 +31,7 @@ comparison); + pre-training; all base labels; the 2D-3D ensemble; 2D fusion) in 
 of `settings` (``la``: limited annotations, `labels` points a room; ``lr``: limited
 reconstructions, `limited_rooms` training rooms fully labelled on base classes) over `seeds`,
 resumable per row, setting and seed (each finished evaluation is kept in
-eval/<split>/<setting>_<row>_s<seed>.json). With `eval_split="dev"` it scores on the dev rooms
+eval/<split>/<setting>_<row>_s<seed>[_<tag>][_refit].json). With `eval_split="dev"` it scores on the dev rooms
 instead (novel labels hidden there too), with `overrides` applied to every trained row: how the
 weights and rules of SETTINGS were chosen (docs/benchmarks.md).
 
@@ -436,7 +436,8 @@ def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, p
     from ws3d_train.infer.evaluate import evaluate, evaluate_fusion, json_safe
 
     where = name if name in SHARED_ROWS else f"{setting}_{name}"
-    kept = Path(cfg.out) / "eval" / cfg.eval_split / f"{_slug(where)}_s{seed}{_tag(cfg)}.json"
+    trained_on = "" if name == FUSION_ROW else training_rooms(cfg, prep)[1]  # a refit run is another run
+    kept = Path(cfg.out) / "eval" / cfg.eval_split / f"{_slug(where)}_s{seed}{_tag(cfg)}{trained_on}.json"
     if cfg.ablation and kept.is_file():
         echo(f"{row_key(setting, name)} [seed {seed}]: kept evaluation {kept}")
         return json.loads(kept.read_text()), None
