@@ -211,10 +211,9 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
     ids = synthesise(raw, n_train + n_val, seed=cfg.seed, cfg=cfg.room)
     lists = split_rooms(ids[:n_train], ids[n_train:], dev=min(_n(cfg.dev_scenes, cfg.scale), n_train - 1) if cfg.dev_scenes else 0,
                         limited=_n(cfg.limited_rooms, cfg.scale), seed=cfg.seed)
-    for name, scene_list in lists.items():
-        (out / f"{name}.txt").write_text("\n".join(scene_list) + "\n")
     train_ids, dev_ids, val_ids = lists["train"], lists["dev"], lists["val"]
-    (out / "fit.txt").write_text("\n".join(sorted(train_ids + dev_ids)) + "\n")  # the refit's rooms
+    for name, scene_list in {**lists, "fit": sorted(train_ids + dev_ids)}.items():  # fit: the refit's rooms
+        _write_if_changed(out / f"{name}.txt", "\n".join(scene_list) + "\n")
     timings: dict[str, float] = {"synth": time.perf_counter() - t0}
     echo(f"synth: {len(ids)} rooms ({len(train_ids)} train, {len(dev_ids)} dev carved from the training rooms, "
          f"{len(val_ids)} val) in {timings['synth']:.0f} s")
@@ -267,6 +266,15 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
             "fit_list": str(out / "fit.txt"),
             "corpus_store": corpus["store"], "corpus_scenes": corpus["scenes"],
             "teacher_fit": fit, "teacher_on_val": on_val, "split": split, "preprocess_seconds": timings}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` unless the file holds it already (a run of the benchmark beside another on the
+    same folder never sees a scene list half written)."""
+    if not (path.is_file() and path.read_text() == text):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def split_rooms(train_all: list[str], val: list[str], *, dev: int, limited: int, seed: int) -> dict[str, list[str]]:
