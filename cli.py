@@ -386,6 +386,7 @@ def eval_cmd(run: Path = RUN, store: str = STORE,
              combine: Optional[str] = typer.Option(None, "--combine", help="calibrated | clip | semantic (default: the run's rule, its config's `combine`)"),
              min_region_size: int = typer.Option(100, "--min-region-size", help="Smallest instance in points."),
              ensemble_2d: bool = typer.Option(False, "--ensemble-2d", help="Per point, the 3D CLIP feature or the scene's fused 2D one, whichever is more confident (OpenScene's 2D-3D ensemble; needs the embed stage)."),
+             vs_fusion: bool = typer.Option(False, "--vs-fusion", help="Also score the prediction against the 2D fusion's class of every point (CLIP on the scene's own images, no 3D label; needs the embed stage): the novel classes seen without a novel label, for choosing on dev scenes."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default RUN/eval/<store>.<split>.json).")) -> None:
     """Semantic mIoU, open-vocabulary base/novel/hIoU, instance AP and box mAP; table + JSON."""
     from ws3d_train.infer.evaluate import evaluate, format_table, write_json
@@ -400,7 +401,7 @@ def eval_cmd(run: Path = RUN, store: str = STORE,
                         err=True)
     ids = resolve_scene_ids(st, split) if split != "all" else None
     results = evaluate(run, store, ids, ov_split=ov_split, combine=combine, min_region_size=min_region_size,
-                       ensemble_2d=ensemble_2d, progress=True)
+                       ensemble_2d=ensemble_2d, vs_fusion=vs_fusion, progress=True)
     typer.echo(format_table(results))
     target = out or eval_path(run, store, split if split != "all" else None)  # one file per store and split
     write_json(results, target)

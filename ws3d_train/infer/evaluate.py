@@ -420,6 +420,12 @@ def format_table(results: dict[str, Any], *, per_class: bool = True) -> str:
         if has_split:
             row += f"   base {_pct(group['base_miou']):>5}   novel {_pct(group['novel_miou']):>5}   hIoU {_pct(group['hiou']):>5}"
         lines.append(row)
+    vs = results.get("vs_2d_fusion")
+    if vs:  # agreement with the 2D fusion, not accuracy: the reference holds no 3D label
+        row = f"{'agreement with 2D fusion':<30} mIoU {_pct(vs['miou']):>5}"
+        if has_split:
+            row += f"   base {_pct(vs['base_miou']):>5}   novel {_pct(vs['novel_miou']):>5}"
+        lines.append(row)
     size = f" (>= {inst['min_region_size']} pts)" if inst.get("min_region_size") is not None else ""
     lines.append(f"{'instances' + size:<30} AP {_pct(inst['ap']):>5}   AP50 {_pct(inst['ap50']):>5}   AP25 {_pct(inst['ap25']):>5}")
     lines.append(f"{'boxes' + size:<30} mAP@25 {_pct(box['map@0.25']):>5}   mAP@50 {_pct(box['map@0.5']):>5}")

@@ -224,3 +224,21 @@ def test_score_against_the_2d_fusion_uses_no_label_and_matches_a_direct_computat
     # the reference is the 2D fusion, not the ground truth: hiding the novel labels changes nothing in it
     unhidden = evaluate(run, store, min_region_size=20, device="cpu", vs_fusion=True)
     assert unhidden["vs_2d_fusion"]["novel_miou"] == pytest.approx(vs["novel_miou"])
+
+
+def test_eval_command_scores_against_the_2d_fusion_on_request(run, store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    direct = evaluate(run, store, min_region_size=20, device="cpu", vs_fusion=True)["vs_2d_fusion"]
+    for flag, target in (([], tmp_path / "plain.json"), (["--vs-fusion"], tmp_path / "vs.json")):
+        result = CliRunner().invoke(app, ["eval", "--run", str(run), "--store", str(store), "--split", "all",
+                                          "--min-region-size", "20", "--out", str(target), *flag])
+        assert result.exit_code == 0, result.output
+        written = json.loads(target.read_text())
+        assert ("agreement with 2D fusion" in result.output) == bool(flag)
+        assert ("vs_2d_fusion" in written) == bool(flag)
+    assert written["vs_2d_fusion"]["novel_miou"] == pytest.approx(direct["novel_miou"])
