@@ -118,6 +118,27 @@ def test_runs_scored_on_the_dev_rooms_never_train_on_them():
     assert training_rooms(DemoConfig(eval_split="val"), {**prep, "dev": []}) == ("train.txt", "")
 
 
+def test_a_refit_run_keeps_its_evaluation_apart_and_scene_lists_are_rewritten_only_on_change(tmp_path):
+    from ws3d_train.demo import _write_if_changed, kept_evaluation
+
+    prep = {"train_list": "train.txt", "fit_list": "fit.txt", "dev": ["scene0001_00"]}
+    refit = kept_evaluation(DemoConfig(out=str(tmp_path)), prep, "+pretrain (full)", 0, "lr")
+    alone = kept_evaluation(DemoConfig(out=str(tmp_path), refit=False), prep, "+pretrain (full)", 0, "lr")
+    dev = kept_evaluation(DemoConfig(out=str(tmp_path), eval_split="dev", tag="x"), prep, "+pretrain (full)", 0, "lr")
+    assert len({refit, alone, dev}) == 3 and refit.name == "lr_plus_pretrain_full_s0_refit.json"
+    assert dev == tmp_path / "eval" / "dev" / "lr_plus_pretrain_full_s0_x.json"
+    # 2D fusion trains nothing: one evaluation whatever the training rooms
+    assert kept_evaluation(DemoConfig(out=str(tmp_path)), prep, "2d fusion", 0) == \
+        kept_evaluation(DemoConfig(out=str(tmp_path), refit=False), prep, "2d fusion", 0)
+    lists = tmp_path / "train.txt"
+    _write_if_changed(lists, "a\nb\n")
+    before = lists.stat().st_ino
+    _write_if_changed(lists, "a\nb\n")
+    assert lists.stat().st_ino == before  # unchanged: not rewritten
+    _write_if_changed(lists, "a\n")
+    assert lists.read_text() == "a\n" and not (tmp_path / "train.txt.tmp").exists()
+
+
 def test_anchor_ratios_from_table_means():
     from ws3d_train.demo import anchor_ratios
 

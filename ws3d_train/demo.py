@@ -438,14 +438,20 @@ def row_key(setting: str, name: str) -> str:
     return name if name in SHARED_ROWS else f"{setting.upper()} {name}"
 
 
+def kept_evaluation(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, setting: str = "la") -> Path:
+    """Where the benchmark keeps the evaluation of one row, setting and seed (read back instead of
+    training again): per split, tag and training rooms (a refit run is another run)."""
+    where = name if name in SHARED_ROWS else f"{setting}_{name}"
+    trained_on = "" if name == FUSION_ROW else training_rooms(cfg, prep)[1]
+    return Path(cfg.out) / "eval" / cfg.eval_split / f"{_slug(where)}_s{seed}{_tag(cfg)}{trained_on}.json"
+
+
 def _evaluate_row(cfg: DemoConfig, prep: dict[str, Any], name: str, seed: int, pre_run: Callable[[], str],
                   echo: Callable[[str], None], setting: str = "la") -> tuple[dict[str, Any], str | None]:
     """One row, setting and seed: train (resumable) and evaluate on `cfg.eval_split`, or read the kept evaluation."""
     from ws3d_train.infer.evaluate import evaluate, evaluate_fusion, json_safe
 
-    where = name if name in SHARED_ROWS else f"{setting}_{name}"
-    trained_on = "" if name == FUSION_ROW else training_rooms(cfg, prep)[1]  # a refit run is another run
-    kept = Path(cfg.out) / "eval" / cfg.eval_split / f"{_slug(where)}_s{seed}{_tag(cfg)}{trained_on}.json"
+    kept = kept_evaluation(cfg, prep, name, seed, setting)
     if cfg.ablation and kept.is_file():
         echo(f"{row_key(setting, name)} [seed {seed}]: kept evaluation {kept}")
         return json.loads(kept.read_text()), None
