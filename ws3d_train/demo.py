@@ -271,10 +271,10 @@ def prepare(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, A
 def _write_if_changed(path: Path, text: str) -> None:
     """Write `text` unless the file holds it already (a run of the benchmark beside another on the
     same folder never sees a scene list half written)."""
+    from ws3d_train.run import atomic_write
+
     if not (path.is_file() and path.read_text() == text):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text.encode())
 
 
 def split_rooms(train_all: list[str], val: list[str], *, dev: int, limited: int, seed: int) -> dict[str, list[str]]:

@@ -205,13 +205,13 @@ def write_label_space(run_dir: str | Path, labels: LabelSpace) -> Path:
             raise ValueError(f"{run_dir}: {text.shape[0]} text rows for {len(labels.class_names)} classes")
         buffer = io.BytesIO()
         np.save(buffer, text, allow_pickle=False)
-        _atomic_write(run_dir / TEXT_FILE, buffer.getvalue())
+        atomic_write(run_dir / TEXT_FILE, buffer.getvalue())
     path = run_dir / LABELS_FILE
-    _atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write a file under a temporary name and rename it into place (no half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
